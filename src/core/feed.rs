@@ -1,0 +1,677 @@
+//! A signed append-only log: the writer's append path, the reader's verify path, and the proofs
+//! between them. All state changes go through [`Storage`] in crash-safe order.
+
+use crate::core::bitfield::Bitfield;
+use crate::core::crypto::{self, Hash};
+use crate::core::error::{FeedError, VerifyError};
+use crate::core::flat;
+use crate::core::proof;
+use crate::core::storage::{Header, Storage};
+use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
+use feedsync_protocol::{MAX_BLOCK_LEN, MAX_PROOF_NODES, Node, Upgrade};
+use std::collections::BTreeMap;
+
+/// A proof for a range of blocks: the nodes (leaves first, then uncles), and, when the proof is
+/// relative to a tree newer than the requester's, the roots and signature of that tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proof {
+    /// Leaves of the range in order, then uncles.
+    pub nodes: Vec<Node>,
+    /// The newer signed tree the proof ends at, if any.
+    pub upgrade: Option<Upgrade>,
+}
+
+/// What a successful [`Feed::verify_and_store`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// The trusted length grew to this value.
+    pub upgraded_to: Option<u64>,
+    /// Blocks that were new to us (already-held blocks are not rewritten).
+    pub new_blocks: u64,
+}
+
+/// A signed append-only log over some [`Storage`].
+pub struct Feed<S: Storage> {
+    storage: S,
+    public_key: VerifyingKey,
+    signing_key: Option<SigningKey>,
+    /// Blocks in the newest signed tree we trust (the writer: blocks appended).
+    length: u64,
+    /// Bytes in those blocks.
+    byte_length: u64,
+    /// Roots of the tree at `length`; cached because every append and proof needs them.
+    roots: Vec<Node>,
+    signature: Option<Signature>,
+    /// Blocks held locally (a reader may hold any subset).
+    bitfield: Bitfield,
+}
+
+impl<S: Storage> std::fmt::Debug for Feed<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed")
+            .field("discovery_key", &blake3::Hash::from(self.discovery_key()))
+            .field("writable", &self.is_writable())
+            .field("length", &self.length)
+            .field("held", &self.bitfield.count())
+            .finish()
+    }
+}
+
+impl<S: Storage> Feed<S> {
+    /// Creates a new writable feed owned by `key` in an empty store.
+    pub fn create(mut storage: S, key: SigningKey) -> Result<Self, FeedError> {
+        if storage.header()?.is_some() {
+            return Err(FeedError::AlreadyExists);
+        }
+        storage.write_secret_key(&key.to_bytes())?;
+        let public_key = key.verifying_key();
+        storage.write_header(&Header {
+            public_key: public_key.to_bytes(),
+            length: 0,
+            byte_length: 0,
+            signature: None,
+        })?;
+        Ok(Self::empty(storage, public_key, Some(key)))
+    }
+
+    /// Creates a replica of the feed with `public_key` in an empty store; it starts with nothing
+    /// and accepts only blocks and trees that verify against the key.
+    pub fn create_replica(mut storage: S, public_key: [u8; 32]) -> Result<Self, FeedError> {
+        if storage.header()?.is_some() {
+            return Err(FeedError::AlreadyExists);
+        }
+        let public_key = VerifyingKey::from_bytes(&public_key)
+            .map_err(|_| FeedError::Corrupt("public key is not a valid ed25519 point".into()))?;
+        storage.write_header(&Header {
+            public_key: public_key.to_bytes(),
+            length: 0,
+            byte_length: 0,
+            signature: None,
+        })?;
+        Ok(Self::empty(storage, public_key, None))
+    }
+
+    fn empty(storage: S, public_key: VerifyingKey, signing_key: Option<SigningKey>) -> Self {
+        Self {
+            storage,
+            public_key,
+            signing_key,
+            length: 0,
+            byte_length: 0,
+            roots: Vec::new(),
+            signature: None,
+            bitfield: Bitfield::new(),
+        }
+    }
+
+    /// Opens an existing feed, checking that the stored signed tree verifies. Anything written
+    /// after the last committed header (an append cut short by a crash) is ignored.
+    pub fn open(mut storage: S) -> Result<Self, FeedError> {
+        let header = storage.header()?.ok_or(FeedError::NotFound)?;
+        let public_key = VerifyingKey::from_bytes(&header.public_key)
+            .map_err(|_| FeedError::Corrupt("stored public key is invalid".into()))?;
+        let signing_key = match storage.secret_key()? {
+            Some(seed) => {
+                let key = SigningKey::from_bytes(&seed);
+                if key.verifying_key() != public_key {
+                    return Err(FeedError::Corrupt(
+                        "secret key does not belong to this feed".into(),
+                    ));
+                }
+                Some(key)
+            }
+            None => None,
+        };
+        let mut roots = Vec::new();
+        for index in flat::full_roots(header.length) {
+            let node = storage
+                .node(index)?
+                .ok_or_else(|| FeedError::Corrupt(format!("root node {index} is missing")))?;
+            roots.push(node);
+        }
+        let byte_length: u64 = roots.iter().map(|r| r.size).sum();
+        if byte_length != header.byte_length {
+            return Err(FeedError::Corrupt(
+                "byte length disagrees with the roots".into(),
+            ));
+        }
+        let signature = header.signature.map(|s| Signature::from_bytes(&s));
+        match &signature {
+            Some(sig)
+                if !crypto::verify(&public_key, &crypto::tree_hash(&roots), header.length, sig) =>
+            {
+                return Err(FeedError::Corrupt(
+                    "stored signature does not verify".into(),
+                ));
+            }
+            None if header.length > 0 => {
+                return Err(FeedError::Corrupt(
+                    "non-empty feed without a signature".into(),
+                ));
+            }
+            _ => {}
+        }
+        let mut bitfield = storage.bitfield()?;
+        // Bits past the committed length belong to an append that never committed.
+        bitfield.truncate(header.length);
+        Ok(Self {
+            storage,
+            public_key,
+            signing_key,
+            length: header.length,
+            byte_length,
+            roots,
+            signature,
+            bitfield,
+        })
+    }
+
+    /// The feed's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public_key.to_bytes()
+    }
+
+    /// The feed's discovery key (safe to announce; does not reveal the public key).
+    pub fn discovery_key(&self) -> Hash {
+        crypto::discovery_key(self.public_key.as_bytes())
+    }
+
+    /// Whether this replica holds the secret key.
+    pub fn is_writable(&self) -> bool {
+        self.signing_key.is_some()
+    }
+
+    /// Blocks in the newest signed tree we trust.
+    pub fn len(&self) -> u64 {
+        self.length
+    }
+
+    /// Whether the feed has no blocks.
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+
+    /// Bytes in the newest signed tree we trust.
+    pub fn byte_len(&self) -> u64 {
+        self.byte_length
+    }
+
+    /// Whether block `index` is held here.
+    pub fn has(&self, index: u64) -> bool {
+        self.bitfield.get(index)
+    }
+
+    /// The set of blocks held here.
+    pub fn bitfield(&self) -> &Bitfield {
+        &self.bitfield
+    }
+
+    /// Roots of the tree at [`Feed::len`].
+    pub fn roots(&self) -> &[Node] {
+        &self.roots
+    }
+
+    /// The newest signed tree: `(length, tree hash, signature)`, for a status message.
+    pub fn signed_tree(&self) -> Option<(u64, Hash, [u8; 64])> {
+        let sig = self.signature?;
+        Some((self.length, crypto::tree_hash(&self.roots), sig.to_bytes()))
+    }
+
+    /// Checks a peer's status claim `(length, tree hash, signature)` against the public key.
+    pub fn verify_status(&self, length: u64, tree_hash: &Hash, signature: &[u8; 64]) -> bool {
+        crypto::verify(
+            &self.public_key,
+            tree_hash,
+            length,
+            &Signature::from_bytes(signature),
+        )
+    }
+
+    /// The storage, for callers that need to sync or inspect it.
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
+    /// Gives the storage back (to reopen it, or to hand it to another owner).
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    /// Makes everything written so far durable against power loss.
+    pub fn sync(&mut self) -> Result<(), FeedError> {
+        Ok(self.storage.sync()?)
+    }
+
+    /// Appends one block; returns its index.
+    pub fn append(&mut self, block: &[u8]) -> Result<u64, FeedError> {
+        self.append_batch(&[block]).map(|len| len - 1)
+    }
+
+    /// Appends blocks as one signed batch; returns the new length. When it returns, the batch
+    /// survives a killed process; until it returns, a crash leaves the feed as it was before.
+    pub fn append_batch<B: AsRef<[u8]>>(&mut self, blocks: &[B]) -> Result<u64, FeedError> {
+        let key = self.signing_key.as_ref().ok_or(FeedError::ReadOnly)?;
+        if let Some(b) = blocks.iter().find(|b| b.as_ref().len() > MAX_BLOCK_LEN) {
+            return Err(FeedError::BlockTooLarge(b.as_ref().len()));
+        }
+        if blocks.is_empty() {
+            return Ok(self.length);
+        }
+        // 1. data
+        let mut offset = self.byte_length;
+        for b in blocks {
+            self.storage.write_data(offset, b.as_ref())?;
+            offset += b.as_ref().len() as u64;
+        }
+        // 2. nodes: each leaf merges with equal-depth roots to its left.
+        let mut roots = self.roots.clone();
+        let mut nodes = Vec::with_capacity(blocks.len() * 2);
+        for (i, b) in blocks.iter().enumerate() {
+            let mut node = crypto::leaf(self.length + i as u64, b.as_ref());
+            nodes.push(node);
+            while roots
+                .last()
+                .is_some_and(|r| flat::depth(r.index) == flat::depth(node.index))
+            {
+                // Invariant: the loop condition just saw a last root.
+                let left = roots.pop().expect("checked by the loop condition");
+                node = crypto::parent(&left, &node);
+                nodes.push(node);
+            }
+            roots.push(node);
+        }
+        self.storage.write_nodes(&nodes)?;
+        // 3. bitfield
+        let new_length = self.length + blocks.len() as u64;
+        self.bitfield.set_range(self.length..new_length, true);
+        self.storage
+            .write_bitfield(&self.bitfield, self.length..new_length)?;
+        // 4. header: the commit point.
+        let signature = crypto::sign(key, &crypto::tree_hash(&roots), new_length);
+        self.storage.write_header(&Header {
+            public_key: self.public_key.to_bytes(),
+            length: new_length,
+            byte_length: offset,
+            signature: Some(signature.to_bytes()),
+        })?;
+        self.length = new_length;
+        self.byte_length = offset;
+        self.roots = roots;
+        self.signature = Some(signature);
+        Ok(new_length)
+    }
+
+    fn node(&mut self, index: u64) -> Result<Node, FeedError> {
+        self.storage
+            .node(index)?
+            .ok_or(FeedError::MissingNode(index))
+    }
+
+    fn leaf_and_offset(&mut self, index: u64) -> Result<(Node, u64), FeedError> {
+        if index >= self.length || !self.bitfield.get(index) {
+            return Err(FeedError::NotHeld(index));
+        }
+        let leaf = self.node(2 * index)?;
+        let roots = std::mem::take(&mut self.roots);
+        let offset = proof::byte_offset(index, &roots, |i| self.node(i), FeedError::MissingNode);
+        self.roots = roots;
+        Ok((leaf, offset?))
+    }
+
+    /// Reads block `index`, checking it against its verified leaf hash, so that bytes changed
+    /// underneath the store are never handed out as genuine.
+    pub fn get(&mut self, index: u64) -> Result<Vec<u8>, FeedError> {
+        let (leaf, offset) = self.leaf_and_offset(index)?;
+        let mut buf = vec![0u8; leaf.size as usize];
+        self.storage.read_data(offset, &mut buf)?;
+        if crypto::leaf_hash(&buf) != leaf.hash {
+            return Err(FeedError::DataChanged(index));
+        }
+        Ok(buf)
+    }
+
+    /// Byte offset and size of block `index` within the feed's content.
+    pub fn block_span(&mut self, index: u64) -> Result<(u64, u64), FeedError> {
+        let (leaf, offset) = self.leaf_and_offset(index)?;
+        Ok((offset, leaf.size))
+    }
+
+    /// A proof for blocks `index..index + count`. With `upgrade`, the proof ends at our newest
+    /// signed tree and carries its roots and signature; otherwise it ends at the roots of the
+    /// tree of `length` blocks, which the requester already trusts. `count` may be 0 with
+    /// `upgrade` to send only the newest signed tree.
+    pub fn proof(
+        &mut self,
+        index: u64,
+        count: u64,
+        length: u64,
+        upgrade: bool,
+    ) -> Result<Proof, FeedError> {
+        let target = if upgrade { self.length } else { length };
+        let end = index
+            .checked_add(count)
+            .filter(|&e| e <= target && target <= self.length);
+        let end = end.ok_or(FeedError::OutOfRange {
+            start: index,
+            end: index.saturating_add(count),
+            length: self.length,
+        })?;
+        if let Some(missing) = (index..end).find(|&i| !self.bitfield.get(i)) {
+            return Err(FeedError::NotHeld(missing));
+        }
+        let mut nodes = Vec::with_capacity(count as usize + 64);
+        for i in index..end {
+            nodes.push(self.node(2 * i)?);
+        }
+        if count > 0 {
+            let leaves = nodes.clone();
+            let mut uncles = Vec::new();
+            proof::walk(
+                leaves,
+                target,
+                |i| {
+                    let n = self.node(i)?;
+                    uncles.push(n);
+                    Ok::<_, FeedError>(n)
+                },
+                |_| Ok(()),
+                |_| {},
+            )?;
+            nodes.extend(uncles);
+        }
+        let upgrade = if upgrade {
+            let sig = self.signature.ok_or(FeedError::OutOfRange {
+                start: index,
+                end,
+                length: 0,
+            })?;
+            Some(Upgrade {
+                length: self.length,
+                roots: self.roots.clone(),
+                signature: sig.to_bytes(),
+            })
+        } else {
+            None
+        };
+        Ok(Proof { nodes, upgrade })
+    }
+
+    /// Verifies blocks `index..index + blocks.len()` from a peer against `proof` and, only if
+    /// everything checks out, stores them (and the newer signed tree, if the proof carries one).
+    /// Nothing is written when any check fails.
+    pub fn verify_and_store<B: AsRef<[u8]>>(
+        &mut self,
+        index: u64,
+        blocks: &[B],
+        proof: &Proof,
+    ) -> Result<Verified, FeedError> {
+        // Stage 1: the signed tree the proof ends at.
+        let upgrade = match &proof.upgrade {
+            Some(up) => self.check_upgrade(up)?,
+            None => None,
+        };
+        let (length, roots) = match &upgrade {
+            Some((up, _)) => (up.length, up.roots.as_slice()),
+            None => (self.length, self.roots.as_slice()),
+        };
+        // Stage 2: the blocks and the path from them to those roots.
+        let mut verified: BTreeMap<u64, Node> = BTreeMap::new();
+        if !blocks.is_empty() {
+            verify_range(index, blocks, &proof.nodes, length, roots, &mut verified)?;
+        } else if !proof.nodes.is_empty() {
+            return Err(VerifyError::Malformed("proof nodes without blocks").into());
+        }
+        // Stage 3: commit, in crash-safe order (data, nodes, bitfield, header).
+        let new_blocks = self.commit(index, blocks, verified, upgrade.as_ref())?;
+        Ok(Verified {
+            upgraded_to: upgrade.map(|(u, _)| u.length),
+            new_blocks,
+        })
+    }
+
+    /// Checks an offered newer signed tree; `Ok(None)` when it is the one we already trust.
+    fn check_upgrade(&self, up: &Upgrade) -> Result<Option<(Upgrade, u64)>, VerifyError> {
+        if up.length < self.length {
+            return Err(VerifyError::StaleUpgrade {
+                length: up.length,
+                trusted: self.length,
+            });
+        }
+        if up.length == self.length && up.roots == self.roots {
+            return Ok(None);
+        }
+        let expected = flat::full_roots(up.length);
+        if up.roots.len() != expected.len()
+            || up.roots.iter().zip(&expected).any(|(r, &e)| r.index != e)
+        {
+            return Err(VerifyError::Malformed(
+                "upgrade roots do not match its length",
+            ));
+        }
+        let mut byte_length = 0u64;
+        for r in &up.roots {
+            byte_length = byte_length
+                .checked_add(r.size)
+                .ok_or(VerifyError::Malformed("upgrade byte length overflows"))?;
+        }
+        if let Some(ours) = &self.signature
+            && ours.to_bytes() == up.signature
+            && up.length != self.length
+        {
+            return Err(VerifyError::ReplayedSignature {
+                claimed: up.length,
+                known: self.length,
+            });
+        }
+        let sig = Signature::from_bytes(&up.signature);
+        if !crypto::verify(
+            &self.public_key,
+            &crypto::tree_hash(&up.roots),
+            up.length,
+            &sig,
+        ) {
+            return Err(VerifyError::BadSignature { length: up.length });
+        }
+        Ok(Some((up.clone(), byte_length)))
+    }
+
+    fn commit<B: AsRef<[u8]>>(
+        &mut self,
+        index: u64,
+        blocks: &[B],
+        mut verified: BTreeMap<u64, Node>,
+        upgrade: Option<&(Upgrade, u64)>,
+    ) -> Result<u64, FeedError> {
+        let roots: Vec<Node> = match upgrade {
+            Some((up, _)) => up.roots.clone(),
+            None => self.roots.clone(),
+        };
+        for r in &roots {
+            verified.insert(r.index, *r);
+        }
+        let mut new_blocks = 0;
+        if !blocks.is_empty() {
+            let first = proof::byte_offset(
+                index,
+                &roots,
+                |i| match verified.get(&i) {
+                    Some(n) => Ok(*n),
+                    None => self.node(i),
+                },
+                FeedError::MissingNode,
+            )?;
+            let mut offset = first;
+            for (k, b) in blocks.iter().enumerate() {
+                let i = index + k as u64;
+                if !self.bitfield.get(i) {
+                    self.storage.write_data(offset, b.as_ref())?;
+                    new_blocks += 1;
+                }
+                offset += b.as_ref().len() as u64;
+            }
+        }
+        let nodes: Vec<Node> = verified.into_values().collect();
+        self.storage.write_nodes(&nodes)?;
+        let end = index + blocks.len() as u64;
+        if !blocks.is_empty() {
+            self.bitfield.set_range(index..end, true);
+            self.storage.write_bitfield(&self.bitfield, index..end)?;
+        }
+        if let Some((up, byte_length)) = upgrade {
+            self.storage.write_header(&Header {
+                public_key: self.public_key.to_bytes(),
+                length: up.length,
+                byte_length: *byte_length,
+                signature: Some(up.signature),
+            })?;
+            self.length = up.length;
+            self.byte_length = *byte_length;
+            self.roots = roots;
+            self.signature = Some(Signature::from_bytes(&up.signature));
+        }
+        Ok(new_blocks)
+    }
+
+    /// Re-checks everything held against the signed tree: the signature over the roots, every
+    /// held block against its leaf, and every stored parent inside the tree against its
+    /// children. Used after a crash, and by `feedsync` integrity checks.
+    pub fn verify_all(&mut self) -> Result<(), FeedError> {
+        if let Some(sig) = &self.signature
+            && !crypto::verify(
+                &self.public_key,
+                &crypto::tree_hash(&self.roots),
+                self.length,
+                sig,
+            )
+        {
+            return Err(FeedError::Corrupt(
+                "signature over the roots does not verify".into(),
+            ));
+        }
+        for r in self.roots.clone() {
+            if self.storage.node(r.index)? != Some(r) {
+                return Err(FeedError::Corrupt(format!(
+                    "root {} differs from storage",
+                    r.index
+                )));
+            }
+        }
+        let held: Vec<u64> = self.bitfield.runs().flatten().collect();
+        for i in held {
+            self.get(i)?;
+        }
+        // Every stored parent of a complete subtree within `length` must hash from its children.
+        for index in 0..2 * self.length {
+            let Some((l, r)) = flat::children(index) else {
+                continue;
+            };
+            if flat::first_block(index) + flat::block_count(index) > self.length {
+                continue;
+            }
+            let (Some(node), Some(left), Some(right)) = (
+                self.storage.node(index)?,
+                self.storage.node(l)?,
+                self.storage.node(r)?,
+            ) else {
+                continue;
+            };
+            if crypto::parent(&left, &right) != node {
+                return Err(FeedError::Corrupt(format!(
+                    "tree node {index} does not match its children"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks `blocks` starting at `index` and their proof `nodes` against `roots` of the tree of
+/// `length` blocks, recording every node the check established in `verified`.
+fn verify_range<B: AsRef<[u8]>>(
+    index: u64,
+    blocks: &[B],
+    nodes: &[Node],
+    length: u64,
+    roots: &[Node],
+    verified: &mut BTreeMap<u64, Node>,
+) -> Result<(), VerifyError> {
+    let count = blocks.len() as u64;
+    let end = index
+        .checked_add(count)
+        .ok_or(VerifyError::Malformed("block range overflows"))?;
+    if end > length {
+        return Err(VerifyError::OutOfRange { end, length });
+    }
+    if nodes.len() > MAX_PROOF_NODES {
+        return Err(VerifyError::Malformed("too many proof nodes"));
+    }
+    let mut leaves = Vec::with_capacity(blocks.len());
+    for (k, block) in blocks.iter().enumerate() {
+        let i = index + k as u64;
+        let block = block.as_ref();
+        if block.len() > MAX_BLOCK_LEN {
+            return Err(VerifyError::Malformed("block over the size limit"));
+        }
+        let claimed = nodes
+            .get(k)
+            .ok_or(VerifyError::TruncatedProof { missing: 2 * i })?;
+        if claimed.index != 2 * i {
+            if claimed.index % 2 == 1 {
+                return Err(VerifyError::Malformed("proof leaf is not a leaf"));
+            }
+            return Err(VerifyError::WrongIndex {
+                expected: i,
+                got: claimed.index / 2,
+            });
+        }
+        let leaf = crypto::leaf(i, block);
+        if leaf != *claimed {
+            return Err(VerifyError::BlockMismatch { index: i });
+        }
+        leaves.push(leaf);
+    }
+    let mut uncles: BTreeMap<u64, Node> = BTreeMap::new();
+    for n in &nodes[blocks.len()..] {
+        if uncles.insert(n.index, *n).is_some() {
+            return Err(VerifyError::Malformed("duplicate proof node"));
+        }
+    }
+    for l in &leaves {
+        verified.insert(l.index, *l);
+    }
+    let mut used = 0usize;
+    let mut computed = Vec::new();
+    proof::walk(
+        leaves,
+        length,
+        |i| {
+            let n = *uncles
+                .get(&i)
+                .ok_or(VerifyError::TruncatedProof { missing: i })?;
+            used += 1;
+            Ok(n)
+        },
+        |node| {
+            // Invariant: walk only reaches indices from full_roots(length), which are `roots`.
+            let root = roots
+                .iter()
+                .find(|r| r.index == node.index)
+                .expect("root of this length");
+            if root == node {
+                Ok(())
+            } else {
+                Err(VerifyError::ProofMismatch { root: node.index })
+            }
+        },
+        |node| computed.push(*node),
+    )?;
+    if used != uncles.len() {
+        return Err(VerifyError::Malformed(
+            "proof carries nodes that are not needed",
+        ));
+    }
+    for n in uncles.into_values().chain(computed) {
+        verified.insert(n.index, n);
+    }
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! The sans-IO core: feeds, Merkle trees, keys and bitfields. Nothing in here opens a socket,
+//! spawns a thread, reads a clock or touches a file; persistence goes through [`Storage`].
+//!
+//! # Layout
+//! - [`flat`]: flat in-order tree indexing.
+//! - [`crypto`]: node hashes, signatures, discovery keys and capabilities.
+//! - [`proof`]: the proof walk shared by prover and verifier.
+//! - [`feed`]: the signed append-only log ([`Feed`]).
+//! - [`bitfield`]: sets of block indices.
+//! - [`storage`]: the [`Storage`] trait and [`MemoryStorage`].
+//! - [`error`]: [`FeedError`] and [`VerifyError`].
+
+pub mod bitfield;
+pub mod crypto;
+pub mod error;
+pub mod feed;
+pub mod flat;
+pub mod proof;
+pub mod storage;
+
+pub use bitfield::Bitfield;
+pub use error::{FeedError, VerifyError};
+pub use feed::{Feed, Proof, Verified};
+pub use storage::{Header, MemoryStorage, Storage};

@@ -1,0 +1,19 @@
+//! feedsync: peer-to-peer replicated feeds and folders in the style of Dat/Hypercore.
+//!
+//! A *feed* is a signed append-only log named by an ed25519 public key. Only the key holder
+//! appends; every block a replica accepts has been verified against a signed Merkle root.
+//!
+//! # Layout
+//! - [`core`]: the sans-IO heart — feeds, Merkle trees, keys, bitfields, the storage trait.
+//! - [`storage`]: the on-disk feed store.
+//! - `feedsync_protocol` (the `protocol/` crate): wire messages and framing.
+//!
+//! `notes/architecture.md` describes how the layers fit and which way dependencies point.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod core;
+pub mod storage;
+
+pub use feedsync_protocol as protocol;

@@ -1,0 +1,269 @@
+//! A feed store as a directory of plain files.
+//!
+//! ```text
+//! DIR/header      two 256-byte slots, written alternately; each carries a sequence number and
+//!                 a BLAKE3 checksum, and the valid slot with the higher sequence wins
+//! DIR/tree        40 bytes per node at `index * 40`: hash (32) || size (u64 LE); all-zero = absent
+//! DIR/bitfield    one bit per block held (block i = bit i%8 of byte i/8)
+//! DIR/data        the content bytes, at their feed byte offset
+//! DIR/secret_key  the writer's 32-byte ed25519 seed, mode 0600 (writers only)
+//! DIR/lock        held with an exclusive lock while the store is open
+//! ```
+//!
+//! Why this shape: fixed offsets mean no index structures to keep consistent, sparse replicas
+//! cost only the blocks they hold (unwritten regions are file holes), and the alternating
+//! header turns every append into "write the new bytes, then flip one small record", which a
+//! crash cannot tear: a torn slot fails its checksum and the other slot still holds the
+//! previous commit. Every write has completed in the page cache when a call returns, so a
+//! killed process loses nothing it was told is stored; [`Storage::sync`] adds fsync for power loss.
+
+use crate::core::bitfield::Bitfield;
+use crate::core::storage::{Header, Storage};
+use feedsync_protocol::Node;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind, Write};
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const NODE_SIZE: u64 = 40;
+const SLOT_SIZE: usize = 256;
+const SLOT_BODY: usize = SLOT_SIZE - 32;
+const MAGIC: &[u8; 8] = b"FEEDSYNC";
+const FORMAT_VERSION: u32 = 1;
+
+/// A feed store in a directory. See the module docs for the layout.
+#[derive(Debug)]
+pub struct DiskStorage {
+    dir: PathBuf,
+    header: File,
+    tree: File,
+    bitfield: File,
+    data: File,
+    _lock: File,
+    /// Sequence number of the newest valid header slot (0: none yet).
+    seq: u64,
+}
+
+fn open_rw(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
+impl DiskStorage {
+    /// Opens (creating if needed) the store in `dir`. Fails if another process has it open.
+    pub fn open(dir: impl AsRef<Path>) -> io::Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir)?;
+        let lock = open_rw(&dir.join("lock"))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::new(
+                ErrorKind::WouldBlock,
+                format!("feed store {} is in use by another process", dir.display()),
+            )
+        })?;
+        let mut store = Self {
+            header: open_rw(&dir.join("header"))?,
+            tree: open_rw(&dir.join("tree"))?,
+            bitfield: open_rw(&dir.join("bitfield"))?,
+            data: open_rw(&dir.join("data"))?,
+            _lock: lock,
+            dir,
+            seq: 0,
+        };
+        store.seq = store.newest_slot()?.map_or(0, |(seq, _)| seq);
+        Ok(store)
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn read_slot(&self, slot: u64) -> io::Result<Option<(u64, Header)>> {
+        let mut buf = [0u8; SLOT_SIZE];
+        match self.header.read_exact_at(&mut buf, slot * SLOT_SIZE as u64) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        if &buf[..8] != MAGIC || blake3::hash(&buf[..SLOT_BODY]).as_bytes() != &buf[SLOT_BODY..] {
+            return Ok(None);
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
+        let version = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+        if version != FORMAT_VERSION {
+            return Err(io::Error::new(
+                ErrorKind::InvalidData,
+                format!("feed store format {version} is not supported (expected {FORMAT_VERSION})"),
+            ));
+        }
+        let seq = u64_at(12);
+        let mut public_key = [0u8; 32];
+        public_key.copy_from_slice(&buf[20..52]);
+        let signature = (buf[68] == 1).then(|| {
+            let mut s = [0u8; 64];
+            s.copy_from_slice(&buf[69..133]);
+            s
+        });
+        Ok(Some((
+            seq,
+            Header {
+                public_key,
+                length: u64_at(52),
+                byte_length: u64_at(60),
+                signature,
+            },
+        )))
+    }
+
+    fn newest_slot(&self) -> io::Result<Option<(u64, Header)>> {
+        let a = self.read_slot(0)?;
+        let b = self.read_slot(1)?;
+        let newest = match (a, b) {
+            (Some(a), Some(b)) => Some(if a.0 >= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        if newest.is_none() && self.header.metadata()?.len() > 0 {
+            return Err(io::Error::new(
+                ErrorKind::InvalidData,
+                format!("both header slots in {} are corrupt", self.dir.display()),
+            ));
+        }
+        Ok(newest)
+    }
+
+    fn secret_path(&self) -> PathBuf {
+        self.dir.join("secret_key")
+    }
+}
+
+impl Storage for DiskStorage {
+    fn header(&mut self) -> io::Result<Option<Header>> {
+        Ok(self.newest_slot()?.map(|(_, h)| h))
+    }
+
+    fn write_header(&mut self, h: &Header) -> io::Result<()> {
+        let seq = self.seq + 1;
+        let mut buf = [0u8; SLOT_SIZE];
+        buf[..8].copy_from_slice(MAGIC);
+        buf[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        buf[12..20].copy_from_slice(&seq.to_le_bytes());
+        buf[20..52].copy_from_slice(&h.public_key);
+        buf[52..60].copy_from_slice(&h.length.to_le_bytes());
+        buf[60..68].copy_from_slice(&h.byte_length.to_le_bytes());
+        if let Some(sig) = &h.signature {
+            buf[68] = 1;
+            buf[69..133].copy_from_slice(sig);
+        }
+        let sum = blake3::hash(&buf[..SLOT_BODY]);
+        buf[SLOT_BODY..].copy_from_slice(sum.as_bytes());
+        self.header
+            .write_all_at(&buf, (seq % 2) * SLOT_SIZE as u64)?;
+        self.seq = seq;
+        Ok(())
+    }
+
+    fn secret_key(&mut self) -> io::Result<Option<[u8; 32]>> {
+        match fs::read(self.secret_path()) {
+            Ok(bytes) => {
+                let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                    io::Error::new(ErrorKind::InvalidData, "secret key file is not 32 bytes")
+                })?;
+                Ok(Some(seed))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_secret_key(&mut self, seed: &[u8; 32]) -> io::Result<()> {
+        // Created with mode 0600 from the start (never world-readable, not even briefly), made
+        // durable, then renamed into place so a crash leaves either no key or the whole key.
+        let tmp = self.dir.join("secret_key.tmp");
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(seed)?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.secret_path())?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    fn node(&mut self, index: u64) -> io::Result<Option<Node>> {
+        let mut buf = [0u8; NODE_SIZE as usize];
+        let Some(at) = index.checked_mul(NODE_SIZE) else {
+            return Ok(None);
+        };
+        match self.tree.read_exact_at(&mut buf, at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        if buf[..32].iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&buf[..32]);
+        let size = u64::from_le_bytes(buf[32..].try_into().expect("8 bytes"));
+        Ok(Some(Node { index, hash, size }))
+    }
+
+    fn write_nodes(&mut self, nodes: &[Node]) -> io::Result<()> {
+        let mut sorted: Vec<&Node> = nodes.iter().collect();
+        sorted.sort_unstable_by_key(|n| n.index);
+        // Coalesce runs of consecutive indices into one write each.
+        let mut buf = Vec::with_capacity(sorted.len() * NODE_SIZE as usize);
+        let mut i = 0;
+        while i < sorted.len() {
+            let first = sorted[i].index;
+            buf.clear();
+            let mut j = i;
+            while j < sorted.len() && sorted[j].index == first + (j - i) as u64 {
+                buf.extend_from_slice(&sorted[j].hash);
+                buf.extend_from_slice(&sorted[j].size.to_le_bytes());
+                j += 1;
+            }
+            self.tree.write_all_at(&buf, first * NODE_SIZE)?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn read_data(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.data.read_exact_at(buf, offset)
+    }
+
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.data.write_all_at(data, offset)
+    }
+
+    fn bitfield(&mut self) -> io::Result<Bitfield> {
+        Ok(Bitfield::from_bytes(&fs::read(self.dir.join("bitfield"))?))
+    }
+
+    fn write_bitfield(&mut self, bitfield: &Bitfield, changed: Range<u64>) -> io::Result<()> {
+        let bytes = bitfield.as_bytes();
+        let start = ((changed.start / 8) as usize).min(bytes.len());
+        let end = (changed.end.div_ceil(8) as usize).min(bytes.len());
+        if start < end {
+            self.bitfield
+                .write_all_at(&bytes[start..end], start as u64)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.data.sync_data()?;
+        self.tree.sync_data()?;
+        self.bitfield.sync_data()?;
+        self.header.sync_data()
+    }
+}

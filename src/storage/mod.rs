@@ -1,0 +1,8 @@
+//! Persistent feed stores.
+//!
+//! # Layout
+//! - [`disk`]: [`DiskStorage`], a directory of plain files implementing [`crate::core::Storage`].
+
+pub mod disk;
+
+pub use disk::DiskStorage;
