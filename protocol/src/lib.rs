@@ -16,6 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
+mod bounded;
 pub mod frame;
 
 pub use frame::{FrameError, decode, decode_frame, encode, encode_into, frame_header};
@@ -36,6 +37,9 @@ pub const MAX_DATA_BYTES: usize = 1024 * 1024;
 
 /// Most blocks one [`Request`] may ask for.
 pub const MAX_REQUEST_BLOCKS: u32 = 1024;
+
+/// Most blocks one [`Data`] message may carry.
+pub const MAX_DATA_BLOCKS: usize = MAX_REQUEST_BLOCKS as usize;
 
 /// Most tree nodes a proof may carry: the leaves of a full request plus two uncles per level of
 /// a 2^64-block tree, with room to spare.
@@ -148,6 +152,7 @@ pub enum BlockSet {
         /// Block index where the first run begins.
         start: u64,
         /// Alternating run lengths.
+        #[serde(deserialize_with = "bounded::vec::<_, _, MAX_RUNS>")]
         runs: Vec<u64>,
     },
 }
@@ -214,7 +219,8 @@ pub struct Node {
 pub struct Upgrade {
     /// Number of blocks.
     pub length: u64,
-    /// The full roots of the tree at `length`, left to right.
+    /// The full roots of the tree at `length`, left to right (at most 64).
+    #[serde(deserialize_with = "bounded::vec::<_, _, 64>")]
     pub roots: Vec<Node>,
     /// Signature over `(tree_hash(roots), length)`.
     #[serde(with = "serde_bytes")]
@@ -231,8 +237,10 @@ pub struct Data {
     /// Index of the first block.
     pub index: u64,
     /// The blocks, in order.
+    #[serde(deserialize_with = "bounded::vec::<_, _, MAX_DATA_BLOCKS>")]
     pub blocks: Vec<Block>,
     /// Proof nodes: the leaves of the blocks, then the uncles needed to reach the roots.
+    #[serde(deserialize_with = "bounded::vec::<_, _, MAX_PROOF_NODES>")]
     pub nodes: Vec<Node>,
     /// Present when the proof is relative to a newer tree than the requester's.
     pub upgrade: Option<Upgrade>,

@@ -10,10 +10,20 @@ use feedsync_protocol::BlockSet;
 use std::ops::Range;
 
 /// A set of block indices.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Bitfield {
     bits: BitVec<u8, Lsb0>,
 }
+
+/// Set equality: trailing absent blocks (e.g. the padding of a reloaded last byte) do not count.
+impl PartialEq for Bitfield {
+    fn eq(&self, other: &Self) -> bool {
+        let n = self.bits.len().min(other.bits.len());
+        self.bits[..n] == other.bits[..n] && self.bits[n..].not_any() && other.bits[n..].not_any()
+    }
+}
+
+impl Eq for Bitfield {}
 
 impl std::fmt::Debug for Bitfield {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

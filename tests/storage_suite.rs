@@ -1,0 +1,204 @@
+//! One storage test suite, run on every backend: the raw `Storage` contract, and a feed on top
+//! of it with blocks at the boundary sizes 0, 1, B-1, B and B+1 (B = 64 KiB).
+
+use ed25519_dalek::SigningKey;
+use feedsync::core::{Bitfield, Feed, Header, MemoryStorage, Storage};
+use feedsync::protocol::Node;
+use feedsync::storage::DiskStorage;
+use std::os::unix::fs::PermissionsExt;
+
+const B: usize = 65536;
+const SIZES: [usize; 5] = [0, 1, B - 1, B, B + 1];
+
+fn contract<S: Storage>(mut s: S) -> S {
+    assert_eq!(s.header().unwrap(), None);
+    assert_eq!(s.secret_key().unwrap(), None);
+    assert_eq!(s.node(0).unwrap(), None);
+    assert_eq!(s.node(u64::MAX).unwrap(), None);
+
+    for (k, len) in [3u64, 9, 12].into_iter().enumerate() {
+        let h = Header {
+            public_key: [k as u8; 32],
+            length: len,
+            byte_length: len * 2,
+            signature: Some([k as u8; 64]),
+        };
+        s.write_header(&h).unwrap();
+        assert_eq!(s.header().unwrap(), Some(h));
+    }
+    s.write_secret_key(&[3u8; 32]).unwrap();
+    assert_eq!(s.secret_key().unwrap(), Some([3u8; 32]));
+
+    let nodes: Vec<Node> = [5u64, 0, 1, 2, 100]
+        .iter()
+        .map(|&i| Node {
+            index: i,
+            hash: [i as u8 + 1; 32],
+            size: i * 3,
+        })
+        .collect();
+    s.write_nodes(&nodes).unwrap();
+    for n in &nodes {
+        assert_eq!(s.node(n.index).unwrap(), Some(*n));
+    }
+    assert_eq!(
+        s.node(3).unwrap(),
+        None,
+        "a hole between stored nodes is absent"
+    );
+
+    let mut offset = 0u64;
+    for (k, size) in SIZES.iter().enumerate() {
+        let data: Vec<u8> = (0..*size).map(|i| (i * 31 + k) as u8).collect();
+        s.write_data(offset, &data).unwrap();
+        let mut back = vec![0u8; *size];
+        s.read_data(offset, &mut back).unwrap();
+        assert_eq!(back, data, "size {size}");
+        offset += *size as u64;
+    }
+    let mut past = [0u8; 1];
+    assert!(
+        s.read_data(offset, &mut past).is_err(),
+        "reading past the data fails"
+    );
+
+    let mut bf = Bitfield::new();
+    bf.set_range(3..20, true);
+    bf.set(1000, true);
+    s.write_bitfield(&bf, 0..1001).unwrap();
+    bf.set(7, false);
+    s.write_bitfield(&bf, 7..8).unwrap();
+    assert_eq!(s.bitfield().unwrap(), bf);
+    s.sync().unwrap();
+    s
+}
+
+fn feed_boundaries<S: Storage, R: Storage>(writer_store: S, replica_store: R) {
+    let key = SigningKey::from_bytes(&[1u8; 32]);
+    let mut w = Feed::create(writer_store, key.clone()).unwrap();
+    let blocks: Vec<Vec<u8>> = SIZES
+        .iter()
+        .map(|&n| (0..n).map(|i| (i % 251) as u8).collect())
+        .collect();
+    for b in &blocks {
+        w.append(b).unwrap();
+    }
+    w.append_batch(&blocks).unwrap();
+    let mut r = Feed::create_replica(replica_store, key.verifying_key().to_bytes()).unwrap();
+    for i in (0..w.len()).rev() {
+        let p = w.proof(i, 1, r.len(), r.len() < w.len()).unwrap();
+        r.verify_and_store(i, &[w.get(i).unwrap()], &p).unwrap();
+    }
+    for (i, b) in blocks.iter().chain(&blocks).enumerate() {
+        assert_eq!(&r.get(i as u64).unwrap(), b);
+        assert_eq!(r.block_span(i as u64).unwrap().1, b.len() as u64);
+    }
+    r.verify_all().unwrap();
+    w.verify_all().unwrap();
+}
+
+#[test]
+fn memory_backend() {
+    contract(MemoryStorage::new());
+    feed_boundaries(MemoryStorage::new(), MemoryStorage::new());
+}
+
+#[test]
+fn disk_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contract(DiskStorage::open(dir.path().join("a")).unwrap());
+    drop(store);
+    // Everything persists across reopen.
+    let mut s = DiskStorage::open(dir.path().join("a")).unwrap();
+    assert_eq!(s.header().unwrap().unwrap().length, 12);
+    assert_eq!(s.secret_key().unwrap(), Some([3u8; 32]));
+    assert_eq!(s.node(100).unwrap().unwrap().size, 300);
+    let mode = std::fs::metadata(dir.path().join("a/secret_key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "secret key readable only by its owner");
+    drop(s);
+    feed_boundaries(
+        DiskStorage::open(dir.path().join("w")).unwrap(),
+        DiskStorage::open(dir.path().join("r")).unwrap(),
+    );
+    // Mixed: a disk writer replicated into memory, and back.
+    feed_boundaries(
+        MemoryStorage::new(),
+        DiskStorage::open(dir.path().join("r2")).unwrap(),
+    );
+}
+
+#[test]
+fn disk_store_is_exclusive() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = DiskStorage::open(dir.path()).unwrap();
+    let err = DiskStorage::open(dir.path()).unwrap_err();
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+}
+
+#[test]
+fn torn_header_slot_falls_back_to_the_previous_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = DiskStorage::open(dir.path()).unwrap();
+    let h = |length| Header {
+        public_key: [1; 32],
+        length,
+        byte_length: 0,
+        signature: None,
+    };
+    s.write_header(&h(1)).unwrap(); // seq 1 -> slot 1
+    s.write_header(&h(2)).unwrap(); // seq 2 -> slot 0
+    drop(s);
+    // Tear the newest slot (slot 0) as a crash in mid-write would.
+    let path = dir.path().join("header");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut s = DiskStorage::open(dir.path()).unwrap();
+    assert_eq!(s.header().unwrap(), Some(h(1)));
+    // The next write goes to the slot after the surviving one, not over it.
+    s.write_header(&h(3)).unwrap();
+    drop(s);
+    let mut s = DiskStorage::open(dir.path()).unwrap();
+    assert_eq!(s.header().unwrap(), Some(h(3)));
+    // Both slots torn: a clear error, not a silent empty store.
+    drop(s);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 1;
+    bytes[300] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = DiskStorage::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+}
+
+#[test]
+fn reopened_disk_feed_resumes_appending() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[2u8; 32]);
+    let mut f = Feed::create(DiskStorage::open(dir.path()).unwrap(), key).unwrap();
+    f.append(b"one").unwrap();
+    drop(f);
+    let mut f = Feed::open(DiskStorage::open(dir.path()).unwrap()).unwrap();
+    assert!(f.is_writable());
+    f.append(b"two").unwrap();
+    drop(f);
+    let mut f = Feed::open(DiskStorage::open(dir.path()).unwrap()).unwrap();
+    assert_eq!(
+        (f.get(0).unwrap(), f.get(1).unwrap()),
+        (b"one".to_vec(), b"two".to_vec())
+    );
+    // Bytes changed underneath the store are detected, never served.
+    let data = dir.path().join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[4] ^= 1;
+    std::fs::write(&data, &bytes).unwrap();
+    assert!(matches!(
+        f.get(1),
+        Err(feedsync::core::FeedError::DataChanged(1))
+    ));
+}
