@@ -21,6 +21,24 @@ pub struct Proof {
     pub upgrade: Option<Upgrade>,
 }
 
+/// The outcome of [`Feed::verify`]: everything the check established, ready to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    index: u64,
+    count: u64,
+    /// Every node the check established (leaves, uncles, computed parents).
+    nodes: BTreeMap<u64, Node>,
+    /// The newer signed tree and its byte length, when the proof carried one we did not trust yet.
+    upgrade: Option<(Upgrade, u64)>,
+}
+
+impl Checked {
+    /// The trusted length this check would upgrade to, if any.
+    pub fn upgraded_to(&self) -> Option<u64> {
+        self.upgrade.as_ref().map(|(u, _)| u.length)
+    }
+}
+
 /// What a successful [`Feed::verify_and_store`] changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verified {
@@ -396,15 +414,14 @@ impl<S: Storage> Feed<S> {
         Ok(Proof { nodes, upgrade })
     }
 
-    /// Verifies blocks `index..index + blocks.len()` from a peer against `proof` and, only if
-    /// everything checks out, stores them (and the newer signed tree, if the proof carries one).
-    /// Nothing is written when any check fails.
-    pub fn verify_and_store<B: AsRef<[u8]>>(
-        &mut self,
+    /// Checks blocks `index..index + blocks.len()` from a peer against `proof` without changing
+    /// anything. Pure: it reads only the trusted roots in memory, so it may run anywhere.
+    pub fn verify<B: AsRef<[u8]>>(
+        &self,
         index: u64,
         blocks: &[B],
         proof: &Proof,
-    ) -> Result<Verified, FeedError> {
+    ) -> Result<Checked, VerifyError> {
         // Stage 1: the signed tree the proof ends at.
         let upgrade = match &proof.upgrade {
             Some(up) => self.check_upgrade(up)?,
@@ -415,16 +432,35 @@ impl<S: Storage> Feed<S> {
             None => (self.length, self.roots.as_slice()),
         };
         // Stage 2: the blocks and the path from them to those roots.
-        let mut verified: BTreeMap<u64, Node> = BTreeMap::new();
+        let mut nodes: BTreeMap<u64, Node> = BTreeMap::new();
         if !blocks.is_empty() {
-            verify_range(index, blocks, &proof.nodes, length, roots, &mut verified)?;
+            verify_range(index, blocks, &proof.nodes, length, roots, &mut nodes)?;
         } else if !proof.nodes.is_empty() {
-            return Err(VerifyError::Malformed("proof nodes without blocks").into());
+            return Err(VerifyError::Malformed("proof nodes without blocks"));
         }
+        Ok(Checked {
+            index,
+            count: blocks.len() as u64,
+            nodes,
+            upgrade,
+        })
+    }
+
+    /// Verifies blocks `index..index + blocks.len()` from a peer against `proof` and, only if
+    /// everything checks out, stores them (and the newer signed tree, if the proof carries one).
+    /// Nothing is written when any check fails.
+    pub fn verify_and_store<B: AsRef<[u8]>>(
+        &mut self,
+        index: u64,
+        blocks: &[B],
+        proof: &Proof,
+    ) -> Result<Verified, FeedError> {
+        let checked = self.verify(index, blocks, proof)?;
+        let upgraded_to = checked.upgrade.as_ref().map(|(u, _)| u.length);
         // Stage 3: commit, in crash-safe order (data, nodes, bitfield, header).
-        let new_blocks = self.commit(index, blocks, verified, upgrade.as_ref())?;
+        let new_blocks = self.commit(blocks, checked)?;
         Ok(Verified {
-            upgraded_to: upgrade.map(|(u, _)| u.length),
+            upgraded_to,
             new_blocks,
         })
     }
@@ -475,13 +511,15 @@ impl<S: Storage> Feed<S> {
         Ok(Some((up.clone(), byte_length)))
     }
 
-    fn commit<B: AsRef<[u8]>>(
-        &mut self,
-        index: u64,
-        blocks: &[B],
-        mut verified: BTreeMap<u64, Node>,
-        upgrade: Option<&(Upgrade, u64)>,
-    ) -> Result<u64, FeedError> {
+    fn commit<B: AsRef<[u8]>>(&mut self, blocks: &[B], checked: Checked) -> Result<u64, FeedError> {
+        let Checked {
+            index,
+            count,
+            nodes: mut verified,
+            upgrade,
+        } = checked;
+        debug_assert_eq!(count, blocks.len() as u64);
+        let upgrade = upgrade.as_ref();
         let roots: Vec<Node> = match upgrade {
             Some((up, _)) => up.roots.clone(),
             None => self.roots.clone(),

@@ -20,5 +20,5 @@ pub mod storage;
 
 pub use bitfield::Bitfield;
 pub use error::{FeedError, VerifyError};
-pub use feed::{Feed, Proof, Verified};
+pub use feed::{Checked, Feed, Proof, Verified};
 pub use storage::{Header, MemoryStorage, Storage};

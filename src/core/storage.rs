@@ -117,6 +117,11 @@ impl Storage for MemoryStorage {
     fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         let start = offset as usize;
         let end = start + data.len();
+        if start == self.data.len() {
+            // The common case (appending): no zero-fill before the copy.
+            self.data.extend_from_slice(data);
+            return Ok(());
+        }
         if end > self.data.len() {
             self.data.resize(end, 0);
         }
