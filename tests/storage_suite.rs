@@ -202,3 +202,24 @@ fn reopened_disk_feed_resumes_appending() {
         Err(feedsync::core::FeedError::DataChanged(1))
     ));
 }
+
+#[test]
+fn bits_past_the_committed_length_are_cleared_on_disk() {
+    // As if a commit was killed after its bitfield write and before its header write.
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[4u8; 32]);
+    let mut f = Feed::create(DiskStorage::open(dir.path()).unwrap(), key).unwrap();
+    f.append_batch(&[b"a", b"b"]).unwrap();
+    let mut store = f.into_storage();
+    let mut bf = store.bitfield().unwrap();
+    bf.set_range(2..40, true);
+    store.write_bitfield(&bf, 2..40).unwrap();
+    let f = Feed::open(store).unwrap();
+    assert_eq!(f.bitfield().count(), 2);
+    let mut store = f.into_storage();
+    assert_eq!(
+        store.bitfield().unwrap().count(),
+        2,
+        "truncation persisted, not only in memory"
+    );
+}

@@ -232,3 +232,74 @@ fn status_claims_are_checked() {
     bad[0] ^= 1;
     assert!(!s.replica.verify_status(len, &tree_hash, &bad));
 }
+
+#[test]
+fn forked_history_is_detected() {
+    let mut s = setup();
+    // The same key signs a different history (a restored backup re-appending other data).
+    let mut fork = Feed::create(MemoryStorage::new(), SigningKey::from_bytes(&[9u8; 32])).unwrap();
+    let other: Vec<Vec<u8>> = (0..11u8).map(|i| vec![i ^ 0x55; 50]).collect();
+    fork.append_batch(&other).unwrap();
+    let p = fork.proof(8, 1, 5, true).unwrap();
+    assert!(matches!(
+        verify_err(&mut s.replica, 8, &[other[8].clone()], &p),
+        VerifyError::Fork { length: 11, .. }
+    ));
+    // Same length, different roots: also a fork, even with no blocks attached.
+    let mut same_len =
+        Feed::create(MemoryStorage::new(), SigningKey::from_bytes(&[9u8; 32])).unwrap();
+    same_len.append_batch(&other[..5]).unwrap();
+    let p = same_len.proof(0, 0, 5, true).unwrap();
+    assert!(matches!(
+        verify_err(&mut s.replica, 0, &Vec::<Vec<u8>>::new(), &p),
+        VerifyError::Fork { length: 5, .. }
+    ));
+    // The honest extension still verifies, including its consistency nodes.
+    let p = s.writer.proof(0, 0, 5, true).unwrap();
+    assert!(
+        !p.nodes.is_empty(),
+        "old roots 3 and 8 need nodes to reach root 7"
+    );
+    s.replica.verify_and_store::<&[u8]>(0, &[], &p).unwrap();
+    assert_eq!(s.replica.len(), 11);
+}
+
+#[test]
+fn consistency_nodes_cannot_be_dropped_or_padded() {
+    let mut s = setup();
+    let mut p = s.writer.proof(0, 0, 5, true).unwrap();
+    let last = p.nodes.pop().unwrap();
+    assert_eq!(
+        verify_err(&mut s.replica, 0, &Vec::<Vec<u8>>::new(), &p),
+        VerifyError::TruncatedProof {
+            missing: last.index
+        }
+    );
+    p.nodes.push(last);
+    p.nodes
+        .push(s.writer.proof(10, 1, 11, false).unwrap().nodes[0]);
+    assert!(matches!(
+        verify_err(&mut s.replica, 0, &Vec::<Vec<u8>>::new(), &p),
+        VerifyError::Malformed(_)
+    ));
+}
+
+#[test]
+fn absurd_lengths_are_refused_before_any_tree_arithmetic() {
+    let mut s = setup();
+    for length in [
+        feedsync::protocol::MAX_FEED_LENGTH + 1,
+        1 << 63,
+        (1 << 63) + 1,
+        u64::MAX,
+    ] {
+        let mut p = s.writer.proof(0, 0, 5, true).unwrap();
+        p.upgrade.as_mut().unwrap().length = length;
+        assert!(matches!(
+            verify_err(&mut s.replica, 0, &Vec::<Vec<u8>>::new(), &p),
+            VerifyError::Malformed(_)
+        ));
+        let (_, tree_hash, sig) = s.writer.signed_tree().unwrap();
+        assert!(!s.replica.verify_status(length, &tree_hash, &sig));
+    }
+}

@@ -23,7 +23,9 @@ impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for BoundedVisitor<T
         if announced > N {
             return Err(A::Error::invalid_length(announced, &self));
         }
-        let mut out = Vec::with_capacity(announced);
+        // Never reserve more than a small batch up front: the input may end long before the
+        // announced count, and each element costs at least one input byte anyway.
+        let mut out = Vec::with_capacity(announced.min(64));
         while let Some(item) = seq.next_element()? {
             if out.len() == N {
                 return Err(A::Error::invalid_length(N + 1, &self));

@@ -110,12 +110,10 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
     // Reserve the longest prefix, encode the body after it, then shift if the prefix is shorter.
     out.extend_from_slice(&[0u8; MAX_PREFIX_LEN]);
     let body_start = out.len();
-    let mut out_vec = std::mem::take(out);
-    out_vec = match postcard::to_extend(msg, out_vec) {
-        Ok(v) => v,
-        Err(e) => return Err(FrameError::Malformed(e.to_string())),
-    };
-    *out = out_vec;
+    if let Err(e) = postcard::to_extend(msg, Sink(out)) {
+        out.truncate(start);
+        return Err(FrameError::Malformed(e.to_string()));
+    }
     let body_len = out.len() - body_start;
     if body_len > MAX_FRAME_LEN {
         out.truncate(start);
@@ -136,6 +134,15 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, FrameError> {
     let mut out = Vec::new();
     encode_into(msg, &mut out)?;
     Ok(out)
+}
+
+/// Lets postcard append to a borrowed buffer, so a failed encode can be undone by truncation.
+struct Sink<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Sink<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+        self.0.extend(iter);
+    }
 }
 
 fn write_varint(mut value: usize, out: &mut [u8; MAX_PREFIX_LEN]) -> usize {

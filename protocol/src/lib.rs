@@ -45,6 +45,11 @@ pub const MAX_DATA_BLOCKS: usize = MAX_REQUEST_BLOCKS as usize;
 /// a 2^64-block tree, with room to spare.
 pub const MAX_PROOF_NODES: usize = MAX_REQUEST_BLOCKS as usize + 2 * 64;
 
+/// Longest feed, in blocks (2^48: 16 EiB of 64 KiB blocks). Every length or block index from a
+/// peer is checked against it before any tree arithmetic, which keeps flat-tree indices far
+/// from `u64` overflow and bitmaps of a bounded size.
+pub const MAX_FEED_LENGTH: u64 = 1 << 48;
+
 /// Most runs in one [`BlockSet::Runs`].
 pub const MAX_RUNS: usize = 65_536;
 

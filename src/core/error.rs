@@ -49,6 +49,17 @@ pub enum VerifyError {
         /// Flat index of the missing node.
         missing: u64,
     },
+    /// A validly signed tree that does not contain the tree we already trust: the writer signed
+    /// two conflicting histories (a restored backup, the key used on two machines).
+    #[error(
+        "signed tree at length {length} does not extend the trusted tree (fork at node {root})"
+    )]
+    Fork {
+        /// Length of the offered tree.
+        length: u64,
+        /// The node where the histories diverge.
+        root: u64,
+    },
     /// The upgrade is older than what we already trust.
     #[error("upgrade to length {length} is older than the trusted length {trusted}")]
     StaleUpgrade {
@@ -85,6 +96,9 @@ pub enum FeedError {
     /// A block over [`feedsync_protocol::MAX_BLOCK_LEN`].
     #[error("block of {0} bytes is over the {max}-byte limit", max = feedsync_protocol::MAX_BLOCK_LEN)]
     BlockTooLarge(usize),
+    /// The feed reached [`feedsync_protocol::MAX_FEED_LENGTH`] blocks.
+    #[error("feed is full: it holds the maximum number of blocks")]
+    Full,
     /// The store already holds a feed.
     #[error("the store already holds a feed")]
     AlreadyExists,

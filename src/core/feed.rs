@@ -8,8 +8,8 @@ use crate::core::flat;
 use crate::core::proof;
 use crate::core::storage::{Header, Storage};
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
-use feedsync_protocol::{MAX_BLOCK_LEN, MAX_PROOF_NODES, Node, Upgrade};
-use std::collections::BTreeMap;
+use feedsync_protocol::{MAX_BLOCK_LEN, MAX_FEED_LENGTH, MAX_PROOF_NODES, Node, Upgrade};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A proof for a range of blocks: the nodes (leaves first, then uncles), and, when the proof is
 /// relative to a tree newer than the requester's, the roots and signature of that tree.
@@ -126,6 +126,12 @@ impl<S: Storage> Feed<S> {
     /// after the last committed header (an append cut short by a crash) is ignored.
     pub fn open(mut storage: S) -> Result<Self, FeedError> {
         let header = storage.header()?.ok_or(FeedError::NotFound)?;
+        if header.length > MAX_FEED_LENGTH {
+            return Err(FeedError::Corrupt(format!(
+                "stored length {} is over the limit",
+                header.length
+            )));
+        }
         let public_key = VerifyingKey::from_bytes(&header.public_key)
             .map_err(|_| FeedError::Corrupt("stored public key is invalid".into()))?;
         let signing_key = match storage.secret_key()? {
@@ -170,8 +176,13 @@ impl<S: Storage> Feed<S> {
             _ => {}
         }
         let mut bitfield = storage.bitfield()?;
-        // Bits past the committed length belong to an append that never committed.
-        bitfield.truncate(header.length);
+        // Bits past the committed length belong to an append or commit that never finished.
+        // Clear them on disk too, or a later upgrade past them would bring them back.
+        let stored_bits = bitfield.as_bytes().len() as u64 * 8;
+        if bitfield.first_set(header.length).is_some() {
+            bitfield.truncate(header.length);
+            storage.write_bitfield(&bitfield, header.length..stored_bits)?;
+        }
         Ok(Self {
             storage,
             public_key,
@@ -237,12 +248,13 @@ impl<S: Storage> Feed<S> {
 
     /// Checks a peer's status claim `(length, tree hash, signature)` against the public key.
     pub fn verify_status(&self, length: u64, tree_hash: &Hash, signature: &[u8; 64]) -> bool {
-        crypto::verify(
-            &self.public_key,
-            tree_hash,
-            length,
-            &Signature::from_bytes(signature),
-        )
+        length <= MAX_FEED_LENGTH
+            && crypto::verify(
+                &self.public_key,
+                tree_hash,
+                length,
+                &Signature::from_bytes(signature),
+            )
     }
 
     /// The storage, for callers that need to sync or inspect it.
@@ -275,6 +287,10 @@ impl<S: Storage> Feed<S> {
         if blocks.is_empty() {
             return Ok(self.length);
         }
+        let new_length = self.length + blocks.len() as u64;
+        if new_length > MAX_FEED_LENGTH {
+            return Err(FeedError::Full);
+        }
         // 1. data
         let mut offset = self.byte_length;
         for b in blocks {
@@ -299,19 +315,24 @@ impl<S: Storage> Feed<S> {
             roots.push(node);
         }
         self.storage.write_nodes(&nodes)?;
-        // 3. bitfield
-        let new_length = self.length + blocks.len() as u64;
-        self.bitfield.set_range(self.length..new_length, true);
-        self.storage
-            .write_bitfield(&self.bitfield, self.length..new_length)?;
-        // 4. header: the commit point.
+        // 3. bitfield, 4. header (the commit point). On failure, forget the uncommitted bits so
+        // they are never advertised.
         let signature = crypto::sign(key, &crypto::tree_hash(&roots), new_length);
-        self.storage.write_header(&Header {
+        let header = Header {
             public_key: self.public_key.to_bytes(),
             length: new_length,
             byte_length: offset,
             signature: Some(signature.to_bytes()),
-        })?;
+        };
+        self.bitfield.set_range(self.length..new_length, true);
+        let committed = self
+            .storage
+            .write_bitfield(&self.bitfield, self.length..new_length)
+            .and_then(|()| self.storage.write_header(&header));
+        if let Err(e) = committed {
+            self.bitfield.set_range(self.length..new_length, false);
+            return Err(e.into());
+        }
         self.length = new_length;
         self.byte_length = offset;
         self.roots = roots;
@@ -354,10 +375,13 @@ impl<S: Storage> Feed<S> {
         Ok((offset, leaf.size))
     }
 
-    /// A proof for blocks `index..index + count`. With `upgrade`, the proof ends at our newest
-    /// signed tree and carries its roots and signature; otherwise it ends at the roots of the
-    /// tree of `length` blocks, which the requester already trusts. `count` may be 0 with
-    /// `upgrade` to send only the newest signed tree.
+    /// A proof for blocks `index..index + count` for a requester that trusts the tree of
+    /// `length` blocks.
+    ///
+    /// Without `upgrade`, the proof ends at the roots of that tree. With `upgrade`, it ends at our
+    /// newest signed tree, carries its roots and signature, and also carries the nodes that tie
+    /// the requester's old roots into the new tree, so the requester can check that the new tree
+    /// *extends* the one it trusts. `count` may be 0 with `upgrade` to send only the newest tree.
     pub fn proof(
         &mut self,
         index: u64,
@@ -368,7 +392,7 @@ impl<S: Storage> Feed<S> {
         let target = if upgrade { self.length } else { length };
         let end = index
             .checked_add(count)
-            .filter(|&e| e <= target && target <= self.length);
+            .filter(|&e| e <= target && length <= self.length);
         let end = end.ok_or(FeedError::OutOfRange {
             start: index,
             end: index.saturating_add(count),
@@ -381,6 +405,8 @@ impl<S: Storage> Feed<S> {
         for i in index..end {
             nodes.push(self.node(2 * i)?);
         }
+        // Nodes the requester holds or can compute: it must not be sent them again.
+        let mut known: BTreeSet<u64> = nodes.iter().map(|n| n.index).collect();
         if count > 0 {
             let leaves = nodes.clone();
             let mut uncles = Vec::new();
@@ -393,36 +419,74 @@ impl<S: Storage> Feed<S> {
                     Ok::<_, FeedError>(n)
                 },
                 |_| Ok(()),
-                |_| {},
+                |n| {
+                    known.insert(n.index);
+                },
             )?;
+            known.extend(uncles.iter().map(|n| n.index));
             nodes.extend(uncles);
         }
-        let upgrade = if upgrade {
-            let sig = self.signature.ok_or(FeedError::OutOfRange {
-                start: index,
-                end,
-                length: 0,
-            })?;
-            Some(Upgrade {
+        if !upgrade {
+            return Ok(Proof {
+                nodes,
+                upgrade: None,
+            });
+        }
+        let sig = self.signature.ok_or(FeedError::OutOfRange {
+            start: index,
+            end,
+            length: 0,
+        })?;
+        // Consistency: walk each of the requester's old roots up to our roots, in the same order
+        // the verifier will, sending every sibling it cannot derive.
+        let old_roots = flat::full_roots(length);
+        known.extend(old_roots.iter().copied());
+        for r in old_roots {
+            let start = self.node(r)?;
+            let mut extra = Vec::new();
+            let mut computed = Vec::new();
+            proof::walk(
+                vec![start],
+                self.length,
+                |i| {
+                    let n = self.node(i)?;
+                    if !known.contains(&i) {
+                        extra.push(n);
+                    }
+                    Ok::<_, FeedError>(n)
+                },
+                |_| Ok(()),
+                |n| computed.push(n.index),
+            )?;
+            known.extend(extra.iter().map(|n| n.index).chain(computed));
+            nodes.extend(extra);
+        }
+        Ok(Proof {
+            nodes,
+            upgrade: Some(Upgrade {
                 length: self.length,
                 roots: self.roots.clone(),
                 signature: sig.to_bytes(),
-            })
-        } else {
-            None
-        };
-        Ok(Proof { nodes, upgrade })
+            }),
+        })
     }
 
     /// Checks blocks `index..index + blocks.len()` from a peer against `proof` without changing
     /// anything. Pure: it reads only the trusted roots in memory, so it may run anywhere.
+    ///
+    /// The proof must be relative to our current trusted length (the `length` we put in the
+    /// request); if that length changed since the request was sent, a failure here says nothing
+    /// about the peer, and the caller should simply ask again.
     pub fn verify<B: AsRef<[u8]>>(
         &self,
         index: u64,
         blocks: &[B],
         proof: &Proof,
     ) -> Result<Checked, VerifyError> {
-        // Stage 1: the signed tree the proof ends at.
+        if proof.nodes.len() > MAX_PROOF_NODES {
+            return Err(VerifyError::Malformed("too many proof nodes"));
+        }
+        // Stage 1: the signed tree the proof ends at (signature checked here).
         let upgrade = match &proof.upgrade {
             Some(up) => self.check_upgrade(up)?,
             None => None,
@@ -431,17 +495,53 @@ impl<S: Storage> Feed<S> {
             Some((up, _)) => (up.length, up.roots.as_slice()),
             None => (self.length, self.roots.as_slice()),
         };
-        // Stage 2: the blocks and the path from them to those roots.
-        let mut nodes: BTreeMap<u64, Node> = BTreeMap::new();
-        if !blocks.is_empty() {
-            verify_range(index, blocks, &proof.nodes, length, roots, &mut nodes)?;
-        } else if !proof.nodes.is_empty() {
-            return Err(VerifyError::Malformed("proof nodes without blocks"));
+        // Stage 2: the blocks against their leaves, then the path from them to those roots.
+        let mut established: BTreeMap<u64, Node> = BTreeMap::new();
+        let leaves = check_leaves(index, blocks, &proof.nodes, length)?;
+        let mut uncles: BTreeMap<u64, Node> = BTreeMap::new();
+        for n in &proof.nodes[leaves.len()..] {
+            if uncles.insert(n.index, *n).is_some() {
+                return Err(VerifyError::Malformed("duplicate proof node"));
+            }
+        }
+        if !leaves.is_empty() {
+            walk_to_roots(
+                leaves,
+                length,
+                roots,
+                &mut uncles,
+                &mut established,
+                |root| VerifyError::ProofMismatch { root },
+            )?;
+        }
+        // Stage 3: a new tree must contain the one we trust (else the writer forked).
+        if let Some((up, _)) = &upgrade {
+            for old in &self.roots {
+                established.insert(old.index, *old);
+            }
+            for old in self.roots.clone() {
+                walk_to_roots(
+                    vec![old],
+                    up.length,
+                    &up.roots,
+                    &mut uncles,
+                    &mut established,
+                    |root| VerifyError::Fork {
+                        length: up.length,
+                        root,
+                    },
+                )?;
+            }
+        }
+        if !uncles.is_empty() {
+            return Err(VerifyError::Malformed(
+                "proof carries nodes that are not needed",
+            ));
         }
         Ok(Checked {
             index,
             count: blocks.len() as u64,
-            nodes,
+            nodes: established,
             upgrade,
         })
     }
@@ -467,6 +567,12 @@ impl<S: Storage> Feed<S> {
 
     /// Checks an offered newer signed tree; `Ok(None)` when it is the one we already trust.
     fn check_upgrade(&self, up: &Upgrade) -> Result<Option<(Upgrade, u64)>, VerifyError> {
+        // Before any tree arithmetic: indices stay far from u64 overflow below this cap.
+        if up.length > MAX_FEED_LENGTH {
+            return Err(VerifyError::Malformed(
+                "upgrade length over the protocol limit",
+            ));
+        }
         if up.length < self.length {
             return Err(VerifyError::StaleUpgrade {
                 length: up.length,
@@ -551,17 +657,28 @@ impl<S: Storage> Feed<S> {
         let nodes: Vec<Node> = verified.into_values().collect();
         self.storage.write_nodes(&nodes)?;
         let end = index + blocks.len() as u64;
-        if !blocks.is_empty() {
-            self.bitfield.set_range(index..end, true);
-            self.storage.write_bitfield(&self.bitfield, index..end)?;
+        let fresh: Vec<u64> = (index..end).filter(|&i| !self.bitfield.get(i)).collect();
+        self.bitfield.set_range(index..end, true);
+        let committed = self
+            .storage
+            .write_bitfield(&self.bitfield, index..end)
+            .and_then(|()| match upgrade {
+                Some((up, byte_length)) => self.storage.write_header(&Header {
+                    public_key: self.public_key.to_bytes(),
+                    length: up.length,
+                    byte_length: *byte_length,
+                    signature: Some(up.signature),
+                }),
+                None => Ok(()),
+            });
+        if let Err(e) = committed {
+            // Bits for blocks past a header that was never written must not be advertised.
+            for i in fresh {
+                self.bitfield.set(i, false);
+            }
+            return Err(e.into());
         }
         if let Some((up, byte_length)) = upgrade {
-            self.storage.write_header(&Header {
-                public_key: self.public_key.to_bytes(),
-                length: up.length,
-                byte_length: *byte_length,
-                signature: Some(up.signature),
-            })?;
             self.length = up.length;
             self.byte_length = *byte_length;
             self.roots = roots;
@@ -623,25 +740,20 @@ impl<S: Storage> Feed<S> {
     }
 }
 
-/// Checks `blocks` starting at `index` and their proof `nodes` against `roots` of the tree of
-/// `length` blocks, recording every node the check established in `verified`.
-fn verify_range<B: AsRef<[u8]>>(
+/// Checks that `nodes` begins with the leaves of `blocks` (starting at block `index`, inside the
+/// tree of `length` blocks) and that each block hashes to its leaf. Returns the leaves.
+fn check_leaves<B: AsRef<[u8]>>(
     index: u64,
     blocks: &[B],
     nodes: &[Node],
     length: u64,
-    roots: &[Node],
-    verified: &mut BTreeMap<u64, Node>,
-) -> Result<(), VerifyError> {
+) -> Result<Vec<Node>, VerifyError> {
     let count = blocks.len() as u64;
     let end = index
         .checked_add(count)
         .ok_or(VerifyError::Malformed("block range overflows"))?;
     if end > length {
         return Err(VerifyError::OutOfRange { end, length });
-    }
-    if nodes.len() > MAX_PROOF_NODES {
-        return Err(VerifyError::Malformed("too many proof nodes"));
     }
     let mut leaves = Vec::with_capacity(blocks.len());
     for (k, block) in blocks.iter().enumerate() {
@@ -668,25 +780,38 @@ fn verify_range<B: AsRef<[u8]>>(
         }
         leaves.push(leaf);
     }
-    let mut uncles: BTreeMap<u64, Node> = BTreeMap::new();
-    for n in &nodes[blocks.len()..] {
-        if uncles.insert(n.index, *n).is_some() {
-            return Err(VerifyError::Malformed("duplicate proof node"));
-        }
+    Ok(leaves)
+}
+
+/// Hashes `start` (same-depth, contiguous nodes already trusted or just checked) up to the roots
+/// of the tree of `length` blocks. Siblings come from `established` (nodes already known good)
+/// or are consumed from `uncles`; every node reached or computed is added to `established`. A
+/// root that differs from `roots` yields `mismatch(root index)`.
+fn walk_to_roots(
+    start: Vec<Node>,
+    length: u64,
+    roots: &[Node],
+    uncles: &mut BTreeMap<u64, Node>,
+    established: &mut BTreeMap<u64, Node>,
+    mismatch: impl Fn(u64) -> VerifyError,
+) -> Result<(), VerifyError> {
+    for n in &start {
+        established.insert(n.index, *n);
     }
-    for l in &leaves {
-        verified.insert(l.index, *l);
-    }
-    let mut used = 0usize;
-    let mut computed = Vec::new();
+    let mut fetched: Vec<Node> = Vec::new();
+    let mut computed: Vec<Node> = Vec::new();
     proof::walk(
-        leaves,
+        start,
         length,
         |i| {
-            let n = *uncles
-                .get(&i)
+            if let Some(n) = established.get(&i) {
+                return Ok(*n);
+            }
+            // Each uncle is consumed once; whatever is left over at the end was never needed.
+            let n = uncles
+                .remove(&i)
                 .ok_or(VerifyError::TruncatedProof { missing: i })?;
-            used += 1;
+            fetched.push(n);
             Ok(n)
         },
         |node| {
@@ -698,18 +823,13 @@ fn verify_range<B: AsRef<[u8]>>(
             if root == node {
                 Ok(())
             } else {
-                Err(VerifyError::ProofMismatch { root: node.index })
+                Err(mismatch(node.index))
             }
         },
         |node| computed.push(*node),
     )?;
-    if used != uncles.len() {
-        return Err(VerifyError::Malformed(
-            "proof carries nodes that are not needed",
-        ));
-    }
-    for n in uncles.into_values().chain(computed) {
-        verified.insert(n.index, n);
+    for n in fetched.into_iter().chain(computed) {
+        established.insert(n.index, n);
     }
     Ok(())
 }

@@ -12,6 +12,9 @@
 //! fixed file offset (`index * NODE_SIZE`) and looked up without any auxiliary map, and parents,
 //! siblings and spans are a few bit operations. The math is small enough that a dependency would
 //! cost more than it saves; it is checked exhaustively by the tests at the bottom of this file.
+//!
+//! Domain: indices below 2^62 (feeds of at most 2^61 blocks). Every length that arrives from
+//! outside is checked against the much smaller `MAX_FEED_LENGTH` before it reaches this module.
 
 /// Depth of a node: the number of trailing one bits of its index.
 pub fn depth(index: u64) -> u32 {

@@ -251,7 +251,18 @@ impl Storage for DiskStorage {
                 buf.extend_from_slice(&sorted[j].size.to_le_bytes());
                 j += 1;
             }
-            self.tree.write_all_at(&buf, first * NODE_SIZE)?;
+            let at = first.checked_mul(NODE_SIZE).ok_or_else(|| {
+                io::Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("tree node index {first} is out of range"),
+                )
+            })?;
+            // Forget the cached values first: if the write fails partway, the cache must not
+            // claim old bytes that may already be overwritten.
+            for n in &sorted[i..j] {
+                self.cache[n.index as usize % CACHE_SLOTS] = None;
+            }
+            self.tree.write_all_at(&buf, at)?;
             for n in &sorted[i..j] {
                 self.cache[n.index as usize % CACHE_SLOTS] = Some(**n);
             }
