@@ -6,6 +6,8 @@
 //! - [`crypto`]: node hashes, signatures, discovery keys and capabilities.
 //! - [`proof`]: the proof walk shared by prover and verifier.
 //! - [`feed`]: the signed append-only log ([`Feed`]).
+//! - [`replicator`]: the protocol engine: channels, have/want, scheduling, timeouts.
+//! - [`sim`]: a deterministic simulated network of replicators, for tests.
 //! - [`bitfield`]: sets of block indices.
 //! - [`storage`]: the [`Storage`] trait and [`MemoryStorage`].
 //! - [`error`]: [`FeedError`] and [`VerifyError`].
@@ -16,9 +18,12 @@ pub mod error;
 pub mod feed;
 pub mod flat;
 pub mod proof;
+pub mod replicator;
+pub mod sim;
 pub mod storage;
 
 pub use bitfield::Bitfield;
 pub use error::{FeedError, VerifyError};
 pub use feed::{Checked, Feed, Proof, Verified};
+pub use replicator::{Action, Config, Event, FeedId, PeerId, Replicator};
 pub use storage::{Header, MemoryStorage, Storage};

@@ -1,0 +1,1312 @@
+//! The replicator: the sans-IO protocol engine that keeps any number of feeds in sync with any
+//! number of peers.
+//!
+//! It is driven from outside, quinn-proto style: inputs arrive through `handle_*` (a peer
+//! connected, a message arrived, a peer went away, a tick of logical time passed), and everything
+//! the replicator wants done comes out of [`Replicator::poll_action`] — messages to send, peers to
+//! drop, events for the application. It never reads a clock, opens a socket or spawns a thread;
+//! the feeds' storage is the only I/O, and it goes through the [`Storage`] trait. The same code
+//! therefore runs under the real synchronizer and under the deterministic simulation in
+//! `crate::sim`, where a failing seed replays exactly.
+//!
+//! # What it does
+//! - **Channels**: the connection's initiator opens a channel for each of its feeds with a
+//!   capability bound to the session; the responder answers only `Open`s whose capability
+//!   verifies, so a peer without a feed's public key learns nothing about it and gets nothing.
+//! - **Have/want**: per feed and per peer it keeps the peer's have and want bitmaps, and our own
+//!   bitfield lives in the feed. Stored blocks are announced to every peer of the feed.
+//! - **Scheduling**: every wanted block that nobody is fetching is asked of a peer that has it,
+//!   the one with the fewest requests in flight; a peer's pipelining window grows while its
+//!   answers come back as fast as its best round trip, shrinks as they start to queue, and halves
+//!   on a timeout. Each node scans for missing blocks from its own seeded offset, so the readers
+//!   of a swarm start on disjoint blocks. Blocks are taken rarest-first (seeded random tie-break,
+//!   so readers in a swarm fetch different blocks and then serve each other), or in order with a
+//!   bounded look-ahead when a reassembly store needs them that way.
+//! - **Timeouts**: a request unanswered after the peer's RTO (smoothed RTT + 4 x variance, as in
+//!   TCP) is asked of someone else; a peer with requests pending and no answer for `idle_timeout`
+//!   ticks is dropped.
+//! - **Misbehaviour**: a peer whose data fails verification is dropped and banned for the
+//!   session; a peer that breaks the protocol is dropped. Unsolicited or duplicate data is ignored.
+//! - **Live**: local appends are announced at once (status + have); peers announcing a longer
+//!   signed length are asked for an upgrade, then for the new blocks.
+//! - **Loss**: status, have and unanswered opens are re-sent every `announce_interval` ticks, so a
+//!   lost message delays but never stalls replication.
+
+use crate::core::bitfield::{Bitfield, block_set_ranges};
+use crate::core::crypto;
+use crate::core::error::FeedError;
+use crate::core::feed::{Feed, Proof};
+use crate::core::storage::Storage;
+use feedsync_protocol::{
+    Block, BlockSet, Close, Data, GoodbyeReason, Have, Hello, MAX_DATA_BYTES, Message, NoData,
+    Open, PROTOCOL_VERSION, Ping, Request, Status, Want,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Identifies a peer for the whole session (the caller maps node identities to these, so that a
+/// banned node stays banned across reconnects).
+pub type PeerId = u64;
+
+/// Most requests one peer may have waiting for upload (well above the largest window).
+const MAX_QUEUED_REQUESTS: usize = 1024;
+
+/// Handle of a feed added with [`Replicator::add_feed`]; also our channel number for it.
+pub type FeedId = usize;
+
+/// Tuning knobs, in ticks (the caller decides how long a tick is; the synchronizer uses 10 ms).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Fetch blocks in index order (for a reassembly store) instead of rarest-first.
+    pub ordered: bool,
+    /// In ordered mode, how far past the first missing block requests may reach.
+    pub max_ahead: u64,
+    /// Requests in flight to a new peer.
+    pub initial_window: u32,
+    /// Most requests in flight to one peer.
+    pub max_window: u32,
+    /// Lower bound of the request timeout.
+    pub min_request_timeout: u64,
+    /// Upper bound of the request timeout.
+    pub max_request_timeout: u64,
+    /// A peer with requests pending and no answer for this long is dropped.
+    pub idle_timeout: u64,
+    /// Re-send status, haves and unanswered opens this often.
+    pub announce_interval: u64,
+    /// Ping a quiet peer this often.
+    pub ping_interval: u64,
+    /// Most block indices examined per scheduling pass and feed.
+    pub scan_limit: u64,
+    /// Seed for tie-breaks (make it differ between nodes).
+    pub seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ordered: false,
+            max_ahead: 1024,
+            initial_window: 8,
+            max_window: 256,
+            min_request_timeout: 20,
+            max_request_timeout: 1000,
+            idle_timeout: 3000,
+            announce_interval: 100,
+            ping_interval: 500,
+            scan_limit: 8192,
+            seed: 0,
+        }
+    }
+}
+
+/// Something the replicator wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `message` to `peer`.
+    Send {
+        /// Recipient.
+        peer: PeerId,
+        /// What to send.
+        message: Message,
+    },
+    /// Say goodbye to `peer` and close the connection.
+    Disconnect {
+        /// The peer to drop.
+        peer: PeerId,
+        /// Why.
+        reason: GoodbyeReason,
+    },
+    /// Something the application may care about.
+    Event(Event),
+}
+
+/// Application-level events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Verified blocks `index..index + count` of `feed` were stored.
+    Downloaded {
+        /// The feed.
+        feed: FeedId,
+        /// First block.
+        index: u64,
+        /// Number of blocks.
+        count: u64,
+    },
+    /// `feed` now trusts a signed tree of `length` blocks.
+    Upgraded {
+        /// The feed.
+        feed: FeedId,
+        /// New trusted length.
+        length: u64,
+    },
+    /// `peer` sent data that failed verification and is banned for this session.
+    Banned {
+        /// The peer.
+        peer: PeerId,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Storing or reading a feed failed locally (not the peer's fault).
+    StorageError {
+        /// The feed.
+        feed: FeedId,
+        /// The error.
+        error: String,
+    },
+}
+
+struct FeedSlot<S: Storage> {
+    feed: Feed<S>,
+    discovery_key: [u8; 32],
+    /// Fetch every block of the newest signed length.
+    download: bool,
+    /// Highest signed length any peer proved to us (by a verified status).
+    best_length: u64,
+    /// Live requests per block.
+    in_flight: BTreeMap<u64, u32>,
+    /// The peer and request id of the upgrade in flight.
+    upgrade_in_flight: Option<(PeerId, u64)>,
+    /// Blocks we have uploaded to anyone this session.
+    uploaded: Bitfield,
+    /// Where the next unordered scan starts (`None`: at this node's seeded offset).
+    cursor: Option<u64>,
+}
+
+#[derive(Default)]
+struct Channel {
+    /// We sent our `Open`.
+    opened: bool,
+    /// The remote's channel number, once its `Open` verified.
+    remote: Option<u32>,
+    have: Bitfield,
+    want: Bitfield,
+    /// The remote's verified signed length.
+    length: u64,
+}
+
+impl Channel {
+    fn is_open(&self) -> bool {
+        self.opened && self.remote.is_some()
+    }
+}
+
+struct Pending {
+    feed: FeedId,
+    index: u64,
+    count: u64,
+    /// Our trusted length when asked: the proof is relative to it.
+    length: u64,
+    upgrade: bool,
+    sent_at: u64,
+    /// Timed out: its blocks were released for others, but a late answer is still welcome.
+    expired: bool,
+}
+
+struct PeerState {
+    handshake_hash: Vec<u8>,
+    /// We initiated the connection.
+    initiator: bool,
+    version: Option<u32>,
+    channels: BTreeMap<FeedId, Channel>,
+    /// Remote channel number -> feed.
+    remote_channels: BTreeMap<u32, FeedId>,
+    requests: BTreeMap<u64, Pending>,
+    /// The peer's requests waiting for our uplink, bounded by `MAX_QUEUED_REQUESTS`.
+    uploads: VecDeque<(FeedId, Request)>,
+    /// Requests not yet answered or expired.
+    live: u32,
+    /// Pipelining window (fractional so it can grow by 1/window per answer).
+    window: f64,
+    srtt: Option<f64>,
+    rttvar: f64,
+    /// Lowest round trip seen: the peer's answer time with nothing queued.
+    min_rtt: f64,
+    last_progress: u64,
+    last_ping: u64,
+}
+
+impl PeerState {
+    fn request_timeout(&self, config: &Config) -> u64 {
+        let rto = match self.srtt {
+            Some(srtt) => (srtt + 4.0 * self.rttvar).ceil() as u64,
+            None => config.min_request_timeout * 5,
+        };
+        rto.clamp(config.min_request_timeout, config.max_request_timeout)
+    }
+
+    fn free(&self) -> u32 {
+        (self.window as u32).saturating_sub(self.live)
+    }
+
+    /// Delay-based window control (in the spirit of TCP Vegas / LEDBAT): grow while answers come
+    /// back about as fast as the quickest one ever did, shrink once they queue up. A peer then
+    /// holds roughly its bandwidth-delay product of our requests, which keeps a busy seeder's
+    /// queue short, so readers in a swarm fetch from each other instead of all from the seeder.
+    fn adapt_window(&mut self, rtt: f64, max: u32) {
+        self.min_rtt = self.min_rtt.min(rtt);
+        if rtt <= self.min_rtt * 2.0 + 2.0 {
+            self.window = (self.window + 1.0 / self.window).min(f64::from(max));
+        } else {
+            self.window = (self.window - 1.0 / self.window).max(1.0);
+        }
+    }
+
+    fn sample_rtt(&mut self, rtt: f64) {
+        // RFC 6298 smoothing.
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2.0;
+            }
+            Some(srtt) => {
+                self.rttvar = 0.75 * self.rttvar + 0.25 * (srtt - rtt).abs();
+                self.srtt = Some(0.875 * srtt + 0.125 * rtt);
+            }
+        }
+    }
+}
+
+/// The replication engine for one node. See the module docs.
+pub struct Replicator<S: Storage> {
+    config: Config,
+    feeds: Vec<FeedSlot<S>>,
+    peers: BTreeMap<PeerId, PeerState>,
+    banned: BTreeSet<PeerId>,
+    now: u64,
+    last_announce: u64,
+    next_request_id: u64,
+    /// Round-robin position of [`Replicator::next_upload`].
+    last_upload_peer: PeerId,
+    actions: VecDeque<Action>,
+}
+
+/// SplitMix64: a tiny deterministic mixer for tie-breaks.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl<S: Storage> Replicator<S> {
+    /// A replicator with no feeds and no peers.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            feeds: Vec::new(),
+            peers: BTreeMap::new(),
+            banned: BTreeSet::new(),
+            now: 0,
+            last_announce: 0,
+            next_request_id: 1,
+            last_upload_peer: 0,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Adds a feed to replicate. With `download`, every block of the newest signed length is
+    /// fetched (a writer never downloads its own feed).
+    pub fn add_feed(&mut self, feed: Feed<S>, download: bool) -> FeedId {
+        let id = self.feeds.len();
+        let discovery_key = feed.discovery_key();
+        let download = download && !feed.is_writable();
+        let best_length = feed.len();
+        self.feeds.push(FeedSlot {
+            feed,
+            discovery_key,
+            download,
+            best_length,
+            in_flight: BTreeMap::new(),
+            upgrade_in_flight: None,
+            uploaded: Bitfield::new(),
+            cursor: None,
+        });
+        let peers: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.initiator)
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in peers {
+            self.send_open(peer, id);
+        }
+        id
+    }
+
+    /// The feed behind `id`.
+    pub fn feed(&self, id: FeedId) -> &Feed<S> {
+        &self.feeds[id].feed
+    }
+
+    /// The feed behind `id`, mutably (for reads that need storage access).
+    pub fn feed_mut(&mut self, id: FeedId) -> &mut Feed<S> {
+        &mut self.feeds[id].feed
+    }
+
+    /// Number of feeds.
+    pub fn feed_count(&self) -> usize {
+        self.feeds.len()
+    }
+
+    /// Whether `feed` holds every block of the newest signed length any peer proved.
+    pub fn is_complete(&self, feed: FeedId) -> bool {
+        let slot = &self.feeds[feed];
+        slot.feed.len() >= slot.best_length
+            && slot.feed.bitfield().count_range(0..slot.feed.len()) == slot.feed.len()
+    }
+
+    /// Peers currently connected.
+    pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// Whether `peer` was banned this session.
+    pub fn is_banned(&self, peer: PeerId) -> bool {
+        self.banned.contains(&peer)
+    }
+
+    /// The next thing to do, if any. Call until `None` after every input.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn send(&mut self, peer: PeerId, message: Message) {
+        self.actions.push_back(Action::Send { peer, message });
+    }
+
+    fn event(&mut self, event: Event) {
+        self.actions.push_back(Action::Event(event));
+    }
+
+    fn drop_peer(&mut self, peer: PeerId, reason: GoodbyeReason) {
+        if self.peers.contains_key(&peer) {
+            self.forget_peer(peer);
+            self.actions.push_back(Action::Disconnect { peer, reason });
+        }
+    }
+
+    /// A connection to `peer` is up. `handshake_hash` binds capabilities to this session;
+    /// `initiator` says whether we dialled.
+    pub fn handle_connected(&mut self, peer: PeerId, handshake_hash: &[u8], initiator: bool) {
+        if self.banned.contains(&peer) {
+            self.actions.push_back(Action::Disconnect {
+                peer,
+                reason: GoodbyeReason::BadData,
+            });
+            return;
+        }
+        if self.peers.contains_key(&peer) {
+            self.forget_peer(peer);
+        }
+        self.peers.insert(
+            peer,
+            PeerState {
+                handshake_hash: handshake_hash.to_vec(),
+                initiator,
+                version: None,
+                channels: BTreeMap::new(),
+                remote_channels: BTreeMap::new(),
+                requests: BTreeMap::new(),
+                uploads: VecDeque::new(),
+                live: 0,
+                window: f64::from(self.config.initial_window),
+                srtt: None,
+                rttvar: 0.0,
+                min_rtt: f64::INFINITY,
+                last_progress: self.now,
+                last_ping: self.now,
+            },
+        );
+        self.send(
+            peer,
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                features: 0,
+                agent: concat!("feedsync/", env!("CARGO_PKG_VERSION")).into(),
+            }),
+        );
+        if initiator {
+            for feed in 0..self.feeds.len() {
+                self.send_open(peer, feed);
+            }
+        }
+    }
+
+    /// The connection to `peer` is gone.
+    pub fn handle_disconnected(&mut self, peer: PeerId) {
+        self.forget_peer(peer);
+        self.schedule();
+    }
+
+    fn forget_peer(&mut self, peer: PeerId) {
+        let Some(state) = self.peers.remove(&peer) else {
+            return;
+        };
+        for (id, req) in state.requests {
+            if !req.expired {
+                self.release(&req);
+            }
+            if self.feeds[req.feed].upgrade_in_flight == Some((peer, id)) {
+                self.feeds[req.feed].upgrade_in_flight = None;
+            }
+        }
+    }
+
+    fn release(&mut self, req: &Pending) {
+        let slot = &mut self.feeds[req.feed];
+        for i in req.index..req.index + req.count {
+            if let Some(n) = slot.in_flight.get_mut(&i) {
+                *n -= 1;
+                if *n == 0 {
+                    slot.in_flight.remove(&i);
+                }
+            }
+        }
+    }
+
+    fn send_open(&mut self, peer: PeerId, feed: FeedId) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let slot = &self.feeds[feed];
+        let capability = crypto::capability(
+            &slot.feed.public_key(),
+            &state.handshake_hash,
+            state.initiator,
+        );
+        state.channels.entry(feed).or_default().opened = true;
+        let message = Message::Open(Open {
+            channel: feed as u32,
+            discovery_key: slot.discovery_key,
+            capability,
+        });
+        self.send(peer, message);
+    }
+
+    /// Status and have for `feed`, to `peer`.
+    fn announce(&mut self, peer: PeerId, feed: FeedId) {
+        let slot = &self.feeds[feed];
+        let mut out = Vec::with_capacity(2);
+        if let Some((length, tree_hash, signature)) = slot.feed.signed_tree() {
+            out.push(Message::Status(Status {
+                channel: feed as u32,
+                length,
+                tree_hash,
+                signature,
+            }));
+        }
+        if slot.feed.bitfield().count() > 0 {
+            out.push(Message::Have(Have {
+                channel: feed as u32,
+                blocks: slot.feed.bitfield().to_block_set(),
+            }));
+        }
+        for m in out {
+            self.send(peer, m);
+        }
+    }
+
+    /// Peers with an open channel for `feed`.
+    fn feed_peers(&self, feed: FeedId) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.channels.get(&feed).is_some_and(Channel::is_open))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Appends blocks to a feed we write, and tells every peer at once.
+    pub fn append<B: AsRef<[u8]>>(&mut self, feed: FeedId, blocks: &[B]) -> Result<u64, FeedError> {
+        let start = self.feeds[feed].feed.len();
+        let length = self.feeds[feed].feed.append_batch(blocks)?;
+        self.feeds[feed].best_length = length;
+        let (_, tree_hash, signature) = self.feeds[feed].feed.signed_tree().expect("just signed");
+        for peer in self.feed_peers(feed) {
+            self.send(
+                peer,
+                Message::Status(Status {
+                    channel: feed as u32,
+                    length,
+                    tree_hash,
+                    signature,
+                }),
+            );
+            self.send(
+                peer,
+                Message::Have(Have {
+                    channel: feed as u32,
+                    blocks: BlockSet::Range {
+                        start,
+                        count: length - start,
+                    },
+                }),
+            );
+        }
+        Ok(length)
+    }
+
+    /// Logical time passed: expire requests, drop idle peers, re-announce, schedule.
+    pub fn handle_tick(&mut self, now: u64) {
+        self.now = now.max(self.now);
+        let now = self.now;
+        let mut idle = Vec::new();
+        let mut released = Vec::new();
+        for (&peer, state) in self.peers.iter_mut() {
+            let timeout = state.request_timeout(&self.config);
+            let mut expired_any = false;
+            for (&id, req) in state.requests.iter_mut() {
+                if !req.expired && now.saturating_sub(req.sent_at) > timeout {
+                    req.expired = true;
+                    state.live -= 1;
+                    expired_any = true;
+                    released.push((peer, id, req.feed, req.index, req.count));
+                }
+            }
+            if expired_any {
+                state.window = (state.window / 2.0).max(1.0);
+            }
+            // Forget long-expired requests: late answers after this are simply unsolicited.
+            state
+                .requests
+                .retain(|_, r| !r.expired || now.saturating_sub(r.sent_at) <= 4 * timeout);
+            if state.live > 0 && now.saturating_sub(state.last_progress) > self.config.idle_timeout
+            {
+                idle.push(peer);
+            }
+        }
+        for (peer, id, feed, index, count) in released {
+            let pending = Pending {
+                feed,
+                index,
+                count,
+                length: 0,
+                upgrade: false,
+                sent_at: 0,
+                expired: false,
+            };
+            self.release(&pending);
+            // Withdraw it, so a slow peer does not spend upload on what we will fetch elsewhere.
+            self.send(
+                peer,
+                Message::Cancel(feedsync_protocol::Cancel {
+                    channel: feed as u32,
+                    id,
+                }),
+            );
+            if self.feeds[feed].upgrade_in_flight == Some((peer, id)) {
+                self.feeds[feed].upgrade_in_flight = None;
+            }
+        }
+        for peer in idle {
+            self.drop_peer(peer, GoodbyeReason::Timeout);
+        }
+        if now.saturating_sub(self.last_announce) >= self.config.announce_interval {
+            self.last_announce = now;
+            self.reannounce();
+        }
+        let ping_due: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now.saturating_sub(p.last_ping) >= self.config.ping_interval)
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in ping_due {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.last_ping = now;
+            }
+            self.send(peer, Message::Ping(Ping { nonce: now }));
+        }
+        self.schedule();
+    }
+
+    fn reannounce(&mut self) {
+        let mut opens = Vec::new();
+        let mut announces = Vec::new();
+        for (&peer, state) in &self.peers {
+            for feed in 0..self.feeds.len() {
+                match state.channels.get(&feed) {
+                    Some(ch) if ch.is_open() => announces.push((peer, feed)),
+                    Some(ch) if state.initiator && ch.remote.is_none() => opens.push((peer, feed)),
+                    None if state.initiator => opens.push((peer, feed)),
+                    _ => {}
+                }
+            }
+        }
+        for (peer, feed) in opens {
+            self.send_open(peer, feed);
+        }
+        for (peer, feed) in announces {
+            self.announce(peer, feed);
+        }
+    }
+
+    /// A message from `peer`.
+    pub fn handle_message(&mut self, peer: PeerId, message: Message) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        let result = match message {
+            Message::Hello(h) => self.on_hello(peer, h),
+            Message::Open(o) => self.on_open(peer, o),
+            Message::Close(Close { channel }) => {
+                self.with_channel(peer, channel, |ch| ch.remote = None);
+                Ok(())
+            }
+            Message::Status(s) => self.on_status(peer, s),
+            Message::Have(h) => self.on_have(peer, h.channel, &h.blocks, true, false),
+            Message::Unhave(h) => self.on_have(peer, h.channel, &h.blocks, false, false),
+            Message::Want(Want { channel, blocks }) => {
+                self.on_have(peer, channel, &blocks, true, true)
+            }
+            Message::Unwant(Want { channel, blocks }) => {
+                self.on_have(peer, channel, &blocks, false, true)
+            }
+            Message::Request(r) => self.on_request(peer, r),
+            Message::Cancel(c) => {
+                let state = self
+                    .peers
+                    .get_mut(&peer)
+                    .expect("checked by handle_message");
+                if let Some(&feed) = state.remote_channels.get(&c.channel) {
+                    state.uploads.retain(|(f, r)| !(*f == feed && r.id == c.id));
+                }
+                Ok(())
+            }
+            Message::Data(d) => self.on_data(peer, d),
+            Message::NoData(n) => self.on_no_data(peer, n),
+            Message::Ping(p) => {
+                self.send(peer, Message::Pong(p));
+                Ok(())
+            }
+            Message::Pong(_) => Ok(()),
+            Message::Goodbye(_) => {
+                self.forget_peer(peer);
+                self.actions.push_back(Action::Disconnect {
+                    peer,
+                    reason: GoodbyeReason::Done,
+                });
+                Ok(())
+            }
+        };
+        if let Err(reason) = result {
+            self.drop_peer(peer, reason);
+        }
+        self.schedule();
+    }
+
+    fn with_channel(
+        &mut self,
+        peer: PeerId,
+        channel: u32,
+        f: impl FnOnce(&mut Channel),
+    ) -> Option<FeedId> {
+        let state = self.peers.get_mut(&peer)?;
+        let feed = *state.remote_channels.get(&channel)?;
+        let ch = state.channels.get_mut(&feed)?;
+        if !ch.is_open() {
+            return None;
+        }
+        f(ch);
+        Some(feed)
+    }
+
+    fn on_hello(&mut self, peer: PeerId, hello: Hello) -> Result<(), GoodbyeReason> {
+        if hello.version == 0 {
+            return Err(GoodbyeReason::ProtocolError);
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.version = Some(hello.version.min(PROTOCOL_VERSION));
+        }
+        Ok(())
+    }
+
+    fn on_open(&mut self, peer: PeerId, open: Open) -> Result<(), GoodbyeReason> {
+        let Some(feed) = self
+            .feeds
+            .iter()
+            .position(|s| s.discovery_key == open.discovery_key)
+        else {
+            return Ok(()); // unknown feed: say nothing at all
+        };
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .expect("checked by handle_message");
+        let pk = self.feeds[feed].feed.public_key();
+        if !crypto::verify_capability(
+            &pk,
+            &state.handshake_hash,
+            !state.initiator,
+            &open.capability,
+        ) {
+            return Ok(()); // cannot prove it knows the key: it learns nothing either
+        }
+        // A channel number moving to another feed would confuse everything after it.
+        if state
+            .remote_channels
+            .get(&open.channel)
+            .is_some_and(|&f| f != feed)
+        {
+            return Err(GoodbyeReason::ProtocolError);
+        }
+        state.remote_channels.insert(open.channel, feed);
+        let ch = state.channels.entry(feed).or_default();
+        let first = ch.remote.is_none();
+        ch.remote = Some(open.channel);
+        let need_open = !ch.opened;
+        if need_open {
+            self.send_open(peer, feed);
+        }
+        if first || need_open {
+            self.announce(peer, feed);
+        }
+        Ok(())
+    }
+
+    fn on_status(&mut self, peer: PeerId, s: Status) -> Result<(), GoodbyeReason> {
+        let state = self.peers.get(&peer).expect("checked by handle_message");
+        let Some(&feed) = state.remote_channels.get(&s.channel) else {
+            return Ok(());
+        };
+        if !self.feeds[feed]
+            .feed
+            .verify_status(s.length, &s.tree_hash, &s.signature)
+        {
+            return Err(GoodbyeReason::BadData); // a forged length is a lie, not a glitch
+        }
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .expect("checked by handle_message");
+        let ch = state.channels.entry(feed).or_default();
+        ch.length = ch.length.max(s.length);
+        let slot = &mut self.feeds[feed];
+        slot.best_length = slot.best_length.max(s.length);
+        Ok(())
+    }
+
+    fn on_have(
+        &mut self,
+        peer: PeerId,
+        channel: u32,
+        set: &BlockSet,
+        value: bool,
+        want: bool,
+    ) -> Result<(), GoodbyeReason> {
+        let state = self.peers.get(&peer).expect("checked by handle_message");
+        let Some(&feed) = state.remote_channels.get(&channel) else {
+            return Ok(());
+        };
+        let ranges = block_set_ranges(set, u64::MAX).ok_or(GoodbyeReason::ProtocolError)?;
+        // Record only what lies inside a signed length someone proved: a have far past it may just
+        // have overtaken its status (it is re-sent), and must not size a bitmap.
+        let limit = self.feeds[feed]
+            .best_length
+            .max(self.feeds[feed].feed.len());
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .expect("checked by handle_message");
+        let Some(ch) = state.channels.get_mut(&feed) else {
+            return Ok(());
+        };
+        let bits = if want { &mut ch.want } else { &mut ch.have };
+        for r in ranges {
+            let end = r.end.min(limit);
+            if r.start < end {
+                bits.set_range(r.start..end, value);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_request(&mut self, peer: PeerId, r: Request) -> Result<(), GoodbyeReason> {
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .expect("checked by handle_message");
+        let Some(&feed) = state.remote_channels.get(&r.channel) else {
+            return Ok(());
+        };
+        if !state.channels.get(&feed).is_some_and(Channel::is_open) {
+            return Ok(());
+        }
+        if state.uploads.len() >= MAX_QUEUED_REQUESTS {
+            return Err(GoodbyeReason::ProtocolError); // far past any sane window
+        }
+        state.uploads.push_back((feed, r));
+        Ok(())
+    }
+
+    /// The next answer to upload, chosen across all peers: requests for blocks never uploaded to
+    /// anyone first (so a seed spends its upload on blocks the swarm lacks, not on copies), then
+    /// the oldest; peers take turns. Call whenever the uplink can take another message.
+    pub fn next_upload(&mut self) -> Option<(PeerId, Vec<Message>)> {
+        let order: Vec<PeerId> = {
+            let after = self
+                .peers
+                .range(self.last_upload_peer.saturating_add(1)..)
+                .map(|(id, _)| *id);
+            let before = self
+                .peers
+                .range(..=self.last_upload_peer)
+                .map(|(id, _)| *id);
+            after
+                .chain(before)
+                .filter(|id| !self.peers[id].uploads.is_empty())
+                .collect()
+        };
+        let fresh = order.iter().find_map(|&peer| {
+            let pos = self.peers[&peer]
+                .uploads
+                .iter()
+                .position(|(feed, r)| r.count > 0 && !self.feeds[*feed].uploaded.get(r.index))?;
+            Some((peer, pos))
+        });
+        let (peer, pos) = fresh.or_else(|| order.first().map(|&p| (p, 0)))?;
+        self.last_upload_peer = peer;
+        let (feed, r) = self.peers.get_mut(&peer)?.uploads.remove(pos)?;
+        let messages = self.serve(feed, &r);
+        Some((peer, messages))
+    }
+
+    /// The next answer for `peer` alone, for a driver whose connections each have their own
+    /// outbound queue. Same priority as [`Replicator::next_upload`].
+    pub fn poll_upload(&mut self, peer: PeerId) -> Option<Vec<Message>> {
+        let state = self.peers.get_mut(&peer)?;
+        let pos = state
+            .uploads
+            .iter()
+            .position(|(feed, r)| r.count > 0 && !self.feeds[*feed].uploaded.get(r.index))
+            .unwrap_or(0);
+        let (feed, r) = state.uploads.remove(pos)?;
+        Some(self.serve(feed, &r))
+    }
+
+    /// Whether any peer has requests waiting for upload.
+    pub fn has_uploads(&self) -> bool {
+        self.peers.values().any(|p| !p.uploads.is_empty())
+    }
+
+    /// Answers one request: Data messages (split to fit), or NoData.
+    fn serve(&mut self, feed: FeedId, r: &Request) -> Vec<Message> {
+        let channel = feed as u32;
+        let slot = &mut self.feeds[feed];
+        slot.uploaded.set_range(
+            r.index
+                ..r.index
+                    .saturating_add(u64::from(r.count))
+                    .min(slot.feed.len()),
+            true,
+        );
+        let mut messages = Vec::new();
+        let mut index = r.index;
+        let end = r.index.saturating_add(u64::from(r.count));
+        let mut upgrade = r.upgrade;
+        let mut length = r.length;
+        // Split the answer so no Data message carries more than MAX_DATA_BYTES of blocks.
+        loop {
+            let mut blocks = Vec::new();
+            let mut bytes = 0usize;
+            while index + (blocks.len() as u64) < end {
+                let i = index + blocks.len() as u64;
+                let block = match slot.feed.get(i) {
+                    Ok(b) => b,
+                    Err(_) => break,
+                };
+                if !blocks.is_empty() && bytes + block.len() > MAX_DATA_BYTES {
+                    break;
+                }
+                bytes += block.len();
+                blocks.push(Block(block));
+            }
+            let count = blocks.len() as u64;
+            if count == 0 && !(upgrade && r.count == 0) {
+                messages.push(Message::NoData(NoData { channel, id: r.id }));
+                break;
+            }
+            match slot.feed.proof(index, count, length, upgrade) {
+                Ok(Proof { nodes, upgrade: up }) => {
+                    messages.push(Message::Data(Data {
+                        channel,
+                        id: r.id,
+                        index,
+                        blocks,
+                        nodes,
+                        upgrade: up,
+                    }));
+                }
+                Err(_) => {
+                    messages.push(Message::NoData(NoData { channel, id: r.id }));
+                    break;
+                }
+            }
+            index += count;
+            if upgrade {
+                // Later pieces are relative to the tree the first one upgraded the requester to.
+                length = slot.feed.len();
+                upgrade = false;
+            }
+            if index >= end {
+                break;
+            }
+        }
+        messages
+    }
+
+    fn on_no_data(&mut self, peer: PeerId, n: NoData) -> Result<(), GoodbyeReason> {
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .expect("checked by handle_message");
+        let Some(req) = state.requests.remove(&n.id) else {
+            return Ok(());
+        };
+        if !req.expired {
+            state.live -= 1;
+        }
+        // It does not have what it said it had (or lost it): stop asking it for those blocks.
+        if let Some(ch) = state.channels.get_mut(&req.feed) {
+            ch.have.set_range(req.index..req.index + req.count, false);
+        }
+        if !req.expired {
+            self.release(&req);
+        }
+        if self.feeds[req.feed].upgrade_in_flight == Some((peer, n.id)) {
+            self.feeds[req.feed].upgrade_in_flight = None;
+        }
+        Ok(())
+    }
+
+    fn on_data(&mut self, peer: PeerId, d: Data) -> Result<(), GoodbyeReason> {
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .expect("checked by handle_message");
+        let Some(req) = state.requests.remove(&d.id) else {
+            return Ok(()); // unsolicited, or answered long ago: ignored
+        };
+        state.last_progress = self.now;
+        if !req.expired {
+            state.live -= 1;
+            let rtt = self.now.saturating_sub(req.sent_at) as f64;
+            state.sample_rtt(rtt.max(1.0));
+            state.adapt_window(rtt.max(1.0), self.config.max_window);
+            self.release(&req);
+        }
+        let feed = req.feed;
+        if self.feeds[feed].upgrade_in_flight == Some((peer, d.id)) {
+            self.feeds[feed].upgrade_in_flight = None;
+        }
+        let count = d.blocks.len() as u64;
+        let right_shape = d.index == req.index && count <= req.count && (count > 0 || req.upgrade);
+        if !right_shape {
+            return Err(GoodbyeReason::ProtocolError);
+        }
+        let slot = &mut self.feeds[feed];
+        let all_held = (d.index..d.index + count).all(|i| slot.feed.has(i));
+        if all_held && (d.upgrade.is_none() || count > 0) {
+            return Ok(()); // duplicate: someone else answered first
+        }
+        let length_before = slot.feed.len();
+        let proof = Proof {
+            nodes: d.nodes,
+            upgrade: d.upgrade,
+        };
+        let blocks: Vec<&[u8]> = d.blocks.iter().map(|b| b.0.as_slice()).collect();
+        match slot.feed.verify_and_store(d.index, &blocks, &proof) {
+            Ok(v) => {
+                if let Some(length) = v.upgraded_to {
+                    slot.best_length = slot.best_length.max(length);
+                    self.event(Event::Upgraded { feed, length });
+                    let (_, tree_hash, signature) =
+                        self.feeds[feed].feed.signed_tree().expect("just upgraded");
+                    for p in self.feed_peers(feed) {
+                        self.send(
+                            p,
+                            Message::Status(Status {
+                                channel: feed as u32,
+                                length,
+                                tree_hash,
+                                signature,
+                            }),
+                        );
+                    }
+                }
+                if count > 0 {
+                    self.cancel_others(feed, d.index, count);
+                }
+                if count > 0 && v.new_blocks > 0 {
+                    self.event(Event::Downloaded {
+                        feed,
+                        index: d.index,
+                        count,
+                    });
+                    for p in self.feed_peers(feed) {
+                        if p != peer {
+                            self.send(
+                                p,
+                                Message::Have(Have {
+                                    channel: feed as u32,
+                                    blocks: BlockSet::Range {
+                                        start: d.index,
+                                        count,
+                                    },
+                                }),
+                            );
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(FeedError::Verify(e)) => {
+                if req.length != length_before {
+                    // Our trusted length moved since we asked: the proof is relative to a tree we
+                    // no longer hold the roots of. Not the peer's fault; the block is asked again.
+                    return Ok(());
+                }
+                self.banned.insert(peer);
+                self.event(Event::Banned {
+                    peer,
+                    reason: e.to_string(),
+                });
+                Err(GoodbyeReason::BadData)
+            }
+            Err(e) => {
+                self.event(Event::StorageError {
+                    feed,
+                    error: e.to_string(),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Withdraws every other request (expired ones included) for blocks that just arrived.
+    fn cancel_others(&mut self, feed: FeedId, index: u64, count: u64) {
+        let end = index + count;
+        let mut cancels = Vec::new();
+        for (&peer, state) in self.peers.iter_mut() {
+            let ids: Vec<u64> = state
+                .requests
+                .iter()
+                .filter(|(_, r)| {
+                    r.feed == feed && r.count > 0 && r.index < end && index < r.index + r.count
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                let r = state.requests.remove(&id).expect("just listed");
+                if !r.expired {
+                    state.live -= 1;
+                }
+                cancels.push((peer, id, r));
+            }
+        }
+        for (peer, id, r) in cancels {
+            if !r.expired {
+                self.release(&r);
+            }
+            self.send(
+                peer,
+                Message::Cancel(feedsync_protocol::Cancel {
+                    channel: feed as u32,
+                    id,
+                }),
+            );
+        }
+    }
+
+    fn request(&mut self, peer: PeerId, feed: FeedId, index: u64, count: u64, upgrade: bool) {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        let length = self.feeds[feed].feed.len();
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .expect("scheduler picks connected peers");
+        state.requests.insert(
+            id,
+            Pending {
+                feed,
+                index,
+                count,
+                length,
+                upgrade,
+                sent_at: self.now,
+                expired: false,
+            },
+        );
+        state.live += 1;
+        if state.live == 1 {
+            // The idle clock starts when there is something to wait for.
+            state.last_progress = state.last_progress.max(self.now);
+        }
+        let slot = &mut self.feeds[feed];
+        for i in index..index + count {
+            *slot.in_flight.entry(i).or_default() += 1;
+        }
+        if upgrade {
+            slot.upgrade_in_flight = Some((peer, id));
+        }
+        self.send(
+            peer,
+            Message::Request(Request {
+                channel: feed as u32,
+                id,
+                index,
+                count: count as u32,
+                length,
+                upgrade,
+            }),
+        );
+    }
+
+    /// Hands out requests: an upgrade when a peer proved a longer tree, then missing blocks.
+    fn schedule(&mut self) {
+        for feed in 0..self.feeds.len() {
+            if self.feeds[feed].download {
+                self.schedule_upgrade(feed);
+                self.schedule_blocks(feed);
+            }
+        }
+    }
+
+    fn schedule_upgrade(&mut self, feed: FeedId) {
+        let slot = &self.feeds[feed];
+        if slot.upgrade_in_flight.is_some() || slot.best_length <= slot.feed.len() {
+            return;
+        }
+        let ours = slot.feed.len();
+        let best = self
+            .peers
+            .iter()
+            .filter_map(|(&id, p)| {
+                let ch = p
+                    .channels
+                    .get(&feed)
+                    .filter(|c| c.is_open() && c.length > ours)?;
+                Some((ch.length, u64::MAX - u64::from(p.live), id))
+            })
+            .max();
+        if let Some((_, _, peer)) = best {
+            self.request(peer, feed, ours, 0, true);
+        }
+    }
+
+    fn schedule_blocks(&mut self, feed: FeedId) {
+        let length = self.feeds[feed].feed.len();
+        if length == 0 {
+            return;
+        }
+        // Peers with an open channel: (id, free window slots, live requests, smoothed RTT, holds
+        // every block).
+        let default_rtt = self.config.min_request_timeout as f64;
+        let mut peers: Vec<(PeerId, u32, u32, f64, bool)> = self
+            .peers
+            .iter()
+            .filter_map(|(&id, p)| {
+                let ch = p.channels.get(&feed).filter(|c| c.is_open())?;
+                let seed = ch.have.count_range(0..length) == length;
+                Some((id, p.free(), p.live, p.srtt.unwrap_or(default_rtt), seed))
+            })
+            .collect();
+        let total_free: u64 = peers.iter().map(|p| u64::from(p.1)).sum();
+        if total_free == 0 {
+            return;
+        }
+        let slot = &self.feeds[feed];
+        let first_missing = slot.feed.bitfield().first_unset(0);
+        if first_missing >= length {
+            return;
+        }
+        let (start, end) = if self.config.ordered {
+            (
+                first_missing,
+                length.min(first_missing.saturating_add(self.config.max_ahead)),
+            )
+        } else {
+            // Each node starts its scan at its own seeded offset and moves on from there, so the
+            // readers of a swarm begin on disjoint arcs of the feed instead of all asking the
+            // seeder for the same rare blocks; once an arc is done, its neighbours' blocks are
+            // available from other readers.
+            let cursor = slot
+                .cursor
+                .unwrap_or(mix(self.config.seed ^ feed as u64) % length);
+            (cursor.clamp(first_missing, length), length)
+        };
+        // Collect candidates: missing, not in flight, held by someone.
+        let want = (total_free * 4).min(self.config.scan_limit);
+        let mut candidates: Vec<(u64, u64, u64)> = Vec::new(); // (availability, tiebreak, index)
+        let mut scanned = 0u64;
+        let mut next_cursor = start;
+        // Unordered: from the cursor to the end, then wrap around to the first gap.
+        let segments = if self.config.ordered {
+            vec![(start, end)]
+        } else {
+            vec![(start, end), (first_missing, start)]
+        };
+        'scan: for (from, to) in segments {
+            let mut i = from;
+            while i < to {
+                if candidates.len() as u64 >= want || scanned >= self.config.scan_limit {
+                    break 'scan;
+                }
+                i = slot.feed.bitfield().first_unset(i);
+                if i >= to {
+                    break;
+                }
+                scanned += 1;
+                if !slot.in_flight.contains_key(&i) {
+                    let avail = peers
+                        .iter()
+                        .filter(|(id, ..)| self.peers[id].channels[&feed].have.get(i))
+                        .count() as u64;
+                    if avail > 0 {
+                        // Within equal rarity, the order of the scan (from this node's cursor).
+                        let tiebreak = scanned;
+                        candidates.push((avail, tiebreak, i));
+                    }
+                }
+                i += 1;
+                next_cursor = i;
+            }
+        }
+        if self.config.ordered {
+            candidates.sort_by_key(|c| c.2);
+        } else {
+            candidates.sort_unstable();
+        }
+        for (avail, _, index) in candidates {
+            // Then the peer expected to answer soonest: fewest requests in flight, weighted by how long
+            // it takes to answer one (a congested seeder loses to an idle reader holding the same
+            // block). Ties broken by seed.
+            // A block that a partial peer also holds goes to a partial peer when one has room:
+            // a complete seed's upload is saved for the blocks only it can provide.
+            let pick = peers
+                .iter_mut()
+                .filter(|(id, free, ..)| {
+                    *free > 0 && self.peers[id].channels[&feed].have.get(index)
+                })
+                .min_by_key(|(id, _, live, srtt, seed)| {
+                    (
+                        *seed && avail > 1,
+                        (f64::from(*live + 1) * srtt * 1000.0) as u64,
+                        mix(self.config.seed ^ *id ^ index),
+                    )
+                });
+            let Some(p) = pick else { continue };
+            p.1 -= 1;
+            p.2 += 1;
+            let peer = p.0;
+            self.request(peer, feed, index, 1, false);
+            if peers.iter().all(|p| p.1 == 0) {
+                break;
+            }
+        }
+        self.feeds[feed].cursor = Some(if next_cursor >= length {
+            0
+        } else {
+            next_cursor
+        });
+    }
+}
