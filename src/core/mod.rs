@@ -7,6 +7,7 @@
 //! - [`proof`]: the proof walk shared by prover and verifier.
 //! - [`feed`]: the signed append-only log ([`Feed`]).
 //! - [`replicator`]: the protocol engine: channels, have/want, scheduling, timeouts.
+//! - [`peerbook`]: addresses to dial, with exponential backoff.
 //! - [`sim`]: a deterministic simulated network of replicators, for tests.
 //! - [`bitfield`]: sets of block indices.
 //! - [`storage`]: the [`Storage`] trait and [`MemoryStorage`].
@@ -17,6 +18,7 @@ pub mod crypto;
 pub mod error;
 pub mod feed;
 pub mod flat;
+pub mod peerbook;
 pub mod proof;
 pub mod replicator;
 pub mod sim;

@@ -220,7 +220,11 @@ struct PeerState {
     rttvar: f64,
     /// Lowest round trip seen: the peer's answer time with nothing queued.
     min_rtt: f64,
-    last_progress: u64,
+    /// When we started waiting for an answer that has not come: set by the first request sent
+    /// while nothing was awaited, moved on by every answer, cleared when nothing is awaited.
+    /// Expiry does not touch it, so a peer that never answers is dropped however often its
+    /// requests are re-sent.
+    waiting_since: Option<u64>,
     last_ping: u64,
 }
 
@@ -231,6 +235,12 @@ impl PeerState {
             None => config.min_request_timeout * 5,
         };
         rto.clamp(config.min_request_timeout, config.max_request_timeout)
+    }
+
+    /// An answer arrived: the idle clock restarts if more is awaited, else stops.
+    fn progress(&mut self, now: u64) {
+        self.waiting_since =
+            (self.live > 0 || self.requests.values().any(|r| !r.expired)).then_some(now);
     }
 
     fn free(&self) -> u32 {
@@ -279,8 +289,8 @@ pub struct Replicator<S: Storage> {
     actions: VecDeque<Action>,
 }
 
-/// SplitMix64: a tiny deterministic mixer for tie-breaks.
-fn mix(mut x: u64) -> u64 {
+/// SplitMix64: a tiny deterministic mixer for tie-breaks and jitter.
+pub(crate) fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -412,7 +422,7 @@ impl<S: Storage> Replicator<S> {
                 srtt: None,
                 rttvar: 0.0,
                 min_rtt: f64::INFINITY,
-                last_progress: self.now,
+                waiting_since: None,
                 last_ping: self.now,
             },
         );
@@ -568,7 +578,9 @@ impl<S: Storage> Replicator<S> {
             state
                 .requests
                 .retain(|_, r| !r.expired || now.saturating_sub(r.sent_at) <= 4 * timeout);
-            if state.live > 0 && now.saturating_sub(state.last_progress) > self.config.idle_timeout
+            if state
+                .waiting_since
+                .is_some_and(|t| now.saturating_sub(t) > self.config.idle_timeout)
             {
                 idle.push(peer);
             }
@@ -964,6 +976,7 @@ impl<S: Storage> Replicator<S> {
         if !req.expired {
             state.live -= 1;
         }
+        state.progress(self.now);
         // It does not have what it said it had (or lost it): stop asking it for those blocks.
         if let Some(ch) = state.channels.get_mut(&req.feed) {
             ch.have.set_range(req.index..req.index + req.count, false);
@@ -985,12 +998,14 @@ impl<S: Storage> Replicator<S> {
         let Some(req) = state.requests.remove(&d.id) else {
             return Ok(()); // unsolicited, or answered long ago: ignored
         };
-        state.last_progress = self.now;
         if !req.expired {
             state.live -= 1;
             let rtt = self.now.saturating_sub(req.sent_at) as f64;
             state.sample_rtt(rtt.max(1.0));
             state.adapt_window(rtt.max(1.0), self.config.max_window);
+        }
+        state.progress(self.now);
+        if !req.expired {
             self.release(&req);
         }
         let feed = req.feed;
@@ -1094,12 +1109,19 @@ impl<S: Storage> Replicator<S> {
                 })
                 .map(|(id, _)| *id)
                 .collect();
+            if ids.is_empty() {
+                continue;
+            }
             for id in ids {
                 let r = state.requests.remove(&id).expect("just listed");
                 if !r.expired {
                     state.live -= 1;
                 }
                 cancels.push((peer, id, r));
+            }
+            // Nothing left to wait for from this peer: its idle clock stops.
+            if state.live == 0 && state.requests.values().all(|r| r.expired) {
+                state.waiting_since = None;
             }
         }
         for (peer, id, r) in cancels {
@@ -1137,10 +1159,7 @@ impl<S: Storage> Replicator<S> {
             },
         );
         state.live += 1;
-        if state.live == 1 {
-            // The idle clock starts when there is something to wait for.
-            state.last_progress = state.last_progress.max(self.now);
-        }
+        state.waiting_since.get_or_insert(self.now);
         let slot = &mut self.feeds[feed];
         for i in index..index + count {
             *slot.in_flight.entry(i).or_default() += 1;

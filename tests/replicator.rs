@@ -1,0 +1,394 @@
+//! The replicator driven by hand, message by message: capability gating, what goes on the wire,
+//! unhave, unsolicited data, idle peers, and ordered fetching.
+
+use ed25519_dalek::SigningKey;
+use feedsync::core::sim::{Sim, SimConfig};
+use feedsync::core::{Action, Config, Event, Feed, MemoryStorage, Replicator, crypto};
+use feedsync::protocol::*;
+
+fn writer(blocks: u64) -> Feed<MemoryStorage> {
+    let mut w = Feed::create(MemoryStorage::new(), SigningKey::from_bytes(&[21u8; 32])).unwrap();
+    let data: Vec<Vec<u8>> = (0..blocks).map(|i| vec![i as u8; 300]).collect();
+    w.append_batch(&data).unwrap();
+    w
+}
+
+fn drain(r: &mut Replicator<MemoryStorage>) -> Vec<Action> {
+    std::iter::from_fn(|| r.poll_action()).collect()
+}
+
+fn sent(actions: &[Action]) -> Vec<(u64, Message)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { peer, message } => Some((*peer, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Encodes everything a node sent and checks that the public key never appears in it.
+fn assert_key_absent(messages: &[(u64, Message)], pk: &[u8; 32]) {
+    for (_, m) in messages {
+        let bytes = encode(m).unwrap();
+        assert!(
+            !bytes.windows(32).any(|w| w == pk),
+            "public key on the wire in {m:?}"
+        );
+    }
+}
+
+#[test]
+fn a_peer_without_the_key_learns_nothing() {
+    let w = writer(10);
+    let pk = w.public_key();
+    let dkey = w.discovery_key();
+    let mut r = Replicator::new(Config::default());
+    r.add_feed(w, false);
+    let mut all = Vec::new();
+
+    // It dials us: we say hello and nothing else.
+    r.handle_connected(7, b"session-7", false);
+    let out = sent(&drain(&mut r));
+    assert!(
+        matches!(out.as_slice(), [(7, Message::Hello(_))]),
+        "{out:?}"
+    );
+    all.extend(out);
+
+    // It knows the discovery key (announced on the LAN) but not the key: wrong capabilities.
+    let wrong = [
+        [0u8; 32],
+        crypto::capability(&pk, b"another session", true), // replayed from elsewhere
+        crypto::capability(&pk, b"session-7", false),      // reflected: our role, not its own
+        crypto::capability(&[9u8; 32], b"session-7", true), // another key
+    ];
+    for capability in wrong {
+        r.handle_message(
+            7,
+            Message::Open(Open {
+                channel: 0,
+                discovery_key: dkey,
+                capability,
+            }),
+        );
+        // Probing the channel anyway gets nothing either.
+        r.handle_message(
+            7,
+            Message::Request(Request {
+                channel: 0,
+                id: 1,
+                index: 0,
+                count: 1,
+                length: 10,
+                upgrade: true,
+            }),
+        );
+        r.handle_message(
+            7,
+            Message::Want(Want {
+                channel: 0,
+                blocks: BlockSet::Range {
+                    start: 0,
+                    count: 10,
+                },
+            }),
+        );
+        assert!(!r.has_uploads());
+        let out = drain(&mut r);
+        assert!(out.is_empty(), "answered a peer without the key: {out:?}");
+    }
+
+    // With the right capability the channel opens and the feed is announced.
+    let capability = crypto::capability(&pk, b"session-7", true);
+    r.handle_message(
+        7,
+        Message::Open(Open {
+            channel: 3,
+            discovery_key: dkey,
+            capability,
+        }),
+    );
+    let out = sent(&drain(&mut r));
+    assert!(out.iter().any(|(_, m)| matches!(m, Message::Open(_))));
+    assert!(
+        out.iter()
+            .any(|(_, m)| matches!(m, Message::Status(Status { length: 10, .. })))
+    );
+    assert!(out.iter().any(|(_, m)| matches!(m, Message::Have(_))));
+    all.extend(out);
+    r.handle_message(
+        7,
+        Message::Request(Request {
+            channel: 3,
+            id: 2,
+            index: 4,
+            count: 2,
+            length: 0,
+            upgrade: true,
+        }),
+    );
+    let (peer, answer) = r
+        .next_upload()
+        .expect("a request on an open channel is served");
+    assert_eq!(peer, 7);
+    assert!(
+        matches!(&answer[0], Message::Data(Data { index: 4, blocks, upgrade: Some(_), .. }) if blocks.len() == 2)
+    );
+    all.extend(answer.into_iter().map(|m| (7, m)));
+    assert_key_absent(&all, &pk);
+}
+
+/// A reader talking to two fake sources, `A` (peer 1) and `B` (peer 2), that claim every block.
+fn reader_with_two_sources(blocks: u64) -> (Replicator<MemoryStorage>, Feed<MemoryStorage>) {
+    let mut w = writer(blocks);
+    let pk = w.public_key();
+    let mut r = Replicator::new(Config::default());
+    r.add_feed(
+        Feed::create_replica(MemoryStorage::new(), pk).unwrap(),
+        true,
+    );
+    let (length, tree_hash, signature) = w.signed_tree().unwrap();
+    let mut out = Vec::new();
+    for (peer, channel) in [(1u64, 5u32), (2, 9)] {
+        let hh = format!("hh-{peer}");
+        r.handle_connected(peer, hh.as_bytes(), true);
+        let capability = crypto::capability(&pk, hh.as_bytes(), false);
+        r.handle_message(
+            peer,
+            Message::Open(Open {
+                channel,
+                discovery_key: w.discovery_key(),
+                capability,
+            }),
+        );
+        r.handle_message(
+            peer,
+            Message::Status(Status {
+                channel,
+                length,
+                tree_hash,
+                signature,
+            }),
+        );
+        r.handle_message(
+            peer,
+            Message::Have(Have {
+                channel,
+                blocks: BlockSet::Range {
+                    start: 0,
+                    count: blocks,
+                },
+            }),
+        );
+        out.extend(sent(&drain(&mut r)));
+    }
+    assert_key_absent(&out, &pk);
+    // Answer the upgrade request, whoever got it.
+    let (peer, req) = out
+        .iter()
+        .find_map(|(p, m)| match m {
+            Message::Request(r) if r.upgrade => Some((*p, r.clone())),
+            _ => None,
+        })
+        .expect("an upgrade request");
+    let proof = w.proof(0, 0, 0, true).unwrap();
+    let channel = if peer == 1 { 5 } else { 9 };
+    r.handle_message(
+        peer,
+        Message::Data(Data {
+            channel,
+            id: req.id,
+            index: 0,
+            blocks: vec![],
+            nodes: proof.nodes,
+            upgrade: proof.upgrade,
+        }),
+    );
+    assert_eq!(r.feed(0).len(), blocks);
+    (r, w)
+}
+
+#[test]
+fn unhave_is_honoured() {
+    let mut w = writer(20);
+    let pk = w.public_key();
+    let mut r = Replicator::new(Config::default());
+    r.add_feed(
+        Feed::create_replica(MemoryStorage::new(), pk).unwrap(),
+        true,
+    );
+    let (length, tree_hash, signature) = w.signed_tree().unwrap();
+    for (peer, channel) in [(1u64, 5u32), (2, 9)] {
+        let hh = format!("hh-{peer}");
+        r.handle_connected(peer, hh.as_bytes(), true);
+        let capability = crypto::capability(&pk, hh.as_bytes(), false);
+        r.handle_message(
+            peer,
+            Message::Open(Open {
+                channel,
+                discovery_key: w.discovery_key(),
+                capability,
+            }),
+        );
+        r.handle_message(
+            peer,
+            Message::Status(Status {
+                channel,
+                length,
+                tree_hash,
+                signature,
+            }),
+        );
+        r.handle_message(
+            peer,
+            Message::Have(Have {
+                channel,
+                blocks: BlockSet::Range {
+                    start: 0,
+                    count: 20,
+                },
+            }),
+        );
+    }
+    // A no longer has blocks 0..20.
+    r.handle_message(
+        1,
+        Message::Unhave(Have {
+            channel: 5,
+            blocks: BlockSet::Range {
+                start: 0,
+                count: 20,
+            },
+        }),
+    );
+    let out = sent(&drain(&mut r));
+    let (peer, req) = out
+        .iter()
+        .find_map(|(p, m)| match m {
+            Message::Request(r) if r.upgrade => Some((*p, r.clone())),
+            _ => None,
+        })
+        .unwrap();
+    let proof = w.proof(0, 0, 0, true).unwrap();
+    let channel = if peer == 1 { 5 } else { 9 };
+    r.handle_message(
+        peer,
+        Message::Data(Data {
+            channel,
+            id: req.id,
+            index: 0,
+            blocks: vec![],
+            nodes: proof.nodes,
+            upgrade: proof.upgrade,
+        }),
+    );
+    let requests: Vec<(u64, Request)> = sent(&drain(&mut r))
+        .into_iter()
+        .filter_map(|(p, m)| match m {
+            Message::Request(r) => Some((p, r)),
+            _ => None,
+        })
+        .collect();
+    assert!(!requests.is_empty());
+    assert!(
+        requests.iter().all(|(p, _)| *p == 2),
+        "asked a peer that unhad the blocks: {requests:?}"
+    );
+}
+
+#[test]
+fn unsolicited_data_is_ignored_and_idle_peers_are_dropped() {
+    let (mut r, mut w) = reader_with_two_sources(30);
+    let requests: Vec<(u64, Request)> = sent(&drain(&mut r))
+        .into_iter()
+        .filter_map(|(p, m)| match m {
+            Message::Request(r) => Some((p, r)),
+            _ => None,
+        })
+        .collect();
+    assert!(!requests.is_empty());
+    // Data nobody asked for (a valid block, even) is not stored and not punished.
+    let pending: Vec<u64> = requests.iter().map(|(_, r)| r.index).collect();
+    let unasked = (0..30)
+        .find(|i| !pending.contains(i))
+        .expect("30 blocks, fewer requests");
+    let proof = w.proof(unasked, 1, 30, false).unwrap();
+    let block = w.get(unasked).unwrap();
+    r.handle_message(
+        1,
+        Message::Data(Data {
+            channel: 5,
+            id: 999_999,
+            index: unasked,
+            blocks: vec![Block(block)],
+            nodes: proof.nodes,
+            upgrade: None,
+        }),
+    );
+    assert!(!r.feed(0).has(unasked), "unsolicited block was stored");
+    assert!(
+        drain(&mut r)
+            .iter()
+            .all(|a| !matches!(a, Action::Disconnect { .. }))
+    );
+    // Neither source ever answers: after the idle timeout both are dropped.
+    let idle = Config::default().idle_timeout;
+    let mut dropped = Vec::new();
+    for t in (0..=idle + 10).step_by(5) {
+        r.handle_tick(t);
+        for a in drain(&mut r) {
+            if let Action::Disconnect { peer, reason } = a {
+                dropped.push((peer, reason));
+            }
+        }
+    }
+    dropped.sort_by_key(|d| d.0);
+    assert_eq!(
+        dropped,
+        vec![(1, GoodbyeReason::Timeout), (2, GoodbyeReason::Timeout)]
+    );
+    // Requests that timed out were withdrawn with Cancel along the way.
+}
+
+#[test]
+fn ordered_mode_never_runs_far_ahead() {
+    let max_ahead = 8;
+    let key = SigningKey::from_bytes(&[3u8; 32]);
+    let net = SimConfig {
+        jitter: 3_000,
+        ..SimConfig::default()
+    };
+    let mut sim = Sim::new(3, 5, net, |i| Config {
+        ordered: i == 2,
+        max_ahead,
+        ..Config::default()
+    });
+    let mut w = Feed::create(MemoryStorage::new(), key.clone()).unwrap();
+    let data: Vec<Vec<u8>> = (0..120u64).map(|i| vec![i as u8; 500]).collect();
+    w.append_batch(&data).unwrap();
+    sim.nodes[0].add_feed(w, false);
+    for n in [1, 2] {
+        sim.nodes[n].add_feed(
+            Feed::create_replica(MemoryStorage::new(), key.verifying_key().to_bytes()).unwrap(),
+            true,
+        );
+    }
+    sim.mesh(&[0, 1, 2]);
+    assert!(
+        sim.run_until(30_000_000, |s| s.nodes[2].feed(0).len() == 120
+            && s.nodes[2].is_complete(0))
+    );
+    let mut held = std::collections::BTreeSet::new();
+    for (_, node, e) in &sim.events {
+        if let (2, Event::Downloaded { index, count, .. }) = (node, e) {
+            let first_missing = (0..).find(|i| !held.contains(i)).unwrap();
+            assert!(
+                *index < first_missing + max_ahead,
+                "block {index} fetched with block {first_missing} missing"
+            );
+            held.extend(*index..index + count);
+        }
+    }
+    assert_eq!(held.len(), 120);
+}
