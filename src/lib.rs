@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`core`]: the sans-IO heart — feeds, Merkle trees, keys, bitfields, the storage trait.
 //! - [`storage`]: the on-disk feed store.
+//! - [`net`]: the Noise-encrypted TCP transport.
+//! - [`sync`]: the synchronizer, one event loop per node.
 //! - `feedsync_protocol` (the `protocol/` crate): wire messages and framing.
 //!
 //! `notes/architecture.md` describes how the layers fit and which way dependencies point.
@@ -14,6 +16,8 @@
 #![warn(missing_docs)]
 
 pub mod core;
+pub mod net;
 pub mod storage;
+pub mod sync;
 
 pub use feedsync_protocol as protocol;
