@@ -267,13 +267,13 @@ impl Loop {
     }
 
     fn drop_conn(&mut self, conn: ConnId) {
-        if let Some(c) = self.conns.remove(&conn) {
-            if self.by_peer.get(&c.peer) == Some(&conn) {
-                self.by_peer.remove(&c.peer);
-                self.replicator.handle_disconnected(c.peer);
-                self.emit(NodeEvent::PeerDisconnected { peer: c.peer });
-            }
-            // Dropping `outbound` ends the connection's writer, which closes the socket.
+        // Dropping the connection's `outbound` ends its writer, which closes the socket.
+        if let Some(c) = self.conns.remove(&conn)
+            && self.by_peer.get(&c.peer) == Some(&conn)
+        {
+            self.by_peer.remove(&c.peer);
+            self.replicator.handle_disconnected(c.peer);
+            self.emit(NodeEvent::PeerDisconnected { peer: c.peer });
         }
     }
 
