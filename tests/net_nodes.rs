@@ -207,3 +207,125 @@ fn the_wire_shows_neither_the_key_nor_the_data() {
         );
     }
 }
+
+/// How a malicious node lies.
+#[derive(Clone, Copy, Debug)]
+enum Lie {
+    /// Valid status, but every block it uploads has a bit flipped and every upgrade a forged signature.
+    CorruptBlocks,
+    /// Every status and upgrade it sends carries a forged signature.
+    ForgedSignatures,
+}
+
+/// A node that holds the real feed (it knows the public key, so channels open) and lies on the
+/// way out. Built from the library's own transport and replicator; stops after `secs`.
+fn malicious_node(feed: Feed<feedsync::core::MemoryStorage>, lie: Lie, secs: u64) -> SocketAddr {
+    use feedsync::core::{Action, Config, Replicator};
+    use feedsync::net::{self, Identity, Inbound};
+    use feedsync::protocol::Message;
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        addr_tx.send(listener.local_addr().unwrap()).unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(1024);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        rt.spawn(net::listen(
+            listener,
+            Identity::generate(),
+            tx,
+            cancel.clone(),
+        ));
+        let mut rep = Replicator::new(Config::default());
+        rep.add_feed(feed, false);
+        let mut outs = std::collections::BTreeMap::new();
+        let tamper = |mut m: Message| {
+            match (&mut m, lie) {
+                (Message::Data(d), _) => {
+                    if let Some(b) = d.blocks.first_mut().and_then(|b| b.0.first_mut())
+                        && matches!(lie, Lie::CorruptBlocks)
+                    {
+                        *b ^= 0x80;
+                    }
+                    if let Some(up) = &mut d.upgrade {
+                        up.signature[0] ^= 1;
+                    }
+                }
+                (Message::Status(s), Lie::ForgedSignatures) => s.signature[3] ^= 4,
+                _ => {}
+            }
+            m
+        };
+        let start = Instant::now();
+        let mut tick = 0;
+        while start.elapsed() < Duration::from_secs(secs) {
+            match rx.recv_timeout(Duration::from_millis(10)) {
+                Ok(Inbound::Connected {
+                    conn,
+                    handshake_hash,
+                    initiator,
+                    outbound,
+                    ..
+                }) => {
+                    outs.insert(conn, outbound);
+                    rep.handle_connected(conn, &handshake_hash, initiator);
+                }
+                Ok(Inbound::Message { conn, message }) => rep.handle_message(conn, message),
+                Ok(Inbound::Disconnected { conn, .. }) => {
+                    outs.remove(&conn);
+                    rep.handle_disconnected(conn);
+                }
+                _ => {
+                    tick += 1;
+                    rep.handle_tick(tick);
+                }
+            }
+            while let Some(a) = rep.poll_action() {
+                if let Action::Send { peer, message } = a
+                    && let Some(out) = outs.get(&peer)
+                {
+                    let _ = out.try_send(tamper(message));
+                }
+            }
+            while let Some((peer, messages)) = rep.next_upload() {
+                for m in messages {
+                    if let Some(out) = outs.get(&peer) {
+                        let _ = out.try_send(tamper(m));
+                    }
+                }
+            }
+        }
+        cancel.cancel();
+    });
+    addr_rx.recv().unwrap()
+}
+
+#[test]
+fn liars_are_detected_and_dropped_and_the_honest_source_completes_the_feed() {
+    for lie in [Lie::CorruptBlocks, Lie::ForgedSignatures] {
+        let dir = tempfile::tempdir().unwrap();
+        let w = start_writer(dir.path(), 200, 30_000);
+        let mut copy = Feed::create(feedsync::core::MemoryStorage::new(), w.key.clone()).unwrap();
+        let data: Vec<Vec<u8>> = (0..200).map(|i| block(i, 30_000)).collect();
+        copy.append_batch(&data).unwrap();
+        let liar = malicious_node(copy, lie, 60);
+        // The liar is listed first, so it is dialled and asked before the honest writer.
+        let (r, _) = start_reader(dir.path(), "r", &w.key, vec![liar, w.addr], false);
+        let mut banned = false;
+        wait_for(&r, 60, "completion", |e| {
+            banned |= matches!(e, NodeEvent::Replication(Event::Banned { .. }));
+            *e == NodeEvent::Complete
+        });
+        assert!(banned, "{lie:?}: the lying peer was never banned");
+        r.shutdown().unwrap();
+        w.node.shutdown().unwrap();
+        // Not one corrupted byte was stored.
+        check_store(dir.path(), "r", 200, 30_000);
+    }
+}

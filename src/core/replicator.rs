@@ -783,7 +783,13 @@ impl<S: Storage> Replicator<S> {
             .feed
             .verify_status(s.length, &s.tree_hash, &s.signature)
         {
-            return Err(GoodbyeReason::BadData); // a forged length is a lie, not a glitch
+            // A forged length is a lie, not a glitch: same fate as forged data.
+            self.banned.insert(peer);
+            self.event(Event::Banned {
+                peer,
+                reason: format!("forged status signature for length {}", s.length),
+            });
+            return Err(GoodbyeReason::BadData);
         }
         let state = self
             .peers
