@@ -203,6 +203,21 @@ fn main() {
         },
     );
     report(
+        "verify + store, each block a fresh copy as from the wire (disk)",
+        bytes,
+        || {
+            let dir = tempfile::tempdir().unwrap();
+            let mut r = Feed::create_replica(DiskStorage::open(dir.path()).unwrap(), pk).unwrap();
+            r.verify_and_store::<&[u8]>(0, &[], &upgrade).unwrap();
+            let t = Instant::now();
+            for (i, (b, p)) in blocks.iter().zip(&proofs).enumerate() {
+                let fresh = b.to_vec();
+                black_box(r.verify_and_store(i as u64, &[&fresh], p).unwrap());
+            }
+            t.elapsed()
+        },
+    );
+    report(
         "verify + store, one block per message (memory store)",
         bytes,
         || {

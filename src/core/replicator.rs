@@ -76,6 +76,8 @@ pub struct Config {
     pub ping_interval: u64,
     /// Most block indices examined per scheduling pass and feed.
     pub scan_limit: u64,
+    /// Most blocks asked for in one request (a contiguous range held by one peer).
+    pub max_request_blocks: u64,
     /// Seed for tie-breaks (make it differ between nodes).
     pub seed: u64,
 }
@@ -93,6 +95,7 @@ impl Default for Config {
             announce_interval: 100,
             ping_interval: 500,
             scan_limit: 8192,
+            max_request_blocks: 16,
             seed: 0,
         }
     }
@@ -189,6 +192,8 @@ impl Channel {
     }
 }
 
+/// A request we sent and have not had (all of) the answer to.
+#[derive(Clone, Copy)]
 struct Pending {
     feed: FeedId,
     index: u64,
@@ -199,6 +204,13 @@ struct Pending {
     sent_at: u64,
     /// Timed out: its blocks were released for others, but a late answer is still welcome.
     expired: bool,
+}
+
+impl Pending {
+    /// Window slots the request occupies: one per block (an upgrade-only request counts one).
+    fn weight(&self) -> u32 {
+        (self.count as u32).max(1)
+    }
 }
 
 struct PeerState {
@@ -212,9 +224,10 @@ struct PeerState {
     requests: BTreeMap<u64, Pending>,
     /// The peer's requests waiting for our uplink, bounded by `MAX_QUEUED_REQUESTS`.
     uploads: VecDeque<(FeedId, Request)>,
-    /// Requests not yet answered or expired.
+    /// Blocks asked for and not yet answered or expired (the window is counted in blocks, so a
+    /// range request takes as many slots as it has blocks).
     live: u32,
-    /// Pipelining window (fractional so it can grow by 1/window per answer).
+    /// Pipelining window in blocks (fractional so it can grow by 1/window per answer).
     window: f64,
     srtt: Option<f64>,
     rttvar: f64,
@@ -251,12 +264,14 @@ impl PeerState {
     /// back about as fast as the quickest one ever did, shrink once they queue up. A peer then
     /// holds roughly its bandwidth-delay product of our requests, which keeps a busy seeder's
     /// queue short, so readers in a swarm fetch from each other instead of all from the seeder.
-    fn adapt_window(&mut self, rtt: f64, max: u32) {
+    /// `blocks` is how many blocks the answer carried: the window moves by that many steps.
+    fn adapt_window(&mut self, rtt: f64, blocks: u64, max: u32) {
         self.min_rtt = self.min_rtt.min(rtt);
+        let step = blocks.max(1) as f64 / self.window;
         if rtt <= self.min_rtt * 2.0 + 2.0 {
-            self.window = (self.window + 1.0 / self.window).min(f64::from(max));
+            self.window = (self.window + step).min(f64::from(max));
         } else {
-            self.window = (self.window - 1.0 / self.window).max(1.0);
+            self.window = (self.window - step).max(1.0);
         }
     }
 
@@ -566,7 +581,7 @@ impl<S: Storage> Replicator<S> {
             for (&id, req) in state.requests.iter_mut() {
                 if !req.expired && now.saturating_sub(req.sent_at) > timeout {
                     req.expired = true;
-                    state.live -= 1;
+                    state.live -= req.weight();
                     expired_any = true;
                     released.push((peer, id, req.feed, req.index, req.count));
                 }
@@ -877,7 +892,7 @@ impl<S: Storage> Replicator<S> {
             let pos = self.peers[&peer]
                 .uploads
                 .iter()
-                .position(|(feed, r)| r.count > 0 && !self.feeds[*feed].uploaded.get(r.index))?;
+                .position(|(feed, r)| self.is_fresh(*feed, r))?;
             Some((peer, pos))
         });
         let (peer, pos) = fresh.or_else(|| order.first().map(|&p| (p, 0)))?;
@@ -890,14 +905,21 @@ impl<S: Storage> Replicator<S> {
     /// The next answer for `peer` alone, for a driver whose connections each have their own
     /// outbound queue. Same priority as [`Replicator::next_upload`].
     pub fn poll_upload(&mut self, peer: PeerId) -> Option<Vec<Message>> {
-        let state = self.peers.get_mut(&peer)?;
-        let pos = state
+        let pos = self
+            .peers
+            .get(&peer)?
             .uploads
             .iter()
-            .position(|(feed, r)| r.count > 0 && !self.feeds[*feed].uploaded.get(r.index))
+            .position(|(feed, r)| self.is_fresh(*feed, r))
             .unwrap_or(0);
-        let (feed, r) = state.uploads.remove(pos)?;
+        let (feed, r) = self.peers.get_mut(&peer)?.uploads.remove(pos)?;
         Some(self.serve(feed, &r))
+    }
+
+    /// Whether a queued request asks for some block we never uploaded to anyone.
+    fn is_fresh(&self, feed: FeedId, r: &Request) -> bool {
+        let end = r.index.saturating_add(u64::from(r.count));
+        r.count > 0 && self.feeds[feed].uploaded.count_range(r.index..end) < u64::from(r.count)
     }
 
     /// Whether any peer has requests waiting for upload.
@@ -980,7 +1002,7 @@ impl<S: Storage> Replicator<S> {
             return Ok(());
         };
         if !req.expired {
-            state.live -= 1;
+            state.live -= req.weight();
         }
         state.progress(self.now);
         // It does not have what it said it had (or lost it): stop asking it for those blocks.
@@ -997,6 +1019,7 @@ impl<S: Storage> Replicator<S> {
     }
 
     fn on_data(&mut self, peer: PeerId, d: Data) -> Result<(), GoodbyeReason> {
+        let now = self.now;
         let state = self
             .peers
             .get_mut(&peer)
@@ -1004,24 +1027,54 @@ impl<S: Storage> Replicator<S> {
         let Some(req) = state.requests.remove(&d.id) else {
             return Ok(()); // unsolicited, or answered long ago: ignored
         };
-        if !req.expired {
-            state.live -= 1;
-            let rtt = self.now.saturating_sub(req.sent_at) as f64;
-            state.sample_rtt(rtt.max(1.0));
-            state.adapt_window(rtt.max(1.0), self.config.max_window);
-        }
-        state.progress(self.now);
-        if !req.expired {
-            self.release(&req);
-        }
-        let feed = req.feed;
-        if self.feeds[feed].upgrade_in_flight == Some((peer, d.id)) {
-            self.feeds[feed].upgrade_in_flight = None;
-        }
         let count = d.blocks.len() as u64;
         let right_shape = d.index == req.index && count <= req.count && (count > 0 || req.upgrade);
         if !right_shape {
             return Err(GoodbyeReason::ProtocolError);
+        }
+        // A range may be answered in several pieces (each within MAX_DATA_BYTES): the rest of
+        // the request stays pending under the same id.
+        let partial = count > 0 && count < req.count;
+        if !req.expired {
+            let rtt = now.saturating_sub(req.sent_at) as f64;
+            state.sample_rtt(rtt.max(1.0));
+            state.adapt_window(rtt.max(1.0), count, self.config.max_window);
+            // The answered blocks leave the window; a remainder stays in it.
+            state.live -= if partial { count as u32 } else { req.weight() };
+        }
+        let answered = Pending {
+            count: if partial { count } else { req.count },
+            ..req
+        };
+        if !req.expired {
+            self.release(&answered);
+        }
+        let feed = req.feed;
+        if partial {
+            let state = self
+                .peers
+                .get_mut(&peer)
+                .expect("checked by handle_message");
+            state.requests.insert(
+                d.id,
+                Pending {
+                    index: req.index + count,
+                    count: req.count - count,
+                    // Later pieces are relative to the tree the first piece ended at.
+                    length: d.upgrade.as_ref().map_or(req.length, |u| u.length),
+                    upgrade: false,
+                    sent_at: now,
+                    ..req
+                },
+            );
+        }
+        let state = self
+            .peers
+            .get_mut(&peer)
+            .expect("checked by handle_message");
+        state.progress(now);
+        if self.feeds[feed].upgrade_in_flight == Some((peer, d.id)) {
+            self.feeds[feed].upgrade_in_flight = None;
         }
         let slot = &mut self.feeds[feed];
         let all_held = (d.index..d.index + count).all(|i| slot.feed.has(i));
@@ -1121,7 +1174,7 @@ impl<S: Storage> Replicator<S> {
             for id in ids {
                 let r = state.requests.remove(&id).expect("just listed");
                 if !r.expired {
-                    state.live -= 1;
+                    state.live -= r.weight();
                 }
                 cancels.push((peer, id, r));
             }
@@ -1164,7 +1217,7 @@ impl<S: Storage> Replicator<S> {
                 expired: false,
             },
         );
-        state.live += 1;
+        state.live += (count as u32).max(1);
         state.waiting_since.get_or_insert(self.now);
         let slot = &mut self.feeds[feed];
         for i in index..index + count {
@@ -1320,10 +1373,30 @@ impl<S: Storage> Replicator<S> {
                     )
                 });
             let Some(p) = pick else { continue };
-            p.1 -= 1;
-            p.2 += 1;
+            if self.feeds[feed].in_flight.contains_key(&index) {
+                continue; // taken by a range requested a moment ago
+            }
+            let free = u64::from(p.1);
             let peer = p.0;
-            self.request(peer, feed, index, 1, false);
+            // Extend the request over the following blocks that are missing, not in flight and
+            // held by the same peer: fewer messages and round trips per byte, and one proof
+            // covers the range.
+            let have = &self.peers[&peer].channels[&feed].have;
+            let slot = &self.feeds[feed];
+            let mut count = 1;
+            while count < self.config.max_request_blocks.min(free)
+                && index + count < length
+                && !slot.feed.has(index + count)
+                && !slot.in_flight.contains_key(&(index + count))
+                && have.get(index + count)
+            {
+                count += 1;
+            }
+            self.request(peer, feed, index, count, false);
+            if let Some(p) = peers.iter_mut().find(|p| p.0 == peer) {
+                p.1 -= count as u32;
+                p.2 += count as u32;
+            }
             if peers.iter().all(|p| p.1 == 0) {
                 break;
             }

@@ -28,11 +28,13 @@ use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 /// The Noise protocol name.
@@ -46,6 +48,14 @@ const NOISE_PLAIN_MAX: usize = NOISE_MAX - 16;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages one connection may have queued for sending.
 pub const OUTBOUND_QUEUE: usize = 256;
+
+/// Bytes of block data a message carries (what the outbound byte budget counts).
+pub fn payload_len(m: &Message) -> usize {
+    match m {
+        Message::Data(d) => d.blocks.iter().map(|b| b.0.len()).sum::<usize>() + d.nodes.len() * 48,
+        _ => 0,
+    }
+}
 
 /// Identifies one connection (not one peer: a peer may reconnect).
 pub type ConnId = u64;
@@ -134,6 +144,9 @@ pub enum Inbound {
         addr: SocketAddr,
         /// Where to put messages for this connection.
         outbound: mpsc::Sender<Message>,
+        /// Block bytes queued on `outbound` and not yet written: the sender adds
+        /// [`payload_len`] when it queues a message, the connection subtracts it once written.
+        queued: Arc<AtomicUsize>,
     },
     /// A message arrived.
     Message {
@@ -141,6 +154,12 @@ pub enum Inbound {
         conn: ConnId,
         /// The message.
         message: Message,
+    },
+    /// The connection sent everything queued for it: the synchronizer may queue more answers.
+    /// Without this, a drained connection would idle until some other event woke the loop.
+    Writable {
+        /// The connection.
+        conn: ConnId,
     },
     /// The connection ended (`error` says why, when it was not a clean close).
     Disconnected {
@@ -269,6 +288,7 @@ async fn run_connection(
     };
     let transport = Arc::new(transport);
     let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let queued = Arc::new(AtomicUsize::new(0));
     let connected = Inbound::Connected {
         conn,
         remote,
@@ -276,17 +296,27 @@ async fn run_connection(
         initiator,
         addr,
         outbound: out_tx,
+        queued: queued.clone(),
     };
     if !deliver(&tx, connected, &cancel).await {
         return;
     }
-    let (sink, stream) = wire.split();
+    // After the handshake: reads keep the codec (and whatever it already buffered); writes go
+    // straight to the socket from one buffer holding length-prefixed ciphertexts, which saves
+    // two copies of every block on the sending side.
+    let parts = wire.into_parts();
+    let (read_half, write_half) = parts.io.into_split();
+    let mut stream = FramedRead::new(read_half, codec());
+    stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
     let conn_cancel = cancel.child_token();
     let writer = tokio::spawn(write_loop(
-        sink,
+        write_half,
         out_rx,
         transport.clone(),
         conn_cancel.clone(),
+        conn,
+        tx.clone(),
+        queued,
     ));
     let error = read_loop(stream, conn, transport, &tx, &conn_cancel).await;
     conn_cancel.cancel();
@@ -295,14 +325,13 @@ async fn run_connection(
 }
 
 async fn read_loop(
-    mut stream: futures_util::stream::SplitStream<Wire>,
+    mut stream: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
     conn: ConnId,
     transport: Arc<snow::StatelessTransportState>,
     tx: &InboundSender,
     cancel: &CancellationToken,
 ) -> Option<String> {
     let mut nonce = 0u64;
-    let mut plain = vec![0u8; NOISE_MAX];
     let mut buf = BytesMut::with_capacity(2 * NOISE_MAX);
     loop {
         let msg = tokio::select! {
@@ -314,12 +343,15 @@ async fn read_loop(
             Some(Err(e)) => return Some(e.to_string()),
             Some(Ok(m)) => m,
         };
-        let n = match transport.read_message(nonce, &msg, &mut plain) {
+        // Decrypt straight onto the end of the frame buffer.
+        let start = buf.len();
+        buf.resize(start + msg.len(), 0);
+        let n = match transport.read_message(nonce, &msg, &mut buf[start..]) {
             Ok(n) => n,
             Err(e) => return Some(format!("decryption failed: {e}")),
         };
+        buf.truncate(start + n);
         nonce += 1;
-        buf.extend_from_slice(&plain[..n]);
         // Peel off every complete frame; the length is checked before the body is waited for.
         loop {
             let (prefix, len) = match frame_header(&buf) {
@@ -345,61 +377,72 @@ async fn read_loop(
 }
 
 async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<Wire, Bytes>,
+    mut socket: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Message>,
     transport: Arc<snow::StatelessTransportState>,
     cancel: CancellationToken,
+    conn: ConnId,
+    tx: InboundSender,
+    queued: Arc<AtomicUsize>,
 ) {
     let mut nonce = 0u64;
     let mut frames = Vec::with_capacity(256 * 1024);
-    let mut cipher = vec![0u8; NOISE_MAX];
+    let mut wire = Vec::with_capacity(256 * 1024);
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => break,
             m = rx.recv() => m,
         };
         let Some(first) = first else { break };
-        // Batch what is queued into one pass of encryption and one flush.
+        // Batch what is queued into one pass of encryption and one write.
         frames.clear();
+        let mut goodbye = false;
+        let mut batch_payload = 0;
         let mut next = Some(first);
         while let Some(m) = next {
+            goodbye |= matches!(m, Message::Goodbye(_));
+            batch_payload += payload_len(&m);
             if let Err(e) = encode_into(&m, &mut frames) {
                 tracing_error(&e);
             }
-            next = if frames.len() < 1024 * 1024 {
+            next = if frames.len() < 1024 * 1024 && !goodbye {
                 rx.try_recv().ok()
             } else {
                 None
             };
         }
+        // Each Noise message: 2-byte big-endian length, then the ciphertext, encrypted in place
+        // in the outgoing buffer.
+        wire.clear();
         for chunk in frames.chunks(NOISE_PLAIN_MAX) {
-            let n = match transport.write_message(nonce, chunk, &mut cipher) {
+            let at = wire.len();
+            wire.resize(at + 2 + chunk.len() + 16, 0);
+            let n = match transport.write_message(nonce, chunk, &mut wire[at + 2..]) {
                 Ok(n) => n,
                 Err(_) => return,
             };
             nonce += 1;
-            if sink
-                .feed(Bytes::copy_from_slice(&cipher[..n]))
-                .await
-                .is_err()
-            {
-                return;
-            }
+            wire[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+            wire.truncate(at + 2 + n);
         }
-        if sink.flush().await.is_err() {
+        let written = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = socket.write_all(&wire) => r,
+        };
+        if written.is_err() {
             return;
         }
+        queued.fetch_sub(batch_payload, Ordering::AcqRel);
         // A goodbye is the last thing a connection says.
-        if frames.len() < 16
-            && matches!(
-                feedsync_protocol::decode_frame(&frames),
-                Ok(Message::Goodbye(_))
-            )
-        {
+        if goodbye {
             break;
         }
+        // Drained: ask for more (best effort; a full inbound channel means the loop is awake).
+        if rx.is_empty() {
+            let _ = tx.try_send(Inbound::Writable { conn });
+        }
     }
-    let _ = sink.close().await;
+    let _ = socket.shutdown().await;
 }
 
 fn tracing_error(e: &FrameError) {

@@ -30,6 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Outbound slots kept free for control messages: answers are pulled only above this.
 const CONTROL_RESERVE: usize = 8;
+/// Block bytes one connection may have queued: answers are pulled only below this, so a slow
+/// peer holds at most this much of our memory (plus one answer).
+const UPLOAD_BUDGET: usize = 4 * 1024 * 1024;
 /// Control messages one connection may have waiting beyond its queue before it counts as too slow.
 const BACKLOG_LIMIT: usize = 4096;
 
@@ -176,6 +179,8 @@ struct Conn {
     addr: SocketAddr,
     initiator: bool,
     outbound: tokio::sync::mpsc::Sender<Message>,
+    /// Block bytes queued and not yet written (shared with the connection's writer).
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Control messages that did not fit in the queue yet.
     backlog: VecDeque<Message>,
 }
@@ -212,6 +217,7 @@ impl Loop {
                 initiator,
                 addr,
                 outbound,
+                queued,
             } => {
                 if remote == self.identity.public {
                     return; // dialled ourselves; dropping `outbound` closes it
@@ -239,6 +245,7 @@ impl Loop {
                         addr,
                         initiator,
                         outbound,
+                        queued,
                         backlog: VecDeque::new(),
                     },
                 );
@@ -263,6 +270,7 @@ impl Loop {
                 }
             }
             Inbound::DialFailed { addr, .. } => self.book.failed(&addr, self.tick),
+            Inbound::Writable { .. } => {} // `drive` after every event refills the queues
         }
     }
 
@@ -282,6 +290,10 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&conn) else {
             return false;
         };
+        c.queued.fetch_add(
+            net::payload_len(&message),
+            std::sync::atomic::Ordering::AcqRel,
+        );
         if !c.backlog.is_empty() {
             c.backlog.push_back(message);
             return c.backlog.len() <= BACKLOG_LIMIT;
@@ -344,7 +356,10 @@ impl Loop {
                 }
                 loop {
                     let c = &self.conns[&conn];
-                    if !c.backlog.is_empty() || c.outbound.capacity() <= CONTROL_RESERVE {
+                    if !c.backlog.is_empty()
+                        || c.outbound.capacity() <= CONTROL_RESERVE
+                        || c.queued.load(std::sync::atomic::Ordering::Acquire) >= UPLOAD_BUDGET
+                    {
                         break;
                     }
                     let Some(messages) = self.replicator.poll_upload(peer) else {
