@@ -10,14 +10,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn block(i: u64, size: usize) -> Vec<u8> {
-    let mut b = vec![0u8; size];
-    blake3::Hasher::new()
-        .update(&i.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut b);
-    b
-}
+mod common;
+use common::block;
 
 /// Waits for an event matching `want` from `node`, failing after `secs` seconds.
 fn wait_for(

@@ -17,14 +17,8 @@ fn seeds(default: &[u64]) -> Vec<u64> {
     }
 }
 
-fn block(i: u64, size: usize) -> Vec<u8> {
-    let mut b = vec![0u8; size];
-    blake3::Hasher::new()
-        .update(&i.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut b);
-    b
-}
+mod common;
+use common::block;
 
 /// Node 0 writes a feed of `blocks` blocks of `size` bytes; nodes 1..n replicate it.
 fn swarm(

@@ -488,6 +488,15 @@ impl<S: Storage> Replicator<S> {
         }
     }
 
+    /// Withdraws our request `id` from `peer`.
+    fn cancel(&mut self, peer: PeerId, feed: FeedId, id: u64) {
+        let message = Message::Cancel(feedsync_protocol::Cancel {
+            channel: feed as u32,
+            id,
+        });
+        self.send(peer, message);
+    }
+
     fn send_open(&mut self, peer: PeerId, feed: FeedId) {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
@@ -583,7 +592,7 @@ impl<S: Storage> Replicator<S> {
                     req.expired = true;
                     state.live -= req.weight();
                     expired_any = true;
-                    released.push((peer, id, req.feed, req.index, req.count));
+                    released.push((peer, id, *req));
                 }
             }
             if expired_any {
@@ -600,27 +609,12 @@ impl<S: Storage> Replicator<S> {
                 idle.push(peer);
             }
         }
-        for (peer, id, feed, index, count) in released {
-            let pending = Pending {
-                feed,
-                index,
-                count,
-                length: 0,
-                upgrade: false,
-                sent_at: 0,
-                expired: false,
-            };
-            self.release(&pending);
+        for (peer, id, req) in released {
+            self.release(&req);
             // Withdraw it, so a slow peer does not spend upload on what we will fetch elsewhere.
-            self.send(
-                peer,
-                Message::Cancel(feedsync_protocol::Cancel {
-                    channel: feed as u32,
-                    id,
-                }),
-            );
-            if self.feeds[feed].upgrade_in_flight == Some((peer, id)) {
-                self.feeds[feed].upgrade_in_flight = None;
+            self.cancel(peer, req.feed, id);
+            if self.feeds[req.feed].upgrade_in_flight == Some((peer, id)) {
+                self.feeds[req.feed].upgrade_in_flight = None;
             }
         }
         for peer in idle {
@@ -1187,13 +1181,7 @@ impl<S: Storage> Replicator<S> {
             if !r.expired {
                 self.release(&r);
             }
-            self.send(
-                peer,
-                Message::Cancel(feedsync_protocol::Cancel {
-                    channel: feed as u32,
-                    id,
-                }),
-            );
+            self.cancel(peer, feed, id);
         }
     }
 
