@@ -52,6 +52,15 @@ struct Writer {
 }
 
 fn start_writer(dir: &std::path::Path, blocks: u64, size: usize) -> Writer {
+    start_writer_with(dir, blocks, size, NodeConfig::new())
+}
+
+fn start_writer_with(
+    dir: &std::path::Path,
+    blocks: u64,
+    size: usize,
+    config: NodeConfig,
+) -> Writer {
     let key = SigningKey::from_bytes(&[61u8; 32]);
     let mut feed =
         Feed::create(DiskStorage::open(dir.join("writer")).unwrap(), key.clone()).unwrap();
@@ -61,7 +70,7 @@ fn start_writer(dir: &std::path::Path, blocks: u64, size: usize) -> Writer {
     }
     let config = NodeConfig {
         listen: Some(loopback()),
-        ..NodeConfig::new()
+        ..config
     };
     let node = sync::spawn(config, vec![(feed, false)]).unwrap();
     let addr = listening(&node);
@@ -322,4 +331,104 @@ fn liars_are_detected_and_dropped_and_the_honest_source_completes_the_feed() {
         // Not one corrupted byte was stored.
         check_store(dir.path(), "r", 200, 30_000);
     }
+}
+
+/// Opens the feed over a real Noise session, asks for every block, then never reads again.
+fn greedy_non_reader(addr: SocketAddr, pk: [u8; 32], blocks: u64) -> TcpStream {
+    use feedsync::protocol::*;
+    let mut s = TcpStream::connect(addr).unwrap();
+    let params: snow::params::NoiseParams = feedsync::net::NOISE_PARAMS.parse().unwrap();
+    let kp = snow::Builder::new(params.clone())
+        .generate_keypair()
+        .unwrap();
+    let builder = snow::Builder::new(params)
+        .prologue(feedsync::net::PROLOGUE)
+        .unwrap();
+    let mut hs = builder
+        .local_private_key(&kp.private)
+        .unwrap()
+        .build_initiator()
+        .unwrap();
+    let mut buf = vec![0u8; 65535];
+    let send = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(&(msg.len() as u16).to_be_bytes()).unwrap();
+        s.write_all(msg).unwrap();
+    };
+    let recv = |s: &mut TcpStream| -> Vec<u8> {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut m).unwrap();
+        m
+    };
+    let n = hs.write_message(&[], &mut buf).unwrap();
+    send(&mut s, &buf[..n]);
+    let m = recv(&mut s);
+    hs.read_message(&m, &mut buf).unwrap();
+    let n = hs.write_message(&[], &mut buf).unwrap();
+    send(&mut s, &buf[..n]);
+    let hh = hs.get_handshake_hash().to_vec();
+    let mut t = hs.into_transport_mode().unwrap();
+    let mut frames = Vec::new();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        features: 0,
+        agent: "greedy".into(),
+    };
+    encode_into(&Message::Hello(hello), &mut frames).unwrap();
+    let dkey = feedsync::core::crypto::discovery_key(&pk);
+    let capability = feedsync::core::crypto::capability(&pk, &hh, true);
+    encode_into(
+        &Message::Open(Open {
+            channel: 0,
+            discovery_key: dkey,
+            capability,
+        }),
+        &mut frames,
+    )
+    .unwrap();
+    for k in 0..blocks / 16 {
+        let r = Request {
+            channel: 0,
+            id: k,
+            index: k * 16,
+            count: 16,
+            length: blocks,
+            upgrade: false,
+        };
+        encode_into(&Message::Request(r), &mut frames).unwrap();
+    }
+    for chunk in frames.chunks(65535 - 16) {
+        let n = t.write_message(chunk, &mut buf).unwrap();
+        send(&mut s, &buf[..n]);
+    }
+    s
+}
+
+#[test]
+fn a_peer_that_stops_reading_is_cut_and_stalls_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        stall_timeout: Duration::from_secs(1),
+        ..NodeConfig::new()
+    };
+    let w = start_writer_with(dir.path(), 640, 65536, config);
+    // 40 MiB requested, far more than the socket buffers and the 4 MiB upload budget hold.
+    let greedy = greedy_non_reader(w.addr, w.key.verifying_key().to_bytes(), 640);
+    wait_for(&w.node, 10, "the greedy peer connected", |e| {
+        matches!(e, NodeEvent::PeerConnected { .. })
+    });
+    // Meanwhile an honest reader is served in full: the loop is not stalled.
+    let (r, _) = start_reader(dir.path(), "r", &w.key, vec![w.addr], false);
+    wait_for(&r, 60, "the honest reader complete", |e| {
+        *e == NodeEvent::Complete
+    });
+    // And the peer that never reads is cut.
+    wait_for(&w.node, 30, "the greedy peer cut", |e| {
+        matches!(e, NodeEvent::PeerDisconnected { peer: 1 })
+    });
+    drop(greedy);
+    r.shutdown().unwrap();
+    w.node.shutdown().unwrap();
+    check_store(dir.path(), "r", 640, 65536);
 }

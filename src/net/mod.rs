@@ -34,12 +34,13 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
-const PROLOGUE: &[u8] = b"feedsync/1";
+/// The Noise prologue: binds the handshake to this protocol.
+pub const PROLOGUE: &[u8] = b"feedsync/1";
 /// Largest Noise message (the Noise spec's limit).
 const NOISE_MAX: usize = 65535;
 /// Largest plaintext per Noise message (16 bytes of tag).
@@ -48,6 +49,16 @@ const NOISE_PLAIN_MAX: usize = NOISE_MAX - 16;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages one connection may have queued for sending.
 pub const OUTBOUND_QUEUE: usize = 256;
+
+/// Shared between the synchronizer and a connection's writer task.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Block bytes queued and not yet written: the synchronizer adds [`payload_len`] when it
+    /// queues a message, the writer subtracts it once written.
+    pub queued: AtomicUsize,
+    /// Batches written to the socket so far (the synchronizer watches it for progress).
+    pub writes: AtomicU64,
+}
 
 /// Bytes of block data a message carries (what the outbound byte budget counts).
 pub fn payload_len(m: &Message) -> usize {
@@ -144,9 +155,9 @@ pub enum Inbound {
         addr: SocketAddr,
         /// Where to put messages for this connection.
         outbound: mpsc::Sender<Message>,
-        /// Block bytes queued on `outbound` and not yet written: the sender adds
-        /// [`payload_len`] when it queues a message, the connection subtracts it once written.
-        queued: Arc<AtomicUsize>,
+        /// How much is queued on `outbound` and how much has been written, shared with the
+        /// connection's writer.
+        stats: Arc<ConnStats>,
     },
     /// A message arrived.
     Message {
@@ -288,7 +299,7 @@ async fn run_connection(
     };
     let transport = Arc::new(transport);
     let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
-    let queued = Arc::new(AtomicUsize::new(0));
+    let stats = Arc::new(ConnStats::default());
     let connected = Inbound::Connected {
         conn,
         remote,
@@ -296,7 +307,7 @@ async fn run_connection(
         initiator,
         addr,
         outbound: out_tx,
-        queued: queued.clone(),
+        stats: stats.clone(),
     };
     if !deliver(&tx, connected, &cancel).await {
         return;
@@ -306,8 +317,11 @@ async fn run_connection(
     // two copies of every block on the sending side.
     let parts = wire.into_parts();
     let (read_half, write_half) = parts.io.into_split();
-    let mut stream = FramedRead::new(read_half, codec());
-    stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
+    // `from_parts` marks bytes the handshake already buffered as ready to decode: a peer may
+    // send its first messages in the same segment as its last handshake message and then wait.
+    let mut read_parts = FramedParts::new::<Bytes>(read_half, codec());
+    read_parts.read_buf = parts.read_buf;
+    let stream = Framed::from_parts(read_parts);
     let conn_cancel = cancel.child_token();
     let writer = tokio::spawn(write_loop(
         write_half,
@@ -316,7 +330,7 @@ async fn run_connection(
         conn_cancel.clone(),
         conn,
         tx.clone(),
-        queued,
+        stats,
     ));
     let error = read_loop(stream, conn, transport, &tx, &conn_cancel).await;
     conn_cancel.cancel();
@@ -325,7 +339,7 @@ async fn run_connection(
 }
 
 async fn read_loop(
-    mut stream: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    mut stream: Framed<OwnedReadHalf, LengthDelimitedCodec>,
     conn: ConnId,
     transport: Arc<snow::StatelessTransportState>,
     tx: &InboundSender,
@@ -383,7 +397,7 @@ async fn write_loop(
     cancel: CancellationToken,
     conn: ConnId,
     tx: InboundSender,
-    queued: Arc<AtomicUsize>,
+    stats: Arc<ConnStats>,
 ) {
     let mut nonce = 0u64;
     let mut frames = Vec::with_capacity(256 * 1024);
@@ -432,7 +446,8 @@ async fn write_loop(
         if written.is_err() {
             return;
         }
-        queued.fetch_sub(batch_payload, Ordering::AcqRel);
+        stats.queued.fetch_sub(batch_payload, Ordering::AcqRel);
+        stats.writes.fetch_add(1, Ordering::AcqRel);
         // A goodbye is the last thing a connection says.
         if goodbye {
             break;

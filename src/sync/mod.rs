@@ -54,6 +54,8 @@ pub struct NodeConfig {
     pub exit_when_complete: bool,
     /// Install SIGINT/SIGTERM handlers (processes do; in-process tests do not).
     pub handle_signals: bool,
+    /// A connection whose queue stays full, with nothing drained, for this long is cut.
+    pub stall_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -70,6 +72,7 @@ impl NodeConfig {
             },
             exit_when_complete: false,
             handle_signals: false,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -179,10 +182,13 @@ struct Conn {
     addr: SocketAddr,
     initiator: bool,
     outbound: tokio::sync::mpsc::Sender<Message>,
-    /// Block bytes queued and not yet written (shared with the connection's writer).
-    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Queued bytes and writes done (shared with the connection's writer).
+    stats: std::sync::Arc<net::ConnStats>,
     /// Control messages that did not fit in the queue yet.
     backlog: VecDeque<Message>,
+    /// Since when the connection has been full without writing anything, and the write count
+    /// then; `None` while it has room or is draining.
+    full_since: Option<(u64, u64)>,
 }
 
 struct Loop {
@@ -217,7 +223,7 @@ impl Loop {
                 initiator,
                 addr,
                 outbound,
-                queued,
+                stats,
             } => {
                 if remote == self.identity.public {
                     return; // dialled ourselves; dropping `outbound` closes it
@@ -245,8 +251,9 @@ impl Loop {
                         addr,
                         initiator,
                         outbound,
-                        queued,
+                        stats,
                         backlog: VecDeque::new(),
+                        full_since: None,
                     },
                 );
                 self.by_peer.insert(peer, conn);
@@ -290,7 +297,7 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&conn) else {
             return false;
         };
-        c.queued.fetch_add(
+        c.stats.queued.fetch_add(
             net::payload_len(&message),
             std::sync::atomic::Ordering::AcqRel,
         );
@@ -358,7 +365,8 @@ impl Loop {
                     let c = &self.conns[&conn];
                     if !c.backlog.is_empty()
                         || c.outbound.capacity() <= CONTROL_RESERVE
-                        || c.queued.load(std::sync::atomic::Ordering::Acquire) >= UPLOAD_BUDGET
+                        || c.stats.queued.load(std::sync::atomic::Ordering::Acquire)
+                            >= UPLOAD_BUDGET
                     {
                         break;
                     }
@@ -377,6 +385,29 @@ impl Loop {
             if !uploaded {
                 break;
             }
+        }
+    }
+
+    /// Cuts connections that have been full for longer than `stall` ticks: a peer that does not
+    /// read what it asked for may not hold our memory or our upload slot forever.
+    fn cut_stalled(&mut self, stall: u64) {
+        let mut stalled = Vec::new();
+        for (&id, c) in self.conns.iter_mut() {
+            let full = !c.backlog.is_empty()
+                || c.outbound.capacity() <= CONTROL_RESERVE
+                || c.stats.queued.load(std::sync::atomic::Ordering::Acquire) >= UPLOAD_BUDGET;
+            let writes = c.stats.writes.load(std::sync::atomic::Ordering::Acquire);
+            match (full, c.full_since) {
+                (false, _) => c.full_since = None,
+                // Full but draining: a busy healthy connection, not a stalled one.
+                (true, Some((_, w))) if w != writes => c.full_since = Some((self.tick, writes)),
+                (true, None) => c.full_since = Some((self.tick, writes)),
+                (true, Some((t, _))) if self.tick.saturating_sub(t) > stall => stalled.push(id),
+                (true, Some(_)) => {}
+            }
+        }
+        for id in stalled {
+            self.drop_conn(id);
         }
     }
 
@@ -462,6 +493,7 @@ pub fn run(
         lp.book.add(*p);
     }
     let ticker = crossbeam_channel::tick(config.tick);
+    let stall_ticks = (config.stall_timeout.as_millis() / config.tick.as_millis().max(1)) as u64;
 
     loop {
         select! {
@@ -492,6 +524,7 @@ pub fn run(
             recv(ticker) -> _ => {
                 lp.tick += 1;
                 lp.replicator.handle_tick(lp.tick);
+                lp.cut_stalled(stall_ticks);
                 for addr in lp.book.due(lp.tick) {
                     lp.book.dialing(&addr, lp.tick);
                     rt.spawn(net::dial(addr, config.identity.clone(), in_tx.clone(), cancel.child_token()));
