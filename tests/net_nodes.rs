@@ -333,8 +333,15 @@ fn liars_are_detected_and_dropped_and_the_honest_source_completes_the_feed() {
     }
 }
 
-/// Opens the feed over a real Noise session, asks for every block, then never reads again.
-fn greedy_non_reader(addr: SocketAddr, pk: [u8; 32], blocks: u64) -> TcpStream {
+/// A bare Noise client: handshakes with `addr`, sends Hello, an Open for the feed with
+/// `pk`'s discovery key and the capability `cap(handshake hash)`, then requests for every block.
+/// Returns the socket and the transport state for reading.
+fn raw_client(
+    addr: SocketAddr,
+    pk: [u8; 32],
+    blocks: u64,
+    cap: impl Fn(&[u8]) -> [u8; 32],
+) -> (TcpStream, snow::TransportState) {
     use feedsync::protocol::*;
     let mut s = TcpStream::connect(addr).unwrap();
     let params: snow::params::NoiseParams = feedsync::net::NOISE_PARAMS.parse().unwrap();
@@ -350,39 +357,27 @@ fn greedy_non_reader(addr: SocketAddr, pk: [u8; 32], blocks: u64) -> TcpStream {
         .build_initiator()
         .unwrap();
     let mut buf = vec![0u8; 65535];
-    let send = |s: &mut TcpStream, msg: &[u8]| {
-        s.write_all(&(msg.len() as u16).to_be_bytes()).unwrap();
-        s.write_all(msg).unwrap();
-    };
-    let recv = |s: &mut TcpStream| -> Vec<u8> {
-        let mut len = [0u8; 2];
-        s.read_exact(&mut len).unwrap();
-        let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
-        s.read_exact(&mut m).unwrap();
-        m
-    };
     let n = hs.write_message(&[], &mut buf).unwrap();
-    send(&mut s, &buf[..n]);
-    let m = recv(&mut s);
+    send_noise(&mut s, &buf[..n]);
+    let m = recv_noise(&mut s).unwrap();
     hs.read_message(&m, &mut buf).unwrap();
     let n = hs.write_message(&[], &mut buf).unwrap();
-    send(&mut s, &buf[..n]);
+    send_noise(&mut s, &buf[..n]);
     let hh = hs.get_handshake_hash().to_vec();
     let mut t = hs.into_transport_mode().unwrap();
     let mut frames = Vec::new();
     let hello = Hello {
         version: PROTOCOL_VERSION,
         features: 0,
-        agent: "greedy".into(),
+        agent: "raw".into(),
     };
     encode_into(&Message::Hello(hello), &mut frames).unwrap();
     let dkey = feedsync::core::crypto::discovery_key(&pk);
-    let capability = feedsync::core::crypto::capability(&pk, &hh, true);
     encode_into(
         &Message::Open(Open {
             channel: 0,
             discovery_key: dkey,
-            capability,
+            capability: cap(&hh),
         }),
         &mut frames,
     )
@@ -400,9 +395,56 @@ fn greedy_non_reader(addr: SocketAddr, pk: [u8; 32], blocks: u64) -> TcpStream {
     }
     for chunk in frames.chunks(65535 - 16) {
         let n = t.write_message(chunk, &mut buf).unwrap();
-        send(&mut s, &buf[..n]);
+        send_noise(&mut s, &buf[..n]);
     }
-    s
+    (s, t)
+}
+
+fn send_noise(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(&(msg.len() as u16).to_be_bytes()).unwrap();
+    s.write_all(msg).unwrap();
+}
+
+fn recv_noise(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len)?;
+    let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut m)?;
+    Ok(m)
+}
+
+#[test]
+fn a_peer_without_the_key_gets_nothing_over_a_real_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = start_writer(dir.path(), 64, 4096);
+    let pk = w.key.verifying_key().to_bytes();
+    // It knows the discovery key (as from a LAN announcement) but not the public key, so its
+    // capability is a guess.
+    let (mut s, mut t) = raw_client(w.addr, pk, 64, |_| [0x5a; 32]);
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut plain = Vec::new();
+    let mut buf = vec![0u8; 65535];
+    // Everything the writer sends within 2 s of the requests (bounded however chatty it is).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline
+        && let Ok(m) = recv_noise(&mut s)
+    {
+        let n = t.read_message(&m, &mut buf).unwrap();
+        plain.extend_from_slice(&buf[..n]);
+    }
+    let mut messages = Vec::new();
+    let mut rest = &plain[..];
+    while let Some((p, len)) = feedsync::protocol::frame_header(rest).unwrap() {
+        messages.push(feedsync::protocol::decode(&rest[p..p + len]).unwrap());
+        rest = &rest[p + len..];
+    }
+    assert!(
+        matches!(messages.as_slice(), [feedsync::protocol::Message::Hello(_)]),
+        "a peer without the key got more than a hello: {messages:?}"
+    );
+    assert!(!plain.windows(32).any(|x| x == pk), "public key sent");
+    w.node.shutdown().unwrap();
 }
 
 #[test]
@@ -414,7 +456,10 @@ fn a_peer_that_stops_reading_is_cut_and_stalls_nobody() {
     };
     let w = start_writer_with(dir.path(), 640, 65536, config);
     // 40 MiB requested, far more than the socket buffers and the 4 MiB upload budget hold.
-    let greedy = greedy_non_reader(w.addr, w.key.verifying_key().to_bytes(), 640);
+    let pk = w.key.verifying_key().to_bytes();
+    let (greedy, _) = raw_client(w.addr, pk, 640, |hh| {
+        feedsync::core::crypto::capability(&pk, hh, true)
+    });
     wait_for(&w.node, 10, "the greedy peer connected", |e| {
         matches!(e, NodeEvent::PeerConnected { .. })
     });
