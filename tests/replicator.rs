@@ -354,3 +354,134 @@ fn ordered_mode_never_runs_far_ahead() {
     }
     assert_eq!(held.len(), 120);
 }
+
+/// The upgrade request in `out`, and who got it.
+fn upgrade_request(out: &[(u64, Message)]) -> (u64, Request) {
+    out.iter()
+        .find_map(|(p, m)| match m {
+            Message::Request(r) if r.upgrade => Some((*p, r.clone())),
+            _ => None,
+        })
+        .expect("an upgrade request")
+}
+
+#[test]
+fn a_malformed_answer_to_the_upgrade_does_not_wedge_it() {
+    let (mut r, _w, out) = reader_and_two_sources(20);
+    let (peer, req) = upgrade_request(&out);
+    let channel = if peer == 1 { 5 } else { 9 };
+    // A block where only the signed tree was asked for: a protocol error.
+    let bogus = Data {
+        channel,
+        id: req.id,
+        index: 0,
+        blocks: vec![Block(vec![1])],
+        nodes: vec![],
+        upgrade: None,
+    };
+    r.handle_message(peer, Message::Data(bogus));
+    let after = sent(&drain(&mut r));
+    assert!(
+        !r.peers().any(|p| p == peer),
+        "the peer broke the protocol and stays connected"
+    );
+    let (other, _) = upgrade_request(&after);
+    assert_ne!(other, peer, "the upgrade is asked of the other source");
+}
+
+#[test]
+fn a_source_that_cannot_upgrade_us_is_not_asked_again_at_once() {
+    let (mut r, _w, out) = reader_and_two_sources(20);
+    let (peer, req) = upgrade_request(&out);
+    let channel = if peer == 1 { 5 } else { 9 };
+    r.handle_message(
+        peer,
+        Message::NoData(NoData {
+            channel,
+            id: req.id,
+        }),
+    );
+    let (next, _) = upgrade_request(&sent(&drain(&mut r)));
+    assert_ne!(next, peer, "asked the same peer again");
+}
+
+#[test]
+fn a_second_channel_number_for_the_same_feed_is_refused() {
+    let w = writer(4);
+    let pk = w.public_key();
+    let mut r = Replicator::new(Config::default());
+    r.add_feed(w, false);
+    r.handle_connected(7, b"s", false);
+    let capability = crypto::capability(&pk, b"s", true);
+    let dkey = crypto::discovery_key(&pk);
+    for channel in [1, 2] {
+        r.handle_message(
+            7,
+            Message::Open(Open {
+                channel,
+                discovery_key: dkey,
+                capability,
+            }),
+        );
+    }
+    let out = drain(&mut r);
+    assert!(
+        out.iter().any(|a| matches!(
+            a,
+            Action::Disconnect {
+                peer: 7,
+                reason: GoodbyeReason::ProtocolError
+            }
+        )),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_large_request_is_served_one_piece_at_a_time() {
+    let mut w = Feed::create(MemoryStorage::new(), SigningKey::from_bytes(&[8u8; 32])).unwrap();
+    let blocks: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 65536]).collect();
+    w.append_batch(&blocks).unwrap();
+    let pk = w.public_key();
+    let mut r = Replicator::new(Config::default());
+    r.add_feed(w, false);
+    r.handle_connected(7, b"s", false);
+    let capability = crypto::capability(&pk, b"s", true);
+    r.handle_message(
+        7,
+        Message::Open(Open {
+            channel: 0,
+            discovery_key: crypto::discovery_key(&pk),
+            capability,
+        }),
+    );
+    r.handle_message(
+        7,
+        Message::Request(Request {
+            channel: 0,
+            id: 1,
+            index: 0,
+            count: 40,
+            length: 40,
+            upgrade: false,
+        }),
+    );
+    let mut served = 0u64;
+    let mut pieces = 0;
+    while let Some((_, messages)) = r.next_upload() {
+        assert_eq!(messages.len(), 1, "one piece per pull");
+        let Message::Data(d) = &messages[0] else {
+            panic!("{messages:?}")
+        };
+        assert_eq!(d.index, served, "pieces in order");
+        let bytes: usize = d.blocks.iter().map(|b| b.0.len()).sum();
+        assert!(bytes <= MAX_DATA_BYTES);
+        served += d.blocks.len() as u64;
+        pieces += 1;
+    }
+    assert_eq!(
+        (served, pieces),
+        (40, 3),
+        "40 blocks of 64 KiB in 1 MiB pieces"
+    );
+}

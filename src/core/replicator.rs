@@ -68,8 +68,11 @@ pub struct Config {
     pub min_request_timeout: u64,
     /// Upper bound of the request timeout.
     pub max_request_timeout: u64,
-    /// A peer with requests pending and no answer for this long is dropped.
+    /// A peer that sends nothing at all for this long is dropped (we ping every
+    /// `ping_interval`, so a live peer always has something to say).
     pub idle_timeout: u64,
+    /// A peer whose requests expire this many times in a row, without one answer, is dropped.
+    pub max_strikes: u32,
     /// Re-send status, haves and unanswered opens this often.
     pub announce_interval: u64,
     /// Ping a quiet peer this often.
@@ -92,6 +95,7 @@ impl Default for Config {
             min_request_timeout: 20,
             max_request_timeout: 1000,
             idle_timeout: 3000,
+            max_strikes: 16,
             announce_interval: 100,
             ping_interval: 500,
             scan_limit: 8192,
@@ -233,11 +237,11 @@ struct PeerState {
     rttvar: f64,
     /// Lowest round trip seen: the peer's answer time with nothing queued.
     min_rtt: f64,
-    /// When we started waiting for an answer that has not come: set by the first request sent
-    /// while nothing was awaited, moved on by every answer, cleared when nothing is awaited.
-    /// Expiry does not touch it, so a peer that never answers is dropped however often its
-    /// requests are re-sent.
-    waiting_since: Option<u64>,
+    /// When the peer last sent anything at all (pings keep a live peer talking).
+    last_heard: u64,
+    /// Requests that expired since the peer last answered one: a peer that talks but never
+    /// delivers is dropped after `Config::max_strikes`.
+    strikes: u32,
     last_ping: u64,
 }
 
@@ -250,10 +254,9 @@ impl PeerState {
         rto.clamp(config.min_request_timeout, config.max_request_timeout)
     }
 
-    /// An answer arrived: the idle clock restarts if more is awaited, else stops.
-    fn progress(&mut self, now: u64) {
-        self.waiting_since =
-            (self.live > 0 || self.requests.values().any(|r| !r.expired)).then_some(now);
+    /// An answer arrived: the peer is making progress.
+    fn progress(&mut self) {
+        self.strikes = 0;
     }
 
     fn free(&self) -> u32 {
@@ -437,7 +440,8 @@ impl<S: Storage> Replicator<S> {
                 srtt: None,
                 rttvar: 0.0,
                 min_rtt: f64::INFINITY,
-                waiting_since: None,
+                last_heard: self.now,
+                strikes: 0,
                 last_ping: self.now,
             },
         );
@@ -485,6 +489,19 @@ impl<S: Storage> Replicator<S> {
                     slot.in_flight.remove(&i);
                 }
             }
+        }
+    }
+
+    /// `peer` could not give us its newer tree (a sparse replica may lack the nodes): do not ask
+    /// it again until it announces a status anew, or the upgrade loop would spin on it.
+    fn cannot_upgrade(&mut self, peer: PeerId, feed: FeedId) {
+        let ours = self.feeds[feed].feed.len();
+        if let Some(ch) = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.channels.get_mut(&feed))
+        {
+            ch.length = ch.length.min(ours);
         }
     }
 
@@ -591,6 +608,7 @@ impl<S: Storage> Replicator<S> {
                 if !req.expired && now.saturating_sub(req.sent_at) > timeout {
                     req.expired = true;
                     state.live -= req.weight();
+                    state.strikes += 1;
                     expired_any = true;
                     released.push((peer, id, *req));
                 }
@@ -602,10 +620,8 @@ impl<S: Storage> Replicator<S> {
             state
                 .requests
                 .retain(|_, r| !r.expired || now.saturating_sub(r.sent_at) <= 4 * timeout);
-            if state
-                .waiting_since
-                .is_some_and(|t| now.saturating_sub(t) > self.config.idle_timeout)
-            {
+            let silent = now.saturating_sub(state.last_heard) > self.config.idle_timeout;
+            if silent || state.strikes >= self.config.max_strikes {
                 idle.push(peer);
             }
         }
@@ -662,9 +678,10 @@ impl<S: Storage> Replicator<S> {
 
     /// A message from `peer`.
     pub fn handle_message(&mut self, peer: PeerId, message: Message) {
-        if !self.peers.contains_key(&peer) {
+        let Some(state) = self.peers.get_mut(&peer) else {
             return;
-        }
+        };
+        state.last_heard = self.now;
         let result = match message {
             Message::Hello(h) => self.on_hello(peer, h),
             Message::Open(o) => self.on_open(peer, o),
@@ -766,6 +783,16 @@ impl<S: Storage> Replicator<S> {
             .remote_channels
             .get(&open.channel)
             .is_some_and(|&f| f != feed)
+        {
+            return Err(GoodbyeReason::ProtocolError);
+        }
+        // One remote channel per feed: a capability replayed under new channel numbers must not
+        // grow the table.
+        if state
+            .channels
+            .get(&feed)
+            .and_then(|c| c.remote)
+            .is_some_and(|c| c != open.channel)
         {
             return Err(GoodbyeReason::ProtocolError);
         }
@@ -891,23 +918,18 @@ impl<S: Storage> Replicator<S> {
         });
         let (peer, pos) = fresh.or_else(|| order.first().map(|&p| (p, 0)))?;
         self.last_upload_peer = peer;
-        let (feed, r) = self.peers.get_mut(&peer)?.uploads.remove(pos)?;
-        let messages = self.serve(feed, &r);
-        Some((peer, messages))
+        Some((peer, self.serve_queued(peer, pos)?))
     }
 
     /// The next answer for `peer` alone, for a driver whose connections each have their own
     /// outbound queue. Same priority as [`Replicator::next_upload`].
     pub fn poll_upload(&mut self, peer: PeerId) -> Option<Vec<Message>> {
-        let pos = self
-            .peers
-            .get(&peer)?
-            .uploads
+        let queue = &self.peers.get(&peer)?.uploads;
+        let pos = queue
             .iter()
             .position(|(feed, r)| self.is_fresh(*feed, r))
             .unwrap_or(0);
-        let (feed, r) = self.peers.get_mut(&peer)?.uploads.remove(pos)?;
-        Some(self.serve(feed, &r))
+        self.serve_queued(peer, pos)
     }
 
     /// Whether a queued request asks for some block we never uploaded to anyone.
@@ -921,70 +943,62 @@ impl<S: Storage> Replicator<S> {
         self.peers.values().any(|p| !p.uploads.is_empty())
     }
 
-    /// Answers one request: Data messages (split to fit), or NoData.
-    fn serve(&mut self, feed: FeedId, r: &Request) -> Vec<Message> {
+    /// Answers the next piece of one request: a Data message of at most `MAX_DATA_BYTES` of
+    /// blocks (or NoData), and what remains of the request. Serving piece by piece keeps the
+    /// driver's byte budget in force for every piece, however large the request.
+    fn serve(&mut self, feed: FeedId, r: &Request) -> (Message, Option<Request>) {
         let channel = feed as u32;
         let slot = &mut self.feeds[feed];
-        slot.uploaded.set_range(
-            r.index
-                ..r.index
-                    .saturating_add(u64::from(r.count))
-                    .min(slot.feed.len()),
-            true,
-        );
-        let mut messages = Vec::new();
-        let mut index = r.index;
         let end = r.index.saturating_add(u64::from(r.count));
-        let mut upgrade = r.upgrade;
-        let mut length = r.length;
-        // Split the answer so no Data message carries more than MAX_DATA_BYTES of blocks.
-        loop {
-            let mut blocks = Vec::new();
-            let mut bytes = 0usize;
-            while index + (blocks.len() as u64) < end {
-                let i = index + blocks.len() as u64;
-                let block = match slot.feed.get(i) {
-                    Ok(b) => b,
-                    Err(_) => break,
-                };
-                if !blocks.is_empty() && bytes + block.len() > MAX_DATA_BYTES {
-                    break;
-                }
-                bytes += block.len();
-                blocks.push(Block(block));
-            }
-            let count = blocks.len() as u64;
-            if count == 0 && !(upgrade && r.count == 0) {
-                messages.push(Message::NoData(NoData { channel, id: r.id }));
+        let mut blocks = Vec::new();
+        let mut bytes = 0usize;
+        while r.index + (blocks.len() as u64) < end {
+            let i = r.index + blocks.len() as u64;
+            let Ok(block) = slot.feed.get(i) else { break };
+            if !blocks.is_empty() && bytes + block.len() > MAX_DATA_BYTES {
                 break;
             }
-            match slot.feed.proof(index, count, length, upgrade) {
-                Ok(Proof { nodes, upgrade: up }) => {
-                    messages.push(Message::Data(Data {
-                        channel,
-                        id: r.id,
-                        index,
-                        blocks,
-                        nodes,
-                        upgrade: up,
-                    }));
-                }
-                Err(_) => {
-                    messages.push(Message::NoData(NoData { channel, id: r.id }));
-                    break;
-                }
-            }
-            index += count;
-            if upgrade {
-                // Later pieces are relative to the tree the first one upgraded the requester to.
-                length = slot.feed.len();
-                upgrade = false;
-            }
-            if index >= end {
-                break;
-            }
+            bytes += block.len();
+            blocks.push(Block(block));
         }
-        messages
+        let count = blocks.len() as u64;
+        let no_data = (Message::NoData(NoData { channel, id: r.id }), None);
+        if count == 0 && !(r.upgrade && r.count == 0) {
+            return no_data;
+        }
+        let Ok(Proof { nodes, upgrade }) = slot.feed.proof(r.index, count, r.length, r.upgrade)
+        else {
+            return no_data;
+        };
+        slot.uploaded.set_range(r.index..r.index + count, true);
+        let data = Message::Data(Data {
+            channel,
+            id: r.id,
+            index: r.index,
+            blocks,
+            nodes,
+            upgrade,
+        });
+        let rest = (count > 0 && r.index + count < end).then(|| Request {
+            index: r.index + count,
+            count: r.count - count as u32,
+            // Later pieces are relative to the tree the first one upgraded the requester to.
+            length: if r.upgrade { slot.feed.len() } else { r.length },
+            upgrade: false,
+            ..r.clone()
+        });
+        (data, rest)
+    }
+
+    /// Serves the next piece of the queued request at `pos` of `peer`'s queue, leaving any
+    /// remainder at the front.
+    fn serve_queued(&mut self, peer: PeerId, pos: usize) -> Option<Vec<Message>> {
+        let (feed, r) = self.peers.get_mut(&peer)?.uploads.remove(pos)?;
+        let (message, rest) = self.serve(feed, &r);
+        if let (Some(rest), Some(state)) = (rest, self.peers.get_mut(&peer)) {
+            state.uploads.push_front((feed, rest));
+        }
+        Some(vec![message])
     }
 
     fn on_no_data(&mut self, peer: PeerId, n: NoData) -> Result<(), GoodbyeReason> {
@@ -998,7 +1012,7 @@ impl<S: Storage> Replicator<S> {
         if !req.expired {
             state.live -= req.weight();
         }
-        state.progress(self.now);
+        state.progress();
         // It does not have what it said it had (or lost it): stop asking it for those blocks.
         if let Some(ch) = state.channels.get_mut(&req.feed) {
             ch.have.set_range(req.index..req.index + req.count, false);
@@ -1008,6 +1022,7 @@ impl<S: Storage> Replicator<S> {
         }
         if self.feeds[req.feed].upgrade_in_flight == Some((peer, n.id)) {
             self.feeds[req.feed].upgrade_in_flight = None;
+            self.cannot_upgrade(peer, req.feed);
         }
         Ok(())
     }
@@ -1018,14 +1033,16 @@ impl<S: Storage> Replicator<S> {
             .peers
             .get_mut(&peer)
             .expect("checked by handle_message");
-        let Some(req) = state.requests.remove(&d.id) else {
+        let Some(&req) = state.requests.get(&d.id) else {
             return Ok(()); // unsolicited, or answered long ago: ignored
         };
         let count = d.blocks.len() as u64;
         let right_shape = d.index == req.index && count <= req.count && (count > 0 || req.upgrade);
         if !right_shape {
+            // Dropping the peer releases the request, which is still in its table.
             return Err(GoodbyeReason::ProtocolError);
         }
+        state.requests.remove(&d.id);
         // A range may be answered in several pieces (each within MAX_DATA_BYTES): the rest of
         // the request stays pending under the same id.
         let partial = count > 0 && count < req.count;
@@ -1066,13 +1083,16 @@ impl<S: Storage> Replicator<S> {
             .peers
             .get_mut(&peer)
             .expect("checked by handle_message");
-        state.progress(now);
+        state.progress();
         if self.feeds[feed].upgrade_in_flight == Some((peer, d.id)) {
             self.feeds[feed].upgrade_in_flight = None;
         }
         let slot = &mut self.feeds[feed];
         let all_held = (d.index..d.index + count).all(|i| slot.feed.has(i));
         if all_held && (d.upgrade.is_none() || count > 0) {
+            if req.upgrade && d.upgrade.is_none() {
+                self.cannot_upgrade(peer, feed);
+            }
             return Ok(()); // duplicate: someone else answered first
         }
         let length_before = slot.feed.len();
@@ -1172,10 +1192,6 @@ impl<S: Storage> Replicator<S> {
                 }
                 cancels.push((peer, id, r));
             }
-            // Nothing left to wait for from this peer: its idle clock stops.
-            if state.live == 0 && state.requests.values().all(|r| r.expired) {
-                state.waiting_since = None;
-            }
         }
         for (peer, id, r) in cancels {
             if !r.expired {
@@ -1206,7 +1222,6 @@ impl<S: Storage> Replicator<S> {
             },
         );
         state.live += (count as u32).max(1);
-        state.waiting_since.get_or_insert(self.now);
         let slot = &mut self.feeds[feed];
         for i in index..index + count {
             *slot.in_flight.entry(i).or_default() += 1;

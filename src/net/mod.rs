@@ -158,6 +158,8 @@ pub enum Inbound {
         /// How much is queued on `outbound` and how much has been written, shared with the
         /// connection's writer.
         stats: Arc<ConnStats>,
+        /// Cancelling it closes the connection at once, even while a write is blocked.
+        cancel: CancellationToken,
     },
     /// A message arrived.
     Message {
@@ -300,6 +302,7 @@ async fn run_connection(
     let transport = Arc::new(transport);
     let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let stats = Arc::new(ConnStats::default());
+    let conn_cancel = cancel.child_token();
     let connected = Inbound::Connected {
         conn,
         remote,
@@ -308,6 +311,7 @@ async fn run_connection(
         addr,
         outbound: out_tx,
         stats: stats.clone(),
+        cancel: conn_cancel.clone(),
     };
     if !deliver(&tx, connected, &cancel).await {
         return;
@@ -322,7 +326,6 @@ async fn run_connection(
     let mut read_parts = FramedParts::new::<Bytes>(read_half, codec());
     read_parts.read_buf = parts.read_buf;
     let stream = Framed::from_parts(read_parts);
-    let conn_cancel = cancel.child_token();
     let writer = tokio::spawn(write_loop(
         write_half,
         out_rx,

@@ -182,6 +182,8 @@ struct Conn {
     addr: SocketAddr,
     initiator: bool,
     outbound: tokio::sync::mpsc::Sender<Message>,
+    /// Closes the connection.
+    cancel: CancellationToken,
     /// Queued bytes and writes done (shared with the connection's writer).
     stats: std::sync::Arc<net::ConnStats>,
     /// Control messages that did not fit in the queue yet.
@@ -224,9 +226,11 @@ impl Loop {
                 addr,
                 outbound,
                 stats,
+                cancel,
             } => {
                 if remote == self.identity.public {
-                    return; // dialled ourselves; dropping `outbound` closes it
+                    cancel.cancel(); // dialled ourselves
+                    return;
                 }
                 let peer = self.peer_id(remote);
                 if let Some(&old) = self.by_peer.get(&peer) {
@@ -234,9 +238,13 @@ impl Loop {
                     // key, so that both ends keep the same one.
                     let initiator_key =
                         |init: bool| if init { self.identity.public } else { remote };
-                    let keep_new =
-                        initiator_key(initiator) < initiator_key(self.conns[&old].initiator);
+                    // Same direction twice (the peer redialled, e.g. after a crash): the newer
+                    // connection is the live one.
+                    let old_initiator = self.conns[&old].initiator;
+                    let keep_new = initiator == old_initiator
+                        || initiator_key(initiator) < initiator_key(old_initiator);
                     if !keep_new {
+                        cancel.cancel();
                         return;
                     }
                     self.drop_conn(old);
@@ -252,6 +260,7 @@ impl Loop {
                         initiator,
                         outbound,
                         stats,
+                        cancel,
                         backlog: VecDeque::new(),
                         full_since: None,
                     },
@@ -282,10 +291,13 @@ impl Loop {
     }
 
     fn drop_conn(&mut self, conn: ConnId) {
-        // Dropping the connection's `outbound` ends its writer, which closes the socket.
-        if let Some(c) = self.conns.remove(&conn)
-            && self.by_peer.get(&c.peer) == Some(&conn)
-        {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        // Closes the socket and ends both tasks, even if a write to a peer that stopped reading
+        // is blocked (dropping `outbound` alone would wait for that write forever).
+        c.cancel.cancel();
+        if self.by_peer.get(&c.peer) == Some(&conn) {
             self.by_peer.remove(&c.peer);
             self.replicator.handle_disconnected(c.peer);
             self.emit(NodeEvent::PeerDisconnected { peer: c.peer });
