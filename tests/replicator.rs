@@ -38,6 +38,29 @@ fn assert_key_absent(messages: &[(u64, Message)], pk: &[u8; 32]) {
     }
 }
 
+/// `peer` (which dialled us on session `hh`) opens `channel` for the feed with `pk`, with a
+/// valid capability.
+fn open_from(r: &mut Replicator<MemoryStorage>, peer: u64, hh: &[u8], pk: &[u8; 32], channel: u32) {
+    let capability = crypto::capability(pk, hh, true);
+    let discovery_key = crypto::discovery_key(pk);
+    r.handle_message(
+        peer,
+        Message::Open(Open {
+            channel,
+            discovery_key,
+            capability,
+        }),
+    );
+}
+
+/// A replicator serving `w`, with peer 7 connected to it (peer 7 dialled, on session "s").
+fn serving(w: Feed<MemoryStorage>) -> Replicator<MemoryStorage> {
+    let mut r = Replicator::new(Config::default());
+    r.add_feed(w, false);
+    r.handle_connected(7, b"s", false);
+    r
+}
+
 #[test]
 fn a_peer_without_the_key_learns_nothing() {
     let w = writer(10);
@@ -100,15 +123,7 @@ fn a_peer_without_the_key_learns_nothing() {
     }
 
     // With the right capability the channel opens and the feed is announced.
-    let capability = crypto::capability(&pk, b"session-7", true);
-    r.handle_message(
-        7,
-        Message::Open(Open {
-            channel: 3,
-            discovery_key: dkey,
-            capability,
-        }),
-    );
+    open_from(&mut r, 7, b"session-7", &pk, 3);
     let out = sent(&drain(&mut r));
     assert!(out.iter().any(|(_, m)| matches!(m, Message::Open(_))));
     assert!(
@@ -409,20 +424,9 @@ fn a_source_that_cannot_upgrade_us_is_not_asked_again_at_once() {
 fn a_second_channel_number_for_the_same_feed_is_refused() {
     let w = writer(4);
     let pk = w.public_key();
-    let mut r = Replicator::new(Config::default());
-    r.add_feed(w, false);
-    r.handle_connected(7, b"s", false);
-    let capability = crypto::capability(&pk, b"s", true);
-    let dkey = crypto::discovery_key(&pk);
+    let mut r = serving(w);
     for channel in [1, 2] {
-        r.handle_message(
-            7,
-            Message::Open(Open {
-                channel,
-                discovery_key: dkey,
-                capability,
-            }),
-        );
+        open_from(&mut r, 7, b"s", &pk, channel);
     }
     let out = drain(&mut r);
     assert!(
@@ -443,18 +447,8 @@ fn a_large_request_is_served_one_piece_at_a_time() {
     let blocks: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 65536]).collect();
     w.append_batch(&blocks).unwrap();
     let pk = w.public_key();
-    let mut r = Replicator::new(Config::default());
-    r.add_feed(w, false);
-    r.handle_connected(7, b"s", false);
-    let capability = crypto::capability(&pk, b"s", true);
-    r.handle_message(
-        7,
-        Message::Open(Open {
-            channel: 0,
-            discovery_key: crypto::discovery_key(&pk),
-            capability,
-        }),
-    );
+    let mut r = serving(w);
+    open_from(&mut r, 7, b"s", &pk, 0);
     r.handle_message(
         7,
         Message::Request(Request {
