@@ -379,7 +379,7 @@ impl<S: Storage> Replicator<S> {
     pub fn is_complete(&self, feed: FeedId) -> bool {
         let slot = &self.feeds[feed];
         slot.feed.len() >= slot.best_length
-            && slot.feed.bitfield().count_range(0..slot.feed.len()) == slot.feed.len()
+            && slot.feed.bitfield().first_unset(0) >= slot.feed.len()
     }
 
     /// Peers currently connected.
@@ -1287,7 +1287,8 @@ impl<S: Storage> Replicator<S> {
             .iter()
             .filter_map(|(&id, p)| {
                 let ch = p.channels.get(&feed).filter(|c| c.is_open())?;
-                let seed = ch.have.count_range(0..length) == length;
+                // First gap, not a full popcount: this runs for every peer on every message.
+                let seed = ch.have.first_unset(0) >= length;
                 Some((id, p.free(), p.live, p.srtt.unwrap_or(default_rtt), seed))
             })
             .collect();
