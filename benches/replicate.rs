@@ -23,6 +23,16 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     })
 }
 
+/// CPU seconds (user + system) the process has used so far; `/proc/PID/stat` fields 14 and 15.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields are counted after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mib: usize = args
@@ -100,9 +110,14 @@ fn main() {
         .unwrap();
     let rpid = reader.id();
     let mut reader_peak = 0;
+    let mut reader_cpu = 0.0;
+    let writer_cpu0 = cpu_secs(writer.id()).unwrap_or(0.0);
     let status = loop {
         if let Some(p) = peak_rss_kib(rpid) {
             reader_peak = reader_peak.max(p);
+        }
+        if let Some(c) = cpu_secs(rpid) {
+            reader_cpu = c; // the last sample before exit; undercounts by at most one poll
         }
         if let Some(s) = reader.try_wait().unwrap() {
             break s;
@@ -116,6 +131,7 @@ fn main() {
     let elapsed = t.elapsed();
     assert!(status.success());
     let writer_peak = peak_rss_kib(writer.id()).unwrap_or(0);
+    let writer_cpu = cpu_secs(writer.id()).unwrap_or(0.0) - writer_cpu0;
     let _ = Command::new("kill").arg(writer.id().to_string()).status();
     let _ = writer.wait();
 
@@ -139,4 +155,13 @@ fn main() {
         writer_peak / 1024,
         reader_peak / 1024
     );
+    println!(
+        "  CPU: writer {writer_cpu:.2} s, reader {reader_cpu:.2} s, of {:.2} s available on {} cores",
+        elapsed.as_secs_f64() * cores() as f64,
+        cores()
+    );
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
