@@ -17,9 +17,67 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Work with a single feed store (low-level; folders come later).
+    /// Share DIR: print its URL (first line of stdout), serve it and follow its changes until
+    /// SIGINT/SIGTERM.
+    Share {
+        /// The folder to share.
+        dir: PathBuf,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Clone the folder at URL into DIR and keep following it (with --once: exit 0 as soon as
+    /// DIR equals the newest version).
+    Clone {
+        /// feedsync://<key> as printed by `share`.
+        url: String,
+        /// Where to put it (created if missing).
+        dir: PathBuf,
+        #[command(flatten)]
+        net: NetArgs,
+        /// Exit once DIR holds the newest version.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Resume an existing shared or cloned folder.
+    Sync {
+        /// The folder.
+        dir: PathBuf,
+        #[command(flatten)]
+        net: NetArgs,
+        /// (Clones) exit once DIR holds the newest version.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Show a folder's version and progress (live while a node runs on it).
+    Status {
+        /// The folder.
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a folder's versions: what each changed.
+    Log {
+        /// The folder.
+        dir: PathBuf,
+    },
+    /// Work with a single feed store (low-level).
     #[command(subcommand)]
     Feed(FeedCommand),
+}
+
+/// How a folder node reaches peers.
+#[derive(clap::Args)]
+struct NetArgs {
+    /// Address to accept peers on, e.g. 0.0.0.0:7070 (port 0 picks one).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Peer to dial (repeatable).
+    #[arg(long = "peer")]
+    peers: Vec<std::net::SocketAddr>,
+    /// Print `fetched FEED INDEX COUNT` for every verified range stored (for tests).
+    #[arg(long, hide = true)]
+    report_fetches: bool,
 }
 
 #[derive(Subcommand)]
@@ -158,8 +216,124 @@ fn sync_feed(
     Ok(())
 }
 
+/// Runs a folder node until a signal (or, with `once`, until the folder is complete).
+fn run_drive(
+    drive: feedsync::drive::Drive,
+    net: NetArgs,
+    once: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use feedsync::sync::{NodeConfig, NodeEvent};
+    use std::io::{IsTerminal, Write};
+    let writer = drive.writer;
+    let listen = match (net.listen, writer) {
+        (Some(a), _) => Some(a),
+        // A writer always serves; port 0 picks a free one (printed).
+        (None, true) => Some("0.0.0.0:0".parse().expect("constant address")),
+        (None, false) => None,
+    };
+    let mut out = std::io::stdout().lock();
+    if writer {
+        writeln!(out, "{}", drive.url())?;
+        out.flush()?;
+    }
+    let options = feedsync::drive::AppOptions {
+        progress: Some(std::time::Duration::from_secs(1)),
+        terminal: std::io::stderr().is_terminal(),
+        ..Default::default()
+    };
+    let (feeds, app) = drive.into_app(options)?;
+    let config = NodeConfig {
+        listen,
+        peers: net.peers.clone(),
+        exit_when_complete: once && !writer,
+        handle_signals: true,
+        ..NodeConfig::new()
+    };
+    let node = feedsync::sync::spawn_with(config, feeds, Some(Box::new(app)))?;
+    for event in node.events.iter() {
+        match event {
+            NodeEvent::Listening(addr) => {
+                writeln!(out, "listening on {addr}")?;
+                out.flush()?;
+            }
+            NodeEvent::Replication(feedsync::core::Event::Downloaded { feed, index, count })
+                if net.report_fetches =>
+            {
+                writeln!(out, "fetched {feed} {index} {count}")?;
+                out.flush()?;
+            }
+            NodeEvent::Complete if !writer => {
+                writeln!(out, "complete")?;
+                out.flush()?;
+            }
+            NodeEvent::Stopped => break,
+            _ => {}
+        }
+    }
+    node.join()?;
+    Ok(())
+}
+
+fn status(dir: PathBuf, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::fs::canonicalize(&dir)?;
+    let state = root.join(feedsync::drive::STATE_DIR);
+    let stats: serde_json::Value = match feedsync::drive::Drive::open(&root) {
+        Ok(drive) => {
+            // Nobody runs on it: compute from the stores.
+            serde_json::to_value(drive.offline_stats()?)?
+        }
+        Err(feedsync::drive::DriveError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            // A node holds it: its last report.
+            serde_json::from_slice(&std::fs::read(state.join("status.json"))?)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    } else {
+        let g = |k: &str| stats.get(k).cloned().unwrap_or_default();
+        println!("url:      {}", g("url").as_str().unwrap_or(""));
+        println!("role:     {}", g("role").as_str().unwrap_or(""));
+        println!("version:  {} of {}", g("version"), g("latest_version"));
+        println!("files:    {} of {}", g("files_done"), g("files_total"));
+        println!("bytes:    {} of {}", g("bytes_done"), g("bytes_total"));
+        println!("peers:    {}", g("peers"));
+        if let Some(errs) = g("errors").as_array() {
+            for e in errs {
+                println!("error:    {}", e.as_str().unwrap_or(""));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
+        Command::Share { dir, net } => {
+            if !dir.is_dir() {
+                return Err(format!("{}: not a directory", dir.display()).into());
+            }
+            run_drive(feedsync::drive::Drive::share(&dir)?, net, false)?;
+        }
+        Command::Clone {
+            url,
+            dir,
+            net,
+            once,
+        } => {
+            let key = feedsync::drive::parse_url(&url)?;
+            run_drive(feedsync::drive::Drive::clone_into(&dir, key)?, net, once)?;
+        }
+        Command::Sync { dir, net, once } => {
+            run_drive(feedsync::drive::Drive::open(&dir)?, net, once)?;
+        }
+        Command::Status { dir, json } => status(dir, json)?,
+        Command::Log { dir } => {
+            let mut drive = feedsync::drive::Drive::open(&dir)?;
+            for line in drive.log()? {
+                println!("{line}");
+            }
+        }
         Command::Feed(FeedCommand::Create { store }) => {
             let feed = Feed::create(DiskStorage::open(&store)?, crypto::generate_key())?;
             println!("{}", hex(&feed.public_key()));

@@ -293,8 +293,9 @@ impl<S: Storage> Feed<S> {
         }
         // 1. data
         let mut offset = self.byte_length;
-        for b in blocks {
-            self.storage.write_data(offset, b.as_ref())?;
+        for (k, b) in blocks.iter().enumerate() {
+            self.storage
+                .write_block(self.length + k as u64, offset, b.as_ref())?;
             offset += b.as_ref().len() as u64;
         }
         // 2. nodes: each leaf merges with equal-depth roots to its left.
@@ -362,11 +363,29 @@ impl<S: Storage> Feed<S> {
     pub fn get(&mut self, index: u64) -> Result<Vec<u8>, FeedError> {
         let (leaf, offset) = self.leaf_and_offset(index)?;
         let mut buf = vec![0u8; leaf.size as usize];
-        self.storage.read_data(offset, &mut buf)?;
+        self.storage.read_block(index, offset, &mut buf)?;
         if crypto::leaf_hash(&buf) != leaf.hash {
             return Err(FeedError::DataChanged(index));
         }
         Ok(buf)
+    }
+
+    /// Stops holding blocks `range` (their bytes went away underneath, e.g. a shared file was
+    /// modified): the bits are cleared and persisted; the tree is kept, so proofs for other
+    /// blocks and a later re-download still work.
+    pub fn forget(&mut self, range: std::ops::Range<u64>) -> Result<(), FeedError> {
+        let range = range.start.min(self.length)..range.end.min(self.length);
+        self.bitfield.set_range(range.clone(), false);
+        self.storage.write_bitfield(&self.bitfield, range)?;
+        Ok(())
+    }
+
+    /// The verified leaf hash of held block `index`.
+    pub fn leaf_hash(&mut self, index: u64) -> Result<Hash, FeedError> {
+        if index >= self.length || !self.bitfield.get(index) {
+            return Err(FeedError::NotHeld(index));
+        }
+        Ok(self.node(2 * index)?.hash)
     }
 
     /// Byte offset and size of block `index` within the feed's content.
@@ -648,7 +667,7 @@ impl<S: Storage> Feed<S> {
             for (k, b) in blocks.iter().enumerate() {
                 let i = index + k as u64;
                 if !self.bitfield.get(i) {
-                    self.storage.write_data(offset, b.as_ref())?;
+                    self.storage.write_block(i, offset, b.as_ref())?;
                     new_blocks += 1;
                 }
                 offset += b.as_ref().len() as u64;

@@ -176,6 +176,9 @@ struct FeedSlot<S: Storage> {
     uploaded: Bitfield,
     /// Where the next unordered scan starts (`None`: at this node's seeded offset).
     cursor: Option<u64>,
+    /// Only these blocks are fetched (`None`: all). A shared folder wants the blocks of its
+    /// newest files, not every version it ever held.
+    want: Option<Bitfield>,
 }
 
 #[derive(Default)]
@@ -347,6 +350,7 @@ impl<S: Storage> Replicator<S> {
             upgrade_in_flight: None,
             uploaded: Bitfield::new(),
             cursor: None,
+            want: None,
         });
         let peers: Vec<PeerId> = self
             .peers
@@ -375,11 +379,59 @@ impl<S: Storage> Replicator<S> {
         self.feeds.len()
     }
 
-    /// Whether `feed` holds every block of the newest signed length any peer proved.
+    /// Whether `feed` holds every block it wants of the newest signed length any peer proved.
     pub fn is_complete(&self, feed: FeedId) -> bool {
         let slot = &self.feeds[feed];
-        slot.feed.len() >= slot.best_length
-            && slot.feed.bitfield().first_unset(0) >= slot.feed.len()
+        if slot.feed.len() < slot.best_length {
+            return false;
+        }
+        let have = slot.feed.bitfield();
+        match &slot.want {
+            None => have.first_unset(0) >= slot.feed.len(),
+            Some(want) => {
+                let mut i = 0;
+                while let Some(w) = want.first_set(i) {
+                    if !have.get(w) {
+                        return false;
+                    }
+                    i = w + 1;
+                }
+                true
+            }
+        }
+    }
+
+    /// Restricts downloading `feed` to the blocks set in `want` (`None`: every block), and
+    /// schedules at once. Blocks already held are not affected.
+    pub fn set_want(&mut self, feed: FeedId, want: Option<Bitfield>) {
+        let slot = &mut self.feeds[feed];
+        slot.want = want;
+        slot.cursor = None;
+        if slot.download {
+            self.schedule_blocks(feed);
+        }
+    }
+
+    /// Gives up blocks we can no longer serve (a shared file changed under us): they leave our
+    /// bitfield and every peer is told `Unhave`, so nobody asks us for them again.
+    pub fn forget(&mut self, feed: FeedId, range: std::ops::Range<u64>) -> Result<(), FeedError> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        self.feeds[feed].feed.forget(range.clone())?;
+        for peer in self.feed_peers(feed) {
+            self.send(
+                peer,
+                Message::Unhave(Have {
+                    channel: feed as u32,
+                    blocks: BlockSet::Range {
+                        start: range.start,
+                        count: range.end - range.start,
+                    },
+                }),
+            );
+        }
+        Ok(())
     }
 
     /// Peers currently connected.
@@ -390,6 +442,11 @@ impl<S: Storage> Replicator<S> {
     /// Whether `peer` was banned this session.
     pub fn is_banned(&self, peer: PeerId) -> bool {
         self.banned.contains(&peer)
+    }
+
+    /// Whether actions are waiting to be polled.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
     }
 
     /// The next thing to do, if any. Call until `None` after every input.
@@ -1334,6 +1391,16 @@ impl<S: Storage> Replicator<S> {
                     break 'scan;
                 }
                 i = slot.feed.bitfield().first_unset(i);
+                if let Some(want) = &slot.want {
+                    match want.first_set(i) {
+                        Some(w) if w == i => {}
+                        Some(w) => {
+                            i = w; // the next wanted block; check it is missing
+                            continue;
+                        }
+                        None => break,
+                    }
+                }
                 if i >= to {
                     break;
                 }
@@ -1391,6 +1458,7 @@ impl<S: Storage> Replicator<S> {
             while count < self.config.max_request_blocks.min(free)
                 && index + count < length
                 && !slot.feed.has(index + count)
+                && slot.want.as_ref().is_none_or(|w| w.get(index + count))
                 && !slot.in_flight.contains_key(&(index + count))
                 && have.get(index + count)
             {

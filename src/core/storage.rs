@@ -46,6 +46,18 @@ pub trait Storage {
     fn read_data(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes content bytes at feed byte `offset`.
     fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Reads block `index`, which starts at feed byte `offset`. The feed reads blocks through
+    /// this; a store that keeps blocks somewhere other than one flat data file (a shared
+    /// folder's own files) maps the block index itself.
+    fn read_block(&mut self, index: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let _ = index;
+        self.read_data(offset, buf)
+    }
+    /// Writes block `index` at feed byte `offset`; see [`Storage::read_block`].
+    fn write_block(&mut self, index: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        let _ = index;
+        self.write_data(offset, data)
+    }
     /// The persisted set of blocks held.
     fn bitfield(&mut self) -> io::Result<Bitfield>;
     /// Persists `bitfield`; only blocks in `changed` differ from what was last written.

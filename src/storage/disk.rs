@@ -5,7 +5,8 @@
 //!                 a BLAKE3 checksum, and the valid slot with the higher sequence wins
 //! DIR/tree        40 bytes per node at `index * 40`: hash (32) || size (u64 LE); all-zero = absent
 //! DIR/bitfield    one bit per block held (block i = bit i%8 of byte i/8)
-//! DIR/data        the content bytes, at their feed byte offset
+//! DIR/data        the content bytes, at their feed byte offset (absent when the blocks live
+//!                 elsewhere: see [`BlockData`])
 //! DIR/secret_key  the writer's 32-byte ed25519 seed, mode 0600 (writers only)
 //! DIR/lock        held with an exclusive lock while the store is open
 //! ```
@@ -32,6 +33,23 @@ const SLOT_BODY: usize = SLOT_SIZE - 32;
 const MAGIC: &[u8; 8] = b"FEEDSYNC";
 const FORMAT_VERSION: u32 = 1;
 
+/// Where a store keeps block bytes when they are not in its own data file: a shared folder's
+/// content feed keeps them in the folder's files, so the bytes exist once on disk.
+pub trait BlockData: Send + std::fmt::Debug {
+    /// Reads block `index` (exactly `buf.len()` bytes).
+    fn read(&mut self, index: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Stores verified block `index`; must have completed (page cache) when it returns.
+    fn write(&mut self, index: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes written blocks durable against power loss.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+#[derive(Debug)]
+enum Data {
+    File(File),
+    Blocks(Box<dyn BlockData>),
+}
+
 /// A feed store in a directory. See the module docs for the layout.
 #[derive(Debug)]
 pub struct DiskStorage {
@@ -39,7 +57,7 @@ pub struct DiskStorage {
     header: File,
     tree: File,
     bitfield: File,
-    data: File,
+    data: Data,
     _lock: File,
     /// Sequence number of the newest valid header slot (0: none yet).
     seq: u64,
@@ -64,7 +82,16 @@ fn open_rw(path: &Path) -> io::Result<File> {
 impl DiskStorage {
     /// Opens (creating if needed) the store in `dir`. Fails if another process has it open.
     pub fn open(dir: impl AsRef<Path>) -> io::Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_inner(dir.as_ref(), None)
+    }
+
+    /// Opens the store in `dir` with its block bytes kept by `blocks` instead of a data file.
+    pub fn open_with_blocks(dir: impl AsRef<Path>, blocks: Box<dyn BlockData>) -> io::Result<Self> {
+        Self::open_inner(dir.as_ref(), Some(blocks))
+    }
+
+    fn open_inner(dir: &Path, blocks: Option<Box<dyn BlockData>>) -> io::Result<Self> {
+        let dir = dir.to_path_buf();
         fs::create_dir_all(&dir)?;
         let lock = open_rw(&dir.join("lock"))?;
         lock.try_lock().map_err(|_| {
@@ -77,7 +104,10 @@ impl DiskStorage {
             header: open_rw(&dir.join("header"))?,
             tree: open_rw(&dir.join("tree"))?,
             bitfield: open_rw(&dir.join("bitfield"))?,
-            data: open_rw(&dir.join("data"))?,
+            data: match blocks {
+                Some(b) => Data::Blocks(b),
+                None => Data::File(open_rw(&dir.join("data"))?),
+            },
             _lock: lock,
             dir,
             seq: 0,
@@ -272,11 +302,31 @@ impl Storage for DiskStorage {
     }
 
     fn read_data(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.data.read_exact_at(buf, offset)
+        match &mut self.data {
+            Data::File(f) => f.read_exact_at(buf, offset),
+            Data::Blocks(_) => Err(io::Error::other("this store is addressed by block")),
+        }
     }
 
     fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.data.write_all_at(data, offset)
+        match &mut self.data {
+            Data::File(f) => f.write_all_at(data, offset),
+            Data::Blocks(_) => Err(io::Error::other("this store is addressed by block")),
+        }
+    }
+
+    fn read_block(&mut self, index: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match &mut self.data {
+            Data::File(f) => f.read_exact_at(buf, offset),
+            Data::Blocks(b) => b.read(index, buf),
+        }
+    }
+
+    fn write_block(&mut self, index: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        match &mut self.data {
+            Data::File(f) => f.write_all_at(data, offset),
+            Data::Blocks(b) => b.write(index, data),
+        }
     }
 
     fn bitfield(&mut self) -> io::Result<Bitfield> {
@@ -295,7 +345,10 @@ impl Storage for DiskStorage {
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        self.data.sync_data()?;
+        match &mut self.data {
+            Data::File(f) => f.sync_data()?,
+            Data::Blocks(b) => b.sync()?,
+        }
         self.tree.sync_data()?;
         self.bitfield.sync_data()?;
         self.header.sync_data()

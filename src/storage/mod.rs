@@ -5,4 +5,4 @@
 
 pub mod disk;
 
-pub use disk::DiskStorage;
+pub use disk::{BlockData, DiskStorage};

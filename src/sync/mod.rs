@@ -36,6 +36,9 @@ const UPLOAD_BUDGET: usize = 4 * 1024 * 1024;
 /// Control messages one connection may have waiting beyond its queue before it counts as too slow.
 const BACKLOG_LIMIT: usize = 4096;
 
+/// The feeds a node serves: `(feed, download)` pairs.
+pub type Feeds = Vec<(Feed<DiskStorage>, bool)>;
+
 /// How a node runs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -163,13 +166,38 @@ impl NodeHandle {
     }
 }
 
+/// Application logic that rides on a node's loop, such as a shared folder: it runs on the
+/// synchronizer thread with the replicator in hand, so it can read verified blocks, append,
+/// and steer what is downloaded without any locking or a second event loop.
+pub trait App: Send {
+    /// Once, after the feeds were added and before any peer connects.
+    fn start(&mut self, replicator: &mut Replicator<DiskStorage>);
+    /// Every replication event, after the replicator acted on it.
+    fn on_event(&mut self, replicator: &mut Replicator<DiskStorage>, event: &Event);
+    /// Every tick.
+    fn on_tick(&mut self, replicator: &mut Replicator<DiskStorage>);
+    /// Whether the job is done, for [`NodeConfig::exit_when_complete`].
+    fn is_done(&self, replicator: &Replicator<DiskStorage>) -> bool;
+    /// During ordered shutdown, before the stores are synced: finish and flush.
+    fn shutdown(&mut self, replicator: &mut Replicator<DiskStorage>) -> io::Result<()>;
+}
+
 /// Starts a node on its own thread. `feeds` are `(feed, download)` pairs.
 pub fn spawn(config: NodeConfig, feeds: Vec<(Feed<DiskStorage>, bool)>) -> io::Result<NodeHandle> {
+    spawn_with(config, feeds, None)
+}
+
+/// [`spawn`] with an [`App`] on the loop.
+pub fn spawn_with(
+    config: NodeConfig,
+    feeds: Vec<(Feed<DiskStorage>, bool)>,
+    app: Option<Box<dyn App>>,
+) -> io::Result<NodeHandle> {
     let (control, control_rx) = crossbeam_channel::bounded(64);
     let (events_tx, events) = crossbeam_channel::bounded(65_536);
     let thread = std::thread::Builder::new()
         .name("feedsync-sync".into())
-        .spawn(move || run(config, feeds, control_rx, events_tx))?;
+        .spawn(move || run_with(config, feeds, app, control_rx, events_tx))?;
     Ok(NodeHandle {
         control,
         events,
@@ -203,6 +231,7 @@ struct Loop {
     events: Sender<NodeEvent>,
     tick: u64,
     complete_reported: bool,
+    app: Option<Box<dyn App>>,
 }
 
 impl Loop {
@@ -347,6 +376,7 @@ impl Loop {
     /// Carries out everything the replicator asked for, then lets it upload where there is room.
     fn drive(&mut self) {
         loop {
+            let mut events = Vec::new();
             while let Some(action) = self.replicator.poll_action() {
                 match action {
                     Action::Send { peer, message } => {
@@ -362,8 +392,18 @@ impl Loop {
                             self.drop_conn(conn);
                         }
                     }
-                    Action::Event(e) => self.emit(NodeEvent::Replication(e)),
+                    Action::Event(e) => events.push(e),
                 }
+            }
+            let app_acted = self.app.is_some() && !events.is_empty();
+            for e in events {
+                if let Some(app) = &mut self.app {
+                    app.on_event(&mut self.replicator, &e);
+                }
+                self.emit(NodeEvent::Replication(e));
+            }
+            if app_acted {
+                continue; // the app may have asked for more
             }
             let mut uploaded = false;
             let conns: Vec<(ConnId, PeerId)> =
@@ -394,7 +434,7 @@ impl Loop {
                 }
             }
             // Serving can produce actions (none today), and actions can queue uploads.
-            if !uploaded {
+            if !uploaded && !self.replicator.has_actions() {
                 break;
             }
         }
@@ -424,6 +464,9 @@ impl Loop {
     }
 
     fn complete(&self) -> bool {
+        if let Some(app) = &self.app {
+            return app.is_done(&self.replicator);
+        }
         let mut any = false;
         for f in 0..self.replicator.feed_count() {
             let feed = self.replicator.feed(f);
@@ -444,6 +487,17 @@ impl Loop {
 pub fn run(
     config: NodeConfig,
     feeds: Vec<(Feed<DiskStorage>, bool)>,
+    control: Receiver<Command>,
+    events: Sender<NodeEvent>,
+) -> io::Result<()> {
+    run_with(config, feeds, None, control, events)
+}
+
+/// [`run`] with an [`App`] on the loop.
+pub fn run_with(
+    config: NodeConfig,
+    feeds: Vec<(Feed<DiskStorage>, bool)>,
+    app: Option<Box<dyn App>>,
     control: Receiver<Command>,
     events: Sender<NodeEvent>,
 ) -> io::Result<()> {
@@ -490,7 +544,12 @@ pub fn run(
         events,
         tick: 0,
         complete_reported: false,
+        app,
     };
+    if let Some(app) = &mut lp.app {
+        app.start(&mut lp.replicator);
+    }
+    lp.drive();
     if let Some(addr) = config.listen {
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
         lp.emit(NodeEvent::Listening(listener.local_addr()?));
@@ -536,6 +595,9 @@ pub fn run(
             recv(ticker) -> _ => {
                 lp.tick += 1;
                 lp.replicator.handle_tick(lp.tick);
+                if let Some(app) = &mut lp.app {
+                    app.on_tick(&mut lp.replicator);
+                }
                 lp.cut_stalled(stall_ticks);
                 for addr in lp.book.due(lp.tick) {
                     lp.book.dialing(&addr, lp.tick);
@@ -577,8 +639,14 @@ pub fn run(
         );
         let _ = lp.flush_backlog(*conn);
     }
-    // 3: everything verified is made durable.
+    // 3: the app finishes (a folder publishes what is complete), then everything verified is
+    // made durable.
     let mut result = Ok(());
+    if let Some(app) = &mut lp.app
+        && let Err(e) = app.shutdown(&mut lp.replicator)
+    {
+        result = Err(e);
+    }
     for f in 0..lp.replicator.feed_count() {
         if let Err(e) = lp.replicator.feed_mut(f).sync() {
             result = Err(io::Error::other(e.to_string()));

@@ -1,0 +1,396 @@
+//! Writer side: scanning the folder into records and content blocks.
+//!
+//! A scan walks the folder (honouring `.feedsyncignore`, gitignore syntax, through the `ignore`
+//! crate; the state directory is never entered), skips files whose size, mtime and mode match
+//! the current record, and hashes the rest in [`BLOCK_SIZE`] blocks. A block whose leaf hash the
+//! drive already holds is referenced, not appended: a rename, a copy, or a large file changed in
+//! a few places sends only the blocks that are new. New blocks are appended in batches (one
+//! signature per batch), then the records, so a reader never sees a record before its blocks.
+//! Blocks no current file references any more are given up (`unhave`).
+
+use crate::core::replicator::{FeedId, Replicator};
+use crate::core::{FeedError, crypto};
+use crate::drive::STATE_DIR;
+use crate::drive::layout::{self, Shared};
+use crate::drive::record::{
+    BLOCK_SIZE, Entry, Extent, FileInfo, MAX_BATCH_BYTES, Record, State, check_path, encode,
+};
+use crate::storage::DiskStorage;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::UNIX_EPOCH;
+
+/// The name of the ignore file, in any directory of the folder.
+pub const IGNORE_FILE: &str = ".feedsyncignore";
+
+/// Blocks appended under one signature.
+const APPEND_BATCH: usize = 16;
+
+/// What a scan changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Files added or modified.
+    pub files: u64,
+    /// Bytes in those files.
+    pub bytes: u64,
+    /// Content blocks appended (the rest were reused).
+    pub new_blocks: u64,
+    /// Paths removed.
+    pub removed: u64,
+    /// Directories added.
+    pub dirs: u64,
+    /// Files that changed while being read (picked up by the next scan).
+    pub unstable: u64,
+}
+
+/// Writer-side import state.
+pub struct Importer {
+    meta: FeedId,
+    content: FeedId,
+    layout: Shared,
+    /// Leaf hash -> a held content block with those bytes.
+    dedup: HashMap<[u8; 32], u64>,
+    pending: Vec<Vec<u8>>,
+}
+
+impl Importer {
+    /// An importer for the drive in `replicator` (`meta` and `content` feeds), whose current
+    /// files are registered in `layout`. Builds the dedup index from the held blocks.
+    pub fn new(
+        replicator: &mut Replicator<DiskStorage>,
+        meta: FeedId,
+        content: FeedId,
+        layout: Shared,
+    ) -> Result<Self, FeedError> {
+        let mut dedup = HashMap::new();
+        let blocks: BTreeSet<u64> = {
+            let l = layout::lock(&layout);
+            l.slots().flat_map(|(_, s)| s.info.block_at()).collect()
+        };
+        let feed = replicator.feed_mut(content);
+        for b in blocks {
+            if let Ok(h) = feed.leaf_hash(b) {
+                dedup.insert(h, b);
+            }
+        }
+        Ok(Self {
+            meta,
+            content,
+            layout,
+            dedup,
+            pending: Vec::new(),
+        })
+    }
+
+    fn flush(&mut self, r: &mut Replicator<DiskStorage>) -> Result<(), FeedError> {
+        if !self.pending.is_empty() {
+            r.append(self.content, &self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Scans the folder against `state` and appends what changed. Returns what it did; the
+    /// records are applied to `state`.
+    pub fn scan(
+        &mut self,
+        r: &mut Replicator<DiskStorage>,
+        state: &mut State,
+    ) -> Result<ScanReport, ScanError> {
+        let root = layout::lock(&self.layout).root().to_path_buf();
+        let mut report = ScanReport::default();
+        let mut records = Vec::new();
+        let mut seen = BTreeSet::new();
+        let start_len = r.feed(self.content).len();
+        let walker = ignore::WalkBuilder::new(&root)
+            .standard_filters(false)
+            .add_custom_ignore_filename(IGNORE_FILE)
+            .follow_links(false)
+            .sort_by_file_name(|a, b| a.cmp(b))
+            .filter_entry(|e| !(e.depth() == 1 && e.file_name() == STATE_DIR))
+            .build();
+        for entry in walker {
+            let entry = entry.map_err(|e| ScanError::Walk(e.to_string()))?;
+            if entry.depth() == 0 {
+                continue;
+            }
+            let Ok(rel) = entry.path().strip_prefix(&root) else {
+                continue;
+            };
+            let Some(rel) = rel.to_str().map(str::to_string) else {
+                tracing_skip(entry.path(), "name is not UTF-8");
+                continue;
+            };
+            if check_path(&rel).is_err() {
+                tracing_skip(entry.path(), "unusable name");
+                continue;
+            }
+            let Some(ft) = entry.file_type() else {
+                continue;
+            };
+            if ft.is_dir() {
+                seen.insert(rel.clone());
+                if state.entries.get(&rel) != Some(&Entry::Dir) {
+                    records.push(Record::Put {
+                        path: rel,
+                        entry: Entry::Dir,
+                    });
+                    report.dirs += 1;
+                }
+                continue;
+            }
+            if !ft.is_file() {
+                tracing_skip(entry.path(), "not a regular file or directory");
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else {
+                continue; // vanished since the walk listed it
+            };
+            let (secs, nanos) = stamp(&meta);
+            let executable = meta.permissions().mode() & 0o100 != 0;
+            if let Some(Entry::File(f)) = state.entries.get(&rel)
+                && f.size == meta.len()
+                && f.mtime_secs == secs
+                && f.mtime_nanos == nanos
+                && f.executable == executable
+            {
+                seen.insert(rel);
+                continue;
+            }
+            match self.import_file(r, entry.path(), &rel, executable)? {
+                Some(info) => {
+                    seen.insert(rel.clone());
+                    report.files += 1;
+                    report.bytes += info.size;
+                    records.push(Record::Put {
+                        path: rel,
+                        entry: Entry::File(info),
+                    });
+                }
+                None => {
+                    report.unstable += 1;
+                    // Keep the previous record until the file settles.
+                    seen.insert(rel);
+                }
+            }
+        }
+        self.flush(r)?;
+        report.new_blocks = r.feed(self.content).len() - start_len;
+        // Removals: recorded paths not seen (children of a removed directory go with it).
+        let gone: Vec<String> = state
+            .entries
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        let mut removed_dirs: Vec<String> = Vec::new();
+        for p in gone {
+            if removed_dirs.iter().any(|d| {
+                p.strip_prefix(d.as_str())
+                    .is_some_and(|s| s.starts_with('/'))
+            }) {
+                continue;
+            }
+            if state.entries.get(&p) == Some(&Entry::Dir) {
+                removed_dirs.push(p.clone());
+            }
+            records.push(Record::Remove { path: p });
+            report.removed += 1;
+        }
+        self.commit(r, state, records)?;
+        Ok(report)
+    }
+
+    /// Appends `records` as metadata blocks, applies them to `state` and the layout, and gives
+    /// up blocks no file references any more.
+    pub fn commit(
+        &mut self,
+        r: &mut Replicator<DiskStorage>,
+        state: &mut State,
+        records: Vec<Record>,
+    ) -> Result<(), ScanError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut batches: Vec<Vec<Record>> = vec![Vec::new()];
+        let mut size = 0;
+        for rec in records {
+            let n = encode(std::slice::from_ref(&rec)).len();
+            if size + n > MAX_BATCH_BYTES && !batches.last().expect("non-empty").is_empty() {
+                batches.push(Vec::new());
+                size = 0;
+            }
+            size += n;
+            batches.last_mut().expect("non-empty").push(rec);
+        }
+        let blocks: Vec<Vec<u8>> = batches.iter().map(|b| encode(b)).collect();
+        r.append(self.meta, &blocks)?;
+        let mut orphans = BTreeSet::new();
+        {
+            let mut l = layout::lock(&self.layout);
+            for batch in &batches {
+                for rec in batch {
+                    match rec {
+                        Record::Put { path, .. } | Record::Remove { path } => {
+                            // The path and anything under it leave the layout; a new file
+                            // version comes back in, referencing what it reuses.
+                            let prefix = format!("{path}/");
+                            let ids: Vec<_> = l
+                                .slots()
+                                .filter(|(_, s)| s.path == *path || s.path.starts_with(&prefix))
+                                .map(|(id, _)| id)
+                                .collect();
+                            for id in ids {
+                                orphans.extend(l.remove(id));
+                            }
+                            if let Record::Put {
+                                entry: Entry::File(info),
+                                ..
+                            } = rec
+                            {
+                                l.add_live(path.clone(), info.clone());
+                            }
+                        }
+                        Record::Init { .. } => {}
+                    }
+                }
+            }
+            orphans.retain(|b| !l.is_owned(*b));
+        }
+        for batch in batches {
+            state.apply(batch);
+        }
+        // Consecutive orphans go in one Unhave.
+        let orphans: Vec<u64> = orphans.into_iter().collect();
+        let mut i = 0;
+        while i < orphans.len() {
+            let mut j = i + 1;
+            while j < orphans.len() && orphans[j] == orphans[j - 1] + 1 {
+                j += 1;
+            }
+            r.forget(self.content, orphans[i]..orphans[j - 1] + 1)?;
+            i = j;
+        }
+        self.dedup.retain(|_, b| orphans.binary_search(b).is_err());
+        Ok(())
+    }
+
+    /// Hashes one file into blocks; `None` if it changed while being read.
+    fn import_file(
+        &mut self,
+        r: &mut Replicator<DiskStorage>,
+        path: &Path,
+        rel: &str,
+        executable: bool,
+    ) -> Result<Option<FileInfo>, ScanError> {
+        let io_err = |e: io::Error| ScanError::Read(rel.to_string(), e);
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        let before = file.metadata().map_err(io_err)?;
+        let mut whole = blake3::Hasher::new();
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut size = 0u64;
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        loop {
+            let n = read_full(&mut file, &mut buf).map_err(io_err)?;
+            if n == 0 {
+                break;
+            }
+            let block = &buf[..n];
+            size += n as u64;
+            whole.update(block);
+            let leaf = crypto::leaf_hash(block);
+            let index = match self.dedup.get(&leaf) {
+                Some(&b) => b,
+                None => {
+                    let b = r.feed(self.content).len() + self.pending.len() as u64;
+                    self.pending.push(block.to_vec());
+                    self.dedup.insert(leaf, b);
+                    b
+                }
+            };
+            match extents.last_mut() {
+                Some(e) if e.start + e.count == index => e.count += 1,
+                _ => extents.push(Extent {
+                    start: index,
+                    count: 1,
+                }),
+            }
+            if self.pending.len() >= APPEND_BATCH {
+                self.flush(r)?;
+            }
+            if n < BLOCK_SIZE {
+                break;
+            }
+        }
+        let after = std::fs::metadata(path).map_err(io_err)?;
+        if after.len() != size || stamp(&after) != stamp(&before) || before.len() != size {
+            return Ok(None);
+        }
+        let (mtime_secs, mtime_nanos) = stamp(&before);
+        Ok(Some(FileInfo {
+            size,
+            executable,
+            mtime_secs,
+            mtime_nanos,
+            hash: *whole.finalize().as_bytes(),
+            extents,
+        }))
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// A file's mtime as (seconds, nanoseconds) since the epoch.
+pub fn stamp(meta: &std::fs::Metadata) -> (i64, u32) {
+    match meta.modified() {
+        Ok(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+            Err(e) => {
+                let d = e.duration();
+                if d.subsec_nanos() == 0 {
+                    (-(d.as_secs() as i64), 0)
+                } else {
+                    (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+                }
+            }
+        },
+        Err(_) => (0, 0),
+    }
+}
+
+fn tracing_skip(path: &Path, why: &str) {
+    eprintln!("feedsync: skipping {}: {why}", path.display());
+}
+
+/// Why a scan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// Walking the folder failed.
+    #[error("scanning the folder: {0}")]
+    Walk(String),
+    /// A file could not be read.
+    #[error("reading {0}: {1}")]
+    Read(String, #[source] io::Error),
+    /// Appending to a feed failed.
+    #[error(transparent)]
+    Feed(#[from] FeedError),
+}

@@ -1,0 +1,329 @@
+//! What a drive's metadata feed holds: records of files and directories, and the rules a path
+//! from a record must pass before it touches the disk.
+//!
+//! Each metadata block is a postcard-encoded `Vec<Record>` (one batch: a scan, a live change).
+//! Block 0 holds the [`Record::Init`] naming the content feed. The folder's state at version
+//! `v` is the replay of blocks `0..v`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// Bytes per content block. A file's bytes are split at fixed multiples of this, so a change
+/// inside a large file alters only the blocks it touches and the rest are reused by hash.
+pub const BLOCK_SIZE: usize = 64 * 1024;
+
+/// Longest path a record may carry, in bytes.
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// Encoded records per metadata block stay under this many bytes (the feed caps a block at
+/// 1 MiB; smaller blocks keep the first version of a big tree quick to start on).
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// One change to the folder.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// First record of every drive: the content feed's public key and block size.
+    Init {
+        /// ed25519 public key of the content feed.
+        content_key: [u8; 32],
+        /// Bytes per content block.
+        block_size: u32,
+    },
+    /// `path` now is `entry` (created or replaced).
+    Put {
+        /// Relative, `/`-separated path; see [`check_path`].
+        path: String,
+        /// What is there.
+        entry: Entry,
+    },
+    /// `path` (and, for a directory, nothing else) was removed.
+    Remove {
+        /// Relative path.
+        path: String,
+    },
+}
+
+/// A file or directory as recorded.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// A directory (recorded so that empty ones exist on the other side).
+    Dir,
+    /// A regular file.
+    File(FileInfo),
+}
+
+/// A regular file's metadata and where its bytes are in the content feed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Length in bytes.
+    pub size: u64,
+    /// Owner-executable bit.
+    pub executable: bool,
+    /// Modification time: seconds since the epoch.
+    pub mtime_secs: i64,
+    /// Modification time: nanoseconds.
+    pub mtime_nanos: u32,
+    /// BLAKE3 of the whole content.
+    pub hash: [u8; 32],
+    /// Content-feed blocks whose concatenation is the file, in order.
+    pub extents: Vec<Extent>,
+}
+
+/// A run of consecutive content-feed blocks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// First block.
+    pub start: u64,
+    /// Number of blocks.
+    pub count: u64,
+}
+
+impl FileInfo {
+    /// Number of blocks the file spans.
+    pub fn blocks(&self) -> u64 {
+        self.extents.iter().map(|e| e.count).sum()
+    }
+
+    /// The content block at each position of the file, in order.
+    pub fn block_at(&self) -> impl Iterator<Item = u64> + '_ {
+        self.extents.iter().flat_map(|e| e.start..e.start + e.count)
+    }
+
+    /// Checks that the extents describe exactly `size` bytes and stay within sane bounds.
+    pub fn check(&self) -> Result<(), RecordError> {
+        let expected = self.size.div_ceil(BLOCK_SIZE as u64);
+        let mut total = 0u64;
+        for e in &self.extents {
+            if e.count == 0 || e.start.checked_add(e.count).is_none_or(|end| end > 1 << 48) {
+                return Err(RecordError::BadExtent);
+            }
+            total = total.checked_add(e.count).ok_or(RecordError::BadExtent)?;
+        }
+        if total != expected {
+            return Err(RecordError::SizeMismatch {
+                size: self.size,
+                blocks: total,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why a record was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RecordError {
+    /// The block is not a valid batch of records.
+    #[error("metadata block {0} does not decode as records")]
+    Decode(u64),
+    /// A path that could write outside the folder or is otherwise unusable.
+    #[error("unsafe path {path:?}: {why}")]
+    UnsafePath {
+        /// The path as received.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// Extents that are empty or out of range.
+    #[error("a file's block extents are out of range")]
+    BadExtent,
+    /// Extents that do not cover the file's size.
+    #[error("a file of {size} bytes cannot span {blocks} blocks")]
+    SizeMismatch {
+        /// Recorded size.
+        size: u64,
+        /// Blocks the extents cover.
+        blocks: u64,
+    },
+    /// Block 0 is not an `Init`, or an `Init` appears later.
+    #[error("the drive's first record must be its only Init")]
+    Init,
+}
+
+/// Refuses any path that is not a plain relative path inside the folder: absolute, empty,
+/// `.` or `..` components, empty components (`a//b`, trailing `/`), NUL, backslashes (a
+/// separator elsewhere), or longer than [`MAX_PATH_LEN`]. The state directory `.feedsync` at
+/// the top is refused too: a record may never overwrite the tool's own state.
+pub fn check_path(path: &str) -> Result<(), RecordError> {
+    let bad = |why| {
+        Err(RecordError::UnsafePath {
+            path: path.chars().take(200).collect(),
+            why,
+        })
+    };
+    if path.is_empty() {
+        return bad("empty");
+    }
+    if path.len() > MAX_PATH_LEN {
+        return bad("too long");
+    }
+    if path.starts_with('/') {
+        return bad("absolute");
+    }
+    if path.contains('\0') {
+        return bad("contains NUL");
+    }
+    if path.contains('\\') {
+        return bad("contains a backslash");
+    }
+    for (i, c) in path.split('/').enumerate() {
+        match c {
+            "" => return bad("empty component"),
+            "." | ".." => return bad("dot component"),
+            crate::drive::STATE_DIR if i == 0 => return bad("the tool's state directory"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Encodes one batch of records as a metadata block.
+pub fn encode(records: &[Record]) -> Vec<u8> {
+    postcard::to_stdvec(records).expect("records always encode")
+}
+
+/// Decodes metadata block `index` and checks every record in it.
+pub fn decode(index: u64, block: &[u8]) -> Result<Vec<Record>, RecordError> {
+    let records: Vec<Record> =
+        postcard::from_bytes(block).map_err(|_| RecordError::Decode(index))?;
+    for (k, r) in records.iter().enumerate() {
+        let first = index == 0 && k == 0;
+        match r {
+            Record::Init { block_size, .. } => {
+                if !first || *block_size as usize != BLOCK_SIZE {
+                    return Err(RecordError::Init);
+                }
+            }
+            _ if first => return Err(RecordError::Init),
+            Record::Put { path, entry } => {
+                check_path(path)?;
+                if let Entry::File(f) = entry {
+                    f.check()?;
+                }
+            }
+            Record::Remove { path } => check_path(path)?,
+        }
+    }
+    Ok(records)
+}
+
+/// A folder's state: every path and what is there, in path order (parents before children).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    /// The content feed's public key, once block 0 is applied.
+    pub content_key: Option<[u8; 32]>,
+    /// Path -> entry.
+    pub entries: BTreeMap<String, Entry>,
+    /// Number of metadata blocks applied: the version.
+    pub version: u64,
+}
+
+impl State {
+    /// Applies the records of the next metadata block.
+    pub fn apply(&mut self, records: Vec<Record>) {
+        for r in records {
+            match r {
+                Record::Init { content_key, .. } => self.content_key = Some(content_key),
+                Record::Put { path, entry } => {
+                    // A file replacing a directory replaces everything under it.
+                    if matches!(entry, Entry::File(_)) {
+                        self.remove_under(&path);
+                    }
+                    self.entries.insert(path, entry);
+                }
+                Record::Remove { path } => {
+                    self.remove_under(&path);
+                    self.entries.remove(&path);
+                }
+            }
+        }
+        self.version += 1;
+    }
+
+    fn remove_under(&mut self, path: &str) {
+        let prefix = format!("{path}/");
+        let under: Vec<String> = self
+            .entries
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in under {
+            self.entries.remove(&p);
+        }
+    }
+
+    /// Files and bytes in this state.
+    pub fn totals(&self) -> (u64, u64) {
+        self.entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::File(f) => Some(f.size),
+                Entry::Dir => None,
+            })
+            .fold((0, 0), |(n, b), s| (n + 1, b + s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        for p in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/./b",
+            "a//b",
+            "a/",
+            "a\0b",
+            "a\\..\\b",
+            ".feedsync/meta/header",
+            ".",
+        ] {
+            assert!(check_path(p).is_err(), "{p:?} accepted");
+        }
+        for p in ["a", "a/b c/ü.txt", ".hidden", "a/.feedsync", "..x", "x.."] {
+            check_path(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_file_replacing_a_directory_removes_its_contents() {
+        let mut s = State::default();
+        let file = Entry::File(FileInfo {
+            size: 0,
+            executable: false,
+            mtime_secs: 0,
+            mtime_nanos: 0,
+            hash: [0; 32],
+            extents: vec![],
+        });
+        s.apply(vec![
+            Record::Put {
+                path: "d".into(),
+                entry: Entry::Dir,
+            },
+            Record::Put {
+                path: "d/x".into(),
+                entry: file.clone(),
+            },
+            Record::Put {
+                path: "d0".into(),
+                entry: file.clone(),
+            },
+        ]);
+        s.apply(vec![Record::Put {
+            path: "d".into(),
+            entry: file.clone(),
+        }]);
+        assert_eq!(
+            s.entries.keys().collect::<Vec<_>>(),
+            vec!["d", "d0"],
+            "d/x went with its directory, d0 stayed"
+        );
+    }
+}
