@@ -17,6 +17,7 @@ struct Proc {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -29,6 +30,7 @@ impl Proc {
             .expect("start feedsync");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for (pipe, sink) in [
             (
                 Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -36,16 +38,24 @@ impl Proc {
             ),
             (Box::new(child.stderr.take().unwrap()), stderr.clone()),
         ] {
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for l in BufReader::new(pipe).lines().map_while(Result::ok) {
                     sink.lock().unwrap().push(l);
                 }
-            });
+            }));
         }
         Proc {
             child,
             lines,
             stderr,
+            readers,
+        }
+    }
+
+    /// After the process ended: waits until everything it printed has been collected.
+    fn drain(&mut self) {
+        for r in self.readers.drain(..) {
+            r.join().unwrap();
         }
     }
 
@@ -254,6 +264,7 @@ fn tree_round_trips_exactly() {
     let (_share, url, addr) = share(&src);
     let mut c = clone(&url, &dst, &addr, true);
     let status = c.wait(Duration::from_secs(120));
+    c.drain();
     assert!(
         status.success(),
         "clone --once failed: {:?}",
@@ -443,5 +454,105 @@ fn traversal_records_are_refused_and_nothing_escapes() {
         fs::read_dir(&outside).unwrap().count(),
         0,
         "wrote through the symlink"
+    );
+}
+
+/// Every file at a final path in `dst` is complete and equal to its source: never a part.
+fn no_partial_files(src: &Path, dst: &Path) {
+    let s = tree(src, &[]);
+    for (path, node) in tree(dst, &[]) {
+        if let Node::File { .. } = node {
+            let want = s
+                .get(&path)
+                .unwrap_or_else(|| panic!("{path:?} is not in the source"));
+            assert_eq!(
+                &node, want,
+                "{path:?} is at its final path but not complete"
+            );
+        }
+    }
+}
+
+#[test]
+fn clone_killed_repeatedly_finishes_without_refetching() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let dst = tmp.path().join("dst");
+    // ~80 MiB: a few large files and many small ones.
+    for i in 0..6u64 {
+        let d = src.join(format!("big{}", i % 2));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join(format!("f{i}.bin")),
+            random_bytes(1000 + i, (12 << 20) + i as usize * 777),
+        )
+        .unwrap();
+    }
+    for i in 0..300u64 {
+        let d = src.join(format!("small/{}", i % 10));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join(format!("s{i}.txt")),
+            random_bytes(i, 1 + (i as usize * 131) % 20_000),
+        )
+        .unwrap();
+    }
+    let (_share, url, addr) = share(&src);
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill seed {seed}");
+    let mut rng = seed;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut fetched = std::collections::BTreeSet::new();
+    let mut record = |p: &Proc| {
+        for (i, n) in p.fetched_content() {
+            for b in i..i + n {
+                assert!(
+                    fetched.insert(b),
+                    "block {b} fetched again after a restart (seed {seed})"
+                );
+            }
+        }
+    };
+    let mut kills = 0;
+    while kills < 12 {
+        let mut c = clone(&url, &dst, &addr, true);
+        // Kill at a random moment once the run has started moving data.
+        let delay = Duration::from_millis(30 + next() % 400);
+        let t = Instant::now();
+        while t.elapsed() < delay && c.child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if c.child.try_wait().unwrap().is_some() {
+            c.drain();
+            record(&c);
+            break; // finished before the kill came
+        }
+        c.child.kill().unwrap(); // SIGKILL
+        c.child.wait().unwrap();
+        c.drain();
+        record(&c);
+        kills += 1;
+        no_partial_files(&src, &dst);
+    }
+    assert!(
+        kills >= 10,
+        "only {kills} kills landed mid-transfer (seed {seed})"
+    );
+    let mut c = clone(&url, &dst, &addr, true);
+    assert!(c.wait(Duration::from_secs(120)).success());
+    c.drain();
+    record(&c);
+    assert!(
+        same_tree(&src, &dst, &[]),
+        "trees differ after the last run (seed {seed})"
     );
 }

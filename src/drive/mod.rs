@@ -317,9 +317,15 @@ impl Drive {
             Self::replay(&mut self.meta, applied)?
         };
         {
-            // Files that are in place as the previous version left them.
+            // Files in place: as the newest version has them (a clone killed after publishing
+            // but before recording the version it reached), or as the previous one left them.
+            // Size and mtime identify them, as the writer's scan does; every block read from
+            // them is checked against its leaf hash before it is served or reused.
             let mut l = layout::lock(&self.layout);
-            for (path, e) in &previous.entries {
+            for (path, e) in full.entries.iter().chain(&previous.entries) {
+                if l.slot_at(path).is_some() {
+                    continue;
+                }
                 if let Entry::File(info) = e {
                     let on_disk = fs::symlink_metadata(self.root.join(path)).ok();
                     let matches = on_disk.is_some_and(|m| {
