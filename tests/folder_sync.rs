@@ -556,3 +556,78 @@ fn clone_killed_repeatedly_finishes_without_refetching() {
         "trees differ after the last run (seed {seed})"
     );
 }
+
+/// A full disk: the clone runs on a small tmpfs in a private mount namespace (root only, as in
+/// CI), runs out of space, reports it, keeps every file it published whole, and completes once
+/// space is freed.
+#[test]
+fn full_disk_reports_corrupts_nothing_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..4u64 {
+        fs::write(
+            src.join(format!("f{i}.bin")),
+            random_bytes(500 + i, 4 << 20),
+        )
+        .unwrap();
+    }
+    let (_share, url, addr) = share(&src);
+    let out = tmp.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    let script = r#"
+set -u
+MNT=$(mktemp -d)
+mount -t tmpfs -o size=24m tmpfs "$MNT" || exit 90
+head -c 14M /dev/zero > "$MNT/filler"
+"$BIN" clone "$URL" "$MNT/dst" --peer "$ADDR" --once > "$OUT/stdout" 2> "$OUT/stderr" &
+CP=$!
+for i in $(seq 1200); do grep -q "No space left" "$OUT/stderr" && break; sleep 0.05; done
+grep -q "No space left" "$OUT/stderr" || { kill $CP; exit 91; }
+cp -a "$MNT/dst" "$OUT/snapshot"
+rm "$MNT/filler"
+wait $CP
+echo $? > "$OUT/clone_status"
+cp -a "$MNT/dst" "$OUT/final"
+"#;
+    let status = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "bash", "-c", script])
+        .env("BIN", BIN)
+        .env("URL", &url)
+        .env("ADDR", &addr)
+        .env("OUT", &out)
+        .status()
+        .expect("run unshare (util-linux)");
+    let stderr = fs::read_to_string(out.join("stderr")).unwrap_or_default();
+    assert_ne!(
+        status.code(),
+        Some(90),
+        "could not mount a tmpfs in a private mount namespace (this test needs root)"
+    );
+    assert_ne!(
+        status.code(),
+        Some(91),
+        "the clone never reported a full disk: {stderr}"
+    );
+    assert!(
+        status.success(),
+        "namespace script failed: {status:?}, clone stderr: {stderr}"
+    );
+    // The error is one clear line naming the cause.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("feedsync: ") && l.contains("No space left"))
+    );
+    // While the disk was full, what was at a final path was whole.
+    no_partial_files(&src, &out.join("snapshot"));
+    assert_eq!(
+        fs::read_to_string(out.join("clone_status")).unwrap().trim(),
+        "0"
+    );
+    assert!(
+        same_tree(&src, &out.join("final"), &[]),
+        "the clone did not complete"
+    );
+    eprintln!("clone stderr:\n{stderr}");
+}

@@ -555,17 +555,17 @@ impl BlockData for FolderBlocks {
             return Ok(());
         }
         let holders = layout.owners.get(&index).cloned().unwrap_or_default();
-        let mut wrote = false;
+        if holders.is_empty() {
+            return Err(io::Error::other(format!(
+                "content block {index} belongs to no file"
+            )));
+        }
+        // Idempotent: a position written before (by an earlier attempt whose commit failed,
+        // say on a full disk) is not written again, and the store succeeds.
         for id in holders {
-            wrote |= layout.write_to(id, index, Some(data))?;
+            layout.write_to(id, index, Some(data))?;
         }
-        if wrote {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!(
-                "content block {index} belongs to no file being fetched"
-            )))
-        }
+        Ok(())
     }
 
     fn sync(&mut self) -> io::Result<()> {

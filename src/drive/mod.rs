@@ -462,9 +462,14 @@ pub struct DriveApp {
 }
 
 impl DriveApp {
+    /// Reports a problem once (it is retried; repeating it would drown the output) and keeps
+    /// it for `status`.
     fn error(&mut self, e: String) {
+        if self.errors.contains(&e) {
+            return;
+        }
         eprintln!("feedsync: {e}");
-        if self.errors.len() < 100 && !self.errors.contains(&e) {
+        if self.errors.len() < 100 {
             self.errors.push(e);
         }
     }
@@ -891,7 +896,7 @@ impl App for DriveApp {
         if now.duration_since(self.last_status) >= Duration::from_secs(1) {
             self.last_status = now;
             self.write_status(r);
-            if self.options.progress.is_some() && !self.writer {
+            if self.options.progress.is_some() && !self.writer && self.stats.latest_version > 0 {
                 let s = &self.stats;
                 let rate = s.received.saturating_sub(self.last_received);
                 self.last_received = s.received;
