@@ -1,0 +1,237 @@
+//! Folder sync benchmark: `feedsync share` and `feedsync clone --once` as two processes on
+//! loopback, against `cp -a` of the same folder in the same run.
+//!
+//! - W1: one 1 GiB file. W2: 10,000 files of 4 KiB in 100 directories. For each: the import
+//!   (share start until it listens, i.e. the folder is scanned, hashed and signed), the clone
+//!   (start until `clone --once` exits, which is after the last file is renamed into place and
+//!   the file system synced), both processes' peak RSS, and `cp -a` + `sync` of the folder.
+//! - W3: a live clone of W2; one 4 KiB file is rewritten in the source and the clock runs until
+//!   the clone's copy holds the new bytes. Median and max of 20 changes.
+//!
+//! `cargo bench --bench folder [-- --only w1|w2|w3]`. Traffic stays on 127.0.0.1.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_feedsync");
+
+fn peak_rss_mib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+struct Shared {
+    child: Child,
+    url: String,
+    addr: String,
+    import: Duration,
+}
+
+fn share(dir: &Path) -> Shared {
+    let t = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["share", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = lines.next().unwrap().unwrap();
+    let addr = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .trim_start_matches("listening on ")
+        .to_string();
+    let import = t.elapsed();
+    // Keep draining stdout so the writer never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Shared {
+        child,
+        url,
+        addr,
+        import,
+    }
+}
+
+fn clone_once(s: &Shared, dst: &Path) -> (Duration, u64) {
+    let t = Instant::now();
+    let mut c = Command::new(BIN)
+        .args([
+            "clone",
+            &s.url,
+            dst.to_str().unwrap(),
+            "--peer",
+            &s.addr,
+            "--once",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut peak = 0;
+    let status = loop {
+        peak = peak.max(peak_rss_mib(c.id()));
+        if let Some(st) = c.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "bounded: 10 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let took = t.elapsed();
+    assert!(status.success(), "clone failed");
+    (took, peak)
+}
+
+fn cp_a(src: &Path, dst: &Path) -> Duration {
+    let t = Instant::now();
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(src)
+            .arg(dst)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(Command::new("sync").status().unwrap().success());
+    t.elapsed()
+}
+
+fn random_file(path: &Path, seed: u64, len: usize) {
+    let mut buf = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut buf);
+    fs::write(path, buf).unwrap();
+}
+
+fn run(name: &str, src: &Path, bytes: u64, tmp: &Path) {
+    let _ = Command::new("sync").status();
+    let mut s = share(src);
+    let dst = tmp.join(format!("{name}-clone"));
+    let (took, reader_peak) = clone_once(&s, &dst);
+    let writer_peak = peak_rss_mib(s.child.id());
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    let cp = cp_a(src, &tmp.join(format!("{name}-cp")));
+    println!("{name}:");
+    println!(
+        "  import {:.3} s ({:.0} MB/s)",
+        s.import.as_secs_f64(),
+        bytes as f64 / s.import.as_secs_f64() / 1e6
+    );
+    println!(
+        "  clone --once {:.3} s ({:.0} MB/s); share + clone {:.3} s",
+        took.as_secs_f64(),
+        bytes as f64 / took.as_secs_f64() / 1e6,
+        (s.import + took).as_secs_f64()
+    );
+    println!("  peak RSS: share {writer_peak} MiB, clone {reader_peak} MiB");
+    println!(
+        "  cp -a + sync {:.3} s; clone / cp = {:.2}x",
+        cp.as_secs_f64(),
+        took.as_secs_f64() / cp.as_secs_f64()
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let want = |w: &str| only.as_deref().is_none_or(|o| o == w);
+    let tmp = tempfile::tempdir().unwrap();
+
+    if want("w1") {
+        let src = tmp.path().join("w1");
+        fs::create_dir_all(&src).unwrap();
+        random_file(&src.join("one.bin"), 1, 1 << 30);
+        run("W1 (1 GiB file)", &src, 1 << 30, tmp.path());
+        fs::remove_dir_all(&src).unwrap();
+        let _ = fs::remove_dir_all(tmp.path().join("W1 (1 GiB file)-clone"));
+        let _ = fs::remove_dir_all(tmp.path().join("W1 (1 GiB file)-cp"));
+    }
+    let w2 = tmp.path().join("w2");
+    if want("w2") || want("w3") {
+        for d in 0..100 {
+            let dir = w2.join(format!("d{d:03}"));
+            fs::create_dir_all(&dir).unwrap();
+            for f in 0..100 {
+                random_file(&dir.join(format!("f{f:03}")), d * 1000 + f, 4096);
+            }
+        }
+    }
+    if want("w2") {
+        run("W2 (10,000 x 4 KiB)", &w2, 10_000 * 4096, tmp.path());
+    }
+    if want("w3") {
+        let mut s = share(&w2);
+        let dst = tmp.path().join("w3-clone");
+        let mut c = Command::new(BIN)
+            .args(["clone", &s.url, dst.to_str().unwrap(), "--peer", &s.addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let target = dst.join("d050/f050");
+        let t = Instant::now();
+        while fs::read(&target).ok() != fs::read(w2.join("d050/f050")).ok() {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "bounded: first version"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut times = Vec::new();
+        for round in 0..20u64 {
+            let mut content = vec![0u8; 4096];
+            blake3::Hasher::new()
+                .update(&(7_000_000 + round).to_le_bytes())
+                .finalize_xof()
+                .fill(&mut content);
+            let t = Instant::now();
+            fs::write(w2.join("d050/f050"), &content).unwrap();
+            // Poll the clone's copy; a 1 ms step bounds the measurement error.
+            while fs::read(&target).ok().as_deref() != Some(&content[..]) {
+                assert!(t.elapsed() < Duration::from_secs(30), "bounded: one change");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            times.push(t.elapsed());
+            // Let mtime advance past the previous write's timestamp granularity.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        times.sort();
+        println!("W3 (one 4 KiB file changed, live clone of W2), 20 changes:");
+        println!(
+            "  median {:.1} ms, min {:.1} ms, max {:.1} ms",
+            times[10].as_secs_f64() * 1e3,
+            times[0].as_secs_f64() * 1e3,
+            times[19].as_secs_f64() * 1e3
+        );
+        let _ = c.kill();
+        let _ = c.wait();
+        let _ = s.child.kill();
+        let _ = s.child.wait();
+    }
+}
