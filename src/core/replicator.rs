@@ -624,8 +624,31 @@ impl<S: Storage> Replicator<S> {
 
     /// Appends blocks to a feed we write, and tells every peer at once.
     pub fn append<B: AsRef<[u8]>>(&mut self, feed: FeedId, blocks: &[B]) -> Result<u64, FeedError> {
+        self.append_inner(feed, blocks, None)
+    }
+
+    /// [`Replicator::append`] with the blocks' leaf hashes already computed (see
+    /// [`Feed::append_batch_hashed`]).
+    pub fn append_hashed<B: AsRef<[u8]>>(
+        &mut self,
+        feed: FeedId,
+        blocks: &[B],
+        leaves: &[crate::core::crypto::Hash],
+    ) -> Result<u64, FeedError> {
+        self.append_inner(feed, blocks, Some(leaves))
+    }
+
+    fn append_inner<B: AsRef<[u8]>>(
+        &mut self,
+        feed: FeedId,
+        blocks: &[B],
+        leaves: Option<&[crate::core::crypto::Hash]>,
+    ) -> Result<u64, FeedError> {
         let start = self.feeds[feed].feed.len();
-        let length = self.feeds[feed].feed.append_batch(blocks)?;
+        let length = match leaves {
+            Some(l) => self.feeds[feed].feed.append_batch_hashed(blocks, l)?,
+            None => self.feeds[feed].feed.append_batch(blocks)?,
+        };
         self.feeds[feed].best_length = length;
         let (_, tree_hash, signature) = self.feeds[feed].feed.signed_tree().expect("just signed");
         for peer in self.feed_peers(feed) {

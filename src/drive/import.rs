@@ -28,6 +28,10 @@ pub const IGNORE_FILE: &str = ".feedsyncignore";
 
 /// Blocks appended under one signature.
 const APPEND_BATCH: usize = 16;
+/// Bytes read from a file at a time: a whole number of blocks.
+const CHUNK: usize = 16 * BLOCK_SIZE;
+/// Files at least this big are read and hashed on two cores.
+const PIPELINE_MIN: u64 = 4 << 20;
 
 /// What a scan changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,10 @@ pub struct Importer {
     /// Leaf hash -> a held content block with those bytes.
     dedup: HashMap<[u8; 32], u64>,
     pending: Vec<Vec<u8>>,
+    /// Leaf hashes of `pending`, computed once for both the dedup lookup and the tree.
+    leaves: Vec<crypto::Hash>,
+    /// Parsed ignore files by directory, for targeted scans (cleared by every full scan).
+    ignores: HashMap<std::path::PathBuf, ignore::gitignore::Gitignore>,
 }
 
 impl Importer {
@@ -82,13 +90,16 @@ impl Importer {
             layout,
             dedup,
             pending: Vec::new(),
+            leaves: Vec::new(),
+            ignores: HashMap::new(),
         })
     }
 
     fn flush(&mut self, r: &mut Replicator<DiskStorage>) -> Result<(), FeedError> {
         if !self.pending.is_empty() {
-            r.append(self.content, &self.pending)?;
+            r.append_hashed(self.content, &self.pending, &self.leaves)?;
             self.pending.clear();
+            self.leaves.clear();
         }
         Ok(())
     }
@@ -101,6 +112,7 @@ impl Importer {
         state: &mut State,
     ) -> Result<ScanReport, ScanError> {
         let root = layout::lock(&self.layout).root().to_path_buf();
+        self.ignores.clear();
         let mut report = ScanReport::default();
         let mut records = Vec::new();
         let mut seen = BTreeSet::new();
@@ -204,6 +216,121 @@ impl Importer {
         Ok(report)
     }
 
+    /// Scans only `paths` (absolute, as a change notification named them). Handles files
+    /// created, modified or removed in directories already recorded; returns `None` when a
+    /// full [`Importer::scan`] is needed instead (a directory appeared or went, an ignore file
+    /// changed, a path is odd). A full scan of a big tree takes tens of milliseconds; this
+    /// takes the time of the files that changed.
+    pub fn scan_paths(
+        &mut self,
+        r: &mut Replicator<DiskStorage>,
+        state: &mut State,
+        paths: &BTreeSet<std::path::PathBuf>,
+    ) -> Result<Option<ScanReport>, ScanError> {
+        let root = layout::lock(&self.layout).root().to_path_buf();
+        let mut report = ScanReport::default();
+        let mut records = Vec::new();
+        let start_len = r.feed(self.content).len();
+        for abs in paths {
+            let Ok(rel_path) = abs.strip_prefix(&root) else {
+                continue;
+            };
+            if rel_path.starts_with(STATE_DIR) {
+                continue;
+            }
+            let Some(rel) = rel_path.to_str().map(str::to_string) else {
+                return Ok(None);
+            };
+            if rel.is_empty() || check_path(&rel).is_err() {
+                return Ok(None);
+            }
+            if rel_path.file_name().is_some_and(|n| n == IGNORE_FILE) {
+                return Ok(None); // the rules changed: everything may be in or out now
+            }
+            // The parent must be a recorded directory (or the root).
+            if let Some(parent) = rel.rsplit_once('/').map(|(p, _)| p)
+                && state.entries.get(parent) != Some(&Entry::Dir)
+            {
+                return Ok(None);
+            }
+            if self.ignored(&root, rel_path) {
+                continue;
+            }
+            match std::fs::symlink_metadata(abs) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => match state.entries.get(&rel) {
+                    Some(Entry::File(_)) => {
+                        records.push(Record::Remove { path: rel });
+                        report.removed += 1;
+                    }
+                    Some(Entry::Dir) => return Ok(None),
+                    None => {}
+                },
+                Err(e) => return Err(ScanError::Read(rel, e)),
+                Ok(meta) if meta.is_file() => {
+                    let (secs, nanos) = stamp(&meta);
+                    let executable = meta.permissions().mode() & 0o100 != 0;
+                    match state.entries.get(&rel) {
+                        Some(Entry::File(f))
+                            if f.size == meta.len()
+                                && f.mtime_secs == secs
+                                && f.mtime_nanos == nanos
+                                && f.executable == executable =>
+                        {
+                            continue;
+                        }
+                        Some(Entry::Dir) => return Ok(None),
+                        _ => {}
+                    }
+                    match self.import_file(r, abs, &rel, executable)? {
+                        Some(info) => {
+                            report.files += 1;
+                            report.bytes += info.size;
+                            records.push(Record::Put {
+                                path: rel,
+                                entry: Entry::File(info),
+                            });
+                        }
+                        None => report.unstable += 1,
+                    }
+                }
+                Ok(meta) if meta.is_dir() => {
+                    if state.entries.get(&rel) != Some(&Entry::Dir) {
+                        return Ok(None);
+                    }
+                }
+                Ok(_) => {} // symlinks and specials are not shared
+            }
+        }
+        self.flush(r)?;
+        report.new_blocks = r.feed(self.content).len() - start_len;
+        self.commit(r, state, records)?;
+        Ok(Some(report))
+    }
+
+    /// Whether `rel` is excluded by a `.feedsyncignore` in the root or any directory above it.
+    fn ignored(&mut self, root: &Path, rel: &Path) -> bool {
+        let mut dir = root.to_path_buf();
+        let mut ancestors = vec![dir.clone()];
+        if let Some(parent) = rel.parent() {
+            for c in parent.components() {
+                dir.push(c);
+                ancestors.push(dir.clone());
+            }
+        }
+        for d in ancestors {
+            let m = self.ignores.entry(d.clone()).or_insert_with(|| {
+                let (g, _) = ignore::gitignore::Gitignore::new(d.join(IGNORE_FILE));
+                g
+            });
+            if m.matched_path_or_any_parents(root.join(rel), false)
+                .is_ignore()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Appends `records` as metadata blocks, applies them to `state` and the layout, and gives
     /// up blocks no file references any more.
     pub fn commit(
@@ -237,12 +364,17 @@ impl Importer {
                         Record::Put { path, .. } | Record::Remove { path } => {
                             // The path and anything under it leave the layout; a new file
                             // version comes back in, referencing what it reuses.
-                            let prefix = format!("{path}/");
-                            let ids: Vec<_> = l
-                                .slots()
-                                .filter(|(_, s)| s.path == *path || s.path.starts_with(&prefix))
-                                .map(|(id, _)| id)
-                                .collect();
+                            let mut ids: Vec<_> = l.slot_at(path).into_iter().collect();
+                            if state.entries.get(path) == Some(&Entry::Dir) {
+                                // A directory going (or becoming a file): everything under it.
+                                // Rare, so a pass over all slots is fine.
+                                let prefix = format!("{path}/");
+                                ids.extend(
+                                    l.slots()
+                                        .filter(|(_, s)| s.path.starts_with(&prefix))
+                                        .map(|(id, _)| id),
+                                );
+                            }
                             for id in ids {
                                 orphans.extend(l.remove(id));
                             }
@@ -278,6 +410,40 @@ impl Importer {
         Ok(())
     }
 
+    /// Leaf-hashes a chunk read from a file (a whole number of blocks, but for the last),
+    /// references the blocks already held and queues the new ones for appending.
+    fn take_chunk(
+        &mut self,
+        r: &mut Replicator<DiskStorage>,
+        data: &[u8],
+        extents: &mut Vec<Extent>,
+    ) -> Result<(), ScanError> {
+        for block in data.chunks(BLOCK_SIZE) {
+            let leaf = crypto::leaf_hash(block);
+            let index = match self.dedup.get(&leaf) {
+                Some(&b) => b,
+                None => {
+                    let b = r.feed(self.content).len() + self.pending.len() as u64;
+                    self.pending.push(block.to_vec());
+                    self.leaves.push(leaf);
+                    self.dedup.insert(leaf, b);
+                    b
+                }
+            };
+            match extents.last_mut() {
+                Some(e) if e.start + e.count == index => e.count += 1,
+                _ => extents.push(Extent {
+                    start: index,
+                    count: 1,
+                }),
+            }
+            if self.pending.len() >= APPEND_BATCH {
+                self.flush(r)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Hashes one file into blocks; `None` if it changed while being read.
     fn import_file(
         &mut self,
@@ -293,42 +459,60 @@ impl Importer {
             Err(e) => return Err(io_err(e)),
         };
         let before = file.metadata().map_err(io_err)?;
-        let mut whole = blake3::Hasher::new();
         let mut extents: Vec<Extent> = Vec::new();
-        let mut size = 0u64;
-        let mut buf = vec![0u8; BLOCK_SIZE];
-        loop {
-            let n = read_full(&mut file, &mut buf).map_err(io_err)?;
-            if n == 0 {
-                break;
+        let (size, whole) = if before.len() >= PIPELINE_MIN {
+            // Big file: one thread reads and computes the whole-file hash while this one
+            // computes leaf hashes, deduplicates and appends: the two halves of the work run
+            // on two cores, with three chunk buffers going round (no allocation per chunk).
+            let (full_tx, full_rx) = crossbeam_channel::bounded::<(Vec<u8>, usize)>(2);
+            let (empty_tx, empty_rx) = crossbeam_channel::bounded::<Vec<u8>>(3);
+            for _ in 0..3 {
+                empty_tx.send(vec![0u8; CHUNK]).expect("room for three");
             }
-            let block = &buf[..n];
-            size += n as u64;
-            whole.update(block);
-            let leaf = crypto::leaf_hash(block);
-            let index = match self.dedup.get(&leaf) {
-                Some(&b) => b,
-                None => {
-                    let b = r.feed(self.content).len() + self.pending.len() as u64;
-                    self.pending.push(block.to_vec());
-                    self.dedup.insert(leaf, b);
-                    b
+            std::thread::scope(|s| {
+                let reader = s.spawn(move || -> io::Result<(u64, blake3::Hasher)> {
+                    let mut whole = blake3::Hasher::new();
+                    let mut size = 0u64;
+                    for mut buf in empty_rx.iter() {
+                        let n = read_full(&mut file, &mut buf)?;
+                        whole.update(&buf[..n]);
+                        size += n as u64;
+                        if full_tx.send((buf, n)).is_err() || n < CHUNK {
+                            break;
+                        }
+                    }
+                    Ok((size, whole))
+                });
+                let mut result = Ok(());
+                for (buf, n) in full_rx.iter() {
+                    if n > 0 && result.is_ok() {
+                        result = self.take_chunk(r, &buf[..n], &mut extents);
+                    }
+                    let _ = empty_tx.send(buf);
                 }
-            };
-            match extents.last_mut() {
-                Some(e) if e.start + e.count == index => e.count += 1,
-                _ => extents.push(Extent {
-                    start: index,
-                    count: 1,
-                }),
+                drop(empty_tx);
+                let read = reader.join().expect("the reader thread does not panic");
+                result?;
+                read.map_err(io_err)
+            })?
+        } else {
+            let mut whole = blake3::Hasher::new();
+            let mut size = 0u64;
+            let mut chunk = vec![0u8; (before.len() as usize).clamp(1, CHUNK)];
+            loop {
+                let n = read_full(&mut file, &mut chunk).map_err(io_err)?;
+                if n == 0 {
+                    break;
+                }
+                whole.update(&chunk[..n]);
+                size += n as u64;
+                self.take_chunk(r, &chunk[..n], &mut extents)?;
+                if n < chunk.len() {
+                    break;
+                }
             }
-            if self.pending.len() >= APPEND_BATCH {
-                self.flush(r)?;
-            }
-            if n < BLOCK_SIZE {
-                break;
-            }
-        }
+            (size, whole)
+        };
         let after = std::fs::metadata(path).map_err(io_err)?;
         if after.len() != size || stamp(&after) != stamp(&before) || before.len() != size {
             return Ok(None);

@@ -84,6 +84,8 @@ pub struct Layout {
     /// Pending slot -> the published file it will replace, kept readable until then (a new
     /// version reuses the old one's unchanged blocks).
     shadow: HashMap<SlotId, SlotId>,
+    /// Number of pending slots (asked after every event: kept, not counted).
+    pending: usize,
 }
 
 /// Locks the shared layout. A panic while it was held leaves nothing half-updated that matters
@@ -107,6 +109,7 @@ impl Layout {
             ready: BTreeSet::new(),
             open: VecDeque::new(),
             shadow: HashMap::new(),
+            pending: 0,
         }))
     }
 
@@ -128,6 +131,11 @@ impl Layout {
     /// Every slot.
     pub fn slots(&self) -> impl Iterator<Item = (SlotId, &Slot)> {
         self.slots.iter().map(|(id, s)| (*id, s))
+    }
+
+    /// Number of files still being fetched.
+    pub fn pending_count(&self) -> usize {
+        self.pending
     }
 
     /// Whether any slot references block `index`.
@@ -155,6 +163,9 @@ impl Layout {
         }
         if pending.as_ref().is_some_and(|p| p.left == 0) {
             self.ready.insert(id);
+        }
+        if pending.is_some() {
+            self.pending += 1;
         }
         self.by_path.insert(path.clone(), id);
         self.slots.insert(
@@ -202,6 +213,9 @@ impl Layout {
         let Some(slot) = self.slots.remove(&id) else {
             return Vec::new();
         };
+        if slot.pending.is_some() {
+            self.pending -= 1;
+        }
         self.ready.remove(&id);
         self.open.retain(|(s, ..)| *s != id);
         if self.by_path.get(&slot.path) == Some(&id) {
@@ -420,8 +434,10 @@ impl Layout {
             fs::remove_dir(&target).map_err(PublishError::Io)?;
         }
         fs::rename(&temp, &target).map_err(PublishError::Io)?;
-        if let Some(slot) = self.slots.get_mut(&id) {
-            slot.pending = None;
+        if let Some(slot) = self.slots.get_mut(&id)
+            && slot.pending.take().is_some()
+        {
+            self.pending -= 1;
         }
         // The file it replaced is gone now; its blocks stay only where others reference them.
         let mut orphans = Vec::new();

@@ -364,6 +364,7 @@ impl Drive {
             done: false,
             stats: Stats::default(),
             last_received: 0,
+            changed: Default::default(),
         };
         Ok((feeds, app))
     }
@@ -459,7 +460,14 @@ pub struct DriveApp {
     done: bool,
     stats: Stats,
     last_received: u64,
+    /// Paths change notifications named since the last scan, and whether they overflowed.
+    changed: ChangedPaths,
 }
+
+type ChangedPaths = std::sync::Arc<std::sync::Mutex<(BTreeSet<PathBuf>, bool)>>;
+
+/// Paths remembered between two scans; more than this and the next scan is a full one.
+const MAX_CHANGED_PATHS: usize = 4096;
 
 impl DriveApp {
     /// Reports a problem once (it is retried; repeating it would drown the output) and keeps
@@ -478,11 +486,25 @@ impl DriveApp {
         use notify::Watcher;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let state_dir = self.state_dir.clone();
+        let changed = self.changed.clone();
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev
-                && ev.paths.iter().all(|p| p.starts_with(&state_dir))
-            {
-                return; // our own state churning
+            let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
+            match ev {
+                Ok(ev) => {
+                    if matches!(ev.kind, notify::EventKind::Access(_))
+                        || ev.paths.iter().all(|p| p.starts_with(&state_dir))
+                    {
+                        // Reads (our own scans and serving open files all the time) and our
+                        // own state churning change nothing.
+                        return;
+                    }
+                    if ev.need_rescan() || c.0.len() + ev.paths.len() > MAX_CHANGED_PATHS {
+                        c.1 = true; // too much to track one by one: scan everything
+                    } else {
+                        c.0.extend(ev.paths.into_iter().filter(|p| !p.starts_with(&state_dir)));
+                    }
+                }
+                Err(_) => c.1 = true,
             }
             let _ = tx.try_send(()); // one pending wake-up is enough
         });
@@ -498,12 +520,26 @@ impl DriveApp {
         }
     }
 
-    fn scan(&mut self, r: &mut Replicator<DiskStorage>) {
+    fn scan(&mut self, r: &mut Replicator<DiskStorage>, full: bool) {
         let Some(importer) = &mut self.importer else {
             return;
         };
         self.last_scan = Instant::now();
-        match importer.scan(r, &mut self.state) {
+        let (paths, overflow) = {
+            let mut c = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+            (std::mem::take(&mut c.0), std::mem::take(&mut c.1))
+        };
+        let targeted = if full || overflow || paths.is_empty() {
+            Ok(None)
+        } else {
+            importer.scan_paths(r, &mut self.state, &paths)
+        };
+        let result = match targeted {
+            Ok(Some(rep)) => Ok(rep),
+            Ok(None) => importer.scan(r, &mut self.state),
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(rep) => {
                 if rep.unstable > 0 {
                     // Something is still being written: look again soon.
@@ -511,13 +547,14 @@ impl DriveApp {
                 }
                 if self.options.progress.is_some() && (rep.files + rep.removed + rep.dirs) > 0 {
                     eprintln!(
-                        "imported version {}: {} files ({} bytes, {} new blocks), {} dirs, {} removed",
+                        "imported version {}: {} files ({} bytes, {} new blocks), {} dirs, {} removed, in {} ms",
                         self.state.version,
                         rep.files,
                         rep.bytes,
                         rep.new_blocks,
                         rep.dirs,
-                        rep.removed
+                        rep.removed,
+                        self.last_scan.elapsed().as_millis()
                     );
                 }
             }
@@ -769,9 +806,7 @@ impl DriveApp {
 
     /// Whether the folder is at the newest version: no file pending, everything applied.
     fn settled(&self) -> bool {
-        let l = layout::lock(&self.layout);
-        let pending = l.slots().any(|(_, s)| s.pending.is_some());
-        !pending
+        layout::lock(&self.layout).pending_count() == 0
     }
 
     /// Syncs the filesystem (one call for a batch of published files) and records the
@@ -835,7 +870,7 @@ impl App for DriveApp {
             if self.options.follow {
                 self.start_watch();
             }
-            self.scan(r);
+            self.scan(r, true);
         } else {
             // Metadata held from an earlier run: bring the folder up to it.
             if self.content.is_some() {
@@ -878,9 +913,10 @@ impl App for DriveApp {
             let debounced = self
                 .change_seen
                 .is_some_and(|t| now.duration_since(t) >= self.options.debounce);
-            if debounced || now.duration_since(self.last_scan) >= self.options.rescan_interval {
+            let periodic = now.duration_since(self.last_scan) >= self.options.rescan_interval;
+            if debounced || periodic {
                 self.change_seen = None;
-                self.scan(r);
+                self.scan(r, periodic);
             }
         }
         if self
