@@ -306,6 +306,7 @@ fn live_changes_propagate_and_renames_cost_nothing() {
     fs::write(src.join("docs/report.bin"), random_bytes(1, 1 << 20)).unwrap();
     fs::write(src.join("docs/old/gone.txt"), b"to be deleted").unwrap();
     fs::write(src.join("notes.txt"), b"v1").unwrap();
+    fs::write(src.join(".feedsyncignore"), b"*.log\n").unwrap();
     let big = random_bytes(2, 32 * 64 * 1024);
     fs::write(src.join("big.bin"), &big).unwrap();
 
@@ -339,12 +340,26 @@ fn live_changes_propagate_and_renames_cost_nothing() {
         same_tree(&src, &dst, &[])
     });
     assert!(!dst.join("docs/old").exists());
+
     let extra = blocks(&c) - fetched_before;
     assert!(
         extra <= 3,
         "changing one block of big.bin + two small files fetched {extra} blocks"
     );
     assert!(c.fetched_content().len() > before);
+
+    // A file created live that the ignore rules exclude stays home; the one after it arrives.
+    fs::write(src.join("docs/trace.log"), b"noise").unwrap();
+    fs::write(src.join("docs/after.txt"), b"after").unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the file after the ignored one",
+        || dst.join("docs/after.txt").exists(),
+    );
+    assert!(
+        !dst.join("docs/trace.log").exists(),
+        "an ignored file was shared"
+    );
 }
 
 /// Builds a drive with a hostile metadata record signed by its own key, and serves only its
