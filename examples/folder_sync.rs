@@ -41,7 +41,10 @@ fn files(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.push((p.strip_prefix(root).unwrap().to_path_buf(), fs::read(&p).unwrap()));
+                out.push((
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    fs::read(&p).unwrap(),
+                ));
             }
         }
     }
@@ -86,7 +89,10 @@ fn main() {
             Err(e) => panic!("the sharing node did not start: {e}"),
         }
     };
-    println!("imported and listening on {addr} after {:.2} s", t.elapsed().as_secs_f64());
+    println!(
+        "imported and listening on {addr} after {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // The cloning side: dial the sharer, stop once the folder is complete.
     let t = Instant::now();
@@ -115,7 +121,11 @@ fn main() {
         }
     }
     reader.join().unwrap();
-    println!("cloned into {} in {:.2} s", dst.display(), t.elapsed().as_secs_f64());
+    println!(
+        "cloned into {} in {:.2} s",
+        dst.display(),
+        t.elapsed().as_secs_f64()
+    );
     writer.shutdown().unwrap();
 
     let (a, b) = (files(&src), files(&dst));
