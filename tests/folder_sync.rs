@@ -646,3 +646,36 @@ cp -a "$MNT/dst" "$OUT/final"
     );
     eprintln!("clone stderr:\n{stderr}");
 }
+
+/// Bytes changed behind the scanner's back (same size, mtime put back) are caught when serving:
+/// the stale block is never sent, the file is re-read, and a clone gets the file as it now is.
+#[test]
+fn a_file_changed_behind_the_scanners_back_is_reread_not_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let dst = tmp.path().join("dst");
+    fs::create_dir_all(&src).unwrap();
+    let doc = src.join("doc.bin");
+    let mut data = random_bytes(7, 3 * 64 * 1024);
+    fs::write(&doc, &data).unwrap();
+    let (_share, url, addr) = share(&src);
+
+    let mtime = fs::metadata(&doc).unwrap().modified().unwrap();
+    data[64 * 1024 + 5] ^= 0x55;
+    fs::write(&doc, &data).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&doc)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(fs::metadata(&doc).unwrap().modified().unwrap(), mtime);
+
+    let mut c = clone(&url, &dst, &addr, true);
+    assert!(
+        c.wait(Duration::from_secs(60)).success(),
+        "{:?}",
+        c.stderr.lock().unwrap()
+    );
+    assert_eq!(fs::read(dst.join("doc.bin")).unwrap(), data);
+}

@@ -159,6 +159,14 @@ pub enum Event {
         /// The error.
         error: String,
     },
+    /// A block we hold no longer matches its verified hash (its bytes changed underneath, e.g.
+    /// a shared file was edited). It was not served; the application should look again.
+    DataChanged {
+        /// The feed.
+        feed: FeedId,
+        /// The block.
+        index: u64,
+    },
 }
 
 struct FeedSlot<S: Storage> {
@@ -1034,7 +1042,15 @@ impl<S: Storage> Replicator<S> {
         let mut bytes = 0usize;
         while r.index + (blocks.len() as u64) < end {
             let i = r.index + blocks.len() as u64;
-            let Ok(block) = slot.feed.get(i) else { break };
+            let block = match slot.feed.get(i) {
+                Ok(b) => b,
+                Err(FeedError::DataChanged(index)) => {
+                    self.actions
+                        .push_back(Action::Event(Event::DataChanged { feed, index }));
+                    break;
+                }
+                Err(_) => break,
+            };
             if !blocks.is_empty() && bytes + block.len() > MAX_DATA_BYTES {
                 break;
             }

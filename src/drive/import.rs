@@ -62,6 +62,9 @@ pub struct Importer {
     leaves: Vec<crypto::Hash>,
     /// Parsed ignore files by directory, for targeted scans (cleared by every full scan).
     ignores: HashMap<std::path::PathBuf, ignore::gitignore::Gitignore>,
+    /// Paths to re-read on the next scan even if size and mtime look unchanged: serving found
+    /// bytes in them that no longer match their hash.
+    forced: BTreeSet<String>,
 }
 
 impl Importer {
@@ -92,6 +95,7 @@ impl Importer {
             pending: Vec::new(),
             leaves: Vec::new(),
             ignores: HashMap::new(),
+            forced: BTreeSet::new(),
         })
     }
 
@@ -168,6 +172,7 @@ impl Importer {
                 && f.mtime_secs == secs
                 && f.mtime_nanos == nanos
                 && f.executable == executable
+                && !self.forced.contains(&rel)
             {
                 seen.insert(rel);
                 continue;
@@ -214,6 +219,11 @@ impl Importer {
         }
         self.commit(r, state, records)?;
         Ok(report)
+    }
+
+    /// Makes the next scan re-read `rel` whatever its size and mtime say.
+    pub fn force(&mut self, rel: String) {
+        self.forced.insert(rel);
     }
 
     /// Scans only `paths` (absolute, as a change notification named them). Handles files
@@ -274,7 +284,8 @@ impl Importer {
                             if f.size == meta.len()
                                 && f.mtime_secs == secs
                                 && f.mtime_nanos == nanos
-                                && f.executable == executable =>
+                                && f.executable == executable
+                                && !self.forced.contains(&rel) =>
                         {
                             continue;
                         }
@@ -339,6 +350,7 @@ impl Importer {
         state: &mut State,
         records: Vec<Record>,
     ) -> Result<(), ScanError> {
+        self.forced.clear();
         if records.is_empty() {
             return Ok(());
         }

@@ -138,6 +138,19 @@ impl Layout {
         self.pending
     }
 
+    /// Paths of the files that reference block `index`.
+    pub fn holders(&self, index: u64) -> Vec<String> {
+        self.owners
+            .get(&index)
+            .map(|o| {
+                o.iter()
+                    .filter_map(|id| self.slots.get(id))
+                    .map(|s| s.path.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Whether any slot references block `index`.
     pub fn is_owned(&self, index: u64) -> bool {
         self.owners.get(&index).is_some_and(|o| !o.is_empty())

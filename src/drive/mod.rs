@@ -883,6 +883,22 @@ impl App for DriveApp {
 
     fn on_event(&mut self, r: &mut Replicator<DiskStorage>, event: &Event) {
         if self.writer {
+            if let Event::DataChanged { feed, index } = event
+                && Some(*feed) == self.content
+            {
+                // A file changed in a way its size and mtime did not show (or before the
+                // watcher said so): re-read the files holding that block on the next scan.
+                let paths = layout::lock(&self.layout).holders(*index);
+                let mut c = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+                for p in paths {
+                    c.0.insert(self.root.join(&p));
+                    if let Some(i) = &mut self.importer {
+                        i.force(p);
+                    }
+                }
+                drop(c);
+                self.change_seen.get_or_insert_with(Instant::now);
+            }
             return;
         }
         match event {
