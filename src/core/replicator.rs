@@ -187,6 +187,8 @@ struct FeedSlot<S: Storage> {
     /// Only these blocks are fetched (`None`: all). A shared folder wants the blocks of its
     /// newest files, not every version it ever held.
     want: Option<Bitfield>,
+    /// Fetch in order (overrides [`Config::ordered`] for this feed).
+    ordered: bool,
 }
 
 #[derive(Default)]
@@ -359,6 +361,7 @@ impl<S: Storage> Replicator<S> {
             uploaded: Bitfield::new(),
             cursor: None,
             want: None,
+            ordered: self.config.ordered,
         });
         let peers: Vec<PeerId> = self
             .peers
@@ -418,6 +421,13 @@ impl<S: Storage> Replicator<S> {
         if slot.download {
             self.schedule_blocks(feed);
         }
+    }
+
+    /// Fetches `feed` in order (from the first missing block, at most `max_ahead` ahead) or
+    /// rarest-first. A reader reassembling files prefers order: each file's hash is computed
+    /// as it arrives instead of read back at the end.
+    pub fn set_ordered(&mut self, feed: FeedId, ordered: bool) {
+        self.feeds[feed].ordered = ordered;
     }
 
     /// Gives up blocks we can no longer serve (a shared file changed under us): they leave our
@@ -1397,7 +1407,8 @@ impl<S: Storage> Replicator<S> {
         if first_missing >= length {
             return;
         }
-        let (start, end) = if self.config.ordered {
+        let ordered = self.feeds[feed].ordered;
+        let (start, end) = if ordered {
             (
                 first_missing,
                 length.min(first_missing.saturating_add(self.config.max_ahead)),
@@ -1418,7 +1429,7 @@ impl<S: Storage> Replicator<S> {
         let mut scanned = 0u64;
         let mut next_cursor = start;
         // Unordered: from the cursor to the end, then wrap around to the first gap.
-        let segments = if self.config.ordered {
+        let segments = if ordered {
             vec![(start, end)]
         } else {
             vec![(start, end), (first_missing, start)]
@@ -1459,7 +1470,7 @@ impl<S: Storage> Replicator<S> {
                 next_cursor = i;
             }
         }
-        if self.config.ordered {
+        if ordered {
             candidates.sort_by_key(|c| c.2);
         } else {
             candidates.sort_unstable();

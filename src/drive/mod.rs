@@ -603,7 +603,9 @@ impl DriveApp {
                 .and_then(|s| Feed::create_replica(s, key))
             {
                 Ok(feed) => {
-                    self.content = Some(r.add_feed(feed, true));
+                    let id = r.add_feed(feed, true);
+                    r.set_ordered(id, true);
+                    self.content = Some(id);
                     changed = true;
                 }
                 Err(e) => {
@@ -873,7 +875,8 @@ impl App for DriveApp {
             self.scan(r, true);
         } else {
             // Metadata held from an earlier run: bring the folder up to it.
-            if self.content.is_some() {
+            if let Some(c) = self.content {
+                r.set_ordered(c, true);
                 self.reconcile(r);
             }
             self.apply_metadata(r);
