@@ -45,8 +45,8 @@ pub struct Slot {
     pub path: String,
     /// What the file is.
     pub info: FileInfo,
-    /// `Some` while the file is being fetched.
-    pub pending: Option<Pending>,
+    /// `Some` while the file is being fetched (boxed: most slots are complete files).
+    pub pending: Option<Box<Pending>>,
 }
 
 /// Reassembly state of a file being fetched.
@@ -58,9 +58,10 @@ pub struct Pending {
     done: Bitfield,
     /// Positions not written yet.
     pub left: u64,
-    /// The register: positions `0..next` are in `hasher`.
+    /// The register: positions `0..next` are in `hasher` (allocated with the first block: a
+    /// BLAKE3 state is ~2 KB, and a big tree has thousands of files waiting at once).
     next: u64,
-    hasher: blake3::Hasher,
+    hasher: Option<Box<blake3::Hasher>>,
     /// The temporary file.
     pub temp: PathBuf,
 }
@@ -186,7 +187,7 @@ impl Layout {
             Slot {
                 path,
                 info,
-                pending,
+                pending: pending.map(Box::new),
             },
         );
         id
@@ -215,7 +216,7 @@ impl Layout {
             done: Bitfield::new(),
             left: info.blocks(),
             next: 0,
-            hasher: blake3::Hasher::new(),
+            hasher: None,
             temp,
         };
         self.insert(path, info, Some(pending))
@@ -382,7 +383,9 @@ impl Layout {
             while p.next < p.done.first_unset(p.next)
                 && p.positions[&index].binary_search(&p.next).is_ok()
             {
-                p.hasher.update(data);
+                p.hasher
+                    .get_or_insert_with(|| Box::new(blake3::Hasher::new()))
+                    .update(data);
                 p.next += 1;
             }
         }
@@ -407,7 +410,7 @@ impl Layout {
                 slot.info.clone(),
                 p.temp.clone(),
                 p.next,
-                std::mem::take(&mut p.hasher),
+                p.hasher.take().unwrap_or_default(),
             )
         };
         let blocks = info.blocks();
@@ -470,7 +473,7 @@ impl Layout {
             p.done = Bitfield::new();
             p.left = p.positions.values().map(|v| v.len() as u64).sum();
             p.next = 0;
-            p.hasher = blake3::Hasher::new();
+            p.hasher = None;
         }
         self.ready.remove(&id);
     }

@@ -194,7 +194,8 @@ pub fn spawn_with(
     app: Option<Box<dyn App>>,
 ) -> io::Result<NodeHandle> {
     let (control, control_rx) = crossbeam_channel::bounded(64);
-    let (events_tx, events) = crossbeam_channel::bounded(65_536);
+    // Events are informational and dropped when nobody reads them; 8,192 covers bursts.
+    let (events_tx, events) = crossbeam_channel::bounded(8192);
     let thread = std::thread::Builder::new()
         .name("feedsync-sync".into())
         .spawn(move || run_with(config, feeds, app, control_rx, events_tx))?;
