@@ -414,34 +414,32 @@ impl Layout {
             )
         };
         let blocks = info.blocks();
-        if info.size == 0 {
-            fs::create_dir_all(&self.tmp).map_err(PublishError::Io)?;
-            File::create(&temp).map_err(PublishError::Io)?;
+        // Finish the register from the temporary file (what came out of order).
+        if next < blocks {
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            while next < blocks {
+                let len = (info.size - next * BLOCK_SIZE as u64).min(BLOCK_SIZE as u64) as usize;
+                self.read_pos(id, true, next, &mut buf[..len])
+                    .map_err(PublishError::Io)?;
+                hasher.update(&buf[..len]);
+                next += 1;
+            }
         }
-        // Finish the register from the temporary file.
-        let mut buf = vec![0u8; BLOCK_SIZE];
-        while next < blocks {
-            let len = (info.size - next * BLOCK_SIZE as u64).min(BLOCK_SIZE as u64) as usize;
-            self.read_pos(id, true, next, &mut buf[..len])
-                .map_err(PublishError::Io)?;
-            hasher.update(&buf[..len]);
-            next += 1;
-        }
-        self.open.retain(|(s, ..)| *s != id);
         if hasher.finalize().as_bytes() != &info.hash {
+            self.open.retain(|(s, ..)| *s != id);
             return Err(PublishError::HashMismatch(path));
         }
         let target = safe_target(&self.root, &path)?;
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&temp)
-            .map_err(PublishError::Io)?;
-        f.set_len(info.size).map_err(PublishError::Io)?;
-        let mode = if info.executable { 0o755 } else { 0o644 };
-        f.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(PublishError::Io)?;
-        f.set_modified(mtime(&info)).map_err(PublishError::Io)?;
-        drop(f);
+        {
+            // The handle the blocks were written through (created here for an empty file).
+            let f = self.handle(id, true, true).map_err(PublishError::Io)?;
+            f.set_len(info.size).map_err(PublishError::Io)?;
+            let mode = if info.executable { 0o755 } else { 0o644 };
+            f.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(PublishError::Io)?;
+            f.set_modified(mtime(&info)).map_err(PublishError::Io)?;
+        }
+        self.open.retain(|(s, ..)| *s != id);
         if let Ok(m) = fs::symlink_metadata(&target)
             && m.is_dir()
         {
