@@ -479,3 +479,27 @@ fn a_large_request_is_served_one_piece_at_a_time() {
         "40 blocks of 64 KiB in 1 MiB pieces"
     );
 }
+
+/// A reader fetching in order with a want filter (a folder wanting only its newest files'
+/// blocks) asks for a wanted block however many unwanted missing blocks come before it: those
+/// must not pin the ordered window behind it (this once stalled a live folder clone).
+#[test]
+fn ordered_fetching_with_a_want_filter_skips_unwanted_gaps() {
+    let blocks = 3000;
+    let (mut r, mut w, out) = reader_and_two_sources(blocks);
+    r.set_ordered(0, true); // max_ahead is 1024 by default
+    let mut want = feedsync::core::Bitfield::new();
+    want.set(2500, true);
+    want.set(2999, true);
+    r.set_want(0, Some(want));
+    answer_upgrade(&mut r, &mut w, &out);
+    let asked: Vec<u64> = requests(&mut r)
+        .iter()
+        .flat_map(|(_, q)| q.index..q.index + u64::from(q.count))
+        .collect();
+    assert!(asked.contains(&2500), "asked for {asked:?}");
+    assert!(
+        asked.iter().all(|i| *i == 2500 || *i == 2999),
+        "asked for unwanted blocks: {asked:?}"
+    );
+}

@@ -1403,7 +1403,22 @@ impl<S: Storage> Replicator<S> {
             return;
         }
         let slot = &self.feeds[feed];
-        let first_missing = slot.feed.bitfield().first_unset(0);
+        // The first block we lack *and want*: with a want filter, blocks given up long ago
+        // (old versions of files) must not pin an ordered window far behind the wanted ones.
+        let have = slot.feed.bitfield();
+        let first_missing = match &slot.want {
+            None => have.first_unset(0),
+            Some(want) => {
+                let mut i = 0;
+                loop {
+                    match want.first_set(i) {
+                        Some(w) if have.get(w) => i = w + 1,
+                        Some(w) => break w,
+                        None => break length,
+                    }
+                }
+            }
+        };
         if first_missing >= length {
             return;
         }
