@@ -45,7 +45,13 @@ struct Shared {
 fn share(dir: &Path) -> Shared {
     let t = Instant::now();
     let mut child = Command::new(BIN)
-        .args(["share", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args([
+            "share",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-discovery",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -79,6 +85,7 @@ fn clone_once(s: &Shared, dst: &Path) -> (Duration, u64) {
             "--peer",
             &s.addr,
             "--once",
+            "--no-discovery",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -189,7 +196,14 @@ fn main() {
         let mut s = share(&w2);
         let dst = tmp.path().join("w3-clone");
         let mut c = Command::new(BIN)
-            .args(["clone", &s.url, dst.to_str().unwrap(), "--peer", &s.addr])
+            .args([
+                "clone",
+                &s.url,
+                dst.to_str().unwrap(),
+                "--peer",
+                &s.addr,
+                "--no-discovery",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

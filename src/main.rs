@@ -75,6 +75,12 @@ struct NetArgs {
     /// Peer to dial (repeatable).
     #[arg(long = "peer")]
     peers: Vec<std::net::SocketAddr>,
+    /// Do not announce or look for peers on the LAN (mDNS); only --peer addresses are dialled.
+    #[arg(long)]
+    no_discovery: bool,
+    /// Use only this network interface for LAN discovery (repeatable; default: all).
+    #[arg(long = "interface", value_name = "NAME")]
+    interfaces: Vec<String>,
     /// Print `fetched FEED INDEX COUNT` for every verified range stored (for tests).
     #[arg(long, hide = true)]
     report_fetches: bool,
@@ -225,10 +231,20 @@ fn run_drive(
     use feedsync::sync::{NodeConfig, NodeEvent};
     use std::io::{IsTerminal, Write};
     let writer = drive.writer;
-    let listen = match (net.listen, writer) {
+    let discover = !net.no_discovery;
+    let listen = match (net.listen, writer || discover) {
         (Some(a), _) => Some(a),
-        // A writer always serves; port 0 picks a free one (printed).
-        (None, true) => Some("0.0.0.0:0".parse().expect("constant address")),
+        // A writer always serves, and with discovery a clone serves too (it is found by others
+        // and helps them). Port 0 picks a free one (printed). Dual-stack where the host has IPv6.
+        (None, true) => Some(
+            if std::net::TcpListener::bind("[::]:0").is_ok() {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            }
+            .parse()
+            .expect("constant address"),
+        ),
         (None, false) => None,
     };
     let mut out = std::io::stdout().lock();
@@ -247,6 +263,9 @@ fn run_drive(
         peers: net.peers.clone(),
         exit_when_complete: once && !writer,
         handle_signals: true,
+        discovery: discover.then(|| feedsync::discovery::DiscoveryConfig {
+            interfaces: net.interfaces.clone(),
+        }),
         ..NodeConfig::new()
     };
     let node = feedsync::sync::spawn_with(config, feeds, Some(Box::new(app)))?;

@@ -127,7 +127,14 @@ fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Starts `feedsync share DIR` on loopback; returns it with its URL and address.
 fn share(dir: &Path) -> (Proc, String, String) {
-    let p = Proc::start(&["share", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    // Never mDNS on this machine's interfaces: discovery is tested in network namespaces.
+    let p = Proc::start(&[
+        "share",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+    ]);
     wait_until(Duration::from_secs(60), "share to listen", || {
         p.line_with("listening on ").is_some()
     });
@@ -152,6 +159,7 @@ fn clone(url: &str, dir: &Path, addr: &str, once: bool) -> Proc {
         "--peer",
         addr,
         "--report-fetches",
+        "--no-discovery",
     ];
     if once {
         args.push("--once");
@@ -595,7 +603,7 @@ set -u
 MNT=$(mktemp -d)
 mount -t tmpfs -o size=24m tmpfs "$MNT" || exit 90
 head -c 14M /dev/zero > "$MNT/filler"
-"$BIN" clone "$URL" "$MNT/dst" --peer "$ADDR" --once > "$OUT/stdout" 2> "$OUT/stderr" &
+"$BIN" clone "$URL" "$MNT/dst" --peer "$ADDR" --once --no-discovery > "$OUT/stdout" 2> "$OUT/stderr" &
 CP=$!
 for i in $(seq 1200); do grep -q "No space left" "$OUT/stderr" && break; sleep 0.05; done
 grep -q "No space left" "$OUT/stderr" || { kill $CP; exit 91; }

@@ -503,3 +503,31 @@ fn ordered_fetching_with_a_want_filter_skips_unwanted_gaps() {
         "asked for unwanted blocks: {asked:?}"
     );
 }
+
+/// An `Open` for a feed we add a moment later (a folder clone learning its content key) is
+/// answered when the feed arrives, even though we are not the side that opens proactively.
+#[test]
+fn an_open_that_came_before_the_feed_is_answered_when_it_is_added() {
+    let w = writer(4);
+    let pk = w.public_key();
+    let mut r: Replicator<MemoryStorage> = Replicator::new(Config::default());
+    r.handle_connected(7, b"s", false); // they dialled: we never open first
+    drain(&mut r);
+    open_from(&mut r, 7, b"s", &pk, 3);
+    assert!(
+        !sent(&drain(&mut r))
+            .iter()
+            .any(|(_, m)| matches!(m, Message::Open(_))),
+        "answered an Open for a feed we do not have"
+    );
+    r.add_feed(
+        Feed::create_replica(MemoryStorage::new(), pk).unwrap(),
+        true,
+    );
+    let out = sent(&drain(&mut r));
+    assert!(
+        out.iter()
+            .any(|(p, m)| *p == 7 && matches!(m, Message::Open(_))),
+        "no answer once the feed was added: {out:?}"
+    );
+}

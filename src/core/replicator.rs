@@ -256,7 +256,13 @@ struct PeerState {
     /// delivers is dropped after `Config::max_strikes`.
     strikes: u32,
     last_ping: u64,
+    /// `Open`s for feeds we did not have when they came (a folder clone learns its content
+    /// feed's key from metadata a moment later); answered if we add the feed. Bounded.
+    unanswered: VecDeque<Open>,
 }
+
+/// Unanswered `Open`s kept per peer.
+const MAX_UNANSWERED_OPENS: usize = 32;
 
 impl PeerState {
     fn request_timeout(&self, config: &Config) -> u64 {
@@ -371,6 +377,24 @@ impl<S: Storage> Replicator<S> {
             .collect();
         for peer in peers {
             self.send_open(peer, id);
+        }
+        // Peers that asked for this feed before we had it get their answer now.
+        let waiting: Vec<(PeerId, Open)> = self
+            .peers
+            .iter_mut()
+            .flat_map(|(&p, st)| {
+                let (now, keep): (Vec<Open>, Vec<Open>) = st
+                    .unanswered
+                    .drain(..)
+                    .partition(|o| o.discovery_key == discovery_key);
+                st.unanswered = keep.into();
+                now.into_iter().map(move |o| (p, o))
+            })
+            .collect();
+        for (peer, open) in waiting {
+            if let Err(reason) = self.on_open(peer, open) {
+                self.drop_peer(peer, reason);
+            }
         }
         id
     }
@@ -518,6 +542,7 @@ impl<S: Storage> Replicator<S> {
                 last_heard: self.now,
                 strikes: 0,
                 last_ping: self.now,
+                unanswered: VecDeque::new(),
             },
         );
         self.send(
@@ -861,7 +886,14 @@ impl<S: Storage> Replicator<S> {
             .iter()
             .position(|s| s.discovery_key == open.discovery_key)
         else {
-            return Ok(()); // unknown feed: say nothing at all
+            // Unknown feed: say nothing at all, but remember it in case we add the feed.
+            if let Some(state) = self.peers.get_mut(&peer) {
+                if state.unanswered.len() == MAX_UNANSWERED_OPENS {
+                    state.unanswered.pop_front();
+                }
+                state.unanswered.push_back(open);
+            }
+            return Ok(());
         };
         let state = self
             .peers

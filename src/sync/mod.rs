@@ -59,6 +59,9 @@ pub struct NodeConfig {
     pub handle_signals: bool,
     /// A connection whose queue stays full, with nothing drained, for this long is cut.
     pub stall_timeout: Duration,
+    /// Announce and find peers on the LAN over mDNS (needs `listen`). Off by default: it joins
+    /// multicast on every interface, which tests may do only inside their own network namespace.
+    pub discovery: Option<crate::discovery::DiscoveryConfig>,
 }
 
 impl NodeConfig {
@@ -76,6 +79,7 @@ impl NodeConfig {
             exit_when_complete: false,
             handle_signals: false,
             stall_timeout: Duration::from_secs(30),
+            discovery: None,
         }
     }
 }
@@ -551,9 +555,26 @@ pub fn run_with(
         app.start(&mut lp.replicator);
     }
     lp.drive();
+    let mut discovery = None;
     if let Some(addr) = config.listen {
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
-        lp.emit(NodeEvent::Listening(listener.local_addr()?));
+        let local = listener.local_addr()?;
+        if let Some(dc) = &config.discovery {
+            let keys: Vec<[u8; 32]> = (0..lp.replicator.feed_count())
+                .map(|f| lp.replicator.feed(f).discovery_key())
+                .collect();
+            match crate::discovery::Discovery::start(
+                &config.identity.public,
+                local.port(),
+                &keys,
+                dc,
+            ) {
+                Ok(d) => discovery = Some(d),
+                // Discovery is a convenience: named peers still work without it.
+                Err(e) => eprintln!("feedsync: LAN discovery is off: {e}"),
+            }
+        }
+        lp.emit(NodeEvent::Listening(local));
         rt.spawn(net::listen(
             listener,
             config.identity.clone(),
@@ -600,6 +621,13 @@ pub fn run_with(
                     app.on_tick(&mut lp.replicator);
                 }
                 lp.cut_stalled(stall_ticks);
+                if lp.tick % 10 == 0
+                    && let Some(d) = &mut discovery
+                {
+                    for addr in d.poll() {
+                        lp.book.add(addr);
+                    }
+                }
                 for addr in lp.book.due(lp.tick) {
                     lp.book.dialing(&addr, lp.tick);
                     rt.spawn(net::dial(addr, config.identity.clone(), in_tx.clone(), cancel.child_token()));
@@ -627,8 +655,11 @@ pub fn run_with(
                 }
             });
     }
-    // Ordered shutdown. 1: no new connections.
+    // Ordered shutdown. 1: no new connections, and a goodbye on the LAN.
     listen_cancel.cancel();
+    if let Some(d) = discovery.take() {
+        d.shutdown();
+    }
     // 2: goodbye to every peer (the writer closes the connection after sending it).
     let conns: Vec<ConnId> = lp.conns.keys().copied().collect();
     for conn in &conns {

@@ -1,0 +1,240 @@
+//! LAN discovery end to end, inside network namespaces this test creates (never on this
+//! machine's own interfaces): hosts on a private bridge find each other over mDNS with no
+//! address given. Needs root and iproute2, as in CI.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_feedsync");
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {} (this test needs root)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `n` hosts, each in its own namespace with one veth on a bridge that lives in a namespace
+/// of its own. Removed on drop.
+struct Lan {
+    hosts: Vec<String>,
+    bridge: String,
+}
+
+impl Lan {
+    fn new(n: usize) -> Lan {
+        // Unique per process and per LAN: tests run in parallel threads.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("fsd{}n{k}", std::process::id());
+        let bridge = format!("{tag}br");
+        ip(&["netns", "add", &bridge]);
+        let lan = Lan {
+            hosts: (0..n).map(|i| format!("{tag}h{i}")).collect(),
+            bridge,
+        };
+        ip(&["-n", &lan.bridge, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &lan.bridge, "link", "set", "br0", "up"]);
+        for (i, h) in lan.hosts.iter().enumerate() {
+            ip(&["netns", "add", h]);
+            let v = format!("v{i}");
+            // Both ends are created inside namespaces: the host's own interfaces never change.
+            ip(&[
+                "-n",
+                &lan.bridge,
+                "link",
+                "add",
+                &v,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                h,
+            ]);
+            ip(&["-n", &lan.bridge, "link", "set", &v, "master", "br0"]);
+            ip(&["-n", &lan.bridge, "link", "set", &v, "up"]);
+            ip(&["-n", h, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                h,
+                "addr",
+                "add",
+                &format!("10.231.0.{}/24", i + 1),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", h, "link", "set", "eth0", "up"]);
+            ip(&["-n", h, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
+        }
+        lan
+    }
+
+    /// `feedsync ARGS` on host `i`.
+    fn run(&self, i: usize, args: &[&str]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.hosts[i], BIN])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start feedsync in a namespace")
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for h in self.hosts.iter().chain(std::iter::once(&self.bridge)) {
+            let _ = Command::new("ip").args(["netns", "del", h]).status();
+        }
+    }
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn random_file(path: &Path, seed: u64, len: usize) {
+    let mut buf = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut buf);
+    fs::write(path, buf).unwrap();
+}
+
+fn same_files(a: &Path, b: &Path) -> bool {
+    let mut names: Vec<_> = fs::read_dir(a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.retain(|n| n != ".feedsync");
+    names
+        .iter()
+        .all(|n| fs::read(a.join(n)).ok() == fs::read(b.join(n)).ok())
+}
+
+#[test]
+fn clones_find_the_share_on_the_lan_with_no_address() {
+    let lan = Lan::new(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..8 {
+        random_file(&src.join(format!("f{i}.bin")), i, 1 << 20);
+    }
+    let mut share = Killed(lan.run(0, &["share", src.to_str().unwrap()]));
+    let mut lines = BufReader::new(share.0.stdout.take().unwrap()).lines();
+    let url = lines.next().expect("share prints its URL").unwrap();
+    // Keep reading: a closed pipe would end the share at its next line.
+    std::thread::spawn(move || for _ in lines {});
+    assert!(url.starts_with("feedsync://"));
+
+    let start = Instant::now();
+    let dsts: Vec<_> = (1..3)
+        .map(|i| tmp.path().join(format!("clone{i}")))
+        .collect();
+    let mut clones: Vec<Killed> = (1..3)
+        .map(|i| Killed(lan.run(i, &["clone", &url, dsts[i - 1].to_str().unwrap(), "--once"])))
+        .collect();
+    for c in &mut clones {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = c.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a clone found no peer within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success());
+    }
+    eprintln!(
+        "both clones complete {:.2} s after they started, with no address given",
+        start.elapsed().as_secs_f64()
+    );
+    for d in &dsts {
+        assert!(same_files(&src, d), "{} differs", d.display());
+    }
+}
+
+/// A stock mDNS client nobody here wrote (python-zeroconf) sees and resolves the service, and
+/// what it sees carries no public key.
+#[test]
+fn a_stock_mdns_client_resolves_the_service() {
+    let lan = Lan::new(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("a.bin"), 1, 1000);
+    let mut share = Killed(lan.run(0, &["share", src.to_str().unwrap()]));
+    let mut lines = BufReader::new(share.0.stdout.take().unwrap()).lines();
+    let url = lines.next().unwrap().unwrap();
+    let port: u16 = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::thread::spawn(move || for _ in lines {});
+
+    let script = r#"
+import json, sys, time
+from zeroconf import Zeroconf, ServiceBrowser, ServiceListener
+found = []
+class L(ServiceListener):
+    def add_service(self, zc, ty, name): found.append(name)
+    def update_service(self, zc, ty, name): pass
+    def remove_service(self, zc, ty, name): pass
+zc = Zeroconf()
+ServiceBrowser(zc, "_feedsync._tcp.local.", L())
+deadline = time.time() + 20
+while not found and time.time() < deadline:
+    time.sleep(0.05)
+if not found:
+    print(json.dumps({"error": "nothing found"})); sys.exit(3)
+info = zc.get_service_info("_feedsync._tcp.local.", found[0], timeout=5000)
+zc.close()
+print(json.dumps({"name": found[0], "port": info.port,
+                  "props": {k.decode(): (v or b"").decode() for k, v in info.properties.items()},
+                  "addresses": info.parsed_addresses()}))
+"#;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lan.hosts[1], "python3", "-c", script])
+        .output()
+        .expect("python3 with the zeroconf package (.ci/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "zeroconf saw nothing: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("zeroconf resolved: {text}");
+    assert!(text.contains(&format!("\"port\": {port}")), "{text}");
+    assert!(
+        text.contains("\"id\"") && text.contains("\"dk0\""),
+        "{text}"
+    );
+    assert!(text.contains("10.231.0.1"), "{text}");
+    let key = url.trim_start_matches("feedsync://");
+    assert!(!text.contains(key), "the public key is announced: {text}");
+}
