@@ -621,7 +621,7 @@ pub fn run_with(
                     app.on_tick(&mut lp.replicator);
                 }
                 lp.cut_stalled(stall_ticks);
-                if lp.tick % 10 == 0
+                if lp.tick.is_multiple_of(10)
                     && let Some(d) = &mut discovery
                 {
                     for addr in d.poll() {
