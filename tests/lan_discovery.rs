@@ -238,3 +238,68 @@ print(json.dumps({"name": found[0], "port": info.port,
     let key = url.trim_start_matches("feedsync://");
     assert!(!text.contains(key), "the public key is announced: {text}");
 }
+
+/// The source dies mid-transfer; the clones finish from each other (one of them holds
+/// everything), found on the LAN with no address given.
+#[test]
+fn clones_finish_from_each_other_when_the_source_dies() {
+    let lan = Lan::new(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..24 {
+        random_file(&src.join(format!("f{i:02}.bin")), 100 + i, 4 << 20);
+    }
+    let mut share = Killed(lan.run(0, &["share", src.to_str().unwrap()]));
+    let mut lines = BufReader::new(share.0.stdout.take().unwrap()).lines();
+    let url = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+
+    // The first clone keeps running (it serves after it is complete).
+    let first = tmp.path().join("first");
+    let mut c1 = Killed(lan.run(1, &["clone", &url, first.to_str().unwrap()]));
+    let mut l1 = BufReader::new(c1.0.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match l1.next() {
+            Some(Ok(l)) if l == "complete" => break,
+            Some(_) => {}
+            None => panic!("the first clone ended before completing"),
+        }
+        assert!(Instant::now() < deadline, "bounded");
+    }
+    std::thread::spawn(move || for _ in l1 {});
+
+    // The second starts; once it has a file in place, the source is killed.
+    let second = tmp.path().join("second");
+    let mut c2 = Killed(lan.run(2, &["clone", &url, second.to_str().unwrap(), "--once"]));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(0..24).any(|i| second.join(format!("f{i:02}.bin")).exists()) {
+        assert!(Instant::now() < deadline, "the second clone got nothing");
+        if c2.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let done_before_kill = (0..24)
+        .filter(|i| second.join(format!("f{i:02}.bin")).exists())
+        .count();
+    share.0.kill().unwrap();
+    share.0.wait().unwrap();
+    eprintln!("source killed with {done_before_kill}/24 files at the second clone");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = c2.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second clone did not finish from the first"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    assert!(same_files(&src, &second));
+    let _ = c1.0.kill();
+}
