@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod core;
+pub mod daemon;
 pub mod discovery;
 pub mod drive;
 pub mod net;

@@ -48,13 +48,45 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Show a folder's version and progress (live while a node runs on it).
+    /// Show a folder's version and progress (live while a node runs on it); without DIR, every
+    /// folder of the running daemon.
     Status {
-        /// The folder.
-        dir: PathBuf,
+        /// The folder (absent: ask the daemon).
+        dir: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The daemon's state directory (default: the platform's data directory).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Run headless: serve the folders of a config file (and those added with `add`) until
+    /// SIGINT/SIGTERM; SIGHUP reloads the config. Logs go to stderr.
+    Daemon {
+        /// TOML config (see the README); without one, only folders added with `add`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory (control socket); overrides the config's.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Tell the running daemon to serve DIR: share it, or clone URL into it.
+    Add {
+        /// The folder.
+        dir: PathBuf,
+        /// feedsync://<key> to clone; absent to share DIR.
+        url: Option<String>,
+        /// The daemon's state directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Tell the running daemon to stop serving DIR (added with `add`; files stay).
+    Remove {
+        /// The folder.
+        dir: PathBuf,
+        /// The daemon's state directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// List a folder's versions: what each changed.
     Log {
@@ -346,7 +378,70 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Sync { dir, net, once } => {
             run_drive(feedsync::drive::Drive::open(&dir)?, net, once)?;
         }
-        Command::Status { dir, json } => status(dir, json)?,
+        Command::Status {
+            dir: Some(dir),
+            json,
+            ..
+        } => status(dir, json)?,
+        Command::Status {
+            dir: None,
+            json,
+            state_dir,
+        } => {
+            let sd = state_dir.unwrap_or_else(feedsync::daemon::default_state_dir);
+            let v = feedsync::daemon::request(&sd, &serde_json::json!({"cmd": "status"}))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for f in v["folders"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{}  {}  version {}/{}  files {}/{}  bytes {}/{}  peers {}",
+                        f["path"].as_str().unwrap_or(""),
+                        f["role"].as_str().unwrap_or("starting"),
+                        f["version"],
+                        f["latest_version"],
+                        f["files_done"],
+                        f["files_total"],
+                        f["bytes_done"],
+                        f["bytes_total"],
+                        f["peers"]
+                    );
+                }
+            }
+        }
+        Command::Daemon { config, state_dir } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            if let Err(e) = feedsync::daemon::run(config.as_deref(), state_dir) {
+                eprintln!("feedsync: {e}");
+                std::process::exit(2);
+            }
+        }
+        Command::Add {
+            dir,
+            url,
+            state_dir,
+        } => {
+            let dir = std::path::absolute(&dir)?;
+            let sd = state_dir.unwrap_or_else(feedsync::daemon::default_state_dir);
+            feedsync::daemon::request(
+                &sd,
+                &serde_json::json!({"cmd": "add", "path": dir, "url": url}),
+            )?;
+            println!("added {}", dir.display());
+        }
+        Command::Remove { dir, state_dir } => {
+            let dir = std::path::absolute(&dir)?;
+            let sd = state_dir.unwrap_or_else(feedsync::daemon::default_state_dir);
+            feedsync::daemon::request(&sd, &serde_json::json!({"cmd": "remove", "path": dir}))?;
+            println!("removed {}", dir.display());
+        }
         Command::Log { dir } => {
             let mut drive = feedsync::drive::Drive::open(&dir)?;
             for line in drive.log()? {

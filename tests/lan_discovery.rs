@@ -303,3 +303,265 @@ fn clones_finish_from_each_other_when_the_source_dies() {
     assert!(same_files(&src, &second));
     let _ = c1.0.kill();
 }
+
+/// `feedsync status --json` against a daemon's control socket.
+fn daemon_status(state: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--state-dir", state.to_str().unwrap()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Whether every folder the daemon at `state` serves is at its newest version, complete.
+fn daemon_complete(state: &Path) -> bool {
+    daemon_status(state).is_some_and(|v| {
+        let fs = v["folders"].as_array().cloned().unwrap_or_default();
+        !fs.is_empty()
+            && fs.iter().all(|f| {
+                f["latest_version"].as_u64().unwrap_or(0) > 0
+                    && f["version"] == f["latest_version"]
+                    && f["files_total"].as_u64().is_some()
+                    && f["files_done"] == f["files_total"]
+            })
+    })
+}
+
+fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_daemon(lan: &Lan, host: usize, config: &Path) -> Killed {
+    Killed(
+        Command::new("ip")
+            .args(["netns", "exec", &lan.hosts[host], BIN, "daemon", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Three daemons on a private LAN: one shares, two clone with no address given; status over
+/// the control socket; SIGTERM mid-transfer exits 0 quickly and a restart resumes; SIGHUP
+/// reloads; add and remove work against the running daemon.
+#[test]
+fn daemons_share_clone_report_and_stop_in_order() {
+    let lan = Lan::new(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..4 {
+        random_file(&src.join(format!("f{i}.bin")), 300 + i, 1 << 20);
+    }
+    let state = |n: &str| tmp.path().join(format!("state-{n}"));
+    let conf_a = tmp.path().join("a.toml");
+    fs::write(
+        &conf_a,
+        format!(
+            "state_dir = {:?}\n[[folder]]\npath = {:?}\n",
+            state("a"),
+            src
+        ),
+    )
+    .unwrap();
+    let mut a = start_daemon(&lan, 0, &conf_a);
+    let mut url = String::new();
+    wait_for(Duration::from_secs(30), "daemon A's status", || {
+        daemon_status(&state("a")).is_some_and(|v| {
+            url = v["folders"][0]["url"].as_str().unwrap_or("").to_string();
+            !url.is_empty()
+        })
+    });
+
+    let start = Instant::now();
+    let mut clones = Vec::new();
+    for (host, n) in [(1, "b"), (2, "c")] {
+        let conf = tmp.path().join(format!("{n}.toml"));
+        fs::write(
+            &conf,
+            format!(
+                "state_dir = {:?}\n[[folder]]\npath = {:?}\nurl = {url:?}\n",
+                state(n),
+                tmp.path().join(format!("dst-{n}"))
+            ),
+        )
+        .unwrap();
+        clones.push((start_daemon(&lan, host, &conf), conf, n));
+    }
+    for (_, _, n) in &clones {
+        wait_for(Duration::from_secs(60), "a daemon clone", || {
+            daemon_complete(&state(n))
+        });
+    }
+    eprintln!(
+        "both daemon clones complete {:.2} s after start, no address given",
+        start.elapsed().as_secs_f64()
+    );
+    let v = daemon_status(&state("b")).unwrap();
+    let f = &v["folders"][0];
+    for k in [
+        "version",
+        "files_done",
+        "files_total",
+        "bytes_done",
+        "bytes_total",
+        "peers",
+        "rate",
+    ] {
+        assert!(f.get(k).is_some(), "status --json lacks {k}: {v}");
+    }
+    assert_eq!(f["bytes_total"].as_u64(), Some(4 << 20));
+
+    // A big change, and SIGTERM to one clone while it transfers.
+    random_file(&src.join("big.bin"), 9, 48 << 20);
+    wait_for(
+        Duration::from_secs(60),
+        "B to start on the new version",
+        || {
+            daemon_status(&state("b"))
+                .is_some_and(|v| v["folders"][0]["files_total"].as_u64() == Some(5))
+        },
+    );
+    let (mut b, conf_b, _) = clones.remove(0);
+    let pid = b.0.id();
+    // `ip netns exec` execs the daemon: the child's pid is the daemon's.
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t = Instant::now();
+    let st = loop {
+        if let Some(s) = b.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "SIGTERM: not stopped within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(st.success(), "SIGTERM exit status {st:?}");
+    eprintln!("SIGTERM to exit: {:.2} s", t.elapsed().as_secs_f64());
+    let _b2 = start_daemon(&lan, 1, &conf_b);
+    wait_for(Duration::from_secs(120), "B to resume and finish", || {
+        daemon_complete(&state("b"))
+    });
+    assert!(same_files(&src, &tmp.path().join("dst-b")));
+
+    // SIGHUP reloads: A gets a second folder.
+    let second = tmp.path().join("second");
+    fs::create_dir_all(&second).unwrap();
+    fs::write(second.join("x.txt"), b"x").unwrap();
+    fs::write(
+        &conf_a,
+        format!(
+            "state_dir = {:?}\n[[folder]]\npath = {:?}\n[[folder]]\npath = {:?}\n",
+            state("a"),
+            src,
+            second
+        ),
+    )
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &a.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for(Duration::from_secs(30), "the reloaded folder", || {
+        daemon_status(&state("a")).is_some_and(|v| {
+            v["folders"].as_array().is_some_and(|f| f.len() == 2)
+                && v["folders"][1]["url"].as_str().is_some()
+        })
+    });
+
+    // add / remove against the running daemon.
+    let third = tmp.path().join("third");
+    fs::create_dir_all(&third).unwrap();
+    let sa = state("a");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--state-dir", sa.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["add", third.to_str().unwrap()]).status.success());
+    wait_for(Duration::from_secs(30), "the added folder", || {
+        daemon_status(&sa).is_some_and(|v| v["folders"].as_array().is_some_and(|f| f.len() == 3))
+    });
+    let refused = run(&["add", third.to_str().unwrap()]);
+    assert!(!refused.status.success(), "adding twice was accepted");
+    assert!(run(&["remove", third.to_str().unwrap()]).status.success());
+    assert_eq!(
+        daemon_status(&sa).unwrap()["folders"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // SIGTERM to A: exit 0.
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &a.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t = Instant::now();
+    let st = loop {
+        if let Some(s) = a.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "not stopped within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(st.success());
+}
+
+/// A bad config: one line naming the file, the line and the problem; exit status 2. Run in a
+/// network namespace of its own all the same (a daemon must never touch this machine's LAN).
+#[test]
+fn a_bad_config_is_one_clear_line_and_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("bad.toml");
+    fs::write(
+        &conf,
+        "discovery = true\n\n[[folder]]\npath = \"not/absolute\"\n",
+    )
+    .unwrap();
+    let out = Command::new("unshare")
+        .args(["-n", BIN, "daemon", "--config"])
+        .arg(&conf)
+        .output()
+        .expect("unshare (util-linux)");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "feedsync: {}:4: folder path must be absolute",
+            conf.display()
+        )
+    );
+}

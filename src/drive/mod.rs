@@ -256,6 +256,7 @@ impl Drive {
             bytes_done,
             peers: 0,
             received: 0,
+            rate: 0,
             errors: Vec::new(),
         })
     }
@@ -302,8 +303,18 @@ impl Drive {
 
     /// Turns the drive into the feeds and the app to run them with.
     pub fn into_app(
+        self,
+        options: AppOptions,
+    ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
+        self.into_app_at(options, 0)
+    }
+
+    /// [`Drive::into_app`] for a node that serves several drives: this drive's feeds will be
+    /// added after `first` others, so its feed ids start there.
+    pub fn into_app_at(
         mut self,
         options: AppOptions,
+        first: FeedId,
     ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
         let full = Self::replay(&mut self.meta, u64::MAX)?;
         let applied = if self.writer {
@@ -340,7 +351,7 @@ impl Drive {
             }
         }
         let mut feeds = vec![(self.meta, !self.writer)];
-        let content = self.content.is_some().then_some(1);
+        let content = self.content.is_some().then_some(first + 1);
         if let Some(c) = self.content {
             feeds.push((c, !self.writer));
         }
@@ -349,7 +360,7 @@ impl Drive {
             state_dir: self.state_dir,
             writer: self.writer,
             layout: self.layout,
-            meta: 0,
+            meta: first,
             content,
             state: full,
             previous,
@@ -364,6 +375,7 @@ impl Drive {
             done: false,
             stats: Stats::default(),
             last_received: 0,
+            rate: 0,
             changed: Default::default(),
         };
         Ok((feeds, app))
@@ -431,8 +443,10 @@ pub struct Stats {
     pub bytes_done: u64,
     /// Connected peers.
     pub peers: u64,
-    /// Bytes of verified content received this session.
+    /// Bytes of verified content received this session (counted in whole blocks).
     pub received: u64,
+    /// Receive rate over the last second, bytes per second.
+    pub rate: u64,
     /// Problems that need a person (unsafe paths, hash mismatches, disk errors).
     pub errors: Vec<String>,
 }
@@ -460,6 +474,7 @@ pub struct DriveApp {
     done: bool,
     stats: Stats,
     last_received: u64,
+    rate: u64,
     /// Paths change notifications named since the last scan, and whether they overflowed.
     changed: ChangedPaths,
 }
@@ -850,6 +865,7 @@ impl DriveApp {
             bytes_done,
             peers: r.peers().count() as u64,
             received: self.stats.received,
+            rate: self.rate,
             errors: self.errors.clone(),
         };
     }
@@ -865,7 +881,8 @@ impl DriveApp {
 impl App for DriveApp {
     fn start(&mut self, r: &mut Replicator<DiskStorage>) {
         if self.writer {
-            match Importer::new(r, self.meta, 1, self.layout.clone()) {
+            let content = self.content.expect("a writer opens its content feed");
+            match Importer::new(r, self.meta, content, self.layout.clone()) {
                 Ok(i) => self.importer = Some(i),
                 Err(e) => self.error(e.to_string()),
             }
@@ -912,7 +929,11 @@ impl App for DriveApp {
             Event::Downloaded { feed, .. } | Event::Upgraded { feed, .. } if *feed == self.meta => {
                 self.apply_metadata(r);
             }
-            Event::StorageError { error, .. } => self.error(error.clone()),
+            Event::StorageError { feed, error }
+                if *feed == self.meta || Some(*feed) == self.content =>
+            {
+                self.error(error.clone())
+            }
             _ => {}
         }
     }
@@ -950,11 +971,12 @@ impl App for DriveApp {
         }
         if now.duration_since(self.last_status) >= Duration::from_secs(1) {
             self.last_status = now;
+            self.rate = self.stats.received.saturating_sub(self.last_received);
+            self.last_received = self.stats.received;
             self.write_status(r);
             if self.options.progress.is_some() && !self.writer && self.stats.latest_version > 0 {
                 let s = &self.stats;
-                let rate = s.received.saturating_sub(self.last_received);
-                self.last_received = s.received;
+                let rate = self.rate;
                 let left = s.bytes_total - s.bytes_done;
                 let eta = if rate > 0 {
                     format!("{}s", left.div_ceil(rate))
@@ -998,5 +1020,39 @@ impl App for DriveApp {
         self.make_durable(r);
         self.write_status(r);
         Ok(())
+    }
+}
+
+/// Several drives on one node (the daemon): each event and tick goes to every drive, and each
+/// drive acts only on its own feeds.
+pub struct Drives(pub Vec<DriveApp>);
+
+impl App for Drives {
+    fn start(&mut self, r: &mut Replicator<DiskStorage>) {
+        for d in &mut self.0 {
+            d.start(r);
+        }
+    }
+    fn on_event(&mut self, r: &mut Replicator<DiskStorage>, event: &Event) {
+        for d in &mut self.0 {
+            d.on_event(r, event);
+        }
+    }
+    fn on_tick(&mut self, r: &mut Replicator<DiskStorage>) {
+        for d in &mut self.0 {
+            d.on_tick(r);
+        }
+    }
+    fn is_done(&self, r: &Replicator<DiskStorage>) -> bool {
+        self.0.iter().all(|d| d.is_done(r))
+    }
+    fn shutdown(&mut self, r: &mut Replicator<DiskStorage>) -> io::Result<()> {
+        let mut result = Ok(());
+        for d in &mut self.0 {
+            if let Err(e) = d.shutdown(r) {
+                result = Err(e);
+            }
+        }
+        result
     }
 }
