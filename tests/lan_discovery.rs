@@ -565,3 +565,62 @@ fn a_bad_config_is_one_clear_line_and_exit_2() {
         )
     );
 }
+
+/// Daemons: the sharing daemon is killed mid-transfer; the two cloning daemons finish from each
+/// other (the first holds everything), with no address given anywhere.
+#[test]
+fn cloning_daemons_finish_from_each_other_when_the_sharer_dies() {
+    let lan = Lan::new(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..24 {
+        random_file(&src.join(format!("f{i:02}.bin")), 700 + i, 4 << 20);
+    }
+    let state = |n: &str| tmp.path().join(format!("state-{n}"));
+    let conf = |n: &str, body: String| {
+        let p = tmp.path().join(format!("{n}.toml"));
+        fs::write(&p, format!("state_dir = {:?}\n{body}", state(n))).unwrap();
+        p
+    };
+    let mut a = start_daemon(&lan, 0, &conf("a", format!("[[folder]]\npath = {src:?}\n")));
+    let mut url = String::new();
+    wait_for(Duration::from_secs(30), "the sharing daemon", || {
+        daemon_status(&state("a")).is_some_and(|v| {
+            url = v["folders"][0]["url"].as_str().unwrap_or("").to_string();
+            !url.is_empty()
+        })
+    });
+    let clone_conf = |n: &str| {
+        conf(
+            n,
+            format!(
+                "[[folder]]\npath = {:?}\nurl = {url:?}\n",
+                tmp.path().join(format!("dst-{n}"))
+            ),
+        )
+    };
+    let _b = start_daemon(&lan, 1, &clone_conf("b"));
+    wait_for(Duration::from_secs(120), "the first clone", || {
+        daemon_complete(&state("b"))
+    });
+    let _c = start_daemon(&lan, 2, &clone_conf("c"));
+    let dst_c = tmp.path().join("dst-c");
+    wait_for(
+        Duration::from_secs(120),
+        "the second clone to start",
+        || (0..24).any(|i| dst_c.join(format!("f{i:02}.bin")).exists()),
+    );
+    let had = (0..24)
+        .filter(|i| dst_c.join(format!("f{i:02}.bin")).exists())
+        .count();
+    a.0.kill().unwrap(); // SIGKILL: no goodbye, no mDNS withdrawal
+    a.0.wait().unwrap();
+    eprintln!("sharing daemon killed with {had}/24 files at the second clone");
+    wait_for(
+        Duration::from_secs(120),
+        "the second clone to finish from the first",
+        || daemon_complete(&state("c")),
+    );
+    assert!(same_files(&src, &dst_c));
+}
