@@ -477,3 +477,40 @@ fn a_peer_that_stops_reading_is_cut_and_stalls_nobody() {
     w.node.shutdown().unwrap();
     check_store(dir.path(), "r", 640, 65536);
 }
+
+/// A node at its connection limit turns a new peer away (and keeps serving the one it has).
+#[test]
+fn a_node_at_its_peer_limit_turns_new_peers_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = start_writer_with(
+        tmp.path(),
+        64,
+        1000,
+        NodeConfig {
+            max_peers: 1,
+            ..NodeConfig::new()
+        },
+    );
+    let (r1, _) = start_reader(tmp.path(), "r1", &w.key, vec![w.addr], false);
+    wait_for(&r1, 30, "the first reader to complete", |e| {
+        matches!(e, NodeEvent::Complete)
+    });
+    let (r2, _) = start_reader(tmp.path(), "r2", &w.key, vec![w.addr], false);
+    // The second reader's connection is closed by the writer right after the handshake.
+    wait_for(&r2, 30, "the second reader to be turned away", |e| {
+        matches!(e, NodeEvent::PeerDisconnected { .. })
+    });
+    let held = |n: &NodeHandle| {
+        let mut got = 0;
+        while let Ok(e) = n.events.try_recv() {
+            if let NodeEvent::Replication(Event::Downloaded { count, .. }) = e {
+                got += count;
+            }
+        }
+        got
+    };
+    assert_eq!(held(&r2), 0, "a turned-away peer got blocks");
+    r2.shutdown().unwrap();
+    r1.shutdown().unwrap();
+    w.node.shutdown().unwrap();
+}

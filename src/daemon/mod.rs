@@ -13,6 +13,9 @@
 //! path = "/srv/mirror"
 //! url = "feedsync://..."      # cloned from the drive at this URL
 //! peers = ["10.0.0.2:7070"]   # optional addresses to dial besides discovery
+//!
+//! [limits]
+//! max_peers = 128             # connections kept at most (default 128)
 //! ```
 //!
 //! The control socket (`STATE_DIR/control.sock`, directory 0700, socket 0600: only its owner
@@ -62,6 +65,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Folders from the config file.
     pub folders: Vec<FolderConfig>,
+    /// Connections kept at most (`[limits] max_peers`).
+    pub max_peers: usize,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +78,13 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     #[serde(default)]
     folder: Vec<RawFolder>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_peers: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -118,6 +130,13 @@ fn parse(path: &Path, text: &str) -> Result<Config, String> {
         })?),
         None => None,
     };
+    let mut max_peers = 128;
+    if let Some(m) = raw.limits.as_ref().and_then(|l| l.max_peers.as_ref()) {
+        max_peers = usize::try_from(*m.get_ref())
+            .ok()
+            .filter(|n| (1..=65_536).contains(n))
+            .ok_or_else(|| at(m.span().start, "limits.max_peers must be 1 to 65536"))?;
+    }
     let mut folders = Vec::new();
     for f in raw.folder {
         let p = PathBuf::from(f.path.get_ref());
@@ -150,6 +169,7 @@ fn parse(path: &Path, text: &str) -> Result<Config, String> {
         interfaces: raw.interfaces.unwrap_or_default(),
         state_dir: raw.state_dir.unwrap_or_else(default_state_dir),
         folders,
+        max_peers,
     })
 }
 
@@ -238,6 +258,7 @@ fn start_node(config: &Config, folders: &[FolderConfig]) -> Option<NodeHandle> {
         })),
         peers,
         handle_signals: false,
+        max_peers: config.max_peers,
         discovery: config.discovery.then(|| crate::discovery::DiscoveryConfig {
             interfaces: config.interfaces.clone(),
         }),
@@ -287,6 +308,7 @@ pub fn run(config_path: Option<&Path>, state_dir: Option<PathBuf>) -> Result<(),
                 interfaces: Vec::new(),
                 state_dir: default_state_dir(),
                 folders: Vec::new(),
+                max_peers: 128,
             },
         };
         if let Some(s) = &state_dir {
@@ -494,5 +516,12 @@ mod tests {
         .unwrap();
         assert_eq!(ok.folders[0].peers.len(), 1);
         assert!(ok.discovery);
+        assert_eq!(ok.max_peers, 128);
+        let e = parse(p, "[limits]\nmax_peers = 0\n").unwrap_err();
+        assert_eq!(
+            e,
+            "/etc/feedsync.toml:2: limits.max_peers must be 1 to 65536"
+        );
+        assert_eq!(parse(p, "[limits]\nmax_peers = 8\n").unwrap().max_peers, 8);
     }
 }

@@ -62,6 +62,8 @@ pub struct NodeConfig {
     /// Announce and find peers on the LAN over mDNS (needs `listen`). Off by default: it joins
     /// multicast on every interface, which tests may do only inside their own network namespace.
     pub discovery: Option<crate::discovery::DiscoveryConfig>,
+    /// Connections kept at most; a new peer beyond this is turned away.
+    pub max_peers: usize,
 }
 
 impl NodeConfig {
@@ -80,6 +82,7 @@ impl NodeConfig {
             handle_signals: false,
             stall_timeout: Duration::from_secs(30),
             discovery: None,
+            max_peers: 128,
         }
     }
 }
@@ -237,6 +240,7 @@ struct Loop {
     tick: u64,
     complete_reported: bool,
     app: Option<Box<dyn App>>,
+    max_peers: usize,
 }
 
 impl Loop {
@@ -264,6 +268,17 @@ impl Loop {
             } => {
                 if remote == self.identity.public {
                     cancel.cancel(); // dialled ourselves
+                    return;
+                }
+                if self.conns.len() >= self.max_peers
+                    && !self
+                        .ids
+                        .get(&remote)
+                        .is_some_and(|p| self.by_peer.contains_key(p))
+                {
+                    // At the limit: a new peer is turned away (a known peer redialling is
+                    // handled below, replacing its old connection).
+                    cancel.cancel();
                     return;
                 }
                 let peer = self.peer_id(remote);
@@ -550,6 +565,7 @@ pub fn run_with(
         tick: 0,
         complete_reported: false,
         app,
+        max_peers: config.max_peers,
     };
     if let Some(app) = &mut lp.app {
         app.start(&mut lp.replicator);
