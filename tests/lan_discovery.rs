@@ -32,6 +32,15 @@ struct Lan {
 
 impl Lan {
     fn new(n: usize) -> Lan {
+        Lan::build(n, false)
+    }
+
+    /// Hosts with IPv6 addresses only (no IPv4 at all).
+    fn new_v6_only(n: usize) -> Lan {
+        Lan::build(n, true)
+    }
+
+    fn build(n: usize, v6_only: bool) -> Lan {
         // Unique per process and per LAN: tests run in parallel threads.
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -65,17 +74,16 @@ impl Lan {
             ip(&["-n", &lan.bridge, "link", "set", &v, "master", "br0"]);
             ip(&["-n", &lan.bridge, "link", "set", &v, "up"]);
             ip(&["-n", h, "link", "set", "lo", "up"]);
-            ip(&[
-                "-n",
-                h,
-                "addr",
-                "add",
-                &format!("10.231.0.{}/24", i + 1),
-                "dev",
-                "eth0",
-            ]);
-            ip(&["-n", h, "link", "set", "eth0", "up"]);
-            ip(&["-n", h, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
+            if v6_only {
+                let a = format!("fd77::{}/64", i + 1);
+                ip(&["-n", h, "addr", "add", &a, "dev", "eth0", "nodad"]);
+                ip(&["-n", h, "link", "set", "eth0", "up"]);
+            } else {
+                let a = format!("10.231.0.{}/24", i + 1);
+                ip(&["-n", h, "addr", "add", &a, "dev", "eth0"]);
+                ip(&["-n", h, "link", "set", "eth0", "up"]);
+                ip(&["-n", h, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
+            }
         }
         lan
     }
@@ -623,4 +631,33 @@ fn cloning_daemons_finish_from_each_other_when_the_sharer_dies() {
         || daemon_complete(&state("c")),
     );
     assert!(same_files(&src, &dst_c));
+}
+
+/// IPv6 only: no IPv4 address anywhere, discovery over ff02::fb and the transfer over IPv6.
+#[test]
+fn discovery_and_transfer_work_over_ipv6_only() {
+    let lan = Lan::new_v6_only(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("a.bin"), 5, 300_000);
+    let mut share = Killed(lan.run(0, &["share", src.to_str().unwrap()]));
+    let mut lines = BufReader::new(share.0.stdout.take().unwrap()).lines();
+    let url = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let dst = tmp.path().join("dst");
+    let mut c = Killed(lan.run(1, &["clone", &url, dst.to_str().unwrap(), "--once"]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = c.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no transfer over IPv6 within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    assert!(same_files(&src, &dst));
 }
