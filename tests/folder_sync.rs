@@ -182,21 +182,31 @@ enum Node {
 fn tree(root: &Path, skip: &[&str]) -> BTreeMap<PathBuf, Node> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
+    // The clone may be renaming files into place while we look: what vanishes mid-walk is
+    // left out (the trees then differ, and a waiting caller looks again).
     while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
+            let Ok(e) = e else { continue };
             let name = e.file_name();
             let rel = e.path().strip_prefix(root).unwrap().to_path_buf();
             if rel == Path::new(".feedsync") || skip.iter().any(|s| name == *s) {
                 continue;
             }
-            let m = fs::symlink_metadata(e.path()).unwrap();
+            let Ok(m) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
             if m.is_dir() {
                 out.insert(rel, Node::Dir);
                 stack.push(e.path());
             } else {
+                let Ok(f) = fs::File::open(e.path()) else {
+                    continue;
+                };
                 let mut h = blake3::Hasher::new();
-                h.update_reader(fs::File::open(e.path()).unwrap()).unwrap();
+                h.update_reader(f).unwrap();
                 out.insert(
                     rel,
                     Node::File {
@@ -268,6 +278,14 @@ fn tree_round_trips_exactly() {
     fs::write(src.join("debug.log"), b"noise").unwrap();
     fs::create_dir_all(src.join("build")).unwrap();
     fs::write(src.join("build/out.o"), b"obj").unwrap();
+    // A drive nested inside: its state (secret key among it) is never shared.
+    fs::create_dir_all(src.join("a/inner/.feedsync/meta")).unwrap();
+    fs::write(src.join("a/inner/.feedsync/meta/secret_key"), [7u8; 32]).unwrap();
+    // A file ending in blocks of zeros that the sparse file already brought: the tail is left
+    // as a hole and must still read back at publish.
+    let mut zero_tail = random_bytes(77, B);
+    zero_tail.resize(3 * B, 0);
+    fs::write(src.join("zero-tail.bin"), &zero_tail).unwrap();
 
     let (_share, url, addr) = share(&src);
     let mut c = clone(&url, &dst, &addr, true);
@@ -281,7 +299,7 @@ fn tree_round_trips_exactly() {
 
     assert!(!dst.join("debug.log").exists() && !dst.join("build").exists());
     assert!(
-        same_tree(&src, &dst, &["debug.log", "build"]),
+        same_tree(&src, &dst, &["debug.log", "build", ".feedsync"]),
         "trees differ"
     );
     let m = fs::metadata(dst.join("sparse.img")).unwrap();
@@ -302,7 +320,12 @@ fn tree_round_trips_exactly() {
     }
     // size1 1, block-1 1, block 1, block+1 2, three blocks 4, nåme 1, run.sh 1, the copies 2
     // (once), sparse 2 (zeros once + the tail), .feedsyncignore 1.
-    assert_eq!(seen.len(), 16, "blocks fetched: {fetched:?}");
+    assert!(
+        !dst.join("a/inner/.feedsync").exists(),
+        "a nested drive's state was shared"
+    );
+    // ... + zero-tail.bin 1 (its zero blocks are the sparse file's).
+    assert_eq!(seen.len(), 17, "blocks fetched: {fetched:?}");
 }
 
 #[test]
@@ -355,6 +378,14 @@ fn live_changes_propagate_and_renames_cost_nothing() {
         "changing one block of big.bin + two small files fetched {extra} blocks"
     );
     assert!(c.fetched_content().len() > before);
+
+    // A file becomes a directory of the same name.
+    fs::remove_file(src.join("notes.txt")).unwrap();
+    fs::create_dir_all(src.join("notes.txt")).unwrap();
+    fs::write(src.join("notes.txt/inner.txt"), b"now a directory").unwrap();
+    wait_until(Duration::from_secs(30), "a file turned directory", || {
+        same_tree(&src, &dst, &[])
+    });
 
     // A file created live that the ignore rules exclude stays home; the one after it arrives.
     fs::write(src.join("docs/trace.log"), b"noise").unwrap();
@@ -501,8 +532,8 @@ fn clone_killed_repeatedly_finishes_without_refetching() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let dst = tmp.path().join("dst");
-    // ~80 MiB: a few large files and many small ones.
-    for i in 0..6u64 {
+    // ~120 MiB: a few large files and many small ones.
+    for i in 0..10u64 {
         let d = src.join(format!("big{}", i % 2));
         fs::create_dir_all(&d).unwrap();
         fs::write(
@@ -549,7 +580,7 @@ fn clone_killed_repeatedly_finishes_without_refetching() {
     while kills < 12 {
         let mut c = clone(&url, &dst, &addr, true);
         // Kill at a random moment once the run has started moving data.
-        let delay = Duration::from_millis(30 + next() % 400);
+        let delay = Duration::from_millis(20 + next() % 200);
         let t = Instant::now();
         while t.elapsed() < delay && c.child.try_wait().unwrap().is_none() {
             std::thread::sleep(Duration::from_millis(5));

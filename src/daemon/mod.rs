@@ -146,6 +146,12 @@ fn parse(path: &Path, text: &str) -> Result<Config, String> {
         if folders.iter().any(|g: &FolderConfig| g.path == p) {
             return Err(at(f.path.span().start, "this folder is listed twice"));
         }
+        if folders
+            .iter()
+            .any(|g: &FolderConfig| g.path.starts_with(&p) || p.starts_with(&g.path))
+        {
+            return Err(at(f.path.span().start, "folders may not be nested"));
+        }
         if let Some(u) = &f.url {
             crate::drive::parse_url(u.get_ref()).map_err(|e| at(u.span().start, &e.to_string()))?;
         }
@@ -422,6 +428,13 @@ pub fn run(config_path: Option<&Path>, state_dir: Option<PathBuf>) -> Result<(),
                             Ok(()) if all(&config, &added).iter().any(|f| f.path == path) => {
                                 serde_json::json!({ "error": format!("{} is already served", path.display()) })
                             }
+                            Ok(())
+                                if all(&config, &added).iter().any(|f| {
+                                    f.path.starts_with(&path) || path.starts_with(&f.path)
+                                }) =>
+                            {
+                                serde_json::json!({ "error": format!("{} is inside, or holds, a folder already served", path.display()) })
+                            }
                             Ok(()) => {
                                 added.push(FolderConfig {
                                     path,
@@ -517,6 +530,12 @@ mod tests {
         assert_eq!(ok.folders[0].peers.len(), 1);
         assert!(ok.discovery);
         assert_eq!(ok.max_peers, 128);
+        let e = parse(
+            p,
+            "[[folder]]\npath = \"/a\"\n[[folder]]\npath = \"/a/b\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e, "/etc/feedsync.toml:4: folders may not be nested");
         let e = parse(p, "[limits]\nmax_peers = 0\n").unwrap_err();
         assert_eq!(
             e,

@@ -34,7 +34,7 @@ const CHUNK: usize = 16 * BLOCK_SIZE;
 const PIPELINE_MIN: u64 = 4 << 20;
 
 /// What a scan changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ScanReport {
     /// Files added or modified.
     pub files: u64,
@@ -48,6 +48,8 @@ pub struct ScanReport {
     pub dirs: u64,
     /// Files that changed while being read (picked up by the next scan).
     pub unstable: u64,
+    /// Entries that could not be read, with why (skipped; their previous record stays).
+    pub skipped: Vec<String>,
 }
 
 /// Writer-side import state.
@@ -126,10 +128,18 @@ impl Importer {
             .add_custom_ignore_filename(IGNORE_FILE)
             .follow_links(false)
             .sort_by_file_name(|a, b| a.cmp(b))
-            .filter_entry(|e| !(e.depth() == 1 && e.file_name() == STATE_DIR))
+            // Our state, and that of any drive nested inside (its secret key among it).
+            .filter_entry(|e| e.file_name() != STATE_DIR)
             .build();
         for entry in walker {
-            let entry = entry.map_err(|e| ScanError::Walk(e.to_string()))?;
+            // One unreadable directory or bad ignore file must not stop the rest of the folder.
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    report.skipped.push(e.to_string());
+                    continue;
+                }
+            };
             if entry.depth() == 0 {
                 continue;
             }
@@ -177,7 +187,15 @@ impl Importer {
                 seen.insert(rel);
                 continue;
             }
-            match self.import_file(r, entry.path(), &rel, executable)? {
+            let imported = match self.import_file(r, entry.path(), &rel, executable) {
+                Err(ScanError::Read(p, e)) => {
+                    report.skipped.push(format!("{p}: {e}"));
+                    seen.insert(rel);
+                    continue;
+                }
+                other => other?,
+            };
+            match imported {
                 Some(info) => {
                     seen.insert(rel.clone());
                     report.files += 1;
@@ -245,8 +263,8 @@ impl Importer {
             let Ok(rel_path) = abs.strip_prefix(&root) else {
                 continue;
             };
-            if rel_path.starts_with(STATE_DIR) {
-                continue;
+            if rel_path.components().any(|c| c.as_os_str() == STATE_DIR) {
+                continue; // any drive's state
             }
             let Some(rel) = rel_path.to_str().map(str::to_string) else {
                 return Ok(None);
@@ -292,7 +310,14 @@ impl Importer {
                         Some(Entry::Dir) => return Ok(None),
                         _ => {}
                     }
-                    match self.import_file(r, abs, &rel, executable)? {
+                    let imported = match self.import_file(r, abs, &rel, executable) {
+                        Err(ScanError::Read(p, e)) => {
+                            report.skipped.push(format!("{p}: {e}"));
+                            continue;
+                        }
+                        other => other?,
+                    };
+                    match imported {
                         Some(info) => {
                             report.files += 1;
                             report.bytes += info.size;
@@ -525,7 +550,11 @@ impl Importer {
             }
             (size, whole)
         };
-        let after = std::fs::metadata(path).map_err(io_err)?;
+        let after = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None), // deleted meanwhile
+            Err(e) => return Err(io_err(e)),
+        };
         if after.len() != size || stamp(&after) != stamp(&before) || before.len() != size {
             return Ok(None);
         }

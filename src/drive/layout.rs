@@ -227,8 +227,9 @@ impl Layout {
         let Some(slot) = self.slots.remove(&id) else {
             return Vec::new();
         };
-        if slot.pending.is_some() {
+        if let Some(p) = &slot.pending {
             self.pending -= 1;
+            let _ = fs::remove_file(&p.temp); // a version no longer wanted
         }
         self.ready.remove(&id);
         self.open.retain(|(s, ..)| *s != id);
@@ -334,11 +335,22 @@ impl Layout {
         self.read_pos(id, true, pos, buf)
     }
 
-    /// Marks block `index` of pending slot `id` as already in its temporary file (found there
-    /// after a restart).
-    pub fn mark_written(&mut self, id: SlotId, index: u64) {
-        self.write_to(id, index, None)
-            .expect("marking without data does no I/O");
+    /// Writes verified block `index` (bytes in hand) at every position of pending slot `id`
+    /// not yet written.
+    pub fn write_pending(&mut self, id: SlotId, index: u64, data: &[u8]) -> io::Result<()> {
+        self.write_to(id, index, Some(data)).map(|_| ())
+    }
+
+    /// Pending slots with nothing left to write go back to the ready set (a publish that
+    /// failed on a full disk, say, is tried again).
+    pub fn requeue_complete(&mut self) {
+        let done: Vec<SlotId> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.pending.as_ref().is_some_and(|p| p.left == 0))
+            .map(|(id, _)| *id)
+            .collect();
+        self.ready.extend(done);
     }
 
     /// Writes `data` (block `index`) at every not-yet-written position of slot `id`;
@@ -410,10 +422,17 @@ impl Layout {
                 slot.info.clone(),
                 p.temp.clone(),
                 p.next,
-                p.hasher.take().unwrap_or_default(),
+                // A copy: if publishing fails (a full disk, a parent in the way), the register
+                // stays as it was for the next attempt.
+                p.hasher.clone().unwrap_or_default(),
             )
         };
         let blocks = info.blocks();
+        // The final length first: blocks of zeros past the end were left as holes, and must
+        // read back (as zeros) below.
+        self.handle(id, true, true)
+            .and_then(|f| f.set_len(info.size))
+            .map_err(PublishError::Io)?;
         // Finish the register from the temporary file (what came out of order).
         if next < blocks {
             let mut buf = vec![0u8; BLOCK_SIZE];

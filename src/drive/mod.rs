@@ -500,14 +500,20 @@ impl DriveApp {
     fn start_watch(&mut self) {
         use notify::Watcher;
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let state_dir = self.state_dir.clone();
+        let state_root = self.root.clone();
         let changed = self.changed.clone();
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
             match ev {
                 Ok(ev) => {
+                    // Ours, or a nested drive's (judged below the root only).
+                    let is_state = |p: &PathBuf| {
+                        p.strip_prefix(&state_root).map_or(true, |rel| {
+                            rel.components().any(|c| c.as_os_str() == STATE_DIR)
+                        })
+                    };
                     if matches!(ev.kind, notify::EventKind::Access(_))
-                        || ev.paths.iter().all(|p| p.starts_with(&state_dir))
+                        || ev.paths.iter().all(is_state)
                     {
                         // Reads (our own scans and serving open files all the time) and our
                         // own state churning change nothing.
@@ -516,7 +522,7 @@ impl DriveApp {
                     if ev.need_rescan() || c.0.len() + ev.paths.len() > MAX_CHANGED_PATHS {
                         c.1 = true; // too much to track one by one: scan everything
                     } else {
-                        c.0.extend(ev.paths.into_iter().filter(|p| !p.starts_with(&state_dir)));
+                        c.0.extend(ev.paths.into_iter().filter(|p| !is_state(p)));
                     }
                 }
                 Err(_) => c.1 = true,
@@ -556,6 +562,9 @@ impl DriveApp {
         };
         match result {
             Ok(rep) => {
+                for e in &rep.skipped {
+                    self.error(format!("not shared for now: {e}"));
+                }
                 if rep.unstable > 0 {
                     // Something is still being written: look again soon.
                     self.change_seen = Some(Instant::now());
@@ -658,6 +667,20 @@ impl DriveApp {
                 }
             }
         }
+        // ... and files of versions in between that the newest no longer has (fetched or being
+        // fetched before the folder settled): without this a clone would wait for them forever.
+        {
+            let l = layout::lock(&self.layout);
+            for (id, s) in l.slots() {
+                if l.slot_at(&s.path) != Some(id) {
+                    continue; // kept readable until its replacement lands
+                }
+                let wanted = matches!(target.get(&s.path), Some(Entry::File(i)) if *i == s.info);
+                if !wanted && !gone_files.iter().any(|(p, _)| *p == s.path) {
+                    gone_files.push((s.path.clone(), s.info.clone()));
+                }
+            }
+        }
         // 2. Files not in place yet become pending, and blocks already held here are copied in
         //    before anything is removed: a rename or copy reuses the old file's bytes.
         let mut to_fill = Vec::new();
@@ -686,16 +709,23 @@ impl DriveApp {
                     // one is renamed over it (see `Layout::publish`).
                     continue;
                 }
+                // What we put there: the previous version's file, or the one the layout knows
+                // is in place (a version in between, published before the folder settled).
+                let mut ours = vec![info.clone()];
                 if let Some(id) = l.slot_at(path) {
+                    if let Some(s) = l.slot(id).filter(|s| s.pending.is_none()) {
+                        ours.push(s.info.clone());
+                    }
                     orphans.extend(l.remove(id));
                 }
                 // Delete only what we put there: a file the user changed is left alone.
                 let p = self.root.join(path);
                 if let Ok(m) = fs::symlink_metadata(&p)
                     && m.is_file()
-                    && m.len() == info.size
-                    && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
-                    && !target.contains_key(path)
+                    && ours.iter().any(|info| {
+                        m.len() == info.size
+                            && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
+                    })
                 {
                     let _ = fs::remove_file(&p);
                 }
@@ -753,7 +783,12 @@ impl DriveApp {
             let buf = &mut buf[..size as usize];
             let mut l = layout::lock(&self.layout);
             if l.read_pending(id, b, buf).is_ok() && crate::core::crypto::leaf_hash(buf) == leaf {
-                l.mark_written(id, b);
+                // Found at its first position; written again at every position (a kill may
+                // have come between them).
+                if let Err(e) = l.write_pending(id, b, buf) {
+                    drop(l);
+                    self.error(format!("writing a reused block: {e}"));
+                }
                 continue;
             }
             drop(l);
@@ -849,8 +884,9 @@ impl DriveApp {
             let l = layout::lock(&self.layout);
             for (_, s) in l.slots() {
                 if let Some(p) = &s.pending {
-                    files_done -= 1;
-                    bytes_done -= s.info.size.min(p.left * BLOCK_SIZE as u64);
+                    files_done = files_done.saturating_sub(1);
+                    bytes_done =
+                        bytes_done.saturating_sub(s.info.size.min(p.left * BLOCK_SIZE as u64));
                 }
             }
         }
@@ -971,6 +1007,11 @@ impl App for DriveApp {
         }
         if now.duration_since(self.last_status) >= Duration::from_secs(1) {
             self.last_status = now;
+            if !self.writer && layout::lock(&self.layout).pending_count() > 0 {
+                // Files complete but not published (a full disk, say) are tried again.
+                layout::lock(&self.layout).requeue_complete();
+                self.publish_ready(r);
+            }
             self.rate = self.stats.received.saturating_sub(self.last_received);
             self.last_received = self.stats.received;
             self.write_status(r);

@@ -142,8 +142,9 @@ pub enum RecordError {
 
 /// Refuses any path that is not a plain relative path inside the folder: absolute, empty,
 /// `.` or `..` components, empty components (`a//b`, trailing `/`), NUL, backslashes (a
-/// separator elsewhere), or longer than [`MAX_PATH_LEN`]. The state directory `.feedsync` at
-/// the top is refused too: a record may never overwrite the tool's own state.
+/// separator elsewhere), or longer than [`MAX_PATH_LEN`]. A `.feedsync` component is refused
+/// too, at any depth: a record may never touch the tool's state, nor a nested drive's (which
+/// holds that drive's secret key).
 pub fn check_path(path: &str) -> Result<(), RecordError> {
     let bad = |why| {
         Err(RecordError::UnsafePath {
@@ -166,11 +167,12 @@ pub fn check_path(path: &str) -> Result<(), RecordError> {
     if path.contains('\\') {
         return bad("contains a backslash");
     }
-    for (i, c) in path.split('/').enumerate() {
+    for c in path.split('/') {
         match c {
             "" => return bad("empty component"),
             "." | ".." => return bad("dot component"),
-            crate::drive::STATE_DIR if i == 0 => return bad("the tool's state directory"),
+            // Any drive's state, ours or one nested inside: never shared, never written.
+            crate::drive::STATE_DIR => return bad("a feedsync state directory"),
             _ => {}
         }
     }
@@ -282,11 +284,12 @@ mod tests {
             "a\0b",
             "a\\..\\b",
             ".feedsync/meta/header",
+            "a/.feedsync/meta/secret_key",
             ".",
         ] {
             assert!(check_path(p).is_err(), "{p:?} accepted");
         }
-        for p in ["a", "a/b c/ü.txt", ".hidden", "a/.feedsync", "..x", "x.."] {
+        for p in ["a", "a/b c/ü.txt", ".hidden", "a/.feedsyncx", "..x", "x.."] {
             check_path(p).unwrap();
         }
     }
