@@ -167,6 +167,18 @@ pub enum Event {
         /// The block.
         index: u64,
     },
+    /// Verified blocks `index..index + count` of `feed` were handed to `peer`'s connection
+    /// (the serving side's count: what a peer fetched, as seen by the one who sent it).
+    Uploaded {
+        /// The peer.
+        peer: PeerId,
+        /// The feed.
+        feed: FeedId,
+        /// First block.
+        index: u64,
+        /// Number of blocks.
+        count: u64,
+    },
 }
 
 struct FeedSlot<S: Storage> {
@@ -176,6 +188,9 @@ struct FeedSlot<S: Storage> {
     download: bool,
     /// Highest signed length any peer proved to us (by a verified status).
     best_length: u64,
+    /// Some peer proved its signed length to us this session (even one no longer than ours):
+    /// only then does "complete" mean "up to date with a peer", not "nothing heard yet".
+    proved: bool,
     /// Live requests per block.
     in_flight: BTreeMap<u64, u32>,
     /// The peer and request id of the upgrade in flight.
@@ -362,6 +377,7 @@ impl<S: Storage> Replicator<S> {
             discovery_key,
             download,
             best_length,
+            proved: false,
             in_flight: BTreeMap::new(),
             upgrade_in_flight: None,
             uploaded: Bitfield::new(),
@@ -434,6 +450,12 @@ impl<S: Storage> Replicator<S> {
                 true
             }
         }
+    }
+
+    /// Whether some peer proved its signed length of `feed` to us this session. With
+    /// [`Replicator::is_complete`] this says "as new as the newest version a peer proved".
+    pub fn peer_proved(&self, feed: FeedId) -> bool {
+        self.feeds[feed].proved
     }
 
     /// Restricts downloading `feed` to the blocks set in `want` (`None`: every block), and
@@ -965,6 +987,7 @@ impl<S: Storage> Replicator<S> {
         ch.length = ch.length.max(s.length);
         let slot = &mut self.feeds[feed];
         slot.best_length = slot.best_length.max(s.length);
+        slot.proved = true;
         Ok(())
     }
 
@@ -1133,6 +1156,16 @@ impl<S: Storage> Replicator<S> {
     fn serve_queued(&mut self, peer: PeerId, pos: usize) -> Option<Vec<Message>> {
         let (feed, r) = self.peers.get_mut(&peer)?.uploads.remove(pos)?;
         let (message, rest) = self.serve(feed, &r);
+        if let Message::Data(d) = &message
+            && !d.blocks.is_empty()
+        {
+            self.event(Event::Uploaded {
+                peer,
+                feed,
+                index: d.index,
+                count: d.blocks.len() as u64,
+            });
+        }
         if let (Some(rest), Some(state)) = (rest, self.peers.get_mut(&peer)) {
             state.uploads.push_front((feed, rest));
         }

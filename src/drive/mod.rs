@@ -1069,6 +1069,18 @@ impl App for DriveApp {
 pub struct Drives(pub Vec<DriveApp>);
 
 impl App for Drives {
+    fn set_waker(&mut self, waker: crate::sync::Waker) {
+        for d in &mut self.0 {
+            d.set_waker(waker.clone());
+        }
+    }
+
+    fn on_wake(&mut self, r: &mut Replicator<DiskStorage>) {
+        for d in &mut self.0 {
+            d.on_wake(r);
+        }
+    }
+
     fn start(&mut self, r: &mut Replicator<DiskStorage>) {
         for d in &mut self.0 {
             d.start(r);

@@ -173,6 +173,19 @@ impl NodeHandle {
     }
 }
 
+/// Wakes a node's loop from another thread (a file watcher, say) so that the [`App`] runs
+/// [`App::on_wake`] at once instead of polling on every tick. Wakes coalesce: many calls before
+/// the loop runs give one `on_wake`.
+#[derive(Debug, Clone)]
+pub struct Waker(Sender<()>);
+
+impl Waker {
+    /// Asks the loop to call [`App::on_wake`] soon. Never blocks.
+    pub fn wake(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
 /// Application logic that rides on a node's loop, such as a shared folder: it runs on the
 /// synchronizer thread with the replicator in hand, so it can read verified blocks, append,
 /// and steer what is downloaded without any locking or a second event loop.
@@ -181,6 +194,10 @@ pub trait App: Send {
     fn start(&mut self, replicator: &mut Replicator<DiskStorage>);
     /// Every replication event, after the replicator acted on it.
     fn on_event(&mut self, replicator: &mut Replicator<DiskStorage>, event: &Event);
+    /// Once, before [`App::start`]: the handle that wakes the loop for [`App::on_wake`].
+    fn set_waker(&mut self, _waker: Waker) {}
+    /// The app's own source fired (see [`Waker`]).
+    fn on_wake(&mut self, _replicator: &mut Replicator<DiskStorage>) {}
     /// Every tick.
     fn on_tick(&mut self, replicator: &mut Replicator<DiskStorage>);
     /// Whether the job is done, for [`NodeConfig::exit_when_complete`].
@@ -567,7 +584,9 @@ pub fn run_with(
         app,
         max_peers: config.max_peers,
     };
+    let (wake_tx, wake_rx) = crossbeam_channel::bounded::<()>(1);
     if let Some(app) = &mut lp.app {
+        app.set_waker(Waker(wake_tx));
         app.start(&mut lp.replicator);
     }
     lp.drive();
@@ -628,6 +647,11 @@ pub fn run_with(
                         Ok(ev) => lp.on_inbound(ev),
                         Err(_) => break,
                     }
+                }
+            },
+            recv(wake_rx) -> _ => {
+                if let Some(app) = &mut lp.app {
+                    app.on_wake(&mut lp.replicator);
                 }
             },
             recv(ticker) -> _ => {
