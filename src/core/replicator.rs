@@ -150,7 +150,7 @@ pub enum Event {
         /// The peer.
         peer: PeerId,
         /// What was wrong.
-        reason: String,
+        reason: BanReason,
     },
     /// Storing or reading a feed failed locally (not the peer's fault).
     StorageError {
@@ -179,6 +179,20 @@ pub enum Event {
         /// Number of blocks.
         count: u64,
     },
+}
+
+/// Why a peer was banned: what it sent failed verification.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BanReason {
+    /// A status whose signature does not verify for the length it claims.
+    #[error("forged status signature for length {length}")]
+    ForgedStatus {
+        /// The length it claimed.
+        length: u64,
+    },
+    /// Blocks or proofs that failed verification (the kind of tampering says which).
+    #[error("{0}")]
+    BadData(crate::core::VerifyError),
 }
 
 struct FeedSlot<S: Storage> {
@@ -975,7 +989,7 @@ impl<S: Storage> Replicator<S> {
             self.banned.insert(peer);
             self.event(Event::Banned {
                 peer,
-                reason: format!("forged status signature for length {}", s.length),
+                reason: BanReason::ForgedStatus { length: s.length },
             });
             return Err(GoodbyeReason::BadData);
         }
@@ -1326,7 +1340,7 @@ impl<S: Storage> Replicator<S> {
                 self.banned.insert(peer);
                 self.event(Event::Banned {
                     peer,
-                    reason: e.to_string(),
+                    reason: BanReason::BadData(e),
                 });
                 Err(GoodbyeReason::BadData)
             }
