@@ -296,9 +296,9 @@ fn malicious_node(feed: Feed<feedsync::core::MemoryStorage>, lie: Lie, secs: u64
                     let _ = out.try_send(tamper(message));
                 }
             }
-            while let Some((peer, messages)) = rep.next_upload() {
-                for m in messages {
-                    if let Some(out) = outs.get(&peer) {
+            for (&peer, out) in &outs {
+                while let Some(messages) = rep.poll_upload(peer) {
+                    for m in messages {
                         let _ = out.try_send(tamper(m));
                     }
                 }

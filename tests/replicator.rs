@@ -143,10 +143,9 @@ fn a_peer_without_the_key_learns_nothing() {
             upgrade: true,
         }),
     );
-    let (peer, answer) = r
-        .next_upload()
+    let answer = r
+        .poll_upload(7)
         .expect("a request on an open channel is served");
-    assert_eq!(peer, 7);
     assert!(
         matches!(&answer[0], Message::Data(Data { index: 4, blocks, upgrade: Some(_), .. }) if blocks.len() == 2)
     );
@@ -462,7 +461,7 @@ fn a_large_request_is_served_one_piece_at_a_time() {
     );
     let mut served = 0u64;
     let mut pieces = 0;
-    while let Some((_, messages)) = r.next_upload() {
+    while let Some(messages) = r.poll_upload(7) {
         assert_eq!(messages.len(), 1, "one piece per pull");
         let Message::Data(d) = &messages[0] else {
             panic!("{messages:?}")

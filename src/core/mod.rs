@@ -27,5 +27,7 @@ pub mod storage;
 pub use bitfield::Bitfield;
 pub use error::{FeedError, VerifyError};
 pub use feed::{Checked, Feed, Proof, Verified};
-pub use replicator::{Action, BanReason, Config, Event, FeedId, PeerId, Replicator};
+pub use replicator::{
+    Action, BanReason, Config, Event, FeedId, PeerId, Replicator, StorageFailure,
+};
 pub use storage::{Header, MemoryStorage, Storage};

@@ -91,6 +91,8 @@ pub struct Sim {
     uplink_free: Vec<u64>,
     /// An `UplinkFree` event is queued for this node.
     pump_pending: Vec<bool>,
+    /// The peer each node last served an upload to (its peers take turns).
+    last_served: Vec<PeerId>,
     link_free: BTreeMap<(usize, usize), u64>,
     /// Connected pairs (lower index first) and their connection generation.
     links: BTreeMap<(usize, usize), u64>,
@@ -132,6 +134,7 @@ impl Sim {
             rng: seed | 1,
             uplink_free: vec![0; n],
             pump_pending: vec![false; n],
+            last_served: vec![0; n],
             link_free: BTreeMap::new(),
             links: BTreeMap::new(),
             generation: 0,
@@ -230,31 +233,45 @@ impl Sim {
         self.pump(node);
     }
 
-    /// Pulls answers from `node` as its uplink frees up: the replicator picks what to upload next.
+    /// Pulls answers from `node` as its uplink frees up, the way the synchronizer does: each
+    /// link asks the replicator for its own peer's next answer with
+    /// [`Replicator::poll_upload`], and the node's peers take turns (round robin from the one
+    /// after the last served), so one busy peer cannot starve the others of the shared uplink.
     fn pump(&mut self, node: usize) {
         if self.config.uplink.is_none() {
-            while let Some((peer, messages)) = self.nodes[node].next_upload() {
-                for m in messages {
-                    self.transmit(node, peer as usize, m);
-                }
-            }
+            while self.serve_next(node) {}
             return;
         }
         if self.pump_pending[node] || !self.nodes[node].has_uploads() {
             return;
         }
-        if self.uplink_free[node] <= self.now
-            && let Some((peer, messages)) = self.nodes[node].next_upload()
-        {
-            for m in messages {
-                self.transmit(node, peer as usize, m);
-            }
+        if self.uplink_free[node] <= self.now {
+            self.serve_next(node);
         }
         if self.nodes[node].has_uploads() || self.uplink_free[node] > self.now {
             self.pump_pending[node] = true;
             let at = self.uplink_free[node].max(self.now + 1);
             self.push(at, Delivery::UplinkFree { node });
         }
+    }
+
+    /// Serves one answer from `node` to the next peer in turn that has one; false if none has.
+    fn serve_next(&mut self, node: usize) -> bool {
+        let last = self.last_served[node];
+        let mut order: Vec<PeerId> = self.nodes[node].peers().collect();
+        // Peers after the last one served first, then the rest (it last of all).
+        let after_last = order.partition_point(|p| *p <= last);
+        order.rotate_left(after_last);
+        for peer in order {
+            if let Some(messages) = self.nodes[node].poll_upload(peer) {
+                self.last_served[node] = peer;
+                for m in messages {
+                    self.transmit(node, peer as usize, m);
+                }
+                return true;
+            }
+        }
+        false
     }
 
     fn disconnect(&mut self, a: usize, b: usize) {

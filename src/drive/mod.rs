@@ -968,7 +968,7 @@ impl App for DriveApp {
             Event::StorageError { feed, error }
                 if *feed == self.meta || Some(*feed) == self.content =>
             {
-                self.error(error.clone())
+                self.error(error.to_string())
             }
             _ => {}
         }

@@ -1,0 +1,377 @@
+//! Channels and announcements: opening a channel per feed with a session-bound capability,
+//! answering only `Open`s that prove knowledge of the feed's key, and telling peers what we hold
+//! (status and have), what they hold (their status, have and want), and re-sending it all on a
+//! timer so a lost message delays but never stalls replication.
+
+use super::{BanReason, Event, FeedId, MAX_UNANSWERED_OPENS, PeerId, Replicator};
+use crate::core::bitfield::{Bitfield, block_set_ranges};
+use crate::core::crypto;
+use crate::core::error::FeedError;
+use crate::core::storage::Storage;
+use feedsync_protocol::{
+    BlockSet, GoodbyeReason, Have, Hello, Message, Open, PROTOCOL_VERSION, Status,
+};
+
+/// One feed's channel with one peer.
+#[derive(Default)]
+pub(super) struct Channel {
+    /// We sent our `Open`.
+    pub opened: bool,
+    /// The remote's channel number, once its `Open` verified.
+    pub remote: Option<u32>,
+    /// Blocks the peer announced.
+    pub have: Bitfield,
+    /// Blocks the peer said it wants.
+    pub want: Bitfield,
+    /// The remote's verified signed length.
+    pub length: u64,
+}
+
+impl Channel {
+    /// Both sides opened: only then is anything about the feed said or served.
+    pub fn is_open(&self) -> bool {
+        self.opened && self.remote.is_some()
+    }
+}
+
+impl<S: Storage> Replicator<S> {
+    /// Sends `message` to every peer with an open channel for `feed`, except `except`.
+    pub(super) fn broadcast(&mut self, feed: FeedId, except: Option<PeerId>, message: Message) {
+        for peer in self.feed_peers(feed) {
+            if Some(peer) != except {
+                self.send(peer, message.clone());
+            }
+        }
+    }
+
+    // Local changes, announced to every peer of the feed at once.
+
+    /// Appends blocks to a feed we write, and tells every peer at once.
+    pub fn append<B: AsRef<[u8]>>(&mut self, feed: FeedId, blocks: &[B]) -> Result<u64, FeedError> {
+        self.append_inner(feed, blocks, None)
+    }
+
+    /// [`Replicator::append`] with the blocks' leaf hashes already computed (see
+    /// [`Feed::append_batch_hashed`]).
+    pub fn append_hashed<B: AsRef<[u8]>>(
+        &mut self,
+        feed: FeedId,
+        blocks: &[B],
+        leaves: &[crate::core::crypto::Hash],
+    ) -> Result<u64, FeedError> {
+        self.append_inner(feed, blocks, Some(leaves))
+    }
+
+    fn append_inner<B: AsRef<[u8]>>(
+        &mut self,
+        feed: FeedId,
+        blocks: &[B],
+        leaves: Option<&[crate::core::crypto::Hash]>,
+    ) -> Result<u64, FeedError> {
+        let start = self.feeds[feed].feed.len();
+        let length = match leaves {
+            Some(l) => self.feeds[feed].feed.append_batch_hashed(blocks, l)?,
+            None => self.feeds[feed].feed.append_batch(blocks)?,
+        };
+        self.feeds[feed].best_length = length;
+        // Every peer hears the new status before the blocks it covers.
+        if let Some(status) = self.status(feed) {
+            self.broadcast(feed, None, status);
+        }
+        self.broadcast(feed, None, Self::have(feed, start..length, true));
+        Ok(length)
+    }
+
+    /// Gives up blocks we can no longer serve (a shared file changed under us): they leave our
+    /// bitfield and every peer is told `Unhave`, so nobody asks us for them again.
+    pub fn forget(&mut self, feed: FeedId, range: std::ops::Range<u64>) -> Result<(), FeedError> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        self.feeds[feed].feed.forget(range.clone())?;
+        self.broadcast(feed, None, Self::have(feed, range, false));
+        Ok(())
+    }
+
+    /// Peers with an open channel for `feed`.
+    fn feed_peers(&self, feed: FeedId) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.channels.get(&feed).is_some_and(Channel::is_open))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Our signed status of `feed`, if it has one.
+    pub(super) fn status(&self, feed: FeedId) -> Option<Message> {
+        let (length, tree_hash, signature) = self.feeds[feed].feed.signed_tree()?;
+        Some(Message::Status(Status {
+            channel: feed as u32,
+            length,
+            tree_hash,
+            signature,
+        }))
+    }
+
+    /// A `Have` (or, with `held == false`, an `Unhave`) of `range` of `feed`.
+    pub(super) fn have(feed: FeedId, range: std::ops::Range<u64>, held: bool) -> Message {
+        let have = Have {
+            channel: feed as u32,
+            blocks: BlockSet::Range {
+                start: range.start,
+                count: range.end - range.start,
+            },
+        };
+        if held {
+            Message::Have(have)
+        } else {
+            Message::Unhave(have)
+        }
+    }
+
+    /// Opens our channel for `feed` to `peer`, with a capability bound to the session.
+    pub(super) fn send_open(&mut self, peer: PeerId, feed: FeedId) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let slot = &self.feeds[feed];
+        let capability = crypto::capability(
+            &slot.feed.public_key(),
+            &state.handshake_hash,
+            state.initiator,
+        );
+        state.channels.entry(feed).or_default().opened = true;
+        let message = Message::Open(Open {
+            channel: feed as u32,
+            discovery_key: slot.discovery_key,
+            capability,
+        });
+        self.send(peer, message);
+    }
+
+    /// Status and have for `feed`, to `peer`.
+    fn announce(&mut self, peer: PeerId, feed: FeedId) {
+        if let Some(status) = self.status(feed) {
+            self.send(peer, status);
+        }
+        let bitfield = self.feeds[feed].feed.bitfield();
+        if bitfield.count() > 0 {
+            let have = Message::Have(Have {
+                channel: feed as u32,
+                blocks: bitfield.to_block_set(),
+            });
+            self.send(peer, have);
+        }
+    }
+
+    /// A feed was added: the initiator opens it to every peer, and peers that asked for it
+    /// before we had it get their answer now.
+    pub(super) fn open_new_feed(&mut self, feed: FeedId) {
+        let initiated: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.initiator)
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in initiated {
+            self.send_open(peer, feed);
+        }
+        let discovery_key = self.feeds[feed].discovery_key;
+        let waiting: Vec<(PeerId, Open)> = self
+            .peers
+            .iter_mut()
+            .flat_map(|(&p, st)| {
+                let (now, keep): (Vec<Open>, Vec<Open>) = st
+                    .unanswered
+                    .drain(..)
+                    .partition(|o| o.discovery_key == discovery_key);
+                st.unanswered = keep.into();
+                now.into_iter().map(move |o| (p, o))
+            })
+            .collect();
+        for (peer, open) in waiting {
+            if let Err(reason) = self.on_open(peer, open) {
+                self.drop_peer(peer, reason);
+            }
+        }
+    }
+
+    /// Re-sends status and have on every open channel, and our `Open` where the initiator's is
+    /// still unanswered (either may have been lost).
+    pub(super) fn reannounce(&mut self) {
+        let mut opens = Vec::new();
+        let mut announces = Vec::new();
+        for (&peer, state) in &self.peers {
+            for feed in 0..self.feeds.len() {
+                match state.channels.get(&feed) {
+                    Some(ch) if ch.is_open() => announces.push((peer, feed)),
+                    Some(ch) if state.initiator && ch.remote.is_none() => opens.push((peer, feed)),
+                    None if state.initiator => opens.push((peer, feed)),
+                    _ => {}
+                }
+            }
+        }
+        for (peer, feed) in opens {
+            self.send_open(peer, feed);
+        }
+        for (peer, feed) in announces {
+            self.announce(peer, feed);
+        }
+    }
+
+    /// Runs `f` on `peer`'s open channel with remote number `channel`; returns its feed.
+    pub(super) fn with_channel(
+        &mut self,
+        peer: PeerId,
+        channel: u32,
+        f: impl FnOnce(&mut Channel),
+    ) -> Option<FeedId> {
+        let state = self.peers.get_mut(&peer)?;
+        let feed = *state.remote_channels.get(&channel)?;
+        let ch = state.channels.get_mut(&feed)?;
+        if !ch.is_open() {
+            return None;
+        }
+        f(ch);
+        Some(feed)
+    }
+
+    pub(super) fn on_hello(&mut self, peer: PeerId, hello: Hello) -> Result<(), GoodbyeReason> {
+        if hello.version == 0 {
+            return Err(GoodbyeReason::ProtocolError);
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.version = Some(hello.version.min(PROTOCOL_VERSION));
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_open(&mut self, peer: PeerId, open: Open) -> Result<(), GoodbyeReason> {
+        let Some(feed) = self
+            .feeds
+            .iter()
+            .position(|s| s.discovery_key == open.discovery_key)
+        else {
+            // Unknown feed: say nothing at all, but remember it in case we add the feed.
+            if let Some(state) = self.peers.get_mut(&peer) {
+                if state.unanswered.len() == MAX_UNANSWERED_OPENS {
+                    state.unanswered.pop_front();
+                }
+                state.unanswered.push_back(open);
+            }
+            return Ok(());
+        };
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        let pk = self.feeds[feed].feed.public_key();
+        if !crypto::verify_capability(
+            &pk,
+            &state.handshake_hash,
+            !state.initiator,
+            &open.capability,
+        ) {
+            return Ok(()); // cannot prove it knows the key: it learns nothing either
+        }
+        // A channel number moving to another feed would confuse everything after it.
+        if state
+            .remote_channels
+            .get(&open.channel)
+            .is_some_and(|&f| f != feed)
+        {
+            return Err(GoodbyeReason::ProtocolError);
+        }
+        // One remote channel per feed: a capability replayed under new channel numbers must not
+        // grow the table.
+        if state
+            .channels
+            .get(&feed)
+            .and_then(|c| c.remote)
+            .is_some_and(|c| c != open.channel)
+        {
+            return Err(GoodbyeReason::ProtocolError);
+        }
+        state.remote_channels.insert(open.channel, feed);
+        let ch = state.channels.entry(feed).or_default();
+        let first = ch.remote.is_none();
+        ch.remote = Some(open.channel);
+        let need_open = !ch.opened;
+        if need_open {
+            self.send_open(peer, feed);
+        }
+        if first || need_open {
+            self.announce(peer, feed);
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_status(&mut self, peer: PeerId, s: Status) -> Result<(), GoodbyeReason> {
+        let Some(&feed) = self
+            .peers
+            .get(&peer)
+            .and_then(|p| p.remote_channels.get(&s.channel))
+        else {
+            return Ok(());
+        };
+        if !self.feeds[feed]
+            .feed
+            .verify_status(s.length, &s.tree_hash, &s.signature)
+        {
+            // A forged length is a lie, not a glitch: same fate as forged data.
+            self.banned.insert(peer);
+            self.event(Event::Banned {
+                peer,
+                reason: BanReason::ForgedStatus { length: s.length },
+            });
+            return Err(GoodbyeReason::BadData);
+        }
+        if let Some(state) = self.peers.get_mut(&peer) {
+            let ch = state.channels.entry(feed).or_default();
+            ch.length = ch.length.max(s.length);
+        }
+        let slot = &mut self.feeds[feed];
+        slot.best_length = slot.best_length.max(s.length);
+        slot.proved = true;
+        Ok(())
+    }
+
+    /// A `Have`/`Unhave` (`want == false`) or `Want`/`Unwant` (`want == true`) from `peer`;
+    /// `value` says whether the blocks are being added or removed.
+    pub(super) fn on_have(
+        &mut self,
+        peer: PeerId,
+        channel: u32,
+        set: &BlockSet,
+        value: bool,
+        want: bool,
+    ) -> Result<(), GoodbyeReason> {
+        let Some(&feed) = self
+            .peers
+            .get(&peer)
+            .and_then(|p| p.remote_channels.get(&channel))
+        else {
+            return Ok(());
+        };
+        let ranges = block_set_ranges(set, u64::MAX).ok_or(GoodbyeReason::ProtocolError)?;
+        // Record only what lies inside a signed length someone proved: a have far past it may just
+        // have overtaken its status (it is re-sent), and must not size a bitmap.
+        let limit = self.feeds[feed]
+            .best_length
+            .max(self.feeds[feed].feed.len());
+        let Some(ch) = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.channels.get_mut(&feed))
+        else {
+            return Ok(());
+        };
+        let bits = if want { &mut ch.want } else { &mut ch.have };
+        for r in ranges {
+            let end = r.end.min(limit);
+            if r.start < end {
+                bits.set_range(r.start..end, value);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,181 @@
+//! The upload queue: peers' requests wait here until the driver has room on that peer's
+//! connection and pulls the next answer with [`Replicator::poll_upload`].
+//!
+//! Answers are pulled, not pushed, so the uploader decides what to send next when it can send:
+//! within a peer's queue, requests for blocks never uploaded to anyone this session go first (a
+//! seed spends its upload on blocks the swarm lacks, not on copies the readers can trade among
+//! themselves), then the oldest. One request is answered piece by piece (each piece at most
+//! `MAX_DATA_BYTES`), so the driver's byte budget applies to every piece, however large the
+//! request. Production and the simulator both drive this one path.
+
+use super::{Event, FeedId, MAX_QUEUED_REQUESTS, PeerId, Replicator};
+use crate::core::error::FeedError;
+use crate::core::feed::Proof;
+use crate::core::storage::Storage;
+use feedsync_protocol::{
+    Block, Cancel, Data, GoodbyeReason, MAX_DATA_BYTES, Message, NoData, Request,
+};
+
+/// A peer's request waiting in our upload queue.
+pub(super) struct Queued {
+    /// Our feed it asks for.
+    pub feed: FeedId,
+    /// What it asks (after a piece was served: what remains).
+    pub request: Request,
+    /// When it arrived, in ticks.
+    pub since: u64,
+}
+
+impl<S: Storage> Replicator<S> {
+    /// Queues `peer`'s request, if it came on an open channel.
+    pub(super) fn on_request(&mut self, peer: PeerId, r: Request) -> Result<(), GoodbyeReason> {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        let Some(&feed) = state.remote_channels.get(&r.channel) else {
+            return Ok(());
+        };
+        if !state.channels.get(&feed).is_some_and(|c| c.is_open()) {
+            return Ok(());
+        }
+        if state.uploads.len() >= MAX_QUEUED_REQUESTS {
+            return Err(GoodbyeReason::ProtocolError); // far past any sane window
+        }
+        state.uploads.push_back(Queued {
+            feed,
+            request: r,
+            since: self.now,
+        });
+        Ok(())
+    }
+
+    /// `peer` withdrew a request: drop it from the queue (a piece already sent stays sent).
+    pub(super) fn on_cancel(&mut self, peer: PeerId, c: Cancel) {
+        if let Some(state) = self.peers.get_mut(&peer)
+            && let Some(&feed) = state.remote_channels.get(&c.channel)
+        {
+            state
+                .uploads
+                .retain(|q| !(q.feed == feed && q.request.id == c.id));
+        }
+    }
+
+    /// Where in `peer`'s queue the next answer comes from: the first request asking for some
+    /// block never uploaded to anyone, else the oldest — unless another peer is waiting for such
+    /// a fresh block, in which case `peer`'s copies wait (`None`) while they are young.
+    ///
+    /// The priority spans peers because the uplink does: a seed that sends reader A a copy of a
+    /// block already sent to B spends upload that B could have spent on A, while the swarm's
+    /// missing blocks, which only the seed can give, wait. Holding copies back makes the driver
+    /// move on to the connection that asked for something fresh; meanwhile the held-back
+    /// requester's request expires on its side and it re-asks another reader that has the block.
+    /// A copy is held back at most `Config::max_request_timeout` ticks after it was queued (no
+    /// requester waits longer than that before re-asking), so a peer whose requests are all
+    /// copies is still served when the fresh requests sit on a connection that cannot drain.
+    pub(super) fn next_in_queue(&self, peer: PeerId) -> Option<usize> {
+        let queue = &self.peers.get(&peer)?.uploads;
+        if let Some(pos) = queue.iter().position(|q| self.is_fresh(q.feed, &q.request)) {
+            return Some(pos);
+        }
+        let oldest = queue.front()?;
+        let young = self.now.saturating_sub(oldest.since) < self.config.max_request_timeout;
+        let fresh_elsewhere = || {
+            self.peers.iter().any(|(&other, p)| {
+                other != peer && p.uploads.iter().any(|q| self.is_fresh(q.feed, &q.request))
+            })
+        };
+        if young && fresh_elsewhere() {
+            return None;
+        }
+        Some(0)
+    }
+
+    /// Whether a queued request asks for some block we never uploaded to anyone.
+    fn is_fresh(&self, feed: FeedId, r: &Request) -> bool {
+        let end = r.index.saturating_add(u64::from(r.count));
+        r.count > 0 && self.feeds[feed].uploaded.count_range(r.index..end) < u64::from(r.count)
+    }
+
+    /// Answers the next piece of one request: a Data message of at most `MAX_DATA_BYTES` of
+    /// blocks (or NoData), and what remains of the request.
+    fn serve(&mut self, feed: FeedId, r: &Request) -> (Message, Option<Request>) {
+        let channel = feed as u32;
+        let slot = &mut self.feeds[feed];
+        let end = r.index.saturating_add(u64::from(r.count));
+        let mut blocks = Vec::new();
+        let mut bytes = 0usize;
+        let mut changed = None;
+        while r.index + (blocks.len() as u64) < end {
+            let i = r.index + blocks.len() as u64;
+            let block = match slot.feed.get(i) {
+                Ok(b) => b,
+                Err(FeedError::DataChanged(index)) => {
+                    changed = Some(index);
+                    break;
+                }
+                Err(_) => break,
+            };
+            if !blocks.is_empty() && bytes + block.len() > MAX_DATA_BYTES {
+                break;
+            }
+            bytes += block.len();
+            blocks.push(Block(block));
+        }
+        if let Some(index) = changed {
+            self.event(Event::DataChanged { feed, index });
+        }
+        let slot = &mut self.feeds[feed];
+        let count = blocks.len() as u64;
+        let no_data = (Message::NoData(NoData { channel, id: r.id }), None);
+        if count == 0 && !(r.upgrade && r.count == 0) {
+            return no_data;
+        }
+        let Ok(Proof { nodes, upgrade }) = slot.feed.proof(r.index, count, r.length, r.upgrade)
+        else {
+            return no_data;
+        };
+        slot.uploaded.set_range(r.index..r.index + count, true);
+        let data = Message::Data(Data {
+            channel,
+            id: r.id,
+            index: r.index,
+            blocks,
+            nodes,
+            upgrade,
+        });
+        let rest = (count > 0 && r.index + count < end).then(|| Request {
+            index: r.index + count,
+            count: r.count - count as u32,
+            // Later pieces are relative to the tree the first one upgraded the requester to.
+            length: if r.upgrade { slot.feed.len() } else { r.length },
+            upgrade: false,
+            ..r.clone()
+        });
+        (data, rest)
+    }
+
+    /// Serves the next piece of the queued request at `pos` of `peer`'s queue, leaving any
+    /// remainder at the front, and counts the blocks handed out as [`Event::Uploaded`].
+    pub(super) fn serve_queued(&mut self, peer: PeerId, pos: usize) -> Option<Vec<Message>> {
+        let queued = self.peers.get_mut(&peer)?.uploads.remove(pos)?;
+        let feed = queued.feed;
+        let (message, rest) = self.serve(feed, &queued.request);
+        if let Message::Data(d) = &message
+            && !d.blocks.is_empty()
+        {
+            self.event(Event::Uploaded {
+                peer,
+                feed,
+                index: d.index,
+                count: d.blocks.len() as u64,
+            });
+        }
+        if let (Some(rest), Some(state)) = (rest, self.peers.get_mut(&peer)) {
+            state.uploads.push_front(Queued {
+                request: rest,
+                ..queued
+            });
+        }
+        Some(vec![message])
+    }
+}
