@@ -1,5 +1,6 @@
 //! The replicator driven by hand, message by message: capability gating, what goes on the wire,
-//! unhave, unsolicited data, idle peers, and ordered fetching.
+//! unhave, unsolicited data, idle peers and Cancel on expiry, ordered fetching and its window,
+//! the upload path (`poll_upload`, `Event::Uploaded`, fresh blocks first), and `peer_proved`.
 
 use ed25519_dalek::SigningKey;
 use feedsync::core::sim::{Sim, SimConfig};
@@ -285,7 +286,12 @@ fn unhave_is_honoured() {
 #[test]
 fn unsolicited_data_is_ignored_and_idle_peers_are_dropped() {
     let (mut r, mut w) = reader_with_two_sources(30);
-    assert!(!requests(&mut r).is_empty());
+    // Every request sent, by (peer, id): its channel and the tick it went out.
+    let mut asked = std::collections::BTreeMap::new();
+    for (p, q) in requests(&mut r) {
+        asked.insert((p, q.id), (q.channel, 0u64));
+    }
+    assert!(!asked.is_empty());
     // Data under a request id we never used (a valid block, even) is not stored and not punished.
     let unasked = 1;
     let proof = w.proof(unasked, 1, 30, false).unwrap();
@@ -309,13 +315,36 @@ fn unsolicited_data_is_ignored_and_idle_peers_are_dropped() {
     );
     // Neither source ever answers: each is dropped once it has been asked and has stayed silent
     // for the idle timeout (the second may be asked only after the first one's requests expire).
-    let idle = Config::default().idle_timeout;
+    let config = Config::default();
+    let idle = config.idle_timeout;
     let mut dropped = Vec::new();
+    let mut dropped_at = std::collections::BTreeMap::new();
+    let mut cancelled = std::collections::BTreeMap::new();
     for t in (0..=idle * 2).step_by(5) {
         r.handle_tick(t);
         for a in drain(&mut r) {
-            if let Action::Disconnect { peer, reason } = a {
-                dropped.push((peer, reason));
+            match a {
+                Action::Disconnect { peer, reason } => {
+                    dropped.push((peer, reason));
+                    dropped_at.insert(peer, t);
+                }
+                Action::Send {
+                    peer,
+                    message: Message::Request(q),
+                } => {
+                    asked.insert((peer, q.id), (q.channel, t));
+                }
+                Action::Send {
+                    peer,
+                    message: Message::Cancel(c),
+                } => {
+                    assert!(
+                        cancelled.insert((peer, c.id), (c.channel, t)).is_none(),
+                        "request {} of peer {peer} withdrawn twice",
+                        c.id
+                    );
+                }
+                _ => {}
             }
         }
     }
@@ -324,7 +353,32 @@ fn unsolicited_data_is_ignored_and_idle_peers_are_dropped() {
         dropped,
         vec![(1, GoodbyeReason::Timeout), (2, GoodbyeReason::Timeout)]
     );
-    // Requests that timed out were withdrawn with Cancel along the way.
+    // Requests that timed out were withdrawn with Cancel along the way: every request that was
+    // still unanswered longer than any request timeout before its peer was dropped got a Cancel
+    // to that peer on the request's channel, and only after it had time to expire.
+    let mut withdrawn = 0;
+    for (&(peer, id), &(channel, sent)) in &asked {
+        let gone = dropped_at[&peer];
+        match cancelled.get(&(peer, id)) {
+            Some(&(c_channel, at)) => {
+                assert_eq!(c_channel, channel, "Cancel on the wrong channel");
+                assert!(
+                    at > sent + config.min_request_timeout,
+                    "request {id} to {peer} withdrawn at {at}, before it could expire (sent {sent})"
+                );
+                withdrawn += 1;
+            }
+            None => assert!(
+                gone <= sent + config.max_request_timeout + 5,
+                "request {id} to {peer} (sent at {sent}) expired without a Cancel; peer dropped at {gone}"
+            ),
+        }
+    }
+    assert!(
+        cancelled.keys().all(|k| asked.contains_key(k)),
+        "a Cancel for a request never sent"
+    );
+    assert!(withdrawn > 0, "no expired request was withdrawn");
 }
 
 #[test]
@@ -356,17 +410,24 @@ fn ordered_mode_never_runs_far_ahead() {
             && s.nodes[2].is_complete(0))
     );
     let mut held = std::collections::BTreeSet::new();
+    let mut reach = 0;
     for (_, node, e) in &sim.events {
         if let (2, Event::Downloaded { index, count, .. }) = (node, e) {
             let first_missing = (0..).find(|i| !held.contains(i)).unwrap();
+            // The whole range, not just its first block, lies within the look-ahead window.
+            let last = index + count - 1;
             assert!(
-                *index < first_missing + max_ahead,
-                "block {index} fetched with block {first_missing} missing"
+                last < first_missing + max_ahead,
+                "blocks {index}..={last} fetched with block {first_missing} missing"
             );
+            reach = reach.max(last + 1 - first_missing);
             held.extend(*index..index + count);
         }
     }
     assert_eq!(held.len(), 120);
+    // And the window is used up to its end (a reader fetching one block at a time would pass
+    // the bound above trivially).
+    assert_eq!(reach, max_ahead, "the ordered window never reached its end");
 }
 
 /// The upgrade request in `out`, and who got it.
@@ -529,4 +590,179 @@ fn an_open_that_came_before_the_feed_is_answered_when_it_is_added() {
             .any(|(p, m)| *p == 7 && matches!(m, Message::Open(_))),
         "no answer once the feed was added: {out:?}"
     );
+}
+
+/// `Event::Uploaded` counts exactly the blocks handed out by `poll_upload`: one event per Data
+/// piece with blocks, none for NoData, an upgrade-only answer, or a withdrawn request.
+#[test]
+fn uploaded_events_count_exactly_the_served_blocks() {
+    let mut w = Feed::create(MemoryStorage::new(), SigningKey::from_bytes(&[9u8; 32])).unwrap();
+    let blocks: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 65536]).collect();
+    w.append_batch(&blocks).unwrap();
+    let pk = w.public_key();
+    let mut r = serving(w);
+    open_from(&mut r, 7, b"s", &pk, 0);
+    drain(&mut r);
+    let ask = |id, index, count, upgrade| {
+        Message::Request(Request {
+            channel: 0,
+            id,
+            index,
+            count,
+            length: if upgrade { 0 } else { 40 },
+            upgrade,
+        })
+    };
+    r.handle_message(7, ask(1, 3, 30, false)); // 30 blocks: several pieces
+    r.handle_message(7, ask(2, 0, 0, true)); // the signed tree only
+    r.handle_message(7, ask(3, 50, 2, false)); // beyond the feed: NoData
+    r.handle_message(7, ask(4, 35, 2, false)); // withdrawn before it is served
+    r.handle_message(7, Message::Cancel(Cancel { channel: 0, id: 4 }));
+    assert!(drain(&mut r).is_empty());
+    let mut served = Vec::new();
+    let mut events = Vec::new();
+    let mut no_data = 0;
+    while let Some(messages) = r.poll_upload(7) {
+        for m in messages {
+            match m {
+                Message::Data(d) if !d.blocks.is_empty() => {
+                    served.push((d.index, d.blocks.len() as u64))
+                }
+                Message::Data(d) => assert!(d.upgrade.is_some(), "an empty Data: {d:?}"),
+                Message::NoData(_) => no_data += 1,
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        for a in drain(&mut r) {
+            match a {
+                Action::Event(Event::Uploaded {
+                    peer: 7,
+                    feed: 0,
+                    index,
+                    count,
+                }) => events.push((index, count)),
+                other => panic!("unexpected action {other:?}"),
+            }
+        }
+    }
+    assert!(
+        served.len() > 1,
+        "the range was served in pieces: {served:?}"
+    );
+    assert_eq!(
+        events, served,
+        "one Uploaded per Data piece, with its blocks"
+    );
+    let total: u64 = events.iter().map(|e| e.1).sum();
+    assert_eq!(
+        total, 30,
+        "exactly the 30 requested blocks, nothing for the others"
+    );
+    assert_eq!(no_data, 1);
+}
+
+/// `peer_proved` is false until a peer's *verified* status arrives (an open channel and haves
+/// are not enough, a forged status does not count), and true after it, even when the peer's
+/// length equals ours.
+#[test]
+fn peer_proved_needs_a_verified_status_even_of_our_own_length() {
+    let w = writer(10);
+    let pk = w.public_key();
+    let (length, tree_hash, signature) = w.signed_tree().unwrap();
+    let status = |signature: [u8; 64]| {
+        Message::Status(Status {
+            channel: 3,
+            length,
+            tree_hash,
+            signature,
+        })
+    };
+    for forged in [false, true] {
+        // Our own copy of the same feed, as long as the peer's.
+        let mut r = serving(writer(10));
+        assert_eq!(r.feed(0).len(), length);
+        assert!(!r.peer_proved(0), "proved before any peer spoke");
+        open_from(&mut r, 7, b"s", &pk, 3);
+        r.handle_message(
+            7,
+            Message::Have(Have {
+                channel: 3,
+                blocks: BlockSet::Range {
+                    start: 0,
+                    count: 10,
+                },
+            }),
+        );
+        drain(&mut r);
+        assert!(
+            !r.peer_proved(0),
+            "an open channel and a have prove nothing"
+        );
+        let mut sig = signature;
+        if forged {
+            sig[0] ^= 1;
+        }
+        r.handle_message(7, status(sig));
+        drain(&mut r);
+        if forged {
+            assert!(!r.peer_proved(0), "a forged status counted as proof");
+            assert!(r.is_banned(7));
+        } else {
+            assert!(r.peer_proved(0), "a verified status of our own length");
+            assert!(r.is_complete(0));
+        }
+    }
+}
+
+/// The seed's "blocks never uploaded to anyone first" rule spans peers inside `poll_upload`: a
+/// peer asking only for copies waits while another peer waits for a fresh block, and is served
+/// once nothing fresh is waiting, or once its request is older than `max_request_timeout`.
+#[test]
+fn copies_wait_for_fresh_blocks_of_other_peers_but_not_for_ever() {
+    let w = writer(10);
+    let pk = w.public_key();
+    let mut r = serving(w);
+    r.handle_connected(8, b"t", false);
+    open_from(&mut r, 7, b"s", &pk, 0);
+    open_from(&mut r, 8, b"t", &pk, 0);
+    let ask = |id, index| {
+        Message::Request(Request {
+            channel: 0,
+            id,
+            index,
+            count: 1,
+            length: 10,
+            upgrade: false,
+        })
+    };
+    // Block 0 goes to peer 8 first: from then on it is a copy.
+    r.handle_message(8, ask(1, 0));
+    assert!(r.poll_upload(8).is_some());
+    drain(&mut r);
+    let data_index = |m: Option<Vec<Message>>| match m.as_deref() {
+        Some([Message::Data(d)]) => Some(d.index),
+        other => panic!("expected one Data, got {other:?}"),
+    };
+    // Peer 7 wants the copy, peer 8 a fresh block: 7 waits, 8 is served, then 7.
+    r.handle_message(7, ask(2, 0));
+    r.handle_message(8, ask(3, 5));
+    assert_eq!(
+        r.poll_upload(7),
+        None,
+        "a copy went out before a fresh block"
+    );
+    assert_eq!(data_index(r.poll_upload(8)), Some(5));
+    assert_eq!(data_index(r.poll_upload(7)), Some(0));
+    // A copy that has waited max_request_timeout ticks is served even with fresh blocks waiting.
+    r.handle_message(7, ask(4, 0));
+    r.handle_message(8, ask(5, 6));
+    assert_eq!(r.poll_upload(7), None);
+    r.handle_tick(Config::default().max_request_timeout);
+    drain(&mut r);
+    assert_eq!(
+        data_index(r.poll_upload(7)),
+        Some(0),
+        "the copy waited for ever"
+    );
+    assert_eq!(data_index(r.poll_upload(8)), Some(6));
 }

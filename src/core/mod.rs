@@ -6,12 +6,18 @@
 //! - [`crypto`]: node hashes, signatures, discovery keys and capabilities.
 //! - [`proof`]: the proof walk shared by prover and verifier.
 //! - [`feed`]: the signed append-only log ([`Feed`]).
-//! - [`replicator`]: the protocol engine: channels, have/want, scheduling, timeouts.
+//! - [`replicator`]: the protocol engine ([`Replicator`]), one job per file: the `handle_*` /
+//!   `poll_*` surface and its types in `mod.rs`; `channels` (open, capability, status and have
+//!   announcements), `congestion` (RTT estimator, window), `requests` (in flight, answers,
+//!   expiry), `schedule` (a pure, unit-tested planner), `upload` (the queue behind
+//!   `poll_upload`).
 //! - [`peerbook`]: addresses to dial, with exponential backoff.
-//! - [`sim`]: a deterministic simulated network of replicators, for tests.
+//! - [`sim`]: a deterministic simulated network of replicators, for tests; it pulls uploads
+//!   through `poll_upload` per link, the same path the synchronizer uses.
 //! - [`bitfield`]: sets of block indices.
 //! - [`storage`]: the [`Storage`] trait and [`MemoryStorage`].
-//! - [`error`]: [`FeedError`] and [`VerifyError`].
+//! - [`error`]: [`FeedError`] and [`VerifyError`] (the replicator's event errors,
+//!   [`BanReason`] and [`StorageFailure`], live with it).
 
 pub mod bitfield;
 pub mod crypto;

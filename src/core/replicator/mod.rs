@@ -617,3 +617,20 @@ impl<S: Storage> Replicator<S> {
         self.schedule();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storage_failure_keeps_the_io_kind_and_the_message() {
+        let io = FeedError::Io(std::io::Error::new(std::io::ErrorKind::StorageFull, "disk"));
+        let failure = StorageFailure::from(&io);
+        assert_eq!(failure.kind, Some(std::io::ErrorKind::StorageFull));
+        assert_eq!(failure.to_string(), io.to_string());
+        let corrupt = FeedError::Corrupt("bad header".into());
+        let failure = StorageFailure::from(&corrupt);
+        assert_eq!(failure.kind, None);
+        assert_eq!(failure.to_string(), "store is corrupt: bad header");
+    }
+}
