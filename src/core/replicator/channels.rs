@@ -52,7 +52,7 @@ impl<S: Storage> Replicator<S> {
     }
 
     /// [`Replicator::append`] with the blocks' leaf hashes already computed (see
-    /// [`Feed::append_batch_hashed`]).
+    /// [`crate::core::Feed::append_batch_hashed`]).
     pub fn append_hashed<B: AsRef<[u8]>>(
         &mut self,
         feed: FeedId,
