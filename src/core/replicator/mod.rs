@@ -454,11 +454,6 @@ impl<S: Storage> Replicator<S> {
         self.serve_queued(peer, pos)
     }
 
-    /// Whether `peer` has requests waiting for upload.
-    pub fn has_upload(&self, peer: PeerId) -> bool {
-        self.peers.get(&peer).is_some_and(|p| !p.uploads.is_empty())
-    }
-
     /// Whether any peer has requests waiting for upload.
     pub fn has_uploads(&self) -> bool {
         self.peers.values().any(|p| !p.uploads.is_empty())
