@@ -233,10 +233,12 @@ impl Sim {
         self.pump(node);
     }
 
-    /// Pulls answers from `node` as its uplink frees up, the way the synchronizer does: each
-    /// link asks the replicator for its own peer's next answer with
+    /// Pulls answers from `node` as its uplink frees up, through the call the synchronizer
+    /// uses: a link with room asks the replicator for its own peer's next answer with
     /// [`Replicator::poll_upload`], and the node's peers take turns (round robin from the one
     /// after the last served), so one busy peer cannot starve the others of the shared uplink.
+    /// "Room" is the node's uplink (one message at a time when it is limited, everything at once
+    /// when not); `link_bandwidth` only delays delivery, it does not hold a link back.
     fn pump(&mut self, node: usize) {
         if self.config.uplink.is_none() {
             while self.serve_next(node) {}
