@@ -11,7 +11,9 @@
 use crate::core::replicator::{FeedId, Replicator};
 use crate::core::{FeedError, crypto};
 use crate::drive::STATE_DIR;
+use crate::drive::event::Counts;
 use crate::drive::layout::{self, Shared};
+use crate::drive::log;
 use crate::drive::record::{
     BLOCK_SIZE, Entry, Extent, FileInfo, MAX_BATCH_BYTES, Record, State, check_path, encode,
 };
@@ -20,7 +22,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 /// The name of the ignore file, in any directory of the folder.
@@ -49,7 +51,11 @@ pub struct ScanReport {
     /// Files that changed while being read (picked up by the next scan).
     pub unstable: u64,
     /// Entries that could not be read, with why (skipped; their previous record stays).
-    pub skipped: Vec<String>,
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Entries not shared by design (symlinks, special files, unusable names), with why.
+    pub unshared: Vec<(PathBuf, String)>,
+    /// What each version this scan committed changed, in order.
+    pub versions: Vec<(u64, Counts)>,
 }
 
 /// Writer-side import state.
@@ -136,7 +142,7 @@ impl Importer {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
-                    report.skipped.push(e.to_string());
+                    report.skipped.push((root.clone(), e.to_string()));
                     continue;
                 }
             };
@@ -147,11 +153,15 @@ impl Importer {
                 continue;
             };
             let Some(rel) = rel.to_str().map(str::to_string) else {
-                tracing_skip(entry.path(), "name is not UTF-8");
+                report
+                    .unshared
+                    .push((entry.path().to_path_buf(), "name is not UTF-8".into()));
                 continue;
             };
             if check_path(&rel).is_err() {
-                tracing_skip(entry.path(), "unusable name");
+                report
+                    .unshared
+                    .push((entry.path().to_path_buf(), "unusable name".into()));
                 continue;
             }
             let Some(ft) = entry.file_type() else {
@@ -169,7 +179,10 @@ impl Importer {
                 continue;
             }
             if !ft.is_file() {
-                tracing_skip(entry.path(), "not a regular file or directory");
+                report.unshared.push((
+                    entry.path().to_path_buf(),
+                    "not a regular file or directory".into(),
+                ));
                 continue;
             }
             let Ok(meta) = entry.metadata() else {
@@ -188,8 +201,10 @@ impl Importer {
                 continue;
             }
             let imported = match self.import_file(r, entry.path(), &rel, executable) {
-                Err(ScanError::Read(p, e)) => {
-                    report.skipped.push(format!("{p}: {e}"));
+                Err(ScanError::Read(_, e)) => {
+                    report
+                        .skipped
+                        .push((entry.path().to_path_buf(), e.to_string()));
                     seen.insert(rel);
                     continue;
                 }
@@ -235,7 +250,7 @@ impl Importer {
             records.push(Record::Remove { path: p });
             report.removed += 1;
         }
-        self.commit(r, state, records)?;
+        report.versions = self.commit(r, state, records)?;
         Ok(report)
     }
 
@@ -311,8 +326,8 @@ impl Importer {
                         _ => {}
                     }
                     let imported = match self.import_file(r, abs, &rel, executable) {
-                        Err(ScanError::Read(p, e)) => {
-                            report.skipped.push(format!("{p}: {e}"));
+                        Err(ScanError::Read(_, e)) => {
+                            report.skipped.push((abs.clone(), e.to_string()));
                             continue;
                         }
                         other => other?,
@@ -339,7 +354,7 @@ impl Importer {
         }
         self.flush(r)?;
         report.new_blocks = r.feed(self.content).len() - start_len;
-        self.commit(r, state, records)?;
+        report.versions = self.commit(r, state, records)?;
         Ok(Some(report))
     }
 
@@ -367,17 +382,18 @@ impl Importer {
         false
     }
 
-    /// Appends `records` as metadata blocks, applies them to `state` and the layout, and gives
-    /// up blocks no file references any more.
+    /// Appends `records` as metadata blocks (each with the time, for `log`), applies them to
+    /// `state` and the layout, and gives up blocks no file references any more. Returns what
+    /// each new version changed.
     pub fn commit(
         &mut self,
         r: &mut Replicator<DiskStorage>,
         state: &mut State,
         records: Vec<Record>,
-    ) -> Result<(), ScanError> {
+    ) -> Result<Vec<(u64, Counts)>, ScanError> {
         self.forced.clear();
         if records.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut batches: Vec<Vec<Record>> = vec![Vec::new()];
         let mut size = 0;
@@ -389,6 +405,10 @@ impl Importer {
             }
             size += n;
             batches.last_mut().expect("non-empty").push(rec);
+        }
+        let time = Record::now();
+        for b in &mut batches {
+            b.insert(0, time.clone());
         }
         let blocks: Vec<Vec<u8>> = batches.iter().map(|b| encode(b)).collect();
         r.append(self.meta, &blocks)?;
@@ -423,14 +443,17 @@ impl Importer {
                                 l.add_live(path.clone(), info.clone());
                             }
                         }
-                        Record::Init { .. } => {}
+                        Record::Init { .. } | Record::Time { .. } => {}
                     }
                 }
             }
             orphans.retain(|b| !l.is_owned(*b));
         }
+        let mut versions = Vec::with_capacity(batches.len());
         for batch in batches {
+            let counts = Counts::of(&log::changes(state, &batch));
             state.apply(batch);
+            versions.push((state.version, counts));
         }
         // Consecutive orphans go in one Unhave.
         let orphans: Vec<u64> = orphans.into_iter().collect();
@@ -444,7 +467,7 @@ impl Importer {
             i = j;
         }
         self.dedup.retain(|_, b| orphans.binary_search(b).is_err());
-        Ok(())
+        Ok(versions)
     }
 
     /// Leaf-hashes a chunk read from a file (a whole number of blocks, but for the last),
@@ -600,10 +623,6 @@ pub fn stamp(meta: &std::fs::Metadata) -> (i64, u32) {
         },
         Err(_) => (0, 0),
     }
-}
-
-fn tracing_skip(path: &Path, why: &str) {
-    eprintln!("feedsync: skipping {}: {why}", path.display());
 }
 
 /// Why a scan failed.

@@ -31,18 +31,22 @@ impl Layout {
             )
         };
         let blocks = info.blocks();
+        let io_err = |error| PublishError::Io {
+            path: path.clone(),
+            error,
+        };
         // The final length first: blocks of zeros past the end were left as holes, and must
         // read back (as zeros) below.
         self.handle(id, true, true)
             .and_then(|f| f.set_len(info.size))
-            .map_err(PublishError::Io)?;
+            .map_err(io_err)?;
         // Finish the register from the temporary file (what came out of order).
         if next < blocks {
             let mut buf = vec![0u8; BLOCK_SIZE];
             while next < blocks {
                 let len = (info.size - next * BLOCK_SIZE as u64).min(BLOCK_SIZE as u64) as usize;
                 self.read_pos(id, true, next, &mut buf[..len])
-                    .map_err(PublishError::Io)?;
+                    .map_err(io_err)?;
                 hasher.update(&buf[..len]);
                 next += 1;
             }
@@ -54,12 +58,12 @@ impl Layout {
         let target = safe_target(&self.root, &path)?;
         {
             // The handle the blocks were written through (created here for an empty file).
-            let f = self.handle(id, true, true).map_err(PublishError::Io)?;
-            f.set_len(info.size).map_err(PublishError::Io)?;
+            let f = self.handle(id, true, true).map_err(io_err)?;
+            f.set_len(info.size).map_err(io_err)?;
             let mode = if info.executable { 0o755 } else { 0o644 };
             f.set_permissions(fs::Permissions::from_mode(mode))
-                .map_err(PublishError::Io)?;
-            f.set_modified(mtime(&info)).map_err(PublishError::Io)?;
+                .map_err(io_err)?;
+            f.set_modified(mtime(&info)).map_err(io_err)?;
         }
         self.open.forget(id);
         if let Ok(m) = fs::symlink_metadata(&target)
@@ -67,9 +71,9 @@ impl Layout {
         {
             // A directory where the file goes (the writer replaced it): it must be empty by
             // now, the removals having been applied first.
-            fs::remove_dir(&target).map_err(PublishError::Io)?;
+            fs::remove_dir(&target).map_err(io_err)?;
         }
-        fs::rename(&temp, &target).map_err(PublishError::Io)?;
+        fs::rename(&temp, &target).map_err(io_err)?;
         if let Some(slot) = self.slots.get_mut(&id)
             && slot.pending.take().is_some()
         {
@@ -116,8 +120,14 @@ pub enum PublishError {
         why: &'static str,
     },
     /// The disk said no (full, read-only, permissions).
-    #[error("{0}")]
-    Io(#[source] io::Error),
+    #[error("{path}: {error}")]
+    Io {
+        /// The record's path.
+        path: String,
+        /// The system's words.
+        #[source]
+        error: io::Error,
+    },
 }
 
 /// The final location of `rel` under `root`, creating missing parent directories. Every
@@ -147,9 +157,17 @@ pub fn safe_target(root: &Path, rel: &str) -> Result<PathBuf, PublishError> {
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&dir).map_err(PublishError::Io)?;
+                fs::create_dir(&dir).map_err(|error| PublishError::Io {
+                    path: rel.to_string(),
+                    error,
+                })?;
             }
-            Err(e) => return Err(PublishError::Io(e)),
+            Err(error) => {
+                return Err(PublishError::Io {
+                    path: rel.to_string(),
+                    error,
+                });
+            }
         }
     }
     Ok(dir.join(components[components.len() - 1]))
