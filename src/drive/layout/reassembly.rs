@@ -18,7 +18,24 @@ impl Layout {
         buf: &mut [u8],
     ) -> io::Result<()> {
         let f = self.handle(id, temp, false)?;
-        f.read_exact_at(buf, pos * BLOCK_SIZE as u64)
+        let at = pos * BLOCK_SIZE as u64;
+        if !temp {
+            return f.read_exact_at(buf, at);
+        }
+        // A temporary file is not at its final length until publish: blocks of zeros past its
+        // end were left as holes (see `write_to`), so what lies past the end reads as zeros.
+        // Callers check what they read against a leaf hash or read only written positions.
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read_at(&mut buf[n..], at + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf[n..].fill(0);
+        Ok(())
     }
 
     /// Reads block `index` from the temporary file of pending slot `id` at the block's first
