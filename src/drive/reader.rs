@@ -80,6 +80,11 @@ impl Reader {
         {
             self.make_durable(b, r);
         }
+        self.report_complete(b, r);
+    }
+
+    /// Once per version reached: made durable, then [`DriveEvent::Complete`].
+    fn report_complete(&mut self, b: &mut Base, r: &Replicator<DiskStorage>) {
         if self.complete_at != Some(b.state.version) && self.is_done(b, r) {
             self.make_durable(b, r);
             self.complete_at = Some(b.state.version);
@@ -122,6 +127,8 @@ impl Reader {
     pub fn shutdown(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         self.publish_ready(b, r);
         self.make_durable(b, r);
+        // `--once` stops as soon as the loop sees the job done, maybe before a tick said so.
+        self.report_complete(b, r);
     }
 
     /// Applies newly verified metadata blocks.
