@@ -110,17 +110,18 @@ impl Reader {
             return false;
         };
         // An empty content feed has no signed length to prove: required only once the newest
-        // version references content blocks.
-        let needs_content = b
-            .state
-            .entries
-            .values()
-            .any(|e| matches!(e, Entry::File(f) if f.size > 0));
+        // version references content blocks (asked last: it walks the entries).
+        let needs_content = || {
+            b.state
+                .entries
+                .values()
+                .any(|e| matches!(e, Entry::File(f) if f.size > 0))
+        };
         !meta.is_empty()
             && r.peer_proved(b.meta)
-            && (!needs_content || r.peer_proved(content))
             && r.is_complete(b.meta)
             && b.state.version == meta.len()
+            && (r.peer_proved(content) || !needs_content())
             && settled(b)
     }
 
