@@ -97,9 +97,19 @@ fn main() {
     // The cloning side: dial the sharer, stop once the folder is complete.
     let t = Instant::now();
     let clone = Drive::clone_into(&dst, feedsync::drive::parse_url(&url).unwrap()).unwrap();
+    // The library never prints: its progress arrives as events, shown here.
+    let (events, progress) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for e in progress {
+            if let feedsync::drive::DriveEvent::Progress(s) = e {
+                eprintln!("progress: {} of {} bytes", s.bytes_done, s.bytes_total);
+            }
+        }
+    });
     let (feeds, app) = clone
         .into_app(AppOptions {
             progress: Some(Duration::from_millis(500)),
+            events: Some(events),
             ..AppOptions::default()
         })
         .unwrap();

@@ -8,6 +8,8 @@
 //! - [`storage`]: the on-disk feed store.
 //! - [`net`]: the Noise-encrypted TCP transport.
 //! - [`sync`]: the synchronizer, one event loop per node.
+//! - [`drive`]: shared folders (a metadata feed and a content feed in the folder's files).
+//! - [`util`]: the atomic-write and hex helpers.
 //! - `feedsync_protocol` (the `protocol/` crate): wire messages and framing.
 //!
 //! `notes/architecture.md` describes how the layers fit and which way dependencies point.
@@ -22,5 +24,6 @@ pub mod drive;
 pub mod net;
 pub mod storage;
 pub mod sync;
+pub mod util;
 
 pub use feedsync_protocol as protocol;

@@ -284,11 +284,16 @@ fn run_drive(
         writeln!(out, "{}", drive.url())?;
         out.flush()?;
     }
+    let (events_tx, events_rx) = crossbeam_channel::bounded(256);
     let options = feedsync::drive::AppOptions {
         progress: Some(std::time::Duration::from_secs(1)),
-        terminal: std::io::stderr().is_terminal(),
+        events: Some(events_tx),
         ..Default::default()
     };
+    let terminal = std::io::stderr().is_terminal();
+    // The library never prints: its events are rendered here, off the synchronizer thread.
+    // The thread ends when the app (the sender) is dropped with the node.
+    std::thread::spawn(move || render_drive_events(events_rx, terminal));
     let (feeds, app) = drive.into_app(options)?;
     let config = NodeConfig {
         listen,
@@ -323,6 +328,54 @@ fn run_drive(
     }
     node.join()?;
     Ok(())
+}
+
+/// Renders a drive's events on stderr: problems and skipped paths as `feedsync: ` lines, each
+/// version as a line, and a reader's progress (one redrawn line on a terminal).
+fn render_drive_events(
+    events: crossbeam_channel::Receiver<feedsync::drive::DriveEvent>,
+    terminal: bool,
+) {
+    use feedsync::drive::DriveEvent;
+    for event in events {
+        match event {
+            DriveEvent::Problem(p) => eprintln!("feedsync: {p}"),
+            DriveEvent::Skipped { path, reason } => {
+                eprintln!("feedsync: skipping {}: {reason}", path.display())
+            }
+            DriveEvent::Changed {
+                version,
+                added,
+                modified,
+                removed,
+            } => eprintln!(
+                "version {version}: {added} added, {modified} modified, {removed} removed"
+            ),
+            DriveEvent::Progress(s) if s.role == "reader" && s.latest_version > 0 => {
+                let left = s.bytes_total.saturating_sub(s.bytes_done);
+                let eta = if s.rate > 0 {
+                    format!("{}s", left.div_ceil(s.rate))
+                } else {
+                    "-".into()
+                };
+                let line = format!(
+                    "files {}/{}  bytes {}/{}  {:.1} MB/s  eta {eta}  peers {}",
+                    s.files_done,
+                    s.files_total,
+                    s.bytes_done,
+                    s.bytes_total,
+                    s.rate as f64 / 1e6,
+                    s.peers
+                );
+                if terminal {
+                    eprint!("\r\x1b[2K{line}");
+                } else {
+                    eprintln!("progress: {line}");
+                }
+            }
+            DriveEvent::Progress(_) | DriveEvent::Complete { .. } => {}
+        }
+    }
 }
 
 fn status(dir: PathBuf, json: bool) -> Result<(), Box<dyn std::error::Error>> {
@@ -443,9 +496,22 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("removed {}", dir.display());
         }
         Command::Log { dir } => {
-            let mut drive = feedsync::drive::Drive::open(&dir)?;
-            for line in drive.log()? {
-                println!("{line}");
+            for entry in feedsync::drive::Drive::log(&dir)? {
+                let time = entry
+                    .time
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(String::new(), |d| format!("  (unix time {})", d.as_secs()));
+                if !entry.fetched {
+                    println!("version {}: not fetched", entry.version);
+                    continue;
+                }
+                println!("version {}{time}", entry.version);
+                if entry.version == 1 && entry.changes.is_empty() {
+                    println!("  created");
+                }
+                for change in &entry.changes {
+                    println!("  {change}");
+                }
             }
         }
         Command::Feed(FeedCommand::Create { store }) => {

@@ -1,5 +1,8 @@
 //! One storage test suite, run on every backend: the raw `Storage` contract, and a feed on top
-//! of it with blocks at the boundary sizes 0, 1, B-1, B and B+1 (B = 64 KiB).
+//! of it with blocks at the boundary sizes 0, 1, B-1, B and B+1 (B = 64 KiB). The folder-backed
+//! store (a drive's content feed, whose blocks live in the folder's files) is addressed by
+//! block, not by byte: it runs the contract without the byte-addressed data part, and the
+//! feed with *files* of the boundary sizes (their blocks are what such a feed holds).
 
 use ed25519_dalek::SigningKey;
 use feedsync::core::{Bitfield, Feed, Header, MemoryStorage, Storage};
@@ -10,7 +13,8 @@ use std::os::unix::fs::PermissionsExt;
 const B: usize = 65536;
 const SIZES: [usize; 5] = [0, 1, B - 1, B, B + 1];
 
-fn contract<S: Storage>(mut s: S) -> S {
+/// The raw contract; `bytes`: the store also keeps byte-addressed data (`read_data`).
+fn contract<S: Storage>(mut s: S, bytes: bool) -> S {
     assert_eq!(s.header().unwrap(), None);
     assert_eq!(s.secret_key().unwrap(), None);
     assert_eq!(s.node(0).unwrap(), None);
@@ -48,7 +52,7 @@ fn contract<S: Storage>(mut s: S) -> S {
     );
 
     let mut offset = 0u64;
-    for (k, size) in SIZES.iter().enumerate() {
+    for (k, size) in SIZES.iter().enumerate().filter(|_| bytes) {
         let data: Vec<u8> = (0..*size).map(|i| (i * 31 + k) as u8).collect();
         s.write_data(offset, &data).unwrap();
         let mut back = vec![0u8; *size];
@@ -61,6 +65,12 @@ fn contract<S: Storage>(mut s: S) -> S {
         s.read_data(offset, &mut past).is_err(),
         "reading past the data fails"
     );
+    if !bytes {
+        assert!(
+            s.write_data(0, b"x").is_err(),
+            "a block-addressed store refuses byte-addressed writes"
+        );
+    }
 
     let mut bf = Bitfield::new();
     bf.set_range(3..20, true);
@@ -99,14 +109,14 @@ fn feed_boundaries<S: Storage, R: Storage>(writer_store: S, replica_store: R) {
 
 #[test]
 fn memory_backend() {
-    contract(MemoryStorage::new());
+    contract(MemoryStorage::new(), true);
     feed_boundaries(MemoryStorage::new(), MemoryStorage::new());
 }
 
 #[test]
 fn disk_backend() {
     let dir = tempfile::tempdir().unwrap();
-    let store = contract(DiskStorage::open(dir.path().join("a")).unwrap());
+    let store = contract(DiskStorage::open(dir.path().join("a")).unwrap(), true);
     drop(store);
     // Everything persists across reopen.
     let mut s = DiskStorage::open(dir.path().join("a")).unwrap();
@@ -222,4 +232,164 @@ fn bits_past_the_committed_length_are_cleared_on_disk() {
         2,
         "truncation persisted, not only in memory"
     );
+}
+
+/// The folder-backed store: blocks of files of the boundary sizes, verified into pending files
+/// in reverse order, read back through the store, published, and read again from the
+/// published files after the store is reopened (as a restarted clone does).
+#[test]
+fn folder_backend() {
+    use feedsync::drive::layout::{self, FolderBlocks, Layout};
+    use feedsync::drive::record::{Extent, FileInfo};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder");
+    std::fs::create_dir(&root).unwrap();
+    let tmp = root.join(".feedsync/tmp");
+    let store_dir = root.join(".feedsync/content");
+
+    let raw = Layout::new(root.clone(), tmp.clone(), false);
+    contract(
+        DiskStorage::open_with_blocks(dir.path().join("raw"), Box::new(FolderBlocks(raw))).unwrap(),
+        false,
+    );
+
+    // The files, their blocks in one feed, in file order.
+    let files: Vec<(String, Vec<u8>)> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            let data = (0..n).map(|i| ((i * 7 + k) % 251) as u8).collect();
+            (format!("f{n}"), data)
+        })
+        .collect();
+    let key = SigningKey::from_bytes(&[5u8; 32]);
+    let mut w = Feed::create(MemoryStorage::new(), key.clone()).unwrap();
+    let mut infos = Vec::new();
+    for (path, data) in &files {
+        let start = w.len();
+        for chunk in data.chunks(B) {
+            w.append(chunk).unwrap();
+        }
+        let count = w.len() - start;
+        let info = FileInfo {
+            size: data.len() as u64,
+            executable: false,
+            mtime_secs: 1_700_000_000,
+            mtime_nanos: 0,
+            hash: *blake3::hash(data).as_bytes(),
+            extents: if count == 0 {
+                vec![]
+            } else {
+                vec![Extent { start, count }]
+            },
+        };
+        infos.push((path.clone(), info));
+    }
+    let blocks: Vec<Vec<u8>> = (0..w.len()).map(|i| w.get(i).unwrap()).collect();
+    assert_eq!(
+        blocks.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![1, B - 1, B, B, 1],
+        "the files' blocks are the boundary sizes a content feed holds"
+    );
+
+    let layout = Layout::new(root.clone(), tmp.clone(), false);
+    for (path, info) in &infos {
+        layout::lock(&layout).add_pending(path.clone(), info.clone());
+    }
+    let store =
+        DiskStorage::open_with_blocks(&store_dir, Box::new(FolderBlocks(layout.clone()))).unwrap();
+    let mut r = Feed::create_replica(store, key.verifying_key().to_bytes()).unwrap();
+    for i in (0..w.len()).rev() {
+        let p = w.proof(i, 1, r.len(), r.len() < w.len()).unwrap();
+        r.verify_and_store(i, &[w.get(i).unwrap()], &p).unwrap();
+    }
+    for (i, b) in blocks.iter().enumerate() {
+        assert_eq!(
+            &r.get(i as u64).unwrap(),
+            b,
+            "block {i} from its pending file"
+        );
+        assert_eq!(r.block_span(i as u64).unwrap().1, b.len() as u64);
+    }
+    r.verify_all().unwrap();
+    {
+        let mut l = layout::lock(&layout);
+        let ready = l.take_ready();
+        assert_eq!(
+            ready.len(),
+            files.len(),
+            "every file complete, the empty one too"
+        );
+        for id in ready {
+            l.publish(id).unwrap();
+        }
+    }
+    for (path, data) in &files {
+        assert_eq!(&std::fs::read(root.join(path)).unwrap(), data, "{path}");
+    }
+    drop(r);
+    drop(layout);
+
+    // Reopened: the blocks are read from the published files.
+    let layout = Layout::new(root.clone(), tmp, false);
+    for (path, info) in &infos {
+        layout::lock(&layout).add_live(path.clone(), info.clone());
+    }
+    let store =
+        DiskStorage::open_with_blocks(&store_dir, Box::new(FolderBlocks(layout.clone()))).unwrap();
+    let mut r = Feed::open(store).unwrap();
+    assert_eq!(r.len(), blocks.len() as u64);
+    for (i, b) in blocks.iter().enumerate() {
+        assert_eq!(&r.get(i as u64).unwrap(), b, "block {i} after reopen");
+    }
+    r.verify_all().unwrap();
+    // A published file changed underneath is never served as genuine.
+    let mut bytes = std::fs::read(root.join(&files[3].0)).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(root.join(&files[3].0), &bytes).unwrap();
+    assert!(matches!(
+        r.get(2),
+        Err(feedsync::core::FeedError::DataChanged(2))
+    ));
+}
+
+/// A read-only open beside the writer: no lock taken, nothing written, one commit seen.
+#[test]
+fn read_only_open_beside_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[6u8; 32]);
+    let mut w = Feed::create(DiskStorage::open(dir.path()).unwrap(), key).unwrap();
+    w.append_batch(&[b"one", b"two"]).unwrap();
+
+    let mut ro = Feed::open(DiskStorage::open_read_only(dir.path()).unwrap()).unwrap();
+    assert!(!ro.is_writable(), "a read-only view never signs");
+    assert_eq!(ro.len(), 2);
+    // The writer goes on; the view stays at the commit it opened.
+    w.append(b"three").unwrap();
+    assert_eq!(ro.get(1).unwrap(), b"two");
+    assert_eq!(ro.len(), 2);
+    assert!(ro.append(b"x").is_err());
+    let mut store = ro.into_storage();
+    assert!(store.is_read_only());
+    assert_eq!(
+        store.header().unwrap().unwrap().length,
+        2,
+        "the frozen commit"
+    );
+    assert_eq!(
+        store.bitfield().unwrap().count(),
+        2,
+        "no bit of a later commit"
+    );
+    assert!(store.write_data(0, b"x").is_err());
+    assert!(store.write_bitfield(&Bitfield::new(), 0..8).is_err());
+    // A new view sees the new commit.
+    let ro = Feed::open(DiskStorage::open_read_only(dir.path()).unwrap()).unwrap();
+    assert_eq!(ro.len(), 3);
+    // And the writer's store still works (no lock was taken from it).
+    w.append(b"four").unwrap();
+    assert_eq!(w.len(), 4);
+    // A missing store is an error, not a new empty one.
+    assert!(DiskStorage::open_read_only(dir.path().join("nope")).is_err());
+    assert!(!dir.path().join("nope").exists());
 }

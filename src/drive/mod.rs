@@ -13,44 +13,86 @@
 //! folder at start, then on change notifications (notify, debounced) and periodically as a
 //! safety net; a reader applies new metadata as it is verified, fetches exactly the blocks of
 //! the files it lacks, publishes each file atomically when complete, and removes what the
-//! writer removed.
+//! writer removed. It never prints: what it has to say goes out as [`DriveEvent`]s.
+//!
+//! # Layout
+//! - this file: [`Drive`] (share, clone, open, discard, log) and [`DriveError`].
+//! - [`record`]: the records of the metadata feed, path rules, the replayed [`State`].
+//! - [`import`]: the writer's scan: files to records and deduplicated content blocks.
+//! - [`layout`]: where content blocks live (the block map, the handle cache, reassembly,
+//!   publish); the content feed's block storage.
+//! - [`reconcile`]: the reader's pure plan from one version to another.
+//! - `app.rs`: [`DriveApp`] on the loop (what both roles share), [`Drives`] for the daemon.
+//! - `writer.rs` / `reader.rs`: the two sides of a running drive.
+//! - [`event`]: [`DriveEvent`], [`DriveProblem`], [`Stats`].
+//! - [`log`]: a drive's history for `feedsync log`.
 
+mod app;
+pub mod event;
 pub mod import;
 pub mod layout;
+pub mod log;
+mod reader;
+pub mod reconcile;
 pub mod record;
+mod writer;
+
+pub use app::{AppOptions, DriveApp, Drives};
+pub use event::{DriveEvent, DriveProblem, Stats};
+pub use log::{Change, LogEntry};
 
 use crate::core::Feed;
-use crate::core::bitfield::Bitfield;
-use crate::core::replicator::{Event, FeedId, Replicator};
+use crate::core::replicator::FeedId;
 use crate::storage::DiskStorage;
-use crate::sync::App;
 use ed25519_dalek::SigningKey;
-use import::Importer;
-use layout::{FolderBlocks, PublishError, Shared};
+use layout::{FolderBlocks, Shared};
 use record::{BLOCK_SIZE, Entry, Record, State};
-use serde::Serialize;
-use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 /// The state directory inside a shared folder; never imported, never written by a record.
 pub const STATE_DIR: &str = ".feedsync";
 
-/// How a drive failed to open or run.
+/// How a drive failed to open or run. Each names the path and, where there is one, the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DriveError {
+    /// The folder to share, sync or read does not exist (or cannot be reached).
+    #[error("{} does not exist ({error})", path.display())]
+    Missing {
+        /// The path given.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        error: io::Error,
+    },
+    /// A folder was expected and a file (or something else) is there.
+    #[error("{} is a file, not a folder; give a folder (a new path is created for a clone)", .0.display())]
+    NotAFolder(PathBuf),
     /// The folder is not a drive (no state directory).
-    #[error("{0} is not a shared or cloned folder (no {STATE_DIR} in it)")]
+    #[error("{} is not a shared or cloned folder (no {STATE_DIR} in it)", .0.display())]
     NotADrive(PathBuf),
     /// A URL that does not parse.
     #[error("not a feedsync URL (expected feedsync://<64 hex digits>): {0}")]
     BadUrl(String),
-    /// The folder belongs to another drive.
-    #[error("{0} already holds another drive ({1})")]
-    OtherDrive(PathBuf, String),
+    /// The folder already is a clone (or the share) of another drive.
+    #[error(
+        "{} is already a clone of {url}; remove {}/{STATE_DIR} to clone another drive into it, or choose another folder",
+        path.display(), path.display()
+    )]
+    OtherDrive {
+        /// The folder.
+        path: PathBuf,
+        /// The URL of the drive it holds.
+        url: String,
+    },
+    /// [`Drive::discard`] on the writer: its state holds the only copy of the secret key.
+    #[error("{} is shared from here (it holds the writer's key); not discarding it", .0.display())]
+    WriterState(PathBuf),
+    /// A version held here does not decode (the store is damaged).
+    #[error("version {0}: {1}")]
+    Record(u64, #[source] record::RecordError),
     /// Feed or storage failure.
     #[error(transparent)]
     Feed(#[from] crate::core::FeedError),
@@ -64,7 +106,7 @@ pub enum DriveError {
 
 /// The URL of a drive: its metadata feed's public key.
 pub fn url(key: &[u8; 32]) -> String {
-    format!("feedsync://{}", hex(key))
+    format!("feedsync://{}", crate::util::hex(key))
 }
 
 /// Parses `feedsync://<hex>` (or bare hex) into a public key.
@@ -81,10 +123,6 @@ pub fn parse_url(s: &str) -> Result<[u8; 32], DriveError> {
     Ok(key)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// The content feed's signing key, derived from the metadata feed's: one secret to keep, and
 /// nobody without it can write either feed.
 fn content_key(meta_seed: &[u8; 32]) -> SigningKey {
@@ -92,6 +130,24 @@ fn content_key(meta_seed: &[u8; 32]) -> SigningKey {
         "feedsync 2026-11 drive content feed key",
         meta_seed,
     ))
+}
+
+/// `root` made absolute, or why not in words that name it.
+fn existing_folder(root: &Path) -> Result<PathBuf, DriveError> {
+    let abs = fs::canonicalize(root).map_err(|e| DriveError::Missing {
+        path: root.to_path_buf(),
+        error: e,
+    })?;
+    if !abs.is_dir() {
+        return Err(DriveError::NotAFolder(root.to_path_buf()));
+    }
+    Ok(abs)
+}
+
+/// Makes the state directory, readable by the owner only (the writer's key is in it).
+fn make_state_dir(state_dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(state_dir)?;
+    fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700))
 }
 
 /// An opened drive, before it runs.
@@ -108,18 +164,19 @@ pub struct Drive {
     pub layout: Shared,
     /// This node writes the drive.
     pub writer: bool,
+    /// [`Drive::clone_into`] created the folder itself (so [`Drive::discard`] may remove it).
+    created_root: bool,
 }
 
 impl Drive {
     /// Shares `root`: opens its drive, or creates one (new keys) if it has none.
     pub fn share(root: &Path) -> Result<Self, DriveError> {
-        let root = fs::canonicalize(root)?;
+        let root = existing_folder(root)?;
         let state_dir = root.join(STATE_DIR);
         if state_dir.join("meta").join("header").exists() {
             return Self::open(&root);
         }
-        fs::create_dir_all(&state_dir)?;
-        fs::set_permissions(&state_dir, fs::Permissions::from_mode(0o700))?;
+        make_state_dir(&state_dir)?;
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
         let key = SigningKey::from_bytes(&seed);
@@ -133,10 +190,13 @@ impl Drive {
             )?,
             ckey.clone(),
         )?;
-        meta.append(&record::encode(&[Record::Init {
-            content_key: ckey.verifying_key().to_bytes(),
-            block_size: BLOCK_SIZE as u32,
-        }]))?;
+        meta.append(&record::encode(&[
+            Record::Init {
+                content_key: ckey.verifying_key().to_bytes(),
+                block_size: BLOCK_SIZE as u32,
+            },
+            Record::now(),
+        ]))?;
         meta.sync()?;
         Ok(Self {
             root,
@@ -145,23 +205,49 @@ impl Drive {
             content: Some(content),
             layout,
             writer: true,
+            created_root: false,
         })
     }
 
     /// Prepares `root` to clone the drive `key` (or resumes a clone of it already there).
+    /// The folder is created if missing. A store left by an earlier clone that never received
+    /// a verified block (a wrong URL, say) is replaced; one that holds another drive's data is
+    /// refused ([`DriveError::OtherDrive`]).
     pub fn clone_into(root: &Path, key: [u8; 32]) -> Result<Self, DriveError> {
-        fs::create_dir_all(root)?;
-        let root = fs::canonicalize(root)?;
+        let created_root = match fs::symlink_metadata(root) {
+            Ok(m) if m.is_dir() => false,
+            Ok(m) if m.file_type().is_symlink() && root.is_dir() => false,
+            Ok(_) => return Err(DriveError::NotAFolder(root.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(root)?;
+                true
+            }
+            Err(e) => {
+                return Err(DriveError::Missing {
+                    path: root.to_path_buf(),
+                    error: e,
+                });
+            }
+        };
+        let root = existing_folder(root)?;
         let state_dir = root.join(STATE_DIR);
         if state_dir.join("meta").join("header").exists() {
             let d = Self::open(&root)?;
-            if d.meta.public_key() != key {
-                return Err(DriveError::OtherDrive(root, url(&d.meta.public_key())));
+            if d.meta.public_key() == key {
+                return Ok(Self { created_root, ..d });
             }
-            return Ok(d);
+            let verified = d.meta.bitfield().count() > 0 || !d.meta.is_empty();
+            if verified || d.writer {
+                return Err(DriveError::OtherDrive {
+                    url: url(&d.meta.public_key()),
+                    path: root,
+                });
+            }
+            // Nothing verified was ever stored: a clone of a key nobody served. Start over.
+            drop(d);
+            fs::remove_dir_all(&state_dir)?;
         }
-        fs::create_dir_all(&state_dir)?;
-        fs::set_permissions(&state_dir, fs::Permissions::from_mode(0o700))?;
+        make_state_dir(&state_dir)?;
         let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), false);
         let meta = Feed::create_replica(DiskStorage::open(state_dir.join("meta"))?, key)?;
         Ok(Self {
@@ -171,12 +257,13 @@ impl Drive {
             content: None,
             layout,
             writer: false,
+            created_root,
         })
     }
 
     /// Opens the drive already in `root`.
     pub fn open(root: &Path) -> Result<Self, DriveError> {
-        let root = fs::canonicalize(root)?;
+        let root = existing_folder(root)?;
         let state_dir = root.join(STATE_DIR);
         if !state_dir.join("meta").join("header").exists() {
             return Err(DriveError::NotADrive(root));
@@ -199,7 +286,36 @@ impl Drive {
             content,
             layout,
             writer,
+            created_root: false,
         })
+    }
+
+    /// Removes what a failed clone created: the state directory, and the folder itself if
+    /// [`Drive::clone_into`] created it and nothing else is in it. Files already published
+    /// stay. Refused for the writer (its state holds the only copy of the secret key).
+    pub fn discard(self) -> Result<(), DriveError> {
+        if self.writer {
+            return Err(DriveError::WriterState(self.root));
+        }
+        let Self {
+            root,
+            state_dir,
+            meta,
+            content,
+            created_root,
+            ..
+        } = self;
+        // Close the stores (and their locks) before removing them.
+        drop((meta, content));
+        match fs::remove_dir_all(&state_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        if created_root && fs::read_dir(&root)?.next().is_none() {
+            fs::remove_dir(&root)?;
+        }
+        Ok(())
     }
 
     /// The drive's URL.
@@ -261,44 +377,10 @@ impl Drive {
         })
     }
 
-    /// One line per version: its number and what it changed.
-    pub fn log(&mut self) -> Result<Vec<String>, DriveError> {
-        let mut lines = Vec::new();
-        for i in 0..self.meta.len() {
-            if !self.meta.has(i) {
-                lines.push(format!("version {}: not fetched", i + 1));
-                continue;
-            }
-            let block = self.meta.get(i)?;
-            let recs = record::decode(i, &block).map_err(|e| io::Error::other(e.to_string()))?;
-            let mut parts = Vec::new();
-            for r in &recs {
-                parts.push(match r {
-                    Record::Init { .. } => "created".to_string(),
-                    Record::Put {
-                        path,
-                        entry: Entry::Dir,
-                    } => format!("+dir {path}"),
-                    Record::Put {
-                        path,
-                        entry: Entry::File(f),
-                    } => format!("+{path} ({} bytes)", f.size),
-                    Record::Remove { path } => format!("-{path}"),
-                });
-            }
-            let shown = parts.len().min(5);
-            let more = if parts.len() > shown {
-                format!(" ... and {} more", parts.len() - shown)
-            } else {
-                String::new()
-            };
-            lines.push(format!(
-                "version {}: {}{more}",
-                i + 1,
-                parts[..shown].join(", ")
-            ));
-        }
-        Ok(lines)
+    /// Every version of the drive in `root` and what it changed, read without the writer's
+    /// lock: works while another process serves or clones the folder. See [`log`].
+    pub fn log(root: &Path) -> Result<Vec<LogEntry>, DriveError> {
+        log::read(root)
     }
 
     /// Turns the drive into the feeds and the app to run them with.
@@ -355,28 +437,19 @@ impl Drive {
         if let Some(c) = self.content {
             feeds.push((c, !self.writer));
         }
-        let app = DriveApp {
-            root: self.root,
-            state_dir: self.state_dir,
-            writer: self.writer,
-            layout: self.layout,
-            meta: first,
+        let base = app::Base::new(
+            self.root,
+            self.state_dir,
+            self.layout,
+            first,
             content,
-            state: full,
-            previous,
-            importer: None,
+            full,
             options,
-            watch: None,
-            last_scan: Instant::now(),
-            change_seen: None,
-            errors: Vec::new(),
-            dirty_since: None,
-            last_status: Instant::now() - Duration::from_secs(10),
-            done: false,
-            stats: Stats::default(),
-            last_received: 0,
-            rate: 0,
-            changed: Default::default(),
+        );
+        let app = if self.writer {
+            DriveApp::writer(base)
+        } else {
+            DriveApp::reader(base, previous)
         };
         Ok((feeds, app))
     }
@@ -387,725 +460,4 @@ fn read_applied(state_dir: &Path) -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes)?;
-    fs::rename(tmp, path)
-}
-
-/// How a [`DriveApp`] behaves.
-#[derive(Debug, Clone)]
-pub struct AppOptions {
-    /// Writer: watch the folder for changes (and rescan every `rescan_interval`).
-    pub follow: bool,
-    /// Writer: full rescan period, the safety net under change notifications.
-    pub rescan_interval: Duration,
-    /// Writer: quiet time after a change notification before scanning.
-    pub debounce: Duration,
-    /// Print progress to stderr at most this often (`None`: quiet).
-    pub progress: Option<Duration>,
-    /// Stderr is a terminal: progress redraws one line instead of printing many.
-    pub terminal: bool,
-}
-
-impl Default for AppOptions {
-    fn default() -> Self {
-        Self {
-            follow: true,
-            rescan_interval: Duration::from_secs(30),
-            debounce: Duration::from_millis(20),
-            progress: None,
-            terminal: false,
-        }
-    }
-}
-
-/// Progress figures, also written to `status.json`.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Stats {
-    /// The drive's URL.
-    pub url: String,
-    /// `writer` or `reader`.
-    pub role: &'static str,
-    /// Version (metadata blocks) applied to the folder.
-    pub version: u64,
-    /// Newest version known.
-    pub latest_version: u64,
-    /// Files in the newest version.
-    pub files_total: u64,
-    /// Of those, in place.
-    pub files_done: u64,
-    /// Bytes in the newest version.
-    pub bytes_total: u64,
-    /// Of those, in place.
-    pub bytes_done: u64,
-    /// Connected peers.
-    pub peers: u64,
-    /// Bytes of verified content received this session (counted in whole blocks).
-    pub received: u64,
-    /// Receive rate over the last second, bytes per second.
-    pub rate: u64,
-    /// Problems that need a person (unsafe paths, hash mismatches, disk errors).
-    pub errors: Vec<String>,
-}
-
-/// The drive logic on the synchronizer loop; see the module docs.
-pub struct DriveApp {
-    root: PathBuf,
-    state_dir: PathBuf,
-    writer: bool,
-    layout: Shared,
-    meta: FeedId,
-    content: Option<FeedId>,
-    /// Newest verified state (writer: current).
-    state: State,
-    /// What the folder holds now (reader: the version last applied).
-    previous: State,
-    importer: Option<Importer>,
-    options: AppOptions,
-    watch: Option<(notify::RecommendedWatcher, crossbeam_channel::Receiver<()>)>,
-    last_scan: Instant,
-    change_seen: Option<Instant>,
-    errors: Vec<String>,
-    dirty_since: Option<Instant>,
-    last_status: Instant,
-    done: bool,
-    stats: Stats,
-    last_received: u64,
-    rate: u64,
-    /// Paths change notifications named since the last scan, and whether they overflowed.
-    changed: ChangedPaths,
-}
-
-type ChangedPaths = std::sync::Arc<std::sync::Mutex<(BTreeSet<PathBuf>, bool)>>;
-
-/// Paths remembered between two scans; more than this and the next scan is a full one.
-const MAX_CHANGED_PATHS: usize = 4096;
-
-impl DriveApp {
-    /// Reports a problem once (it is retried; repeating it would drown the output) and keeps
-    /// it for `status`.
-    fn error(&mut self, e: String) {
-        if self.errors.contains(&e) {
-            return;
-        }
-        eprintln!("feedsync: {e}");
-        if self.errors.len() < 100 {
-            self.errors.push(e);
-        }
-    }
-
-    fn start_watch(&mut self) {
-        use notify::Watcher;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let state_root = self.root.clone();
-        let changed = self.changed.clone();
-        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
-            match ev {
-                Ok(ev) => {
-                    // Ours, or a nested drive's (judged below the root only).
-                    let is_state = |p: &PathBuf| {
-                        p.strip_prefix(&state_root).map_or(true, |rel| {
-                            rel.components().any(|c| c.as_os_str() == STATE_DIR)
-                        })
-                    };
-                    if matches!(ev.kind, notify::EventKind::Access(_))
-                        || ev.paths.iter().all(is_state)
-                    {
-                        // Reads (our own scans and serving open files all the time) and our
-                        // own state churning change nothing.
-                        return;
-                    }
-                    if ev.need_rescan() || c.0.len() + ev.paths.len() > MAX_CHANGED_PATHS {
-                        c.1 = true; // too much to track one by one: scan everything
-                    } else {
-                        c.0.extend(ev.paths.into_iter().filter(|p| !is_state(p)));
-                    }
-                }
-                Err(_) => c.1 = true,
-            }
-            let _ = tx.try_send(()); // one pending wake-up is enough
-        });
-        match watcher {
-            Ok(mut w) => match w.watch(&self.root, notify::RecursiveMode::Recursive) {
-                Ok(()) => self.watch = Some((w, rx)),
-                Err(e) => self.error(format!(
-                    "watching {} failed ({e}); relying on rescans",
-                    self.root.display()
-                )),
-            },
-            Err(e) => self.error(format!("no file watcher ({e}); relying on rescans")),
-        }
-    }
-
-    fn scan(&mut self, r: &mut Replicator<DiskStorage>, full: bool) {
-        let Some(importer) = &mut self.importer else {
-            return;
-        };
-        self.last_scan = Instant::now();
-        let (paths, overflow) = {
-            let mut c = self.changed.lock().unwrap_or_else(|p| p.into_inner());
-            (std::mem::take(&mut c.0), std::mem::take(&mut c.1))
-        };
-        let targeted = if full || overflow || paths.is_empty() {
-            Ok(None)
-        } else {
-            importer.scan_paths(r, &mut self.state, &paths)
-        };
-        let result = match targeted {
-            Ok(Some(rep)) => Ok(rep),
-            Ok(None) => importer.scan(r, &mut self.state),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(rep) => {
-                for e in &rep.skipped {
-                    self.error(format!("not shared for now: {e}"));
-                }
-                if rep.unstable > 0 {
-                    // Something is still being written: look again soon.
-                    self.change_seen = Some(Instant::now());
-                }
-                if self.options.progress.is_some() && (rep.files + rep.removed + rep.dirs) > 0 {
-                    eprintln!(
-                        "imported version {}: {} files ({} bytes, {} new blocks), {} dirs, {} removed, in {} ms",
-                        self.state.version,
-                        rep.files,
-                        rep.bytes,
-                        rep.new_blocks,
-                        rep.dirs,
-                        rep.removed,
-                        self.last_scan.elapsed().as_millis()
-                    );
-                }
-            }
-            Err(e) => self.error(e.to_string()),
-        }
-        self.previous = self.state.clone();
-    }
-
-    /// Reader: applies newly verified metadata blocks.
-    fn apply_metadata(&mut self, r: &mut Replicator<DiskStorage>) {
-        let mut changed = false;
-        loop {
-            let i = self.state.version;
-            let feed = r.feed_mut(self.meta);
-            if i >= feed.len() || !feed.has(i) {
-                break;
-            }
-            let block = match feed.get(i) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.error(format!("reading metadata block {i}: {e}"));
-                    return;
-                }
-            };
-            match record::decode(i, &block) {
-                Ok(recs) => {
-                    self.state.apply(recs);
-                    changed = true;
-                }
-                Err(e) => {
-                    // A signed record we refuse: nothing of it is applied, and nothing after.
-                    self.error(format!("refusing version {}: {e}", i + 1));
-                    return;
-                }
-            }
-        }
-        if self.content.is_none()
-            && let Some(key) = self.state.content_key
-        {
-            let store = DiskStorage::open_with_blocks(
-                self.state_dir.join("content"),
-                Box::new(FolderBlocks(self.layout.clone())),
-            );
-            match store
-                .map_err(crate::core::FeedError::from)
-                .and_then(|s| Feed::create_replica(s, key))
-            {
-                Ok(feed) => {
-                    let id = r.add_feed(feed, true);
-                    r.set_ordered(id, true);
-                    self.content = Some(id);
-                    changed = true;
-                }
-                Err(e) => {
-                    self.error(format!("opening the content feed: {e}"));
-                    return;
-                }
-            }
-        }
-        if changed {
-            self.reconcile(r);
-        }
-    }
-
-    /// Reader: brings the folder from `previous` towards `state`: removals first, then
-    /// directories, then files (each fetched, or reused from blocks already here).
-    fn reconcile(&mut self, r: &mut Replicator<DiskStorage>) {
-        let Some(content) = self.content else {
-            return;
-        };
-        let target_owned = self.state.entries.clone();
-        let target = &target_owned;
-        // 1. What went away or changed since the version the folder is at.
-        let mut gone_files = Vec::new();
-        let mut gone_dirs = Vec::new();
-        for (path, old) in &self.previous.entries {
-            if target.get(path) == Some(old) {
-                continue;
-            }
-            match old {
-                Entry::File(info) => gone_files.push((path.clone(), info.clone())),
-                Entry::Dir => {
-                    if !matches!(target.get(path), Some(Entry::Dir)) {
-                        gone_dirs.push(path.clone());
-                    }
-                }
-            }
-        }
-        // ... and files of versions in between that the newest no longer has (fetched or being
-        // fetched before the folder settled): without this a clone would wait for them forever.
-        {
-            let l = layout::lock(&self.layout);
-            for (id, s) in l.slots() {
-                if l.slot_at(&s.path) != Some(id) {
-                    continue; // kept readable until its replacement lands
-                }
-                let wanted = matches!(target.get(&s.path), Some(Entry::File(i)) if *i == s.info);
-                if !wanted && !gone_files.iter().any(|(p, _)| *p == s.path) {
-                    gone_files.push((s.path.clone(), s.info.clone()));
-                }
-            }
-        }
-        // 2. Files not in place yet become pending, and blocks already held here are copied in
-        //    before anything is removed: a rename or copy reuses the old file's bytes.
-        let mut to_fill = Vec::new();
-        {
-            let mut l = layout::lock(&self.layout);
-            for (path, e) in target.iter() {
-                let Entry::File(info) = e else { continue };
-                if let Some(id) = l.slot_at(path)
-                    && l.slot(id).is_some_and(|s| s.info == *info)
-                {
-                    continue;
-                }
-                let id = l.add_pending(path.clone(), info.clone());
-                to_fill.push(id);
-            }
-        }
-        for id in to_fill {
-            self.fill_from_local(r, content, id);
-        }
-        let mut orphans = BTreeSet::new();
-        {
-            let mut l = layout::lock(&self.layout);
-            for (path, info) in &gone_files {
-                if matches!(target.get(path), Some(Entry::File(_))) {
-                    // Replaced by a newer version: the old file stays readable until the new
-                    // one is renamed over it (see `Layout::publish`).
-                    continue;
-                }
-                // What we put there: the previous version's file, or the one the layout knows
-                // is in place (a version in between, published before the folder settled).
-                let mut ours = vec![info.clone()];
-                if let Some(id) = l.slot_at(path) {
-                    if let Some(s) = l.slot(id).filter(|s| s.pending.is_none()) {
-                        ours.push(s.info.clone());
-                    }
-                    orphans.extend(l.remove(id));
-                }
-                // Delete only what we put there: a file the user changed is left alone.
-                let p = self.root.join(path);
-                if let Ok(m) = fs::symlink_metadata(&p)
-                    && m.is_file()
-                    && ours.iter().any(|info| {
-                        m.len() == info.size
-                            && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
-                    })
-                {
-                    let _ = fs::remove_file(&p);
-                }
-            }
-            // Deepest first, and only if empty.
-            gone_dirs.sort_by_key(|d| std::cmp::Reverse(d.len()));
-            for d in &gone_dirs {
-                let _ = fs::remove_dir(self.root.join(d));
-            }
-        }
-        // 3. Removals (only what we put there), then 4. directories.
-        for (path, e) in target.iter() {
-            if matches!(e, Entry::Dir) {
-                match layout::safe_target(&self.root, path) {
-                    Ok(p) => {
-                        if !p.is_dir()
-                            && let Err(e) = fs::create_dir(&p)
-                            && e.kind() != io::ErrorKind::AlreadyExists
-                        {
-                            self.errors.push(format!("{path}: {e}"));
-                        }
-                    }
-                    Err(e) => self.errors.push(e.to_string()),
-                }
-            }
-        }
-        if !orphans.is_empty() {
-            let l = layout::lock(&self.layout);
-            let orphans: Vec<u64> = orphans.into_iter().filter(|b| !l.is_owned(*b)).collect();
-            drop(l);
-            for b in orphans {
-                let _ = r.forget(content, b..b + 1);
-            }
-        }
-        self.publish_ready(r);
-        self.update_want(r);
-    }
-
-    /// Copies into pending slot `id` every block this node already holds, checking each
-    /// against its verified leaf hash: first the slot's own temporary file (a restart's work),
-    /// then any other file holding it.
-    fn fill_from_local(&mut self, r: &mut Replicator<DiskStorage>, content: FeedId, id: u32) {
-        let blocks = layout::lock(&self.layout).pending_blocks(id);
-        let mut buf = vec![0u8; BLOCK_SIZE];
-        for (b, written) in blocks {
-            if written || !r.feed(content).has(b) {
-                continue;
-            }
-            let Ok(leaf) = r.feed_mut(content).leaf_hash(b) else {
-                continue;
-            };
-            let Ok((_, size)) = r.feed_mut(content).block_span(b) else {
-                continue;
-            };
-            let buf = &mut buf[..size as usize];
-            let mut l = layout::lock(&self.layout);
-            if l.read_pending(id, b, buf).is_ok() && crate::core::crypto::leaf_hash(buf) == leaf {
-                // Found at its first position; written again at every position (a kill may
-                // have come between them).
-                if let Err(e) = l.write_pending(id, b, buf) {
-                    drop(l);
-                    self.error(format!("writing a reused block: {e}"));
-                }
-                continue;
-            }
-            drop(l);
-            match r.feed_mut(content).get(b) {
-                Ok(data) => {
-                    let mut fb = FolderBlocks(self.layout.clone());
-                    if let Err(e) = crate::storage::BlockData::write(&mut fb, b, &data) {
-                        self.error(format!("writing a reused block: {e}"));
-                    }
-                }
-                Err(_) => {
-                    // Held on paper, gone in fact (a file changed here): fetch it again.
-                    let _ = r.forget(content, b..b + 1);
-                }
-            }
-        }
-    }
-
-    fn update_want(&mut self, r: &mut Replicator<DiskStorage>) {
-        let Some(content) = self.content else { return };
-        let mut want = Bitfield::new();
-        {
-            let l = layout::lock(&self.layout);
-            for (id, s) in l.slots() {
-                if s.pending.is_some() {
-                    for (b, written) in l.pending_blocks(id) {
-                        if !written {
-                            want.set(b, true);
-                        }
-                    }
-                }
-            }
-        }
-        r.set_want(content, Some(want));
-    }
-
-    fn publish_ready(&mut self, r: &mut Replicator<DiskStorage>) {
-        let mut l = layout::lock(&self.layout);
-        let ready = l.take_ready();
-        if ready.is_empty() {
-            return;
-        }
-        let mut errors = Vec::new();
-        let mut orphans = Vec::new();
-        for id in ready {
-            match l.publish(id) {
-                Ok(o) => orphans.extend(o),
-                Err(PublishError::Gone | PublishError::Incomplete) => {}
-                Err(e @ PublishError::HashMismatch(_)) => {
-                    errors.push(e.to_string());
-                    l.reset_pending(id);
-                }
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-        drop(l);
-        for e in errors {
-            self.error(e);
-        }
-        if let Some(content) = self.content {
-            for b in orphans {
-                let _ = r.forget(content, b..b + 1);
-            }
-        }
-        self.dirty_since.get_or_insert_with(Instant::now);
-    }
-
-    /// Whether the folder is at the newest version: no file pending, everything applied.
-    fn settled(&self) -> bool {
-        layout::lock(&self.layout).pending_count() == 0
-    }
-
-    /// Syncs the filesystem (one call for a batch of published files) and records the
-    /// version the folder is at.
-    fn make_durable(&mut self, r: &Replicator<DiskStorage>) {
-        if let Ok(f) = fs::File::open(&self.root) {
-            let _ = rustix::fs::syncfs(&f);
-        }
-        if !self.writer && self.settled() && r.feed(self.meta).len() == self.state.version {
-            self.previous = self.state.clone();
-            let _ = write_atomic(
-                &self.state_dir.join("applied"),
-                self.state.version.to_string().as_bytes(),
-            );
-        }
-        self.dirty_since = None;
-    }
-
-    fn refresh_stats(&mut self, r: &Replicator<DiskStorage>) {
-        let (files_total, bytes_total) = self.state.totals();
-        let (mut files_done, mut bytes_done) = (files_total, bytes_total);
-        {
-            let l = layout::lock(&self.layout);
-            for (_, s) in l.slots() {
-                if let Some(p) = &s.pending {
-                    files_done = files_done.saturating_sub(1);
-                    bytes_done =
-                        bytes_done.saturating_sub(s.info.size.min(p.left * BLOCK_SIZE as u64));
-                }
-            }
-        }
-        self.stats = Stats {
-            url: url(&r.feed(self.meta).public_key()),
-            role: if self.writer { "writer" } else { "reader" },
-            version: self.previous.version,
-            latest_version: r.feed(self.meta).len(),
-            files_total,
-            files_done,
-            bytes_total,
-            bytes_done,
-            peers: r.peers().count() as u64,
-            received: self.stats.received,
-            rate: self.rate,
-            errors: self.errors.clone(),
-        };
-    }
-
-    fn write_status(&mut self, r: &Replicator<DiskStorage>) {
-        self.refresh_stats(r);
-        if let Ok(json) = serde_json::to_vec_pretty(&self.stats) {
-            let _ = write_atomic(&self.state_dir.join("status.json"), &json);
-        }
-    }
-}
-
-impl App for DriveApp {
-    fn start(&mut self, r: &mut Replicator<DiskStorage>) {
-        if self.writer {
-            let content = self.content.expect("a writer opens its content feed");
-            match Importer::new(r, self.meta, content, self.layout.clone()) {
-                Ok(i) => self.importer = Some(i),
-                Err(e) => self.error(e.to_string()),
-            }
-            if self.options.follow {
-                self.start_watch();
-            }
-            self.scan(r, true);
-        } else {
-            // Metadata held from an earlier run: bring the folder up to it.
-            if let Some(c) = self.content {
-                r.set_ordered(c, true);
-                self.reconcile(r);
-            }
-            self.apply_metadata(r);
-        }
-        self.write_status(r);
-    }
-
-    fn on_event(&mut self, r: &mut Replicator<DiskStorage>, event: &Event) {
-        if self.writer {
-            if let Event::DataChanged { feed, index } = event
-                && Some(*feed) == self.content
-            {
-                // A file changed in a way its size and mtime did not show (or before the
-                // watcher said so): re-read the files holding that block on the next scan.
-                let paths = layout::lock(&self.layout).holders(*index);
-                let mut c = self.changed.lock().unwrap_or_else(|p| p.into_inner());
-                for p in paths {
-                    c.0.insert(self.root.join(&p));
-                    if let Some(i) = &mut self.importer {
-                        i.force(p);
-                    }
-                }
-                drop(c);
-                self.change_seen.get_or_insert_with(Instant::now);
-            }
-            return;
-        }
-        match event {
-            Event::Downloaded { feed, count, .. } if Some(*feed) == self.content => {
-                self.stats.received += count * BLOCK_SIZE as u64;
-                self.publish_ready(r);
-            }
-            Event::Downloaded { feed, .. } | Event::Upgraded { feed, .. } if *feed == self.meta => {
-                self.apply_metadata(r);
-            }
-            Event::StorageError { feed, error }
-                if *feed == self.meta || Some(*feed) == self.content =>
-            {
-                self.error(error.to_string())
-            }
-            _ => {}
-        }
-    }
-
-    fn on_tick(&mut self, r: &mut Replicator<DiskStorage>) {
-        let now = Instant::now();
-        if self.writer && self.options.follow {
-            let mut woke = false;
-            if let Some((_, rx)) = &self.watch {
-                while rx.try_recv().is_ok() {
-                    woke = true;
-                }
-            }
-            if woke {
-                self.change_seen = Some(now);
-            }
-            let debounced = self
-                .change_seen
-                .is_some_and(|t| now.duration_since(t) >= self.options.debounce);
-            let periodic = now.duration_since(self.last_scan) >= self.options.rescan_interval;
-            if debounced || periodic {
-                self.change_seen = None;
-                self.scan(r, periodic);
-            }
-        }
-        if self
-            .dirty_since
-            .is_some_and(|t| now.duration_since(t) >= Duration::from_millis(200))
-        {
-            self.make_durable(r);
-        }
-        if !self.done && !self.writer && self.is_done(r) {
-            self.make_durable(r);
-            self.done = true;
-        }
-        if now.duration_since(self.last_status) >= Duration::from_secs(1) {
-            self.last_status = now;
-            if !self.writer && layout::lock(&self.layout).pending_count() > 0 {
-                // Files complete but not published (a full disk, say) are tried again.
-                layout::lock(&self.layout).requeue_complete();
-                self.publish_ready(r);
-            }
-            self.rate = self.stats.received.saturating_sub(self.last_received);
-            self.last_received = self.stats.received;
-            self.write_status(r);
-            if self.options.progress.is_some() && !self.writer && self.stats.latest_version > 0 {
-                let s = &self.stats;
-                let rate = self.rate;
-                let left = s.bytes_total - s.bytes_done;
-                let eta = if rate > 0 {
-                    format!("{}s", left.div_ceil(rate))
-                } else {
-                    "-".into()
-                };
-                let line = format!(
-                    "files {}/{}  bytes {}/{}  {:.1} MB/s  eta {eta}  peers {}",
-                    s.files_done,
-                    s.files_total,
-                    s.bytes_done,
-                    s.bytes_total,
-                    rate as f64 / 1e6,
-                    s.peers
-                );
-                if self.options.terminal {
-                    eprint!("\r\x1b[2K{line}");
-                } else {
-                    eprintln!("progress: {line}");
-                }
-            }
-        }
-    }
-
-    fn is_done(&self, r: &Replicator<DiskStorage>) -> bool {
-        if self.writer {
-            return false;
-        }
-        let meta = r.feed(self.meta);
-        !meta.is_empty()
-            && r.is_complete(self.meta)
-            && self.state.version == meta.len()
-            && self.content.is_some()
-            && self.settled()
-    }
-
-    fn shutdown(&mut self, r: &mut Replicator<DiskStorage>) -> io::Result<()> {
-        if !self.writer {
-            self.publish_ready(r);
-        }
-        self.make_durable(r);
-        self.write_status(r);
-        Ok(())
-    }
-}
-
-/// Several drives on one node (the daemon): each event and tick goes to every drive, and each
-/// drive acts only on its own feeds.
-pub struct Drives(pub Vec<DriveApp>);
-
-impl App for Drives {
-    fn set_waker(&mut self, waker: crate::sync::Waker) {
-        for d in &mut self.0 {
-            d.set_waker(waker.clone());
-        }
-    }
-
-    fn on_wake(&mut self, r: &mut Replicator<DiskStorage>) {
-        for d in &mut self.0 {
-            d.on_wake(r);
-        }
-    }
-
-    fn start(&mut self, r: &mut Replicator<DiskStorage>) {
-        for d in &mut self.0 {
-            d.start(r);
-        }
-    }
-    fn on_event(&mut self, r: &mut Replicator<DiskStorage>, event: &Event) {
-        for d in &mut self.0 {
-            d.on_event(r, event);
-        }
-    }
-    fn on_tick(&mut self, r: &mut Replicator<DiskStorage>) {
-        for d in &mut self.0 {
-            d.on_tick(r);
-        }
-    }
-    fn is_done(&self, r: &Replicator<DiskStorage>) -> bool {
-        self.0.iter().all(|d| d.is_done(r))
-    }
-    fn shutdown(&mut self, r: &mut Replicator<DiskStorage>) -> io::Result<()> {
-        let mut result = Ok(());
-        for d in &mut self.0 {
-            if let Err(e) = d.shutdown(r) {
-                result = Err(e);
-            }
-        }
-        result
-    }
 }

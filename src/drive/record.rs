@@ -4,6 +4,12 @@
 //! Each metadata block is a postcard-encoded `Vec<Record>` (one batch: a scan, a live change).
 //! Block 0 holds the [`Record::Init`] naming the content feed. The folder's state at version
 //! `v` is the replay of blocks `0..v`.
+//!
+//! # Compatibility
+//! Variants are only ever added at the end of [`Record`] (postcard encodes the variant index,
+//! so the indices of those before never change). [`Record::Time`] (index 3) was added after
+//! the first release: versions written before carry no time, and a reader built before it
+//! refuses versions that carry one.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -42,6 +48,22 @@ pub enum Record {
         /// Relative path.
         path: String,
     },
+    /// When the writer committed this version (its clock, milliseconds since the Unix epoch):
+    /// for `log`. Changes nothing in the folder.
+    Time {
+        /// Milliseconds since the epoch.
+        millis: u64,
+    },
+}
+
+impl Record {
+    /// A [`Record::Time`] for now (the epoch if the clock is before it).
+    pub fn now() -> Self {
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self::Time { millis }
+    }
 }
 
 /// A file or directory as recorded.
@@ -204,6 +226,7 @@ pub fn decode(index: u64, block: &[u8]) -> Result<Vec<Record>, RecordError> {
                 }
             }
             Record::Remove { path } => check_path(path)?,
+            Record::Time { .. } => {}
         }
     }
     Ok(records)
@@ -237,6 +260,7 @@ impl State {
                     self.remove_under(&path);
                     self.entries.remove(&path);
                 }
+                Record::Time { .. } => {}
             }
         }
         self.version += 1;
@@ -328,5 +352,15 @@ mod tests {
             vec!["d", "d0"],
             "d/x went with its directory, d0 stayed"
         );
+    }
+
+    #[test]
+    fn variant_indices_are_stable() {
+        // postcard writes the variant index first: these bytes are on disk in every drive.
+        let rm = encode(&[Record::Remove { path: "a".into() }]);
+        assert_eq!(rm, [1, 2, 1, b'a']);
+        let t = encode(&[Record::Time { millis: 5 }]);
+        assert_eq!(t, [1, 3, 5]);
+        assert_eq!(decode(1, &t).unwrap(), vec![Record::Time { millis: 5 }]);
     }
 }

@@ -8,8 +8,14 @@
 //! DIR/data        the content bytes, at their feed byte offset (absent when the blocks live
 //!                 elsewhere: see [`BlockData`])
 //! DIR/secret_key  the writer's 32-byte ed25519 seed, mode 0600 (writers only)
-//! DIR/lock        held with an exclusive lock while the store is open
+//! DIR/lock        held with an exclusive lock while the store is open for writing
 //! ```
+//!
+//! [`DiskStorage::open_read_only`] opens a store another process may be writing (`feedsync log`
+//! on a served folder): it takes no lock, writes nothing, and sees the commit that was newest
+//! when it opened. That view is consistent because a commit writes its tree nodes, bitfield
+//! bits and data before the header slot that makes them count, and never rewrites what a
+//! committed header covers.
 //!
 //! Why this shape: fixed offsets mean no index structures to keep consistent, sparse replicas
 //! cost only the blocks they hold (unwritten regions are file holes), and the alternating
@@ -22,9 +28,9 @@ use crate::core::bitfield::Bitfield;
 use crate::core::storage::{Header, Storage};
 use feedsync_protocol::Node;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, ErrorKind, Write};
+use std::io::{self, ErrorKind};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const NODE_SIZE: u64 = 40;
@@ -58,7 +64,11 @@ pub struct DiskStorage {
     tree: File,
     bitfield: File,
     data: Data,
-    _lock: File,
+    /// The exclusive lock (`None` when read-only).
+    _lock: Option<File>,
+    /// Read-only: the header as it was at open, served for the whole life of the store so
+    /// every read sees one commit (the writer may commit meanwhile).
+    frozen: Option<Option<Header>>,
     /// Sequence number of the newest valid header slot (0: none yet).
     seq: u64,
     /// Direct-mapped write-through cache of tree nodes known to be on disk (slot = index mod
@@ -108,13 +118,63 @@ impl DiskStorage {
                 Some(b) => Data::Blocks(b),
                 None => Data::File(open_rw(&dir.join("data"))?),
             },
-            _lock: lock,
+            _lock: Some(lock),
+            frozen: None,
             dir,
             seq: 0,
             cache: vec![None; CACHE_SLOTS],
         };
         store.seq = store.newest_slot()?.map_or(0, |(seq, _)| seq);
         Ok(store)
+    }
+
+    /// Opens the existing store in `dir` for reading only, beside a process that may hold it
+    /// open for writing: no lock is taken, nothing is created or written (every write fails),
+    /// the secret key is not read (a feed opened on it cannot append), and the header is the
+    /// newest valid slot at open, kept for the store's life. Blocks must be in its data file.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> io::Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let open = |name: &str| File::open(dir.join(name));
+        let header = open("header")?;
+        let mut store = Self {
+            header,
+            tree: open("tree")?,
+            bitfield: open("bitfield")?,
+            data: Data::File(match open("data") {
+                Ok(f) => f,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    return Err(io::Error::new(
+                        ErrorKind::NotFound,
+                        format!("{} has no data file to read blocks from", dir.display()),
+                    ));
+                }
+                Err(e) => return Err(e),
+            }),
+            _lock: None,
+            frozen: None,
+            dir,
+            seq: 0,
+            cache: vec![None; CACHE_SLOTS],
+        };
+        let newest = store.newest_slot()?;
+        store.seq = newest.as_ref().map_or(0, |(seq, _)| *seq);
+        store.frozen = Some(newest.map(|(_, h)| h));
+        Ok(store)
+    }
+
+    /// Whether this store was opened with [`DiskStorage::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.frozen.is_some() {
+            return Err(io::Error::new(
+                ErrorKind::PermissionDenied,
+                format!("feed store {} is open read-only", self.dir.display()),
+            ));
+        }
+        Ok(())
     }
 
     /// The store's directory.
@@ -182,10 +242,14 @@ impl DiskStorage {
 
 impl Storage for DiskStorage {
     fn header(&mut self) -> io::Result<Option<Header>> {
+        if let Some(frozen) = &self.frozen {
+            return Ok(frozen.clone());
+        }
         Ok(self.newest_slot()?.map(|(_, h)| h))
     }
 
     fn write_header(&mut self, h: &Header) -> io::Result<()> {
+        self.writable()?;
         let seq = self.seq + 1;
         let mut buf = [0u8; SLOT_SIZE];
         buf[..8].copy_from_slice(MAGIC);
@@ -207,6 +271,9 @@ impl Storage for DiskStorage {
     }
 
     fn secret_key(&mut self) -> io::Result<Option<[u8; 32]>> {
+        if self.frozen.is_some() {
+            return Ok(None); // a reader beside the writer never signs
+        }
         match fs::read(self.secret_path()) {
             Ok(bytes) => {
                 let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
@@ -220,19 +287,10 @@ impl Storage for DiskStorage {
     }
 
     fn write_secret_key(&mut self, seed: &[u8; 32]) -> io::Result<()> {
-        // Created with mode 0600 from the start (never world-readable, not even briefly), made
-        // durable, then renamed into place so a crash leaves either no key or the whole key.
-        let tmp = self.dir.join("secret_key.tmp");
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(seed)?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.secret_path())?;
-        File::open(&self.dir)?.sync_all()
+        self.writable()?;
+        // Mode 0600 from the start (never world-readable, not even briefly), durable, and
+        // renamed into place so a crash leaves either no key or the whole key.
+        crate::util::write_atomic_with_mode(&self.secret_path(), seed, 0o600)
     }
 
     fn node(&mut self, index: u64) -> io::Result<Option<Node>> {
@@ -263,6 +321,7 @@ impl Storage for DiskStorage {
     }
 
     fn write_nodes(&mut self, nodes: &[Node]) -> io::Result<()> {
+        self.writable()?;
         // Nodes identical to what the cache knows is on disk need no write.
         let mut sorted: Vec<&Node> = nodes
             .iter()
@@ -309,6 +368,7 @@ impl Storage for DiskStorage {
     }
 
     fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.writable()?;
         match &mut self.data {
             Data::File(f) => f.write_all_at(data, offset),
             Data::Blocks(_) => Err(io::Error::other("this store is addressed by block")),
@@ -323,6 +383,7 @@ impl Storage for DiskStorage {
     }
 
     fn write_block(&mut self, index: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.writable()?;
         match &mut self.data {
             Data::File(f) => f.write_all_at(data, offset),
             Data::Blocks(b) => b.write(index, data),
@@ -330,10 +391,16 @@ impl Storage for DiskStorage {
     }
 
     fn bitfield(&mut self) -> io::Result<Bitfield> {
-        Ok(Bitfield::from_bytes(&fs::read(self.dir.join("bitfield"))?))
+        let mut bits = Bitfield::from_bytes(&fs::read(self.dir.join("bitfield"))?);
+        if let Some(frozen) = &self.frozen {
+            // Bits past the frozen commit belong to the writer's next one.
+            bits.truncate(frozen.as_ref().map_or(0, |h| h.length));
+        }
+        Ok(bits)
     }
 
     fn write_bitfield(&mut self, bitfield: &Bitfield, changed: Range<u64>) -> io::Result<()> {
+        self.writable()?;
         let bytes = bitfield.as_bytes();
         let start = ((changed.start / 8) as usize).min(bytes.len());
         let end = (changed.end.div_ceil(8) as usize).min(bytes.len());
@@ -345,6 +412,9 @@ impl Storage for DiskStorage {
     }
 
     fn sync(&mut self) -> io::Result<()> {
+        if self.frozen.is_some() {
+            return Ok(()); // nothing written, nothing to sync
+        }
         match &mut self.data {
             Data::File(f) => f.sync_data()?,
             Data::Blocks(b) => b.sync()?,

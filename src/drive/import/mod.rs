@@ -7,21 +7,25 @@
 //! a few places sends only the blocks that are new. New blocks are appended in batches (one
 //! signature per batch), then the records, so a reader never sees a record before its blocks.
 //! Blocks no current file references any more are given up (`unhave`).
+//!
+//! `read.rs` reads and hashes one file (on two cores for a big one).
 
 use crate::core::replicator::{FeedId, Replicator};
 use crate::core::{FeedError, crypto};
 use crate::drive::STATE_DIR;
+use crate::drive::event::Counts;
 use crate::drive::layout::{self, Shared};
-use crate::drive::record::{
-    BLOCK_SIZE, Entry, Extent, FileInfo, MAX_BATCH_BYTES, Record, State, check_path, encode,
-};
+use crate::drive::log;
+mod read;
+
+pub use read::stamp;
+
+use crate::drive::record::{BLOCK_SIZE, Entry, MAX_BATCH_BYTES, Record, State, check_path, encode};
 use crate::storage::DiskStorage;
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::time::UNIX_EPOCH;
+use std::path::{Path, PathBuf};
 
 /// The name of the ignore file, in any directory of the folder.
 pub const IGNORE_FILE: &str = ".feedsyncignore";
@@ -49,7 +53,11 @@ pub struct ScanReport {
     /// Files that changed while being read (picked up by the next scan).
     pub unstable: u64,
     /// Entries that could not be read, with why (skipped; their previous record stays).
-    pub skipped: Vec<String>,
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Entries not shared by design (symlinks, special files, unusable names), with why.
+    pub unshared: Vec<(PathBuf, String)>,
+    /// What each version this scan committed changed, in order.
+    pub versions: Vec<(u64, Counts)>,
 }
 
 /// Writer-side import state.
@@ -136,7 +144,7 @@ impl Importer {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
-                    report.skipped.push(e.to_string());
+                    report.skipped.push((root.clone(), e.to_string()));
                     continue;
                 }
             };
@@ -147,11 +155,15 @@ impl Importer {
                 continue;
             };
             let Some(rel) = rel.to_str().map(str::to_string) else {
-                tracing_skip(entry.path(), "name is not UTF-8");
+                report
+                    .unshared
+                    .push((entry.path().to_path_buf(), "name is not UTF-8".into()));
                 continue;
             };
             if check_path(&rel).is_err() {
-                tracing_skip(entry.path(), "unusable name");
+                report
+                    .unshared
+                    .push((entry.path().to_path_buf(), "unusable name".into()));
                 continue;
             }
             let Some(ft) = entry.file_type() else {
@@ -169,7 +181,10 @@ impl Importer {
                 continue;
             }
             if !ft.is_file() {
-                tracing_skip(entry.path(), "not a regular file or directory");
+                report.unshared.push((
+                    entry.path().to_path_buf(),
+                    "not a regular file or directory".into(),
+                ));
                 continue;
             }
             let Ok(meta) = entry.metadata() else {
@@ -188,8 +203,10 @@ impl Importer {
                 continue;
             }
             let imported = match self.import_file(r, entry.path(), &rel, executable) {
-                Err(ScanError::Read(p, e)) => {
-                    report.skipped.push(format!("{p}: {e}"));
+                Err(ScanError::Read(_, e)) => {
+                    report
+                        .skipped
+                        .push((entry.path().to_path_buf(), e.to_string()));
                     seen.insert(rel);
                     continue;
                 }
@@ -235,7 +252,7 @@ impl Importer {
             records.push(Record::Remove { path: p });
             report.removed += 1;
         }
-        self.commit(r, state, records)?;
+        report.versions = self.commit(r, state, records)?;
         Ok(report)
     }
 
@@ -311,8 +328,8 @@ impl Importer {
                         _ => {}
                     }
                     let imported = match self.import_file(r, abs, &rel, executable) {
-                        Err(ScanError::Read(p, e)) => {
-                            report.skipped.push(format!("{p}: {e}"));
+                        Err(ScanError::Read(_, e)) => {
+                            report.skipped.push((abs.clone(), e.to_string()));
                             continue;
                         }
                         other => other?,
@@ -339,7 +356,7 @@ impl Importer {
         }
         self.flush(r)?;
         report.new_blocks = r.feed(self.content).len() - start_len;
-        self.commit(r, state, records)?;
+        report.versions = self.commit(r, state, records)?;
         Ok(Some(report))
     }
 
@@ -367,17 +384,18 @@ impl Importer {
         false
     }
 
-    /// Appends `records` as metadata blocks, applies them to `state` and the layout, and gives
-    /// up blocks no file references any more.
+    /// Appends `records` as metadata blocks (each with the time, for `log`), applies them to
+    /// `state` and the layout, and gives up blocks no file references any more. Returns what
+    /// each new version changed.
     pub fn commit(
         &mut self,
         r: &mut Replicator<DiskStorage>,
         state: &mut State,
         records: Vec<Record>,
-    ) -> Result<(), ScanError> {
+    ) -> Result<Vec<(u64, Counts)>, ScanError> {
         self.forced.clear();
         if records.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut batches: Vec<Vec<Record>> = vec![Vec::new()];
         let mut size = 0;
@@ -389,6 +407,10 @@ impl Importer {
             }
             size += n;
             batches.last_mut().expect("non-empty").push(rec);
+        }
+        let time = Record::now();
+        for b in &mut batches {
+            b.insert(0, time.clone());
         }
         let blocks: Vec<Vec<u8>> = batches.iter().map(|b| encode(b)).collect();
         r.append(self.meta, &blocks)?;
@@ -423,14 +445,17 @@ impl Importer {
                                 l.add_live(path.clone(), info.clone());
                             }
                         }
-                        Record::Init { .. } => {}
+                        Record::Init { .. } | Record::Time { .. } => {}
                     }
                 }
             }
             orphans.retain(|b| !l.is_owned(*b));
         }
+        let mut versions = Vec::with_capacity(batches.len());
         for batch in batches {
+            let counts = Counts::of(&log::changes(state, &batch));
             state.apply(batch);
+            versions.push((state.version, counts));
         }
         // Consecutive orphans go in one Unhave.
         let orphans: Vec<u64> = orphans.into_iter().collect();
@@ -444,166 +469,8 @@ impl Importer {
             i = j;
         }
         self.dedup.retain(|_, b| orphans.binary_search(b).is_err());
-        Ok(())
+        Ok(versions)
     }
-
-    /// Leaf-hashes a chunk read from a file (a whole number of blocks, but for the last),
-    /// references the blocks already held and queues the new ones for appending.
-    fn take_chunk(
-        &mut self,
-        r: &mut Replicator<DiskStorage>,
-        data: &[u8],
-        extents: &mut Vec<Extent>,
-    ) -> Result<(), ScanError> {
-        for block in data.chunks(BLOCK_SIZE) {
-            let leaf = crypto::leaf_hash(block);
-            let index = match self.dedup.get(&leaf) {
-                Some(&b) => b,
-                None => {
-                    let b = r.feed(self.content).len() + self.pending.len() as u64;
-                    self.pending.push(block.to_vec());
-                    self.leaves.push(leaf);
-                    self.dedup.insert(leaf, b);
-                    b
-                }
-            };
-            match extents.last_mut() {
-                Some(e) if e.start + e.count == index => e.count += 1,
-                _ => extents.push(Extent {
-                    start: index,
-                    count: 1,
-                }),
-            }
-            if self.pending.len() >= APPEND_BATCH {
-                self.flush(r)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Hashes one file into blocks; `None` if it changed while being read.
-    fn import_file(
-        &mut self,
-        r: &mut Replicator<DiskStorage>,
-        path: &Path,
-        rel: &str,
-        executable: bool,
-    ) -> Result<Option<FileInfo>, ScanError> {
-        let io_err = |e: io::Error| ScanError::Read(rel.to_string(), e);
-        let mut file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(e)),
-        };
-        let before = file.metadata().map_err(io_err)?;
-        let mut extents: Vec<Extent> = Vec::new();
-        let (size, whole) = if before.len() >= PIPELINE_MIN {
-            // Big file: one thread reads and computes the whole-file hash while this one
-            // computes leaf hashes, deduplicates and appends: the two halves of the work run
-            // on two cores, with three chunk buffers going round (no allocation per chunk).
-            let (full_tx, full_rx) = crossbeam_channel::bounded::<(Vec<u8>, usize)>(2);
-            let (empty_tx, empty_rx) = crossbeam_channel::bounded::<Vec<u8>>(3);
-            for _ in 0..3 {
-                empty_tx.send(vec![0u8; CHUNK]).expect("room for three");
-            }
-            std::thread::scope(|s| {
-                let reader = s.spawn(move || -> io::Result<(u64, blake3::Hasher)> {
-                    let mut whole = blake3::Hasher::new();
-                    let mut size = 0u64;
-                    for mut buf in empty_rx.iter() {
-                        let n = read_full(&mut file, &mut buf)?;
-                        whole.update(&buf[..n]);
-                        size += n as u64;
-                        if full_tx.send((buf, n)).is_err() || n < CHUNK {
-                            break;
-                        }
-                    }
-                    Ok((size, whole))
-                });
-                let mut result = Ok(());
-                for (buf, n) in full_rx.iter() {
-                    if n > 0 && result.is_ok() {
-                        result = self.take_chunk(r, &buf[..n], &mut extents);
-                    }
-                    let _ = empty_tx.send(buf);
-                }
-                drop(empty_tx);
-                let read = reader.join().expect("the reader thread does not panic");
-                result?;
-                read.map_err(io_err)
-            })?
-        } else {
-            let mut whole = blake3::Hasher::new();
-            let mut size = 0u64;
-            let mut chunk = vec![0u8; (before.len() as usize).clamp(1, CHUNK)];
-            loop {
-                let n = read_full(&mut file, &mut chunk).map_err(io_err)?;
-                if n == 0 {
-                    break;
-                }
-                whole.update(&chunk[..n]);
-                size += n as u64;
-                self.take_chunk(r, &chunk[..n], &mut extents)?;
-                if n < chunk.len() {
-                    break;
-                }
-            }
-            (size, whole)
-        };
-        let after = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None), // deleted meanwhile
-            Err(e) => return Err(io_err(e)),
-        };
-        if after.len() != size || stamp(&after) != stamp(&before) || before.len() != size {
-            return Ok(None);
-        }
-        let (mtime_secs, mtime_nanos) = stamp(&before);
-        Ok(Some(FileInfo {
-            size,
-            executable,
-            mtime_secs,
-            mtime_nanos,
-            hash: *whole.finalize().as_bytes(),
-            extents,
-        }))
-    }
-}
-
-/// Reads until `buf` is full or the file ends.
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-/// A file's mtime as (seconds, nanoseconds) since the epoch.
-pub fn stamp(meta: &std::fs::Metadata) -> (i64, u32) {
-    match meta.modified() {
-        Ok(t) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-            Err(e) => {
-                let d = e.duration();
-                if d.subsec_nanos() == 0 {
-                    (-(d.as_secs() as i64), 0)
-                } else {
-                    (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
-                }
-            }
-        },
-        Err(_) => (0, 0),
-    }
-}
-
-fn tracing_skip(path: &Path, why: &str) {
-    eprintln!("feedsync: skipping {}: {why}", path.display());
 }
 
 /// Why a scan failed.

@@ -1,0 +1,317 @@
+//! The drive on the synchronizer loop: [`DriveApp`] holds what both roles share ([`Base`]) and
+//! one side, the writer's (import and watch, `writer.rs`) or the reader's (reconcile and
+//! publish, `reader.rs`). Each hook hands over to the side once, instead of branching on the
+//! role in every step.
+
+use crate::core::replicator::{Event, FeedId, Replicator};
+use crate::drive::event::{DriveEvent, DriveProblem, Reporter, Stats};
+use crate::drive::layout::{self, Shared};
+use crate::drive::reader::Reader;
+use crate::drive::record::{BLOCK_SIZE, State};
+use crate::drive::writer::Writer;
+use crate::storage::DiskStorage;
+use crate::sync::{App, Waker};
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How a [`DriveApp`] behaves.
+#[derive(Debug, Clone)]
+pub struct AppOptions {
+    /// Writer: watch the folder for changes (and rescan every `rescan_interval`).
+    pub follow: bool,
+    /// Writer: full rescan period, the safety net under change notifications.
+    pub rescan_interval: Duration,
+    /// Writer: quiet time after a change notification before scanning.
+    pub debounce: Duration,
+    /// Send [`DriveEvent::Progress`] at most this often, and only when the figures changed
+    /// (`None`: never).
+    pub progress: Option<Duration>,
+    /// Where events go (`None`: nowhere). Sent with `try_send`: the loop never waits, and a
+    /// full channel drops events.
+    pub events: Option<crossbeam_channel::Sender<DriveEvent>>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self {
+            follow: true,
+            rescan_interval: Duration::from_secs(30),
+            debounce: Duration::from_millis(20),
+            progress: None,
+            events: None,
+        }
+    }
+}
+
+/// What both roles share.
+pub(super) struct Base {
+    pub root: PathBuf,
+    pub state_dir: PathBuf,
+    pub layout: Shared,
+    pub meta: FeedId,
+    /// The content feed (a fresh clone learns its key from metadata block 0).
+    pub content: Option<FeedId>,
+    /// Newest verified state (writer: current).
+    pub state: State,
+    pub options: AppOptions,
+    pub reporter: Reporter,
+    /// Since when published files wait for a `syncfs`.
+    pub dirty_since: Option<Instant>,
+    last_status: Instant,
+    pub stats: Stats,
+    last_received: u64,
+    rate: u64,
+}
+
+impl Base {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        root: PathBuf,
+        state_dir: PathBuf,
+        layout: Shared,
+        meta: FeedId,
+        content: Option<FeedId>,
+        state: State,
+        options: AppOptions,
+    ) -> Self {
+        Self {
+            reporter: Reporter::new(options.events.clone(), options.progress),
+            root,
+            state_dir,
+            layout,
+            meta,
+            content,
+            state,
+            options,
+            dirty_since: None,
+            last_status: Instant::now() - Duration::from_secs(10),
+            stats: Stats::default(),
+            last_received: 0,
+            rate: 0,
+        }
+    }
+
+    /// Reports a problem (once) and keeps it for `status`.
+    pub fn problem(&mut self, p: DriveProblem) {
+        self.reporter.problem(p);
+    }
+
+    /// Syncs the filesystem: one call for a batch of published files.
+    pub fn sync_folder(&mut self) {
+        if let Ok(f) = fs::File::open(&self.root) {
+            let _ = rustix::fs::syncfs(&f);
+        }
+        self.dirty_since = None;
+    }
+
+    fn refresh_stats(&mut self, r: &Replicator<DiskStorage>, role: &'static str, version: u64) {
+        let (files_total, bytes_total) = self.state.totals();
+        let (mut files_done, mut bytes_done) = (files_total, bytes_total);
+        {
+            let l = layout::lock(&self.layout);
+            for (_, s) in l.slots() {
+                if let Some(p) = &s.pending {
+                    files_done = files_done.saturating_sub(1);
+                    bytes_done =
+                        bytes_done.saturating_sub(s.info.size.min(p.left * BLOCK_SIZE as u64));
+                }
+            }
+        }
+        self.stats = Stats {
+            url: crate::drive::url(&r.feed(self.meta).public_key()),
+            role,
+            version,
+            latest_version: r.feed(self.meta).len(),
+            files_total,
+            files_done,
+            bytes_total,
+            bytes_done,
+            peers: r.peers().count() as u64,
+            received: self.stats.received,
+            rate: self.rate,
+            errors: self.reporter.kept().to_vec(),
+        };
+    }
+
+    /// Refreshes the figures and rewrites `status.json` (for `feedsync status` and the daemon).
+    pub fn write_status(&mut self, r: &Replicator<DiskStorage>, role: &'static str, version: u64) {
+        self.refresh_stats(r, role, version);
+        if let Ok(json) = serde_json::to_vec_pretty(&self.stats) {
+            let path = self.state_dir.join("status.json");
+            if let Err(e) = crate::util::write_atomic(&path, &json) {
+                self.problem(DriveProblem::io(&path, &e));
+            }
+        }
+    }
+
+    /// Whether a second passed since the last [`Base::each_second`].
+    fn second_due(&self, now: Instant) -> bool {
+        now.duration_since(self.last_status) >= Duration::from_secs(1)
+    }
+
+    /// Once a second: the receive rate, `status.json`, and progress (if it changed).
+    fn each_second(
+        &mut self,
+        r: &Replicator<DiskStorage>,
+        now: Instant,
+        role: &'static str,
+        version: u64,
+    ) {
+        self.last_status = now;
+        self.rate = self.stats.received.saturating_sub(self.last_received);
+        self.last_received = self.stats.received;
+        self.write_status(r, role, version);
+        self.reporter.progress(&self.stats, now);
+    }
+}
+
+/// The role-specific half.
+enum Side {
+    Writer(Box<Writer>),
+    Reader(Box<Reader>),
+}
+
+/// The drive logic on the synchronizer loop; see the module docs.
+pub struct DriveApp {
+    base: Base,
+    side: Side,
+}
+
+impl DriveApp {
+    pub(super) fn writer(base: Base) -> Self {
+        Self {
+            base,
+            side: Side::Writer(Box::new(Writer::new())),
+        }
+    }
+
+    pub(super) fn reader(base: Base, previous: State) -> Self {
+        Self {
+            base,
+            side: Side::Reader(Box::new(Reader::new(previous))),
+        }
+    }
+
+    fn role(&self) -> (&'static str, u64) {
+        match &self.side {
+            Side::Writer(_) => ("writer", self.base.state.version),
+            Side::Reader(rd) => ("reader", rd.applied_version()),
+        }
+    }
+
+    /// The current figures (as last refreshed, at most a second old).
+    pub fn stats(&self) -> &Stats {
+        &self.base.stats
+    }
+}
+
+impl App for DriveApp {
+    fn set_waker(&mut self, waker: Waker) {
+        if let Side::Writer(w) = &mut self.side {
+            w.set_waker(waker);
+        }
+    }
+
+    fn on_wake(&mut self, r: &mut Replicator<DiskStorage>) {
+        if let Side::Writer(w) = &mut self.side {
+            w.on_wake(&mut self.base, r);
+        }
+    }
+
+    fn start(&mut self, r: &mut Replicator<DiskStorage>) {
+        match &mut self.side {
+            Side::Writer(w) => w.start(&mut self.base, r),
+            Side::Reader(rd) => rd.start(&mut self.base, r),
+        }
+        let (role, version) = self.role();
+        self.base.write_status(r, role, version);
+    }
+
+    fn on_event(&mut self, r: &mut Replicator<DiskStorage>, event: &Event) {
+        match &mut self.side {
+            Side::Writer(w) => w.on_event(&mut self.base, event),
+            Side::Reader(rd) => rd.on_event(&mut self.base, r, event),
+        }
+    }
+
+    fn on_tick(&mut self, r: &mut Replicator<DiskStorage>) {
+        let now = Instant::now();
+        match &mut self.side {
+            Side::Writer(w) => w.on_tick(&mut self.base, r, now),
+            Side::Reader(rd) => rd.on_tick(&mut self.base, r, now),
+        }
+        if !self.base.second_due(now) {
+            return;
+        }
+        if let Side::Reader(rd) = &mut self.side {
+            rd.each_second(&mut self.base, r);
+        }
+        let (role, version) = self.role();
+        self.base.each_second(r, now, role, version);
+    }
+
+    fn is_done(&self, r: &Replicator<DiskStorage>) -> bool {
+        match &self.side {
+            Side::Writer(_) => false,
+            Side::Reader(rd) => rd.is_done(&self.base, r),
+        }
+    }
+
+    fn shutdown(&mut self, r: &mut Replicator<DiskStorage>) -> io::Result<()> {
+        match &mut self.side {
+            Side::Writer(_) => self.base.sync_folder(),
+            Side::Reader(rd) => rd.shutdown(&mut self.base, r),
+        }
+        let (role, version) = self.role();
+        self.base.write_status(r, role, version);
+        Ok(())
+    }
+}
+
+/// Several drives on one node (the daemon): each event and tick goes to every drive, and each
+/// drive acts only on its own feeds.
+pub struct Drives(pub Vec<DriveApp>);
+
+impl App for Drives {
+    fn set_waker(&mut self, waker: Waker) {
+        for d in &mut self.0 {
+            d.set_waker(waker.clone());
+        }
+    }
+
+    fn on_wake(&mut self, r: &mut Replicator<DiskStorage>) {
+        for d in &mut self.0 {
+            d.on_wake(r);
+        }
+    }
+
+    fn start(&mut self, r: &mut Replicator<DiskStorage>) {
+        for d in &mut self.0 {
+            d.start(r);
+        }
+    }
+    fn on_event(&mut self, r: &mut Replicator<DiskStorage>, event: &Event) {
+        for d in &mut self.0 {
+            d.on_event(r, event);
+        }
+    }
+    fn on_tick(&mut self, r: &mut Replicator<DiskStorage>) {
+        for d in &mut self.0 {
+            d.on_tick(r);
+        }
+    }
+    fn is_done(&self, r: &Replicator<DiskStorage>) -> bool {
+        self.0.iter().all(|d| d.is_done(r))
+    }
+    fn shutdown(&mut self, r: &mut Replicator<DiskStorage>) -> io::Result<()> {
+        let mut result = Ok(());
+        for d in &mut self.0 {
+            if let Err(e) = d.shutdown(r) {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}

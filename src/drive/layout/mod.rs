@@ -1,0 +1,355 @@
+//! Where a drive's content blocks live: in the folder's own files, never in a second copy.
+//!
+//! The [`Layout`] maps every content block to the files that hold it (a block may be in several
+//! files: copies, renames in flight, repeated blocks). It is the content feed's [`BlockData`],
+//! so the feed reads blocks for serving from the files themselves and, on a reader, writes each
+//! verified block straight into the file being reassembled.
+//!
+//! # Reassembly (reader side)
+//! A file still to be fetched is *pending*: its bytes go to a temporary file in the state area
+//! (`.feedsync/tmp`), each verified block written at its own position as it arrives (blocks come
+//! out of order from several peers). Per file it keeps a register (the next position to hash),
+//! the set of positions written, and a counter of positions left. The whole-file hash advances
+//! in order through the register: a block arriving in order is hashed from memory, a run of
+//! early blocks is read back once the gap before it fills. When nothing is left, [`Layout::publish`]
+//! checks the whole-file hash, sets mode and mtime, and renames the file into place, which is
+//! atomic: a final path holds the old file or the complete, verified new one, never a part.
+//!
+//! Early blocks are written to their place instead of being held in memory: a block counted as
+//! stored in the feed's bitfield must survive a kill, and memory stays flat however far ahead the
+//! peers run. A restart finds the temporary file again (its name is derived from the path and the
+//! file's hash) and keeps every block already in it that still matches its verified leaf hash.
+//!
+//! # Layout
+//! - this file: the block map ([`Layout`]): slots (files) and which content blocks each holds,
+//!   and [`FolderBlocks`], the content feed's [`BlockData`] on top of it.
+//! - `handles.rs`: the cache of open file handles.
+//! - `reassembly.rs`: writing verified blocks into pending files, the in-order register.
+//! - `publish.rs`: the whole-file check and the atomic rename into place; safe target paths.
+
+mod handles;
+mod publish;
+mod reassembly;
+
+pub use publish::{PublishError, mtime, safe_target};
+
+use crate::core::bitfield::Bitfield;
+use crate::drive::record::FileInfo;
+use crate::storage::BlockData;
+use handles::Handles;
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A slot's identifier inside the layout.
+pub type SlotId = u32;
+
+/// One file the layout knows.
+#[derive(Debug)]
+pub struct Slot {
+    /// Relative path.
+    pub path: String,
+    /// What the file is.
+    pub info: FileInfo,
+    /// `Some` while the file is being fetched (boxed: most slots are complete files).
+    pub pending: Option<Box<Pending>>,
+}
+
+/// Reassembly state of a file being fetched.
+#[derive(Debug)]
+pub struct Pending {
+    /// Block -> positions in the file (units of [`BLOCK_SIZE`]) where it goes.
+    pub(super) positions: HashMap<u64, Vec<u64>>,
+    /// Positions written to the temporary file.
+    pub(super) done: Bitfield,
+    /// Positions not written yet.
+    pub left: u64,
+    /// The register: positions `0..next` are in `hasher` (allocated with the first block: a
+    /// BLAKE3 state is ~2 KB, and a big tree has thousands of files waiting at once).
+    pub(super) next: u64,
+    pub(super) hasher: Option<Box<blake3::Hasher>>,
+    /// The temporary file.
+    pub temp: PathBuf,
+}
+
+/// The shared layout: the content feed's storage and the drive logic both hold it.
+pub type Shared = Arc<Mutex<Layout>>;
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Layout {
+    pub(super) root: PathBuf,
+    pub(super) tmp: PathBuf,
+    pub(super) writer: bool,
+    pub(super) slots: HashMap<SlotId, Slot>,
+    next_slot: SlotId,
+    by_path: HashMap<String, SlotId>,
+    pub(super) owners: HashMap<u64, Vec<SlotId>>,
+    /// Pending slots with nothing left to write.
+    pub(super) ready: BTreeSet<SlotId>,
+    pub(super) open: Handles,
+    /// Pending slot -> the published file it will replace, kept readable until then (a new
+    /// version reuses the old one's unchanged blocks).
+    pub(super) shadow: HashMap<SlotId, SlotId>,
+    /// Number of pending slots (asked after every event: kept, not counted).
+    pub(super) pending: usize,
+}
+
+/// Locks the shared layout. A panic while it was held leaves nothing half-updated that matters
+/// more than stopping, so a poisoned lock is taken as is.
+pub fn lock(shared: &Shared) -> MutexGuard<'_, Layout> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Layout {
+    /// An empty layout for the folder at `root`, with temporary files in `tmp`. A `writer`'s
+    /// blocks are in its files already when the feed appends them.
+    pub fn new(root: PathBuf, tmp: PathBuf, writer: bool) -> Shared {
+        Arc::new(Mutex::new(Self {
+            root,
+            tmp,
+            writer,
+            slots: HashMap::new(),
+            next_slot: 0,
+            by_path: HashMap::new(),
+            owners: HashMap::new(),
+            ready: BTreeSet::new(),
+            open: Handles::default(),
+            shadow: HashMap::new(),
+            pending: 0,
+        }))
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The slot at `path`, if any.
+    pub fn slot_at(&self, path: &str) -> Option<SlotId> {
+        self.by_path.get(path).copied()
+    }
+
+    /// A slot.
+    pub fn slot(&self, id: SlotId) -> Option<&Slot> {
+        self.slots.get(&id)
+    }
+
+    /// Every slot.
+    pub fn slots(&self) -> impl Iterator<Item = (SlotId, &Slot)> {
+        self.slots.iter().map(|(id, s)| (*id, s))
+    }
+
+    /// Number of files still being fetched.
+    pub fn pending_count(&self) -> usize {
+        self.pending
+    }
+
+    /// Paths of the files that reference block `index`.
+    pub fn holders(&self, index: u64) -> Vec<String> {
+        self.owners
+            .get(&index)
+            .map(|o| {
+                o.iter()
+                    .filter_map(|id| self.slots.get(id))
+                    .map(|s| s.path.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether any slot references block `index`.
+    pub fn is_owned(&self, index: u64) -> bool {
+        self.owners.get(&index).is_some_and(|o| !o.is_empty())
+    }
+
+    fn insert(&mut self, path: String, info: FileInfo, pending: Option<Pending>) -> SlotId {
+        let id = self.next_slot;
+        self.next_slot += 1;
+        if let Some(old) = self.by_path.get(&path).copied() {
+            let old_live = self.slots.get(&old).is_some_and(|s| s.pending.is_none());
+            if old_live && pending.is_some() {
+                self.by_path.remove(&path);
+                self.shadow.insert(id, old);
+            } else {
+                self.remove(old);
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for b in info.block_at() {
+            if seen.insert(b) {
+                self.owners.entry(b).or_default().push(id);
+            }
+        }
+        if pending.as_ref().is_some_and(|p| p.left == 0) {
+            self.ready.insert(id);
+        }
+        if pending.is_some() {
+            self.pending += 1;
+        }
+        self.by_path.insert(path.clone(), id);
+        self.slots.insert(
+            id,
+            Slot {
+                path,
+                info,
+                pending: pending.map(Box::new),
+            },
+        );
+        id
+    }
+
+    /// Registers a complete file at its final path.
+    pub fn add_live(&mut self, path: String, info: FileInfo) -> SlotId {
+        self.insert(path, info, None)
+    }
+
+    /// Registers a file to fetch; its temporary file is named after its path and hash, so a
+    /// restart finds the same one.
+    pub fn add_pending(&mut self, path: String, info: FileInfo) -> SlotId {
+        let mut positions: HashMap<u64, Vec<u64>> = HashMap::new();
+        for (pos, b) in info.block_at().enumerate() {
+            positions.entry(b).or_default().push(pos as u64);
+        }
+        let name = blake3::Hasher::new()
+            .update(path.as_bytes())
+            .update(&[0])
+            .update(&info.hash)
+            .finalize();
+        let temp = self.tmp.join(format!("{}.part", &name.to_hex()[..32]));
+        let pending = Pending {
+            positions,
+            done: Bitfield::new(),
+            left: info.blocks(),
+            next: 0,
+            hasher: None,
+            temp,
+        };
+        self.insert(path, info, Some(pending))
+    }
+
+    /// Forgets a slot; returns the blocks no other slot references any more.
+    pub fn remove(&mut self, id: SlotId) -> Vec<u64> {
+        let Some(slot) = self.slots.remove(&id) else {
+            return Vec::new();
+        };
+        if let Some(p) = &slot.pending {
+            self.pending -= 1;
+            let _ = fs::remove_file(&p.temp); // a version no longer wanted
+        }
+        self.ready.remove(&id);
+        self.open.forget(id);
+        if self.by_path.get(&slot.path) == Some(&id) {
+            self.by_path.remove(&slot.path);
+        }
+        let mut orphans = Vec::new();
+        if let Some(old) = self.shadow.remove(&id) {
+            orphans.extend(self.remove(old));
+        }
+        let unique: BTreeSet<u64> = slot.info.block_at().collect();
+        for b in unique {
+            if let Some(o) = self.owners.get_mut(&b) {
+                o.retain(|s| *s != id);
+                if o.is_empty() {
+                    self.owners.remove(&b);
+                    orphans.push(b);
+                }
+            }
+        }
+        orphans
+    }
+
+    /// Blocks a pending slot still needs, with whether each is written.
+    pub fn pending_blocks(&self, id: SlotId) -> Vec<(u64, bool)> {
+        let Some(Slot {
+            pending: Some(p), ..
+        }) = self.slots.get(&id)
+        else {
+            return Vec::new();
+        };
+        let mut v: Vec<(u64, bool)> = p
+            .positions
+            .iter()
+            .map(|(b, pos)| (*b, pos.iter().all(|&q| p.done.get(q))))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Pending slots whose every block is written, ready to [`Layout::publish`].
+    pub fn take_ready(&mut self) -> Vec<SlotId> {
+        std::mem::take(&mut self.ready).into_iter().collect()
+    }
+
+    /// Pending slots with nothing left to write go back to the ready set (a publish that
+    /// failed on a full disk, say, is tried again).
+    pub fn requeue_complete(&mut self) {
+        let done: Vec<SlotId> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.pending.as_ref().is_some_and(|p| p.left == 0))
+            .map(|(id, _)| *id)
+            .collect();
+        self.ready.extend(done);
+    }
+}
+
+/// The content feed's block storage: see the module docs.
+#[derive(Debug)]
+pub struct FolderBlocks(pub Shared);
+
+impl BlockData for FolderBlocks {
+    fn read(&mut self, index: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut layout = lock(&self.0);
+        let holders = layout.owners.get(&index).cloned().unwrap_or_default();
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no file holds this block");
+        for id in holders {
+            let Some(slot) = layout.slots.get(&id) else {
+                continue;
+            };
+            let (temp, pos) = match &slot.pending {
+                None => match slot.info.block_at().position(|b| b == index) {
+                    Some(pos) => (false, pos as u64),
+                    None => continue,
+                },
+                Some(p) => match p.positions[&index].iter().find(|&&q| p.done.get(q)) {
+                    Some(&pos) => (true, pos),
+                    None => continue,
+                },
+            };
+            match layout.read_pos(id, temp, pos, buf) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn write(&mut self, index: u64, data: &[u8]) -> io::Result<()> {
+        let mut layout = lock(&self.0);
+        if layout.writer {
+            // The writer appends blocks it just read from its own files: they are there.
+            return Ok(());
+        }
+        let holders = layout.owners.get(&index).cloned().unwrap_or_default();
+        if holders.is_empty() {
+            return Err(io::Error::other(format!(
+                "content block {index} belongs to no file"
+            )));
+        }
+        // Idempotent: a position written before (by an earlier attempt whose commit failed,
+        // say on a full disk) is not written again, and the store succeeds.
+        for id in holders {
+            layout.write_to(id, index, Some(data))?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        // Durability of the folder's files is the drive's business (it syncs the filesystem
+        // in batches); the feed's own files are synced by the disk store.
+        Ok(())
+    }
+}

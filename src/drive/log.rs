@@ -1,0 +1,263 @@
+//! The history of a drive, version by version, for `feedsync log`.
+//!
+//! Read from the metadata store opened read-only ([`DiskStorage::open_read_only`]), so it works
+//! while another process serves or clones the folder. Every version is listed (paging is the
+//! terminal's job). A version's time is the writer's clock when it committed the version
+//! ([`Record::Time`]); versions written before that record existed show none.
+
+use crate::core::Feed;
+use crate::drive::record::{self, Entry, Record, State};
+use crate::drive::{DriveError, STATE_DIR};
+use crate::storage::DiskStorage;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+/// One version of a drive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The version (1 = the drive's creation).
+    pub version: u64,
+    /// When the writer committed it, if it recorded that.
+    pub time: Option<SystemTime>,
+    /// Whether this node holds the version (a clone may not have fetched it yet; nothing after
+    /// a version not held can be told).
+    pub fetched: bool,
+    /// What it changed.
+    pub changes: Vec<Change>,
+}
+
+/// One change of a version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new file.
+    Add {
+        /// Its path.
+        path: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// A file with new content or metadata.
+    Modify {
+        /// Its path.
+        path: String,
+        /// Its new size in bytes.
+        size: u64,
+    },
+    /// A file moved: removed at one path and put at another with the same whole-file hash in
+    /// the same version.
+    Rename {
+        /// The old path.
+        from: String,
+        /// The new path.
+        to: String,
+    },
+    /// A file removed.
+    Remove {
+        /// Its path.
+        path: String,
+    },
+    /// A new directory.
+    AddDir {
+        /// Its path.
+        path: String,
+    },
+    /// A directory removed, with everything under it.
+    RemoveDir {
+        /// Its path.
+        path: String,
+    },
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Add { path, size } => write!(f, "add     {path} ({size} bytes)"),
+            Self::Modify { path, size } => write!(f, "modify  {path} ({size} bytes)"),
+            Self::Rename { from, to } => write!(f, "rename  {from} -> {to}"),
+            Self::Remove { path } => write!(f, "remove  {path}"),
+            Self::AddDir { path } => write!(f, "add dir {path}/"),
+            Self::RemoveDir { path } => write!(f, "rm dir  {path}/"),
+        }
+    }
+}
+
+/// The changes `records` make to `state` (not applied here). A remove and a put of a new
+/// path with the same whole-file hash pair up as a rename.
+pub fn changes(state: &State, records: &[Record]) -> Vec<Change> {
+    let mut out = Vec::new();
+    // Removed files by hash, to pair with puts of the same content.
+    let mut removed: BTreeMap<[u8; 32], Vec<usize>> = BTreeMap::new();
+    for r in records {
+        if let Record::Remove { path } = r
+            && let Some(Entry::File(f)) = state.entries.get(path)
+        {
+            removed.entry(f.hash).or_default().push(out.len());
+            out.push(Change::Remove { path: path.clone() });
+        }
+    }
+    for r in records {
+        match r {
+            Record::Init { .. } | Record::Time { .. } => {}
+            Record::Put {
+                path,
+                entry: Entry::Dir,
+            } => {
+                if state.entries.get(path) != Some(&Entry::Dir) {
+                    out.push(Change::AddDir { path: path.clone() });
+                }
+            }
+            Record::Put {
+                path,
+                entry: Entry::File(f),
+            } => match state.entries.get(path) {
+                Some(Entry::File(_)) => out.push(Change::Modify {
+                    path: path.clone(),
+                    size: f.size,
+                }),
+                _ => match removed.get_mut(&f.hash).and_then(Vec::pop) {
+                    Some(k) => {
+                        let Change::Remove { path: from } = &out[k] else {
+                            unreachable!("only removes are indexed by hash")
+                        };
+                        out[k] = Change::Rename {
+                            from: from.clone(),
+                            to: path.clone(),
+                        };
+                    }
+                    None => out.push(Change::Add {
+                        path: path.clone(),
+                        size: f.size,
+                    }),
+                },
+            },
+            Record::Remove { path } => {
+                if state.entries.get(path) == Some(&Entry::Dir) {
+                    out.push(Change::RemoveDir { path: path.clone() });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The time a version's records carry, if any.
+pub fn time(records: &[Record]) -> Option<SystemTime> {
+    records.iter().find_map(|r| match r {
+        Record::Time { millis } => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(*millis)),
+        _ => None,
+    })
+}
+
+/// Every version of the drive in `root`, read without the writer's lock.
+pub fn read(root: &Path) -> Result<Vec<LogEntry>, DriveError> {
+    let root = std::fs::canonicalize(root).map_err(|error| DriveError::Missing {
+        path: root.to_path_buf(),
+        error,
+    })?;
+    let dir = root.join(STATE_DIR).join("meta");
+    if !dir.join("header").exists() {
+        return Err(DriveError::NotADrive(root));
+    }
+    let mut meta = Feed::open(DiskStorage::open_read_only(&dir)?)?;
+    let mut state = State::default();
+    let mut out = Vec::new();
+    let mut known = true;
+    for i in 0..meta.len() {
+        let block = if known && meta.has(i) {
+            Some(meta.get(i)?)
+        } else {
+            None
+        };
+        let Some(block) = block else {
+            known = false;
+            out.push(LogEntry {
+                version: i + 1,
+                time: None,
+                fetched: false,
+                changes: Vec::new(),
+            });
+            continue;
+        };
+        let recs = record::decode(i, &block).map_err(|e| DriveError::Record(i + 1, e))?;
+        out.push(LogEntry {
+            version: i + 1,
+            time: time(&recs),
+            fetched: true,
+            changes: changes(&state, &recs),
+        });
+        state.apply(recs);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drive::record::FileInfo;
+
+    fn file(tag: u8, size: u64) -> Entry {
+        Entry::File(FileInfo {
+            size,
+            executable: false,
+            mtime_secs: 0,
+            mtime_nanos: 0,
+            hash: [tag; 32],
+            extents: vec![],
+        })
+    }
+
+    fn put(path: &str, entry: Entry) -> Record {
+        Record::Put {
+            path: path.into(),
+            entry,
+        }
+    }
+
+    #[test]
+    fn adds_modifies_renames_and_removes_are_told_apart() {
+        let mut s = State::default();
+        s.apply(vec![
+            put("a", file(1, 0)),
+            put("b", file(2, 0)),
+            put("c", file(3, 0)),
+            put("d", Entry::Dir),
+            put("d/x", file(4, 0)),
+        ]);
+        let recs = vec![
+            Record::Time { millis: 1_000 },
+            Record::Remove { path: "a".into() },
+            put("moved", file(1, 0)),
+            put("b", file(5, 0)),
+            Record::Remove { path: "c".into() },
+            Record::Remove { path: "d".into() },
+            put("e", Entry::Dir),
+            put("new", file(6, 0)),
+        ];
+        assert_eq!(
+            changes(&s, &recs),
+            vec![
+                Change::Rename {
+                    from: "a".into(),
+                    to: "moved".into()
+                },
+                Change::Remove { path: "c".into() },
+                Change::Modify {
+                    path: "b".into(),
+                    size: 0
+                },
+                Change::RemoveDir { path: "d".into() },
+                Change::AddDir { path: "e".into() },
+                Change::Add {
+                    path: "new".into(),
+                    size: 0
+                },
+            ]
+        );
+        assert_eq!(
+            time(&recs),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1))
+        );
+        assert_eq!(time(&recs[1..]), None, "an old version has no time");
+    }
+}

@@ -1,0 +1,428 @@
+//! The reader's side of a running drive: apply metadata as it is verified, plan the way from
+//! the folder's version to the newest ([`reconcile::plan`]), carry the plan out (fetch and
+//! reuse, remove, make directories), steer the download to exactly the missing blocks, and
+//! publish each file when complete.
+//!
+//! Order of an update: new files become pending and reuse local blocks *before* removed files
+//! are deleted (so a rename reuses the old file's bytes), then removals (only of files that
+//! still look as we wrote them), then directories, then publishes. After a batch of
+//! publishes, one `syncfs`, then the version reached is recorded in `.feedsync/applied`.
+
+use crate::core::Feed;
+use crate::core::bitfield::Bitfield;
+use crate::core::replicator::{Event, FeedId, Replicator};
+use crate::drive::app::Base;
+use crate::drive::event::{Counts, DriveEvent, DriveProblem};
+use crate::drive::layout::{self, FolderBlocks, PublishError};
+use crate::drive::reconcile::{self, Local};
+use crate::drive::record::{self, BLOCK_SIZE, Entry, State};
+use crate::drive::{import, log};
+use crate::storage::DiskStorage;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::time::{Duration, Instant};
+
+/// See the module docs.
+pub(super) struct Reader {
+    /// What the folder holds now: the version last applied.
+    previous: State,
+    /// The version last reported [`DriveEvent::Complete`] for.
+    complete_at: Option<u64>,
+}
+
+impl Reader {
+    pub fn new(previous: State) -> Self {
+        Self {
+            previous,
+            complete_at: None,
+        }
+    }
+
+    /// The version the folder was last brought to.
+    pub fn applied_version(&self) -> u64 {
+        self.previous.version
+    }
+
+    pub fn start(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        // Metadata held from an earlier run: bring the folder up to it.
+        if let Some(c) = b.content {
+            r.set_ordered(c, true);
+            self.reconcile(b, r);
+        }
+        self.apply_metadata(b, r);
+    }
+
+    pub fn on_event(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, event: &Event) {
+        match event {
+            Event::Downloaded { feed, count, .. } if Some(*feed) == b.content => {
+                b.stats.received += count * BLOCK_SIZE as u64;
+                self.publish_ready(b, r);
+            }
+            Event::Downloaded { feed, .. } | Event::Upgraded { feed, .. } if *feed == b.meta => {
+                self.apply_metadata(b, r);
+            }
+            Event::StorageError { feed, error } if *feed == b.meta || Some(*feed) == b.content => {
+                let what = if *feed == b.meta {
+                    "storing metadata"
+                } else {
+                    "storing content"
+                };
+                b.problem(DriveProblem::storage(&b.root, what, error));
+            }
+            _ => {}
+        }
+    }
+
+    pub fn on_tick(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, now: Instant) {
+        if b.dirty_since
+            .is_some_and(|t| now.duration_since(t) >= Duration::from_millis(200))
+        {
+            self.make_durable(b, r);
+        }
+        self.report_complete(b, r);
+    }
+
+    /// Once per version reached: made durable, then [`DriveEvent::Complete`].
+    fn report_complete(&mut self, b: &mut Base, r: &Replicator<DiskStorage>) {
+        if self.complete_at != Some(b.state.version) && self.is_done(b, r) {
+            self.make_durable(b, r);
+            self.complete_at = Some(b.state.version);
+            b.reporter.send(DriveEvent::Complete {
+                version: b.state.version,
+            });
+        }
+    }
+
+    /// Files complete but not published (a full disk, say) are tried again.
+    pub fn each_second(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        if layout::lock(&b.layout).pending_count() > 0 {
+            layout::lock(&b.layout).requeue_complete();
+            self.publish_ready(b, r);
+        }
+    }
+
+    /// At the newest version a peer proved this session, with every file in place. A node that
+    /// never heard from a peer is never done: the version it holds may be long out of date.
+    pub fn is_done(&self, b: &Base, r: &Replicator<DiskStorage>) -> bool {
+        let meta = r.feed(b.meta);
+        let Some(content) = b.content else {
+            return false;
+        };
+        // An empty content feed has no signed length to prove: required only once the newest
+        // version references content blocks (asked last: it walks the entries).
+        let needs_content = || {
+            b.state
+                .entries
+                .values()
+                .any(|e| matches!(e, Entry::File(f) if f.size > 0))
+        };
+        !meta.is_empty()
+            && r.peer_proved(b.meta)
+            && r.is_complete(b.meta)
+            && b.state.version == meta.len()
+            && (r.peer_proved(content) || !needs_content())
+            && settled(b)
+    }
+
+    pub fn shutdown(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        self.publish_ready(b, r);
+        self.make_durable(b, r);
+        // `--once` stops as soon as the loop sees the job done, maybe before a tick said so.
+        self.report_complete(b, r);
+    }
+
+    /// Applies newly verified metadata blocks.
+    fn apply_metadata(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        let mut changed = false;
+        loop {
+            let i = b.state.version;
+            let feed = r.feed_mut(b.meta);
+            if i >= feed.len() || !feed.has(i) {
+                break;
+            }
+            let block = match feed.get(i) {
+                Ok(block) => block,
+                Err(e) => {
+                    b.problem(DriveProblem::Storage {
+                        folder: b.root.clone(),
+                        what: format!("reading version {}", i + 1),
+                        error: e.to_string(),
+                    });
+                    return;
+                }
+            };
+            match record::decode(i, &block) {
+                Ok(recs) => {
+                    let counts = Counts::of(&log::changes(&b.state, &recs));
+                    b.state.apply(recs);
+                    if i > 0 {
+                        b.reporter.send(counts.event(b.state.version));
+                    }
+                    changed = true;
+                }
+                Err(e) => {
+                    // A signed record we refuse: nothing of it is applied, and nothing after.
+                    b.problem(DriveProblem::UnsafeRecord {
+                        folder: b.root.clone(),
+                        version: i + 1,
+                        reason: e.to_string(),
+                    });
+                    return;
+                }
+            }
+        }
+        if b.content.is_none()
+            && let Some(key) = b.state.content_key
+        {
+            let store = DiskStorage::open_with_blocks(
+                b.state_dir.join("content"),
+                Box::new(FolderBlocks(b.layout.clone())),
+            );
+            match store
+                .map_err(crate::core::FeedError::from)
+                .and_then(|s| Feed::create_replica(s, key))
+            {
+                Ok(feed) => {
+                    let id = r.add_feed(feed, true);
+                    r.set_ordered(id, true);
+                    b.content = Some(id);
+                    changed = true;
+                }
+                Err(e) => {
+                    b.problem(DriveProblem::Storage {
+                        folder: b.root.clone(),
+                        what: "opening the content feed".into(),
+                        error: e.to_string(),
+                    });
+                    return;
+                }
+            }
+        }
+        if changed {
+            self.reconcile(b, r);
+        }
+    }
+
+    /// Brings the folder from `previous` towards the newest state: plans, then carries out.
+    fn reconcile(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        let Some(content) = b.content else {
+            return;
+        };
+        let local: BTreeMap<String, Local> = {
+            let l = layout::lock(&b.layout);
+            l.slots()
+                .filter(|(id, s)| l.slot_at(&s.path) == Some(*id)) // not a shadowed old one
+                .map(|(_, s)| {
+                    let local = Local {
+                        info: s.info.clone(),
+                        in_place: s.pending.is_none(),
+                    };
+                    (s.path.clone(), local)
+                })
+                .collect()
+        };
+        let plan = {
+            let held = r.feed(content).bitfield();
+            reconcile::plan(&self.previous.entries, &b.state.entries, &local, |x| {
+                held.get(x)
+            })
+        };
+        // 1. Fetch, reusing what is here, before anything is removed.
+        for f in plan.fetch {
+            let id = layout::lock(&b.layout).add_pending(f.path, f.info);
+            fill_from_local(b, r, content, id, &f.reuse);
+        }
+        // 2. Removals: only what we put there.
+        let mut orphans = BTreeSet::new();
+        {
+            let mut l = layout::lock(&b.layout);
+            for rm in &plan.remove {
+                if let Some(id) = l.slot_at(&rm.path) {
+                    orphans.extend(l.remove(id));
+                }
+                let p = b.root.join(&rm.path);
+                if let Ok(m) = fs::symlink_metadata(&p)
+                    && m.is_file()
+                    && rm.ours.iter().any(|info| {
+                        m.len() == info.size
+                            && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
+                    })
+                {
+                    let _ = fs::remove_file(&p);
+                }
+            }
+        }
+        for d in &plan.remove_dirs {
+            let _ = fs::remove_dir(b.root.join(d)); // only if empty
+        }
+        // 3. Directories.
+        for d in &plan.make_dirs {
+            match layout::safe_target(&b.root, d) {
+                Ok(p) => {
+                    if !p.is_dir()
+                        && let Err(e) = fs::create_dir(&p)
+                        && e.kind() != io::ErrorKind::AlreadyExists
+                    {
+                        b.problem(DriveProblem::io(&p, &e));
+                    }
+                }
+                Err(e) => b.problem(publish_problem(b, e)),
+            }
+        }
+        if !orphans.is_empty() {
+            let l = layout::lock(&b.layout);
+            let orphans: Vec<u64> = orphans.into_iter().filter(|x| !l.is_owned(*x)).collect();
+            drop(l);
+            for x in orphans {
+                let _ = r.forget(content, x..x + 1);
+            }
+        }
+        self.publish_ready(b, r);
+        update_want(b, r);
+    }
+
+    fn publish_ready(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        let mut l = layout::lock(&b.layout);
+        let ready = l.take_ready();
+        if ready.is_empty() {
+            return;
+        }
+        let mut problems = Vec::new();
+        let mut orphans = Vec::new();
+        for id in ready {
+            match l.publish(id) {
+                Ok(o) => orphans.extend(o),
+                Err(PublishError::Gone | PublishError::Incomplete) => {}
+                Err(e @ PublishError::HashMismatch(_)) => {
+                    problems.push(e);
+                    l.reset_pending(id);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        drop(l);
+        for e in problems {
+            let p = publish_problem(b, e);
+            b.problem(p);
+        }
+        if let Some(content) = b.content {
+            for x in orphans {
+                let _ = r.forget(content, x..x + 1);
+            }
+        }
+        b.dirty_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Syncs the filesystem (one call for a batch of published files) and records the
+    /// version the folder is at.
+    fn make_durable(&mut self, b: &mut Base, r: &Replicator<DiskStorage>) {
+        b.sync_folder();
+        if settled(b) && r.feed(b.meta).len() == b.state.version {
+            self.previous = b.state.clone();
+            let path = b.state_dir.join("applied");
+            if let Err(e) =
+                crate::util::write_atomic(&path, self.previous.version.to_string().as_bytes())
+            {
+                b.problem(DriveProblem::io(&path, &e));
+            }
+        }
+    }
+}
+
+/// No file pending.
+fn settled(b: &Base) -> bool {
+    layout::lock(&b.layout).pending_count() == 0
+}
+
+/// A publish failure as a problem naming the folder and path.
+fn publish_problem(b: &Base, e: PublishError) -> DriveProblem {
+    match e {
+        PublishError::HashMismatch(path) => DriveProblem::HashMismatch {
+            folder: b.root.clone(),
+            path,
+        },
+        PublishError::Unsafe { path, why } => DriveProblem::UnsafeTarget {
+            folder: b.root.clone(),
+            path,
+            why,
+        },
+        PublishError::Io { path, error } => DriveProblem::io(&b.root.join(path), &error),
+        PublishError::Gone | PublishError::Incomplete => DriveProblem::Io {
+            path: b.root.clone(),
+            error: e.to_string(),
+        },
+    }
+}
+
+/// Copies into pending slot `id` the blocks of `reuse` (held by this node), checking each
+/// against its verified leaf hash: first the slot's own temporary file (a restart's work),
+/// then any other file holding it.
+fn fill_from_local(
+    b: &mut Base,
+    r: &mut Replicator<DiskStorage>,
+    content: FeedId,
+    id: u32,
+    reuse: &[u64],
+) {
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    for &x in reuse {
+        if !r.feed(content).has(x) {
+            continue; // given up meanwhile (found changed while filling another file)
+        }
+        let Ok(leaf) = r.feed_mut(content).leaf_hash(x) else {
+            continue;
+        };
+        let Ok((_, size)) = r.feed_mut(content).block_span(x) else {
+            continue;
+        };
+        let buf = &mut buf[..size as usize];
+        let mut l = layout::lock(&b.layout);
+        if l.read_pending(id, x, buf).is_ok() && crate::core::crypto::leaf_hash(buf) == leaf {
+            // Found at its first position; written again at every position (a kill may have
+            // come between them).
+            let written = l.write_pending(id, x, buf);
+            let temp = l
+                .slot(id)
+                .and_then(|s| s.pending.as_ref())
+                .map(|p| p.temp.clone());
+            drop(l);
+            if let Err(e) = written {
+                b.problem(DriveProblem::io(&temp.unwrap_or_default(), &e));
+            }
+            continue;
+        }
+        drop(l);
+        match r.feed_mut(content).get(x) {
+            Ok(data) => {
+                let mut fb = FolderBlocks(b.layout.clone());
+                if let Err(e) = crate::storage::BlockData::write(&mut fb, x, &data) {
+                    b.problem(DriveProblem::io(&b.root, &e));
+                }
+            }
+            Err(_) => {
+                // Held on paper, gone in fact (a file changed here): fetch it again.
+                let _ = r.forget(content, x..x + 1);
+            }
+        }
+    }
+}
+
+/// Downloads exactly the blocks pending files still need.
+fn update_want(b: &Base, r: &mut Replicator<DiskStorage>) {
+    let Some(content) = b.content else { return };
+    let mut want = Bitfield::new();
+    {
+        let l = layout::lock(&b.layout);
+        for (id, s) in l.slots() {
+            if s.pending.is_some() {
+                for (x, written) in l.pending_blocks(id) {
+                    if !written {
+                        want.set(x, true);
+                    }
+                }
+            }
+        }
+    }
+    r.set_want(content, Some(want));
+}

@@ -1,0 +1,267 @@
+//! The reader's reconcile step as a pure function: from the version the folder is at, the
+//! version to reach, and what this node holds, to a [`Plan`] of file-system work. No files are
+//! touched here; `reader.rs` carries the plan out in its order (fetch and reuse, then removals,
+//! then directories), which is what makes a rename reuse the old file's bytes.
+
+use crate::drive::record::{Entry, FileInfo};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A file the layout knows at a path (its current slot there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    /// The version of the file the slot is for.
+    pub info: FileInfo,
+    /// Whether that file is in place (published or found on disk), not still being fetched.
+    pub in_place: bool,
+}
+
+/// A file to fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetch {
+    /// Its path.
+    pub path: String,
+    /// The version to fetch.
+    pub info: FileInfo,
+    /// Its content blocks this node already holds (each once, ascending): copied in from
+    /// local files, checked against their leaf hash, instead of fetched.
+    pub reuse: Vec<u64>,
+}
+
+/// A file to remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    /// Its path.
+    pub path: String,
+    /// The versions this node may have put there: the file on disk is deleted only if its
+    /// size and mtime match one (a file the user changed is left alone).
+    pub ours: Vec<FileInfo>,
+}
+
+/// What to do to bring the folder from one version to another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Files that become pending, in path order.
+    pub fetch: Vec<Fetch>,
+    /// Files that go (not those replaced by a newer version: the old file stays readable
+    /// until the new one is renamed over it).
+    pub remove: Vec<Removal>,
+    /// Directories that go, deepest first (each removed only if empty).
+    pub remove_dirs: Vec<String>,
+    /// Every directory of the target, parents first (made if missing).
+    pub make_dirs: Vec<String>,
+}
+
+/// Plans the way from `previous` (the version the folder is at) to `target`, given the files
+/// the layout knows (`local`: path -> its current slot) and the content blocks held (`held`).
+/// Files of versions in between that `target` no longer has are removed too: without that a
+/// clone would wait for them forever.
+pub fn plan(
+    previous: &BTreeMap<String, Entry>,
+    target: &BTreeMap<String, Entry>,
+    local: &BTreeMap<String, Local>,
+    held: impl Fn(u64) -> bool,
+) -> Plan {
+    let mut gone: Vec<(String, FileInfo)> = Vec::new();
+    let mut remove_dirs = Vec::new();
+    for (path, old) in previous {
+        if target.get(path) == Some(old) {
+            continue;
+        }
+        match old {
+            Entry::File(info) => gone.push((path.clone(), info.clone())),
+            Entry::Dir => {
+                if !matches!(target.get(path), Some(Entry::Dir)) {
+                    remove_dirs.push(path.clone());
+                }
+            }
+        }
+    }
+    for (path, l) in local {
+        let wanted = matches!(target.get(path), Some(Entry::File(i)) if *i == l.info);
+        if !wanted && !gone.iter().any(|(p, _)| p == path) {
+            gone.push((path.clone(), l.info.clone()));
+        }
+    }
+    let mut fetch = Vec::new();
+    let mut make_dirs = Vec::new();
+    for (path, e) in target {
+        let info = match e {
+            Entry::Dir => {
+                make_dirs.push(path.clone());
+                continue;
+            }
+            Entry::File(info) => info,
+        };
+        if local.get(path).is_some_and(|l| l.info == *info) {
+            continue;
+        }
+        let unique: BTreeSet<u64> = info.block_at().collect();
+        fetch.push(Fetch {
+            path: path.clone(),
+            info: info.clone(),
+            reuse: unique.into_iter().filter(|&b| held(b)).collect(),
+        });
+    }
+    let remove = gone
+        .into_iter()
+        .filter(|(path, _)| !matches!(target.get(path), Some(Entry::File(_))))
+        .map(|(path, info)| {
+            let mut ours = vec![info];
+            if let Some(l) = local.get(&path).filter(|l| l.in_place) {
+                ours.push(l.info.clone());
+            }
+            Removal { path, ours }
+        })
+        .collect();
+    remove_dirs.sort_by_key(|d| std::cmp::Reverse(d.len()));
+    Plan {
+        fetch,
+        remove,
+        remove_dirs,
+        make_dirs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drive::record::Extent;
+
+    fn file(start: u64, count: u64, tag: u8) -> FileInfo {
+        FileInfo {
+            size: count * crate::drive::record::BLOCK_SIZE as u64,
+            executable: false,
+            mtime_secs: i64::from(tag),
+            mtime_nanos: 0,
+            hash: [tag; 32],
+            extents: vec![Extent { start, count }],
+        }
+    }
+
+    fn map(entries: &[(&str, Entry)]) -> BTreeMap<String, Entry> {
+        entries
+            .iter()
+            .map(|(p, e)| (p.to_string(), e.clone()))
+            .collect()
+    }
+
+    fn in_place(state: &BTreeMap<String, Entry>) -> BTreeMap<String, Local> {
+        state
+            .iter()
+            .filter_map(|(p, e)| match e {
+                Entry::File(info) => Some((
+                    p.clone(),
+                    Local {
+                        info: info.clone(),
+                        in_place: true,
+                    },
+                )),
+                Entry::Dir => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_rename_fetches_nothing_new_and_removes_the_old_name() {
+        let a = file(0, 3, 1);
+        let prev = map(&[("a", Entry::File(a.clone()))]);
+        let next = map(&[("b", Entry::File(a.clone()))]);
+        let p = plan(&prev, &next, &in_place(&prev), |b| b < 3);
+        assert_eq!(
+            p.fetch,
+            vec![Fetch {
+                path: "b".into(),
+                info: a.clone(),
+                reuse: vec![0, 1, 2]
+            }]
+        );
+        assert_eq!(
+            p.remove,
+            vec![Removal {
+                path: "a".into(),
+                ours: vec![a.clone(), a]
+            }]
+        );
+    }
+
+    #[test]
+    fn unchanged_files_are_left_alone_and_replaced_ones_are_not_removed() {
+        let a = file(0, 2, 1);
+        let b = file(2, 1, 2);
+        let b2 = file(3, 1, 3);
+        let prev = map(&[("a", Entry::File(a.clone())), ("b", Entry::File(b))]);
+        let next = map(&[("a", Entry::File(a)), ("b", Entry::File(b2.clone()))]);
+        let p = plan(&prev, &next, &in_place(&prev), |b| b < 3);
+        assert_eq!(
+            p.fetch,
+            vec![Fetch {
+                path: "b".into(),
+                info: b2,
+                reuse: vec![]
+            }]
+        );
+        assert!(p.remove.is_empty(), "b is replaced by rename, not removed");
+    }
+
+    #[test]
+    fn directories_go_deepest_first_and_come_parents_first() {
+        let prev = map(&[
+            ("d", Entry::Dir),
+            ("d/e", Entry::Dir),
+            ("d/e/f", Entry::Dir),
+        ]);
+        let next = map(&[("x", Entry::Dir), ("x/y", Entry::Dir)]);
+        let p = plan(&prev, &next, &BTreeMap::new(), |_| false);
+        assert_eq!(p.remove_dirs, vec!["d/e/f", "d/e", "d"]);
+        assert_eq!(p.make_dirs, vec!["x", "x/y"]);
+    }
+
+    #[test]
+    fn a_file_of_a_version_in_between_is_removed() {
+        // The folder is at an empty version; a file of a newer version was fetched, and the
+        // newest version removed it again.
+        let mid = file(0, 1, 9);
+        let local = BTreeMap::from([(
+            "m".to_string(),
+            Local {
+                info: mid.clone(),
+                in_place: false,
+            },
+        )]);
+        let p = plan(&BTreeMap::new(), &BTreeMap::new(), &local, |_| true);
+        assert_eq!(
+            p.remove,
+            vec![Removal {
+                path: "m".into(),
+                ours: vec![mid]
+            }],
+            "a pending file is not taken as ours to delete twice"
+        );
+        assert!(p.fetch.is_empty());
+    }
+
+    #[test]
+    fn a_file_already_pending_for_the_target_is_not_fetched_again() {
+        let a = file(0, 2, 1);
+        let next = map(&[("a", Entry::File(a.clone()))]);
+        let local = BTreeMap::from([(
+            "a".to_string(),
+            Local {
+                info: a,
+                in_place: false,
+            },
+        )]);
+        let p = plan(&BTreeMap::new(), &next, &local, |_| false);
+        assert_eq!(p, Plan::default());
+    }
+
+    #[test]
+    fn repeated_blocks_are_reused_once() {
+        let mut f = file(0, 1, 1);
+        f.extents = vec![Extent { start: 4, count: 1 }, Extent { start: 4, count: 1 }];
+        f.size *= 2;
+        let next = map(&[("z", Entry::File(f))]);
+        let p = plan(&BTreeMap::new(), &next, &BTreeMap::new(), |_| true);
+        assert_eq!(p.fetch[0].reuse, vec![4]);
+    }
+}

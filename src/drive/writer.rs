@@ -1,0 +1,203 @@
+//! The writer's side of a running drive: import the folder at start, then on change
+//! notifications (debounced) and by a periodic full rescan, the safety net under them.
+//!
+//! The watcher is a source of the synchronizer's select: notify's thread records the changed
+//! paths and calls [`Waker::wake`], the loop calls `on_wake`, and the scan runs on the first
+//! tick after the debounce time (a burst of writes makes one scan).
+
+use crate::core::replicator::{Event, Replicator};
+use crate::drive::STATE_DIR;
+use crate::drive::app::Base;
+use crate::drive::event::DriveProblem;
+use crate::drive::import::Importer;
+use crate::drive::layout;
+use crate::storage::DiskStorage;
+use crate::sync::Waker;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Paths change notifications named since the last scan, and whether they overflowed.
+type ChangedPaths = Arc<Mutex<(BTreeSet<PathBuf>, bool)>>;
+
+/// Paths remembered between two scans; more than this and the next scan is a full one.
+const MAX_CHANGED_PATHS: usize = 4096;
+
+/// See the module docs.
+pub(super) struct Writer {
+    importer: Option<Importer>,
+    /// Kept alive: dropping it stops the notifications.
+    _watch: Option<notify::RecommendedWatcher>,
+    waker: Option<Waker>,
+    last_scan: Instant,
+    /// When the last change was seen; the scan waits for a quiet `debounce` after it.
+    change_seen: Option<Instant>,
+    changed: ChangedPaths,
+}
+
+impl Writer {
+    pub fn new() -> Self {
+        Self {
+            importer: None,
+            _watch: None,
+            waker: None,
+            last_scan: Instant::now(),
+            change_seen: None,
+            changed: ChangedPaths::default(),
+        }
+    }
+
+    pub fn set_waker(&mut self, waker: Waker) {
+        self.waker = Some(waker);
+    }
+
+    pub fn start(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        // Invariant: `Drive::into_app_at` builds a writer only with its content feed.
+        let content = b.content.expect("a writer opens its content feed");
+        match Importer::new(r, b.meta, content, b.layout.clone()) {
+            Ok(i) => self.importer = Some(i),
+            Err(e) => b.problem(DriveProblem::Scan {
+                folder: b.root.clone(),
+                error: e.to_string(),
+            }),
+        }
+        if b.options.follow {
+            self.start_watch(b);
+        }
+        self.scan(b, r, true);
+    }
+
+    /// A file changed in a way its size and mtime did not show (or before the watcher said
+    /// so): serving found a block that no longer matches. Re-read the files holding it.
+    pub fn on_event(&mut self, b: &mut Base, event: &Event) {
+        let Event::DataChanged { feed, index } = event else {
+            return;
+        };
+        if Some(*feed) != b.content {
+            return;
+        }
+        let paths = layout::lock(&b.layout).holders(*index);
+        let mut c = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+        for p in paths {
+            c.0.insert(b.root.join(&p));
+            if let Some(i) = &mut self.importer {
+                i.force(p);
+            }
+        }
+        drop(c);
+        self.change_seen.get_or_insert_with(Instant::now);
+    }
+
+    /// The watcher saw a change: restart the debounce.
+    pub fn on_wake(&mut self, _b: &mut Base, _r: &mut Replicator<DiskStorage>) {
+        self.change_seen = Some(Instant::now());
+    }
+
+    pub fn on_tick(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, now: Instant) {
+        if !b.options.follow {
+            return;
+        }
+        let debounced = self
+            .change_seen
+            .is_some_and(|t| now.duration_since(t) >= b.options.debounce);
+        let periodic = now.duration_since(self.last_scan) >= b.options.rescan_interval;
+        if debounced || periodic {
+            self.change_seen = None;
+            self.scan(b, r, periodic);
+        }
+    }
+
+    fn start_watch(&mut self, b: &mut Base) {
+        use notify::Watcher;
+        let state_root = b.root.clone();
+        let changed = self.changed.clone();
+        let waker = self.waker.clone();
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            {
+                let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
+                match ev {
+                    Ok(ev) => {
+                        // Ours, or a nested drive's (judged below the root only).
+                        let is_state = |p: &PathBuf| {
+                            p.strip_prefix(&state_root).map_or(true, |rel| {
+                                rel.components().any(|c| c.as_os_str() == STATE_DIR)
+                            })
+                        };
+                        if matches!(ev.kind, notify::EventKind::Access(_))
+                            || ev.paths.iter().all(is_state)
+                        {
+                            // Reads (our own scans and serving open files all the time) and
+                            // our own state churning change nothing.
+                            return;
+                        }
+                        if ev.need_rescan() || c.0.len() + ev.paths.len() > MAX_CHANGED_PATHS {
+                            c.1 = true; // too much to track one by one: scan everything
+                        } else {
+                            c.0.extend(ev.paths.into_iter().filter(|p| !is_state(p)));
+                        }
+                    }
+                    Err(_) => c.1 = true,
+                }
+            }
+            if let Some(w) = &waker {
+                w.wake(); // never blocks; wakes coalesce
+            }
+        });
+        match watcher {
+            Ok(mut w) => match w.watch(&b.root, notify::RecursiveMode::Recursive) {
+                Ok(()) => self._watch = Some(w),
+                Err(e) => b.problem(DriveProblem::Watch {
+                    folder: b.root.clone(),
+                    error: e.to_string(),
+                }),
+            },
+            Err(e) => b.problem(DriveProblem::Watch {
+                folder: b.root.clone(),
+                error: format!("no file watcher: {e}"),
+            }),
+        }
+    }
+
+    fn scan(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, full: bool) {
+        let Some(importer) = &mut self.importer else {
+            return;
+        };
+        self.last_scan = Instant::now();
+        let (paths, overflow) = {
+            let mut c = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+            (std::mem::take(&mut c.0), std::mem::take(&mut c.1))
+        };
+        let targeted = if full || overflow || paths.is_empty() {
+            Ok(None)
+        } else {
+            importer.scan_paths(r, &mut b.state, &paths)
+        };
+        let result = match targeted {
+            Ok(Some(rep)) => Ok(rep),
+            Ok(None) => importer.scan(r, &mut b.state),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(rep) => {
+                for (path, reason) in rep.skipped {
+                    b.reporter.skipped(path, reason, true);
+                }
+                for (path, reason) in rep.unshared {
+                    b.reporter.skipped(path, reason, false);
+                }
+                for (version, counts) in rep.versions {
+                    b.reporter.send(counts.event(version));
+                }
+                if rep.unstable > 0 {
+                    // Something is still being written: look again soon.
+                    self.change_seen = Some(Instant::now());
+                }
+            }
+            Err(e) => b.problem(DriveProblem::Scan {
+                folder: b.root.clone(),
+                error: e.to_string(),
+            }),
+        }
+    }
+}
