@@ -459,6 +459,8 @@ print(json.dumps({"name": found[0], "port": info.port,
         let events = daemon.browse(feedsync::discovery::SERVICE_TYPE).unwrap();
         let end = Instant::now() + Duration::from_secs(secs);
         let mut out = std::io::stdout().lock();
+        // The harness printed `test NAME ... ` without a newline: start on a line of our own.
+        writeln!(out).unwrap();
         while let Ok(ev) = events.recv_timeout(end.saturating_duration_since(Instant::now())) {
             match ev {
                 mdns_sd::ServiceEvent::ServiceResolved(info) => {
