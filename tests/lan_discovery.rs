@@ -27,7 +27,10 @@ mod needs_root {
         let p = lan.feedsync(i, &args);
         let addr = p.listen_addr();
         let url = p.lines()[0].clone();
-        assert!(url.starts_with("feedsync://"), "first line is the URL: {url}");
+        assert!(
+            url.starts_with("feedsync://"),
+            "first line is the URL: {url}"
+        );
         // The port is after the last colon, for IPv4 and bracketed IPv6 alike.
         let port = addr.rsplit(':').next().unwrap().parse().unwrap();
         (p, url, port)
@@ -36,7 +39,11 @@ mod needs_root {
     /// Waits for `p` to exit by itself within `limit` and asserts it exited 0.
     fn exits_ok(p: &mut Proc, limit: Duration, what: &str) {
         let status = p.wait_exit(limit);
-        assert!(status.success(), "{what}: {status:?}, stderr {:?}", p.errors());
+        assert!(
+            status.success(),
+            "{what}: {status:?}, stderr {:?}",
+            p.errors()
+        );
     }
 
     /// SIGTERM: the process must exit 0 within 5 s. The one stop path of every test here.
@@ -131,7 +138,10 @@ print(json.dumps({"name": found[0], "port": info.port,
         );
         eprintln!("zeroconf resolved: {text}");
         assert!(text.contains(&format!("\"port\": {port}")), "{text}");
-        assert!(text.contains("\"id\"") && text.contains("\"dk0\""), "{text}");
+        assert!(
+            text.contains("\"id\"") && text.contains("\"dk0\""),
+            "{text}"
+        );
         assert!(text.contains("10.231.0.1"), "{text}");
         let key = url.trim_start_matches("feedsync://");
         assert!(!text.contains(key), "the public key is announced: {text}");
@@ -225,7 +235,11 @@ print(json.dumps({"name": found[0], "port": info.port,
         let conf_a = tmp.path().join("a.toml");
         fs::write(
             &conf_a,
-            format!("state_dir = {:?}\n[[folder]]\npath = {:?}\n", state("a"), src),
+            format!(
+                "state_dir = {:?}\n[[folder]]\npath = {:?}\n",
+                state("a"),
+                src
+            ),
         )
         .unwrap();
         let mut a = start_daemon(&lan, 0, &conf_a);
@@ -336,7 +350,8 @@ print(json.dumps({"name": found[0], "port": info.port,
         };
         assert!(run(&["add", third.to_str().unwrap()]).status.success());
         wait_until(Duration::from_secs(30), "the added folder", || {
-            daemon_status(&sa).is_some_and(|v| v["folders"].as_array().is_some_and(|f| f.len() == 3))
+            daemon_status(&sa)
+                .is_some_and(|v| v["folders"].as_array().is_some_and(|f| f.len() == 3))
         });
         let refused = run(&["add", third.to_str().unwrap()]);
         assert!(!refused.status.success(), "adding twice was accepted");
@@ -358,7 +373,11 @@ print(json.dumps({"name": found[0], "port": info.port,
     fn a_bad_config_is_one_clear_line_and_exit_2() {
         let tmp = tempfile::tempdir().unwrap();
         let conf = tmp.path().join("bad.toml");
-        fs::write(&conf, "discovery = true\n\n[[folder]]\npath = \"not/absolute\"\n").unwrap();
+        fs::write(
+            &conf,
+            "discovery = true\n\n[[folder]]\npath = \"not/absolute\"\n",
+        )
+        .unwrap();
         let out = isolated(BIN, &["daemon", "--config", conf.to_str().unwrap()])
             .output()
             .expect("unshare (util-linux)");
@@ -366,7 +385,10 @@ print(json.dumps({"name": found[0], "port": info.port,
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert_eq!(
             err.trim(),
-            format!("feedsync: {}:4: folder path must be absolute", conf.display())
+            format!(
+                "feedsync: {}:4: folder path must be absolute",
+                conf.display()
+            )
         );
     }
 
@@ -505,14 +527,20 @@ print(json.dumps({"name": found[0], "port": info.port,
             move |l: &str| l.starts_with("mdns resolved ") && l.ends_with(&format!(" {port}"))
         };
         let name = watcher
-            .wait_line(Duration::from_secs(30), "the share resolved", resolved(port1))
+            .wait_line(
+                Duration::from_secs(30),
+                "the share resolved",
+                resolved(port1),
+            )
             .split(' ')
             .nth(2)
             .unwrap()
             .to_string();
         let dst = tmp.path().join("dst");
         let clone = lan.feedsync(1, &["clone", &url, dst.to_str().unwrap()]);
-        clone.wait_line(Duration::from_secs(60), "the clone complete", |l| l == "complete");
+        clone.wait_line(Duration::from_secs(60), "the clone complete", |l| {
+            l == "complete"
+        });
 
         // Goodbye: withdrawn within seconds; records would otherwise live for minutes.
         stop(&mut first, "the share");

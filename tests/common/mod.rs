@@ -254,7 +254,13 @@ impl Proc {
         let mut found = None;
         let t = Instant::now();
         while found.is_none() {
-            found = self.stdout.lock().unwrap().iter().find(|l| want(l)).cloned();
+            found = self
+                .stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| want(l))
+                .cloned();
             if found.is_none() {
                 assert!(
                     t.elapsed() < limit,
@@ -361,8 +367,15 @@ pub fn ip(args: &[&str]) {
 /// must not touch this machine's network (mDNS, a daemon) yet needs no peer elsewhere.
 pub fn isolated(program: &str, args: &[&str]) -> Command {
     let mut c = Command::new("unshare");
-    c.args(["-n", "sh", "-c", "ip link set lo up && exec \"$@\"", "sh", program])
-        .args(args);
+    c.args([
+        "-n",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$@\"",
+        "sh",
+        program,
+    ])
+    .args(args);
     c
 }
 
@@ -428,7 +441,8 @@ impl Lan {
     /// `program ARGS` on host `i` (not started).
     pub fn command(&self, i: usize, program: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.hosts[i], program]).args(args);
+        c.args(["netns", "exec", &self.hosts[i], program])
+            .args(args);
         c
     }
 
