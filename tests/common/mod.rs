@@ -154,6 +154,17 @@ pub fn assert_same_tree(a: &Path, b: &Path, skip: &[&str]) {
     }
 }
 
+/// The bytes of lower-case or upper-case hex `text`; `None` if it is not hex.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// Waits until `cond` holds, checking every 10 ms; fails the test naming `what` after `limit`.
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let t = Instant::now();
