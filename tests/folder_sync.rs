@@ -167,7 +167,7 @@ fn live_changes_propagate_and_renames_cost_nothing() {
         dst.join("big.bin").exists() && same_tree(&src, &dst, &[])
     });
     let before = fetched_content(&c).len();
-    let blocks = |c: &Proc| -> u64 { fetched_content(&c).iter().map(|(_, n)| n).sum() };
+    let blocks = |c: &Proc| -> u64 { fetched_content(c).iter().map(|(_, n)| n).sum() };
     let fetched_before = blocks(&c);
 
     // A rename of 1 MiB and a copy: no content block moves.
