@@ -654,3 +654,31 @@ fn a_file_changed_behind_the_scanners_back_is_reread_not_served() {
     );
     assert_eq!(fs::read(dst.join("doc.bin")).unwrap(), data);
 }
+
+/// The comparison the other tests rest on: two trees that cannot be read are not equal, and
+/// an extra file, a changed byte or a changed mode is a difference.
+#[test]
+fn tree_comparison_is_strict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    assert!(!same_tree(&a, &b, &[]), "two missing trees compared equal");
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    assert!(!same_tree(&a, &b.join("missing"), &[]));
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    for d in [&a, &b] {
+        fs::write(d.join("f"), b"same").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(d.join("f"))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+    assert!(same_tree(&a, &b, &[]));
+    fs::write(b.join("extra"), b"").unwrap();
+    assert!(!same_tree(&a, &b, &[]), "an extra file was ignored");
+    fs::remove_file(b.join("extra")).unwrap();
+    fs::set_permissions(b.join("f"), fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(!same_tree(&a, &b, &[]), "a mode change was ignored");
+}
