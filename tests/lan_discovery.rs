@@ -537,7 +537,18 @@ print(json.dumps({"name": found[0], "port": info.port,
             .unwrap()
             .to_string();
         let dst = tmp.path().join("dst");
-        let clone = lan.feedsync(1, &["clone", &url, dst.to_str().unwrap()]);
+        // The clone listens on loopback only: the share cannot dial it, so finding the share
+        // again is the clone's own doing.
+        let clone = lan.feedsync(
+            1,
+            &[
+                "clone",
+                &url,
+                dst.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        );
         clone.wait_line(Duration::from_secs(60), "the clone complete", |l| {
             l == "complete"
         });
