@@ -9,19 +9,16 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::Rng;
+
 const KILLS: usize = 24;
 const CHILD_ENV: &str = "FEEDSYNC_CRASH_CHILD_DIR";
 
 /// Deterministic content of block `i`: sizes cycle through boundary cases, bytes from BLAKE3.
 fn block(i: u64) -> Vec<u8> {
     const SIZES: [usize; 8] = [0, 1, 4095, 4096, 4097, 65536, 200_000, 777];
-    let size = SIZES[(i % 8) as usize];
-    let mut buf = vec![0u8; size];
-    blake3::Hasher::new()
-        .update(&i.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut buf);
-    buf
+    common::bytes(i, SIZES[(i % 8) as usize])
 }
 
 /// Not a test on its own: the child process body, run by `appends_survive_sigkill`.
@@ -57,30 +54,9 @@ fn crash_child() {
     }
 }
 
-/// A small xorshift generator: deterministic kill points from a printed seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn appends_survive_sigkill() {
-    let seed = std::env::var("FEEDSYNC_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap();
-            now.as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15
-        });
-    eprintln!("crash test seed: {seed} (rerun with FEEDSYNC_SEED={seed})");
-    let mut rng = Rng(seed | 1);
+    let (mut rng, seed) = Rng::from_env_or_clock("crash test");
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("feed");
     let exe = std::env::current_exe().unwrap();

@@ -6,6 +6,8 @@ use feedsync::core::{Feed, FeedError, MemoryStorage};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
+mod common;
+
 #[derive(Debug, Clone)]
 enum Op {
     Append(Vec<u8>),
@@ -150,8 +152,8 @@ proptest! {
 fn scattered_single_block_replication() {
     let key = SigningKey::from_bytes(&[7u8; 32]);
     let mut writer = Feed::create(MemoryStorage::new(), key.clone()).unwrap();
-    let blocks: Vec<Vec<u8>> = (0..1000u32)
-        .map(|i| i.to_le_bytes().repeat(1 + i as usize % 40))
+    let blocks: Vec<Vec<u8>> = (0..1000u64)
+        .map(|i| common::bytes(i, 4 * (1 + i as usize % 40)))
         .collect();
     writer.append_batch(&blocks).unwrap();
     let mut replica =

@@ -1,153 +1,49 @@
 //! Folder sync end to end: real `feedsync share` / `feedsync clone` processes over loopback,
 //! real files, trees compared byte for byte with mode and mtime.
 
-use std::collections::BTreeMap;
+mod common;
+
+use common::{
+    Node, Proc, Rng, assert_same_tree, bytes as random_bytes, same_tree, tree, wait_until,
+};
+use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-const BIN: &str = env!("CARGO_BIN_EXE_feedsync");
+const BIN: &str = common::BIN;
 
-/// A running feedsync process whose stdout lines are collected by a thread.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start feedsync");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        for (pipe, sink) in [
-            (
-                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-                lines.clone(),
-            ),
-            (Box::new(child.stderr.take().unwrap()), stderr.clone()),
-        ] {
-            readers.push(std::thread::spawn(move || {
-                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    sink.lock().unwrap().push(l);
-                }
-            }));
-        }
-        Proc {
-            child,
-            lines,
-            stderr,
-            readers,
-        }
-    }
-
-    /// After the process ended: waits until everything it printed has been collected.
-    fn drain(&mut self) {
-        for r in self.readers.drain(..) {
-            r.join().unwrap();
-        }
-    }
-
-    fn line_with(&self, prefix: &str) -> Option<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.starts_with(prefix))
-            .cloned()
-    }
-
-    fn stderr_has(&self, needle: &str) -> bool {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    /// Content blocks fetched: (index, count) of every `fetched 1 I C` line.
-    fn fetched_content(&self) -> Vec<(u64, u64)> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| {
-                let mut w = l.strip_prefix("fetched 1 ")?.split(' ');
-                Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
-            })
-            .collect()
-    }
-
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            if t.elapsed() > limit {
-                let _ = self.child.kill();
-                panic!(
-                    "process did not exit within {limit:?}; stderr: {:?}",
-                    self.stderr.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        assert!(
-            t.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Content blocks a `--report-fetches` clone reported fetched: (index, count) of every
+/// `fetched 1 I C` line.
+fn fetched_content(p: &Proc) -> Vec<(u64, u64)> {
+    p.lines()
+        .iter()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("fetched 1 ")?.split(' ');
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Starts `feedsync share DIR` on loopback; returns it with its URL and address.
 fn share(dir: &Path) -> (Proc, String, String) {
     // Never mDNS on this machine's interfaces: discovery is tested in network namespaces.
-    let p = Proc::start(&[
+    let p = Proc::feedsync(&[
         "share",
         dir.to_str().unwrap(),
         "--listen",
         "127.0.0.1:0",
         "--no-discovery",
     ]);
-    wait_until(Duration::from_secs(60), "share to listen", || {
-        p.line_with("listening on ").is_some()
-    });
-    let url = p.lines.lock().unwrap()[0].clone();
+    let addr = p.listen_addr();
+    let url = p.lines()[0].clone();
     assert!(
         url.starts_with("feedsync://"),
         "first line is the URL: {url}"
     );
-    let addr = p
-        .line_with("listening on ")
-        .unwrap()
-        .trim_start_matches("listening on ")
-        .to_string();
     (p, url, addr)
 }
 
@@ -164,75 +60,7 @@ fn clone(url: &str, dir: &Path, addr: &str, once: bool) -> Proc {
     if once {
         args.push("--once");
     }
-    Proc::start(&args)
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Node {
-    Dir,
-    File {
-        content_hash: [u8; 32],
-        size: u64,
-        exec: bool,
-        mtime: SystemTime,
-    },
-}
-
-/// Everything under `root` but the state directory and `skip`ped names.
-fn tree(root: &Path, skip: &[&str]) -> BTreeMap<PathBuf, Node> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    // The clone may be renaming files into place while we look: what vanishes mid-walk is
-    // left out (the trees then differ, and a waiting caller looks again).
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries {
-            let Ok(e) = e else { continue };
-            let name = e.file_name();
-            let rel = e.path().strip_prefix(root).unwrap().to_path_buf();
-            if rel == Path::new(".feedsync") || skip.iter().any(|s| name == *s) {
-                continue;
-            }
-            let Ok(m) = fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            if m.is_dir() {
-                out.insert(rel, Node::Dir);
-                stack.push(e.path());
-            } else {
-                let Ok(f) = fs::File::open(e.path()) else {
-                    continue;
-                };
-                let mut h = blake3::Hasher::new();
-                h.update_reader(f).unwrap();
-                out.insert(
-                    rel,
-                    Node::File {
-                        content_hash: *h.finalize().as_bytes(),
-                        size: m.len(),
-                        exec: m.permissions().mode() & 0o100 != 0,
-                        mtime: m.modified().unwrap(),
-                    },
-                );
-            }
-        }
-    }
-    out
-}
-
-fn same_tree(a: &Path, b: &Path, skip: &[&str]) -> bool {
-    tree(a, skip) == tree(b, skip)
-}
-
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
+    Proc::feedsync(&args)
 }
 
 #[test]
@@ -289,19 +117,11 @@ fn tree_round_trips_exactly() {
 
     let (_share, url, addr) = share(&src);
     let mut c = clone(&url, &dst, &addr, true);
-    let status = c.wait(Duration::from_secs(120));
-    c.drain();
-    assert!(
-        status.success(),
-        "clone --once failed: {:?}",
-        c.stderr.lock().unwrap()
-    );
+    let status = c.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "clone --once failed: {:?}", c.errors());
 
     assert!(!dst.join("debug.log").exists() && !dst.join("build").exists());
-    assert!(
-        same_tree(&src, &dst, &["debug.log", "build", ".feedsync"]),
-        "trees differ"
-    );
+    assert_same_tree(&src, &dst, &["debug.log", "build", ".feedsync"]);
     let m = fs::metadata(dst.join("sparse.img")).unwrap();
     assert_eq!(m.len(), 2 << 30);
     assert!(
@@ -311,7 +131,7 @@ fn tree_round_trips_exactly() {
     );
     // Nothing was fetched twice, and the copy and the zeros cost nothing extra: the content
     // blocks fetched are exactly those the writer appended.
-    let fetched = c.fetched_content();
+    let fetched = fetched_content(&c);
     let mut seen = std::collections::BTreeSet::new();
     for (i, n) in &fetched {
         for b in *i..i + n {
@@ -346,8 +166,8 @@ fn live_changes_propagate_and_renames_cost_nothing() {
     wait_until(Duration::from_secs(60), "the first version", || {
         dst.join("big.bin").exists() && same_tree(&src, &dst, &[])
     });
-    let before = c.fetched_content().len();
-    let blocks = |c: &Proc| -> u64 { c.fetched_content().iter().map(|(_, n)| n).sum() };
+    let before = fetched_content(&c).len();
+    let blocks = |c: &Proc| -> u64 { fetched_content(c).iter().map(|(_, n)| n).sum() };
     let fetched_before = blocks(&c);
 
     // A rename of 1 MiB and a copy: no content block moves.
@@ -377,7 +197,7 @@ fn live_changes_propagate_and_renames_cost_nothing() {
         extra <= 3,
         "changing one block of big.bin + two small files fetched {extra} blocks"
     );
-    assert!(c.fetched_content().len() > before);
+    assert!(fetched_content(&c).len() > before);
 
     // A file becomes a directory of the same name.
     fs::remove_file(src.join("notes.txt")).unwrap();
@@ -414,21 +234,14 @@ fn hostile_writer(
     let url = d.url();
     drop(d);
     let store = dir.join(".feedsync/meta");
-    let p = Proc::start(&[
+    let p = Proc::feedsync(&[
         "feed",
         "sync",
         store.to_str().unwrap(),
         "--listen",
         "127.0.0.1:0",
     ]);
-    wait_until(Duration::from_secs(30), "hostile writer to listen", || {
-        p.line_with("listening on ").is_some()
-    });
-    let addr = p
-        .line_with("listening on ")
-        .unwrap()
-        .trim_start_matches("listening on ")
-        .to_string();
+    let addr = p.listen_addr();
     (p, url, addr)
 }
 
@@ -513,8 +326,9 @@ fn traversal_records_are_refused_and_nothing_escapes() {
 
 /// Every file at a final path in `dst` is complete and equal to its source: never a part.
 fn no_partial_files(src: &Path, dst: &Path) {
-    let s = tree(src, &[]);
-    for (path, node) in tree(dst, &[]) {
+    let s = tree(src, &[]).unwrap_or_else(|e| panic!("reading {}: {e}", src.display()));
+    let d = tree(dst, &[]).unwrap_or_else(|e| panic!("reading {}: {e}", dst.display()));
+    for (path, node) in d {
         if let Node::File { .. } = node {
             let want = s
                 .get(&path)
@@ -527,6 +341,93 @@ fn no_partial_files(src: &Path, dst: &Path) {
     }
 }
 
+/// A folder shared in this process through the library (as `feedsync share` wires it), with
+/// every content block it hands out recorded: the serving side's count, which no kill of a
+/// clone can lose.
+struct InProcessShare {
+    node: feedsync::sync::NodeHandle,
+    url: String,
+    addr: String,
+    /// Content block indices in the order they were uploaded (one entry per block sent).
+    uploads: Arc<Mutex<Vec<u64>>>,
+    drain: std::thread::JoinHandle<()>,
+}
+
+impl InProcessShare {
+    fn start(dir: &Path) -> InProcessShare {
+        use feedsync::core::Event;
+        use feedsync::drive::{AppOptions, Drive};
+        use feedsync::sync::{NodeConfig, NodeEvent};
+        let drive = Drive::share(dir).unwrap();
+        let url = drive.url();
+        let options = AppOptions {
+            follow: false,
+            ..AppOptions::default()
+        };
+        let (feeds, app) = drive.into_app(options).unwrap();
+        // The drive's feeds are metadata then content.
+        const CONTENT: usize = 1;
+        let config = NodeConfig {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..NodeConfig::new()
+        };
+        let node = feedsync::sync::spawn_with(config, feeds, Some(Box::new(app))).unwrap();
+        let events = node.events.clone();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let uploads = Arc::new(Mutex::new(Vec::new()));
+        let log = uploads.clone();
+        // Drained at once, all the time: the node drops events when its queue is full.
+        let drain = std::thread::spawn(move || {
+            for e in events.iter() {
+                match e {
+                    NodeEvent::Listening(a) => {
+                        let _ = addr_tx.send(a.to_string());
+                    }
+                    NodeEvent::Replication(Event::Uploaded {
+                        feed: CONTENT,
+                        index,
+                        count,
+                        ..
+                    }) => log.lock().unwrap().extend(index..index + count),
+                    NodeEvent::Stopped => break,
+                    _ => {}
+                }
+            }
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        InProcessShare {
+            node,
+            url,
+            addr,
+            uploads,
+            drain,
+        }
+    }
+
+    fn uploaded(&self) -> Vec<u64> {
+        self.uploads.lock().unwrap().clone()
+    }
+
+    fn stop(self) {
+        self.node.shutdown().unwrap();
+        self.drain.join().unwrap();
+    }
+}
+
+/// Content blocks the clone in `dst` holds durably (read from its store while nothing runs).
+fn held_content(dst: &Path) -> BTreeSet<u64> {
+    let Ok(d) = feedsync::drive::Drive::open(dst) else {
+        return BTreeSet::new(); // killed before it stored its first metadata
+    };
+    d.content.map_or_else(BTreeSet::new, |c| {
+        let b = c.bitfield();
+        (0..c.len()).filter(|&i| b.get(i)).collect()
+    })
+}
+
+/// A clone SIGKILLed again and again, each time after the serving side saw it fetch content,
+/// finishes without fetching again any block it had stored. Counted where the blocks leave
+/// (the in-process share's uploads), so nothing a kill interrupts can hide a refetch.
 #[test]
 fn clone_killed_repeatedly_finishes_without_refetching() {
     let tmp = tempfile::tempdir().unwrap();
@@ -551,139 +452,174 @@ fn clone_killed_repeatedly_finishes_without_refetching() {
         )
         .unwrap();
     }
-    let (_share, url, addr) = share(&src);
+    let share = InProcessShare::start(&src);
+    let (mut rng, seed) = Rng::from_env_or_clock("kill");
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("kill seed {seed}");
-    let mut rng = seed;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let mut fetched = std::collections::BTreeSet::new();
-    let mut record = |p: &Proc| {
-        for (i, n) in p.fetched_content() {
-            for b in i..i + n {
-                assert!(
-                    fetched.insert(b),
-                    "block {b} fetched again after a restart (seed {seed})"
-                );
-            }
-        }
-    };
+    // Blocks the clone held after the last kill: none of them may leave the share again.
+    let mut held = BTreeSet::new();
     let mut kills = 0;
-    while kills < 12 {
-        let mut c = clone(&url, &dst, &addr, true);
-        // Kill at a random moment once the run has started moving data.
-        let delay = Duration::from_millis(20 + next() % 200);
+    loop {
+        let start = share.uploaded().len();
+        let mut c = clone(&share.url, &dst, &share.addr, true);
+        // Until the share has handed this run some content (or the run finished).
+        wait_until(Duration::from_secs(60), "the run to fetch content", || {
+            share.uploaded().len() > start || c.child.try_wait().is_ok_and(|s| s.is_some())
+        });
+        // Then a random moment later, so the kills land all over the transfer.
+        let delay = Duration::from_millis(next_delay(&mut rng));
         let t = Instant::now();
-        while t.elapsed() < delay && c.child.try_wait().unwrap().is_none() {
-            std::thread::sleep(Duration::from_millis(5));
+        while t.elapsed() < delay && c.exited().is_none() {
+            std::thread::sleep(Duration::from_millis(2));
         }
-        if c.child.try_wait().unwrap().is_some() {
-            c.drain();
-            record(&c);
-            break; // finished before the kill came
+        let finished = c.exited().is_some();
+        if !finished {
+            c.kill(); // SIGKILL
         }
-        c.child.kill().unwrap(); // SIGKILL
-        c.child.wait().unwrap();
-        c.drain();
-        record(&c);
+        let run = share.uploaded()[start..].to_vec();
+        let again: Vec<_> = run.iter().filter(|b| held.contains(*b)).collect();
+        assert!(
+            again.is_empty(),
+            "blocks {again:?} fetched again after a restart, though stored (seed {seed})"
+        );
+        if finished {
+            assert!(
+                c.wait_exit(Duration::from_secs(1)).success(),
+                "{:?}",
+                c.errors()
+            );
+            break;
+        }
         kills += 1;
+        assert!(
+            !run.is_empty(),
+            "killed run {kills} fetched nothing (seed {seed})"
+        );
         no_partial_files(&src, &dst);
+        held = held_content(&dst);
+        if kills == 12 {
+            break;
+        }
     }
     assert!(
         kills >= 10,
         "only {kills} kills landed mid-transfer (seed {seed})"
     );
-    let mut c = clone(&url, &dst, &addr, true);
-    assert!(c.wait(Duration::from_secs(120)).success());
-    c.drain();
-    record(&c);
-    assert!(
-        same_tree(&src, &dst, &[]),
-        "trees differ after the last run (seed {seed})"
+    if kills == 12 {
+        let start = share.uploaded().len();
+        let mut c = clone(&share.url, &dst, &share.addr, true);
+        assert!(
+            c.wait_exit(Duration::from_secs(120)).success(),
+            "{:?}",
+            c.errors()
+        );
+        let run = share.uploaded()[start..].to_vec();
+        let again: Vec<_> = run.iter().filter(|b| held.contains(*b)).collect();
+        assert!(
+            again.is_empty(),
+            "blocks {again:?} fetched again (seed {seed})"
+        );
+    }
+    assert_same_tree(&src, &dst, &[]);
+    // Whatever was sent twice was lost in flight at a kill (never stored): far fewer than all.
+    let all = share.uploaded();
+    let distinct: BTreeSet<_> = all.iter().collect();
+    eprintln!(
+        "{kills} kills; {} content blocks uploaded, {} distinct (seed {seed})",
+        all.len(),
+        distinct.len()
     );
+    assert_eq!(
+        held_content(&dst).len(),
+        distinct.len(),
+        "the clone holds exactly the blocks it was sent"
+    );
+    share.stop();
 }
 
-/// A full disk: the clone runs on a small tmpfs in a private mount namespace (root only, as in
-/// CI), runs out of space, reports it, keeps every file it published whole, and completes once
-/// space is freed.
-#[test]
-fn full_disk_reports_corrupts_nothing_and_recovers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    for i in 0..4u64 {
-        fs::write(
-            src.join(format!("f{i}.bin")),
-            random_bytes(500 + i, 4 << 20),
-        )
-        .unwrap();
+/// A kill delay in ms: mostly early (the first blocks), sometimes well into the transfer.
+fn next_delay(rng: &mut Rng) -> u64 {
+    match rng.next() % 4 {
+        0 => 0,
+        1 | 2 => rng.next() % 100,
+        _ => rng.next() % 400,
     }
-    let (_share, url, addr) = share(&src);
-    let out = tmp.path().join("out");
-    fs::create_dir_all(&out).unwrap();
-    let script = r#"
-set -u
-MNT=$(mktemp -d)
-mount -t tmpfs -o size=24m tmpfs "$MNT" || exit 90
-head -c 14M /dev/zero > "$MNT/filler"
-"$BIN" clone "$URL" "$MNT/dst" --peer "$ADDR" --once --no-discovery > "$OUT/stdout" 2> "$OUT/stderr" &
-CP=$!
-for i in $(seq 1200); do grep -q "No space left" "$OUT/stderr" && break; sleep 0.05; done
-grep -q "No space left" "$OUT/stderr" || { kill $CP; exit 91; }
-cp -a "$MNT/dst" "$OUT/snapshot"
-rm "$MNT/filler"
-wait $CP
-echo $? > "$OUT/clone_status"
-cp -a "$MNT/dst" "$OUT/final"
-"#;
-    let status = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "bash", "-c", script])
-        .env("BIN", BIN)
-        .env("URL", &url)
-        .env("ADDR", &addr)
-        .env("OUT", &out)
-        .status()
-        .expect("run unshare (util-linux)");
-    let stderr = fs::read_to_string(out.join("stderr")).unwrap_or_default();
-    assert_ne!(
-        status.code(),
-        Some(90),
-        "could not mount a tmpfs in a private mount namespace (this test needs root)"
-    );
-    assert_ne!(
-        status.code(),
-        Some(91),
-        "the clone never reported a full disk: {stderr}"
-    );
-    assert!(
-        status.success(),
-        "namespace script failed: {status:?}, clone stderr: {stderr}"
-    );
-    // The error is one clear line naming the cause.
-    assert!(
-        stderr
-            .lines()
-            .any(|l| l.starts_with("feedsync: ") && l.contains("No space left"))
-    );
-    // While the disk was full, what was at a final path was whole.
-    no_partial_files(&src, &out.join("snapshot"));
-    assert_eq!(
-        fs::read_to_string(out.join("clone_status")).unwrap().trim(),
-        "0"
-    );
-    assert!(
-        same_tree(&src, &out.join("final"), &[]),
-        "the clone did not complete"
-    );
-    eprintln!("clone stderr:\n{stderr}");
+}
+
+/// Tests that need root (a tmpfs mount): see `tests/common` for how `scripts/test` runs them.
+mod needs_root {
+    use super::*;
+
+    /// A full disk: the clone runs on a small tmpfs in a private mount namespace (root only, as in
+    /// CI), runs out of space, reports it, keeps every file it published whole, and completes once
+    /// space is freed.
+    #[test]
+    fn full_disk_reports_corrupts_nothing_and_recovers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        for i in 0..4u64 {
+            fs::write(
+                src.join(format!("f{i}.bin")),
+                random_bytes(500 + i, 4 << 20),
+            )
+            .unwrap();
+        }
+        let (_share, url, addr) = share(&src);
+        let out = tmp.path().join("out");
+        fs::create_dir_all(&out).unwrap();
+        let script = r#"
+    set -u
+    MNT=$(mktemp -d)
+    mount -t tmpfs -o size=24m tmpfs "$MNT" || exit 90
+    head -c 14M /dev/zero > "$MNT/filler"
+    "$BIN" clone "$URL" "$MNT/dst" --peer "$ADDR" --once --no-discovery > "$OUT/stdout" 2> "$OUT/stderr" &
+    CP=$!
+    for i in $(seq 1200); do grep -q "No space left" "$OUT/stderr" && break; sleep 0.05; done
+    grep -q "No space left" "$OUT/stderr" || { kill $CP; exit 91; }
+    cp -a "$MNT/dst" "$OUT/snapshot"
+    rm "$MNT/filler"
+    wait $CP
+    echo $? > "$OUT/clone_status"
+    cp -a "$MNT/dst" "$OUT/final"
+    "#;
+        let status = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "bash", "-c", script])
+            .env("BIN", BIN)
+            .env("URL", &url)
+            .env("ADDR", &addr)
+            .env("OUT", &out)
+            .status()
+            .expect("run unshare (util-linux)");
+        let stderr = fs::read_to_string(out.join("stderr")).unwrap_or_default();
+        assert_ne!(
+            status.code(),
+            Some(90),
+            "could not mount a tmpfs in a private mount namespace (this test needs root)"
+        );
+        assert_ne!(
+            status.code(),
+            Some(91),
+            "the clone never reported a full disk: {stderr}"
+        );
+        assert!(
+            status.success(),
+            "namespace script failed: {status:?}, clone stderr: {stderr}"
+        );
+        // The error is one clear line naming the cause.
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("feedsync: ") && l.contains("No space left"))
+        );
+        // While the disk was full, what was at a final path was whole.
+        no_partial_files(&src, &out.join("snapshot"));
+        assert_eq!(
+            fs::read_to_string(out.join("clone_status")).unwrap().trim(),
+            "0"
+        );
+        assert_same_tree(&src, &out.join("final"), &[]);
+        eprintln!("clone stderr:\n{stderr}");
+    }
 }
 
 /// Bytes changed behind the scanner's back (same size, mtime put back) are caught when serving:
@@ -712,9 +648,37 @@ fn a_file_changed_behind_the_scanners_back_is_reread_not_served() {
 
     let mut c = clone(&url, &dst, &addr, true);
     assert!(
-        c.wait(Duration::from_secs(60)).success(),
+        c.wait_exit(Duration::from_secs(60)).success(),
         "{:?}",
-        c.stderr.lock().unwrap()
+        c.errors()
     );
     assert_eq!(fs::read(dst.join("doc.bin")).unwrap(), data);
+}
+
+/// The comparison the other tests rest on: two trees that cannot be read are not equal, and
+/// an extra file, a changed byte or a changed mode is a difference.
+#[test]
+fn tree_comparison_is_strict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    assert!(!same_tree(&a, &b, &[]), "two missing trees compared equal");
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    assert!(!same_tree(&a, &b.join("missing"), &[]));
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    for d in [&a, &b] {
+        fs::write(d.join("f"), b"same").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(d.join("f"))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+    assert!(same_tree(&a, &b, &[]));
+    fs::write(b.join("extra"), b"").unwrap();
+    assert!(!same_tree(&a, &b, &[]), "an extra file was ignored");
+    fs::remove_file(b.join("extra")).unwrap();
+    fs::set_permissions(b.join("f"), fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(!same_tree(&a, &b, &[]), "a mode change was ignored");
 }

@@ -1,111 +1,30 @@
 //! Real processes over loopback: a source killed mid-transfer, SIGTERM under load and resume.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use common::{BIN, Proc};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BLOCK: usize = 65536;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_feedsync")
+/// `feedsync feed sync ARGS`, killed when dropped.
+fn start(args: &[&str]) -> Proc {
+    let mut all = vec!["feed", "sync"];
+    all.extend_from_slice(args);
+    Proc::feedsync(&all)
 }
 
-/// A running `feedsync feed sync`, its stdout lines on a channel; killed when dropped.
-struct Node {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Node {
-    fn start(args: &[&str]) -> Node {
-        let mut child = Command::new(bin())
-            .args(["feed", "sync"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Node {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    /// The first line matching `want`, within `secs` seconds.
-    fn wait_line(&mut self, secs: u64, what: &str, want: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if want(&line) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no {what} within {secs} s; output so far: {:?}", self.log),
-            }
-        }
-    }
-
-    fn addr(&mut self) -> String {
-        let line = self.wait_line(20, "listening line", |l| l.starts_with("listening on "));
-        line.trim_start_matches("listening on ").to_string()
-    }
-
-    fn signal(&self, sig: i32) {
-        // Through the `kill` command, so the test needs no libc binding.
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for exit (within `secs`), returning the status and the remaining output.
-    fn wait_exit(&mut self, secs: u64) -> (std::process::ExitStatus, Vec<String>) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // The reader thread ends at EOF; collect what it still holds.
-                while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
-                    self.log.push(l);
-                }
-                return (status, self.log.clone());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "did not exit within {secs} s; output: {:?}",
-                self.log
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Waits for `p` to exit within `secs`; returns the status and everything it printed.
+fn exit(p: &mut Proc, secs: u64) -> (std::process::ExitStatus, Vec<String>) {
+    let status = p.wait_exit(Duration::from_secs(secs));
+    (status, p.lines())
 }
 
 fn run(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().unwrap();
+    let out = Command::new(BIN).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "feedsync {args:?}: {}",
@@ -120,11 +39,7 @@ fn writer(dir: &Path, blocks: usize) -> (PathBuf, String, Vec<u8>) {
     let key = run(&["feed", "create", store.to_str().unwrap()])
         .trim()
         .to_string();
-    let mut data = vec![0u8; blocks * BLOCK];
-    blake3::Hasher::new()
-        .update(b"net-processes")
-        .finalize_xof()
-        .fill(&mut data);
+    let data = common::bytes(0x6e65_7470, blocks * BLOCK);
     let file = dir.join("input");
     std::fs::File::create(&file)
         .unwrap()
@@ -168,11 +83,11 @@ fn check(store: &Path, data: &[u8]) {
 fn a_reader_completes_when_one_of_its_two_sources_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let (wstore, key, data) = writer(dir.path(), 1200);
-    let mut w = Node::start(&[wstore.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
-    let waddr = w.addr();
+    let mut w = start(&[wstore.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    let waddr = w.listen_addr();
     // A second source: a replica that completes, then keeps serving.
     let r1 = dir.path().join("r1");
-    let mut s1 = Node::start(&[
+    let s1 = start(&[
         r1.to_str().unwrap(),
         "--key",
         &key,
@@ -181,10 +96,12 @@ fn a_reader_completes_when_one_of_its_two_sources_is_killed() {
         "--listen",
         "127.0.0.1:0",
     ]);
-    let s1addr = s1.addr();
-    s1.wait_line(120, "source 2 complete", |l| l.starts_with("complete"));
+    let s1addr = s1.listen_addr();
+    s1.wait_line(Duration::from_secs(120), "source 2 complete", |l| {
+        l.starts_with("complete")
+    });
     let r2 = dir.path().join("r2");
-    let mut reader = Node::start(&[
+    let mut reader = start(&[
         r2.to_str().unwrap(),
         "--key",
         &key,
@@ -194,14 +111,16 @@ fn a_reader_completes_when_one_of_its_two_sources_is_killed() {
         &s1addr,
         "--once",
     ]);
-    let line = reader.wait_line(120, "first progress", |l| progress(l).is_some());
+    let line = reader.wait_line(Duration::from_secs(120), "first progress", |l| {
+        progress(l).is_some()
+    });
     let (held, length) = progress(&line).unwrap();
     assert!(
         held < length,
         "finished before the kill ({line}): nothing was tested"
     );
     w.child.kill().unwrap(); // SIGKILL, mid-transfer
-    let (status, log) = reader.wait_exit(120);
+    let (status, log) = exit(&mut reader, 120);
     assert!(status.success(), "reader failed: {log:?}");
     assert!(
         log.iter().any(|l| l.starts_with("complete 1200 1200")),
@@ -215,19 +134,21 @@ fn a_reader_completes_when_one_of_its_two_sources_is_killed() {
 fn sigterm_under_load_exits_fast_and_a_restart_fetches_only_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let (wstore, key, data) = writer(dir.path(), 1500);
-    let mut w = Node::start(&[wstore.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
-    let waddr = w.addr();
+    let mut w = start(&[wstore.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    let waddr = w.listen_addr();
     let r = dir.path().join("r");
     let rs = r.to_str().unwrap();
-    let mut reader = Node::start(&[rs, "--key", &key, "--peer", &waddr, "--once"]);
-    let line = reader.wait_line(120, "first progress", |l| progress(l).is_some());
+    let mut reader = start(&[rs, "--key", &key, "--peer", &waddr, "--once"]);
+    let line = reader.wait_line(Duration::from_secs(120), "first progress", |l| {
+        progress(l).is_some()
+    });
     assert!(
         progress(&line).unwrap().0 < 1500,
         "finished before the signal: nothing was tested"
     );
     let t = Instant::now();
     reader.signal(15); // SIGTERM under load
-    let (status, log) = reader.wait_exit(5);
+    let (status, log) = exit(&mut reader, 5);
     let took = t.elapsed();
     assert!(
         status.success(),
@@ -241,8 +162,8 @@ fn sigterm_under_load_exits_fast_and_a_restart_fetches_only_what_is_missing() {
     );
 
     // Restart: it resumes, fetching exactly the blocks it did not have.
-    let mut again = Node::start(&[rs, "--peer", &waddr, "--once"]);
-    let (status, log) = again.wait_exit(120);
+    let mut again = start(&[rs, "--peer", &waddr, "--once"]);
+    let (status, log) = exit(&mut again, 120);
     assert!(status.success(), "{log:?}");
     let second = fetched(&log);
     assert_eq!(
@@ -253,7 +174,7 @@ fn sigterm_under_load_exits_fast_and_a_restart_fetches_only_what_is_missing() {
 
     // SIGINT too, on the serving writer: a clean exit 0.
     w.signal(2);
-    let (status, log) = w.wait_exit(5);
+    let (status, log) = exit(&mut w, 5);
     assert!(status.success(), "writer: {status:?} {log:?}");
     check(&r, &data);
 }

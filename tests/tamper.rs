@@ -4,6 +4,8 @@
 use ed25519_dalek::SigningKey;
 use feedsync::core::{Feed, FeedError, MemoryStorage, Proof, VerifyError};
 
+mod common;
+
 struct Setup {
     writer: Feed<MemoryStorage>,
     replica: Feed<MemoryStorage>,
@@ -14,7 +16,9 @@ struct Setup {
 fn setup() -> Setup {
     let key = SigningKey::from_bytes(&[9u8; 32]);
     let mut writer = Feed::create(MemoryStorage::new(), key.clone()).unwrap();
-    let blocks: Vec<Vec<u8>> = (0..11u8).map(|i| vec![i; 100 + i as usize]).collect();
+    let blocks: Vec<Vec<u8>> = (0..11u64)
+        .map(|i| common::bytes(i, 100 + i as usize))
+        .collect();
     writer.append_batch(&blocks[..5]).unwrap();
     let mut replica =
         Feed::create_replica(MemoryStorage::new(), key.verifying_key().to_bytes()).unwrap();
@@ -238,7 +242,7 @@ fn forked_history_is_detected() {
     let mut s = setup();
     // The same key signs a different history (a restored backup re-appending other data).
     let mut fork = Feed::create(MemoryStorage::new(), SigningKey::from_bytes(&[9u8; 32])).unwrap();
-    let other: Vec<Vec<u8>> = (0..11u8).map(|i| vec![i ^ 0x55; 50]).collect();
+    let other: Vec<Vec<u8>> = (0..11u64).map(|i| common::bytes(i ^ 0x55, 50)).collect();
     fork.append_batch(&other).unwrap();
     let p = fork.proof(8, 1, 5, true).unwrap();
     assert!(matches!(

@@ -151,8 +151,11 @@ fn vectors() -> Vec<(&'static str, &'static str, Message)> {
     ]
 }
 
+mod common;
+
+/// Hex in lines of 64 digits, as the vector files hold it.
 fn to_hex(bytes: &[u8]) -> String {
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = common::hex(bytes);
     hex.as_bytes()
         .chunks(64)
         .map(|c| std::str::from_utf8(c).unwrap())
@@ -167,10 +170,7 @@ fn from_hex(text: &str) -> Vec<u8> {
         .collect::<String>()
         .split_whitespace()
         .collect();
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-        .collect()
+    common::unhex(&digits).expect("hex digits in a vector file")
 }
 
 #[test]
