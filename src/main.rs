@@ -177,6 +177,49 @@ fn main() -> ExitCode {
     }
 }
 
+/// Signals are the binary's, not the library's: the first SIGINT/SIGTERM calls `stop` (the
+/// ordered shutdown), a second one exits at once with status 130 (every block was stored before
+/// it was announced, so nothing verified is lost). SIGHUP calls `reload`, when there is one.
+fn forward_signals(
+    stop: impl Fn() + Send + 'static,
+    reload: Option<Box<dyn Fn() + Send>>,
+) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut kinds = vec![SIGINT, SIGTERM];
+    if reload.is_some() {
+        kinds.push(SIGHUP);
+    }
+    let mut signals = signal_hook::iterator::Signals::new(kinds)?;
+    std::thread::Builder::new()
+        .name("feedsync-signals".into())
+        .spawn(move || {
+            let mut stopping = false;
+            for s in signals.forever() {
+                match (s, &reload) {
+                    (SIGHUP, Some(reload)) => reload(),
+                    _ if stopping => std::process::exit(130),
+                    _ => {
+                        stopping = true;
+                        stop();
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// A stop channel for [`feedsync::sync::NodeConfig::stop`], fed by SIGINT/SIGTERM.
+fn stop_on_signals() -> std::io::Result<crossbeam_channel::Receiver<()>> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    forward_signals(
+        move || {
+            let _ = tx.try_send(());
+        },
+        None,
+    )?;
+    Ok(rx)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -221,7 +264,7 @@ fn sync_feed(
         listen,
         peers,
         exit_when_complete: once && download,
-        handle_signals: true,
+        stop: Some(stop_on_signals()?),
         ..NodeConfig::new()
     };
     let node = feedsync::sync::spawn(config, vec![(feed, download)])?;
@@ -294,7 +337,7 @@ fn run_drive(
         listen,
         peers: net.peers.clone(),
         exit_when_complete: once && !writer,
-        handle_signals: true,
+        stop: Some(stop_on_signals()?),
         discovery: discover.then(|| feedsync::discovery::DiscoveryConfig {
             interfaces: net.interfaces.clone(),
         }),

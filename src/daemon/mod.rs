@@ -263,7 +263,7 @@ fn start_node(config: &Config, folders: &[FolderConfig]) -> Option<NodeHandle> {
             }
         })),
         peers,
-        handle_signals: false,
+        stop: None,
         max_peers: config.max_peers,
         discovery: config.discovery.then(|| crate::discovery::DiscoveryConfig {
             interfaces: config.interfaces.clone(),
