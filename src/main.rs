@@ -432,11 +432,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             state_dir,
         } => {
             let sd = state_dir.unwrap_or_else(feedsync::daemon::default_state_dir);
-            let v = feedsync::daemon::request(&sd, &serde_json::json!({"cmd": "status"}))?;
+            let reply = feedsync::daemon::request(&sd, &feedsync::daemon::Request::Status)?;
+            let feedsync::daemon::Reply::Status { folders } = reply else {
+                return Err(format!("unexpected answer from the daemon: {reply:?}").into());
+            };
             if json {
+                let v = serde_json::json!({ "folders": folders });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                for f in v["folders"].as_array().cloned().unwrap_or_default() {
+                for f in folders {
                     println!(
                         "{}  {}  version {}/{}  files {}/{}  bytes {}/{}  peers {}",
                         f["path"].as_str().unwrap_or(""),
@@ -461,9 +465,25 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .init();
-            if let Err(e) = feedsync::daemon::run(config.as_deref(), state_dir) {
+            use feedsync::daemon::{DaemonError, DaemonSignal};
+            let (tx, signals) = crossbeam_channel::bounded(16);
+            let reload = tx.clone();
+            forward_signals(
+                move || {
+                    let _ = tx.try_send(DaemonSignal::Stop);
+                },
+                Some(Box::new(move || {
+                    let _ = reload.try_send(DaemonSignal::Reload);
+                })),
+            )?;
+            if let Err(e) = feedsync::daemon::run(config.as_deref(), state_dir, signals) {
                 eprintln!("feedsync: {e}");
-                std::process::exit(2);
+                // A config error is a usage error (2); anything else failed at runtime (1).
+                std::process::exit(if matches!(e, DaemonError::Config(_)) {
+                    2
+                } else {
+                    1
+                });
             }
         }
         Command::Add {
@@ -473,16 +493,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let dir = std::path::absolute(&dir)?;
             let sd = state_dir.unwrap_or_else(feedsync::daemon::default_state_dir);
-            feedsync::daemon::request(
-                &sd,
-                &serde_json::json!({"cmd": "add", "path": dir, "url": url}),
-            )?;
-            println!("added {}", dir.display());
+            let reply =
+                feedsync::daemon::request(&sd, &feedsync::daemon::Request::Add { dir, url })?;
+            if let feedsync::daemon::Reply::Added { dir, url } = reply {
+                println!("added {}", dir.display());
+                println!("{url}");
+            }
         }
         Command::Remove { dir, state_dir } => {
             let dir = std::path::absolute(&dir)?;
             let sd = state_dir.unwrap_or_else(feedsync::daemon::default_state_dir);
-            feedsync::daemon::request(&sd, &serde_json::json!({"cmd": "remove", "path": dir}))?;
+            feedsync::daemon::request(
+                &sd,
+                &feedsync::daemon::Request::Remove { dir: dir.clone() },
+            )?;
             println!("removed {}", dir.display());
         }
         Command::Log { dir } => {
