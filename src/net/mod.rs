@@ -460,7 +460,8 @@ async fn write_batches(
             _ = cancel.cancelled() => return None,
             m = rx.recv() => m,
         };
-        let Some(first) = first else { return None };
+        // The queue closed: a clean end.
+        let first = first?;
         // Batch what is queued into one pass of encryption and one write.
         frames.clear();
         let mut goodbye = false;

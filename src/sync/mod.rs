@@ -245,3 +245,6 @@ pub fn run_with(
     let bound = node::bind(config.listen)?;
     Ok(node::Node::start(bound, config, feeds, app, events).run(&control)?)
 }
+
+#[cfg(test)]
+mod tests;
