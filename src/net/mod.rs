@@ -516,6 +516,11 @@ async fn write_batches(
 }
 
 /// Accepts connections on `listener` until `cancel` fires; each runs as its own tasks.
+///
+/// `cancel` only stops accepting: connections already accepted live on until the synchronizer
+/// closes them (the token in [`Inbound::Connected`]) or the runtime stops. An ordered shutdown
+/// stops accepting first and then says goodbye to every peer, which a connection cancelled along
+/// with the listener could not hear.
 pub async fn listen(
     listener: TcpListener,
     identity: Identity,
@@ -535,7 +540,7 @@ pub async fn listen(
                     identity.clone(),
                     false,
                     tx.clone(),
-                    cancel.clone(),
+                    CancellationToken::new(),
                 ));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await, // e.g. out of file descriptors

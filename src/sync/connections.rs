@@ -326,6 +326,12 @@ impl Connections {
         stalled
     }
 
+    /// Whether every connection's writer has finished (its queue is closed): after a goodbye,
+    /// the writer sends it and ends.
+    pub fn all_written(&self) -> bool {
+        self.conns.values().all(|c| c.outbound.is_closed())
+    }
+
     /// Removes every connection (shutdown), returning them.
     pub fn drain(&mut self) -> Vec<Closed> {
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 /// Peer book backoff, in ticks: first retry after 50, doubling up to 3000 (30 s at 10 ms).
 const BACKOFF_BASE: u64 = 50;
 const BACKOFF_MAX: u64 = 3000;
+/// How long the ordered shutdown waits for goodbyes to be written.
+const GOODBYE_GRACE: Duration = Duration::from_millis(500);
 /// Discovery results are looked at every this many ticks.
 const DISCOVERY_EVERY: u64 = 10;
 
@@ -507,9 +509,12 @@ impl Node {
                 result = Err(StopError::Flush { feed, source });
             }
         }
-        // Give the goodbyes a moment to leave, then close everything.
-        self.rt
-            .block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+        // Let the goodbyes leave (each writer ends after sending its goodbye), but not for
+        // longer than a moment: a peer that stopped reading does not hold up our exit.
+        let deadline = Instant::now() + GOODBYE_GRACE;
+        while !self.conns.all_written() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         for c in self.conns.drain() {
             if c.current {
                 self.emit(NodeEvent::PeerDisconnected {
