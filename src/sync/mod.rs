@@ -52,7 +52,8 @@ pub struct NodeConfig {
     pub peers: Vec<SocketAddr>,
     /// This node's identity on the wire.
     pub identity: Identity,
-    /// Length of one replicator tick.
+    /// Length of one replicator tick. The tick count is measured from elapsed time, so a busy
+    /// loop does not slow the replicator's clock.
     pub tick: Duration,
     /// Replicator tuning (timeouts are in ticks).
     pub replicator: Config,
@@ -176,7 +177,8 @@ pub trait App: Send {
     fn set_waker(&mut self, _waker: Waker) {}
     /// The app's own source fired (see [`Waker`]).
     fn on_wake(&mut self, _replicator: &mut Replicator<DiskStorage>) {}
-    /// Every tick.
+    /// When the tick count advanced: at most once per wake-up of the timer, so several ticks
+    /// may have passed since the last call when the loop was busy.
     fn on_tick(&mut self, replicator: &mut Replicator<DiskStorage>);
     /// Whether the job is done, for [`NodeConfig::exit_when_complete`].
     fn is_done(&self, replicator: &Replicator<DiskStorage>) -> bool;
