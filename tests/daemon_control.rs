@@ -280,3 +280,42 @@ fn the_control_socket_is_for_its_owner_only() {
     assert!(d.terminate().success(), "{:?}", d.log);
     assert!(!state.join("control.sock").exists(), "socket left behind");
 }
+
+#[test]
+fn a_reload_that_cannot_start_goes_back_to_the_running_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let share = folder(tmp.path(), "share");
+    let (conf, state) = config(tmp.path(), "127.0.0.1:0", &[&share]);
+    let mut d = Daemon::start(&conf, &state);
+    d.wait_line(30, "daemon ready");
+    // The new config names a port that is taken, and a second folder.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let other = folder(tmp.path(), "other");
+    config(tmp.path(), &addr, &[&share, &other]);
+    let ok = Command::new("kill")
+        .args(["-HUP", &d.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    d.wait_line(30, "going back to the previous folders");
+    assert!(
+        d.log.iter().any(|l| l.contains(&addr)),
+        "the log does not name the taken address: {:?}",
+        d.log
+    );
+    // Still serving the folder it had (and only that one), still answering.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = d.raw(r#"{"cmd":"status"}"#);
+        let folders = v["folders"].as_array().unwrap().clone();
+        if folders.len() == 1 && folders[0]["url"].is_string() {
+            assert_eq!(folders[0]["path"], share.to_str().unwrap());
+            break;
+        }
+        assert!(Instant::now() < deadline, "not serving the old set: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.terminate().success(), "{:?}", d.log);
+    drop(taken);
+}
