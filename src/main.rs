@@ -177,6 +177,49 @@ fn main() -> ExitCode {
     }
 }
 
+/// Signals are the binary's, not the library's: the first SIGINT/SIGTERM calls `stop` (the
+/// ordered shutdown), a second one exits at once with status 130 (every block was stored before
+/// it was announced, so nothing verified is lost). SIGHUP calls `reload`, when there is one.
+fn forward_signals(
+    stop: impl Fn() + Send + 'static,
+    reload: Option<Box<dyn Fn() + Send>>,
+) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut kinds = vec![SIGINT, SIGTERM];
+    if reload.is_some() {
+        kinds.push(SIGHUP);
+    }
+    let mut signals = signal_hook::iterator::Signals::new(kinds)?;
+    std::thread::Builder::new()
+        .name("feedsync-signals".into())
+        .spawn(move || {
+            let mut stopping = false;
+            for s in signals.forever() {
+                match (s, &reload) {
+                    (SIGHUP, Some(reload)) => reload(),
+                    _ if stopping => std::process::exit(130),
+                    _ => {
+                        stopping = true;
+                        stop();
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// A stop channel for [`feedsync::sync::NodeConfig::stop`], fed by SIGINT/SIGTERM.
+fn stop_on_signals() -> std::io::Result<crossbeam_channel::Receiver<()>> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    forward_signals(
+        move || {
+            let _ = tx.try_send(());
+        },
+        None,
+    )?;
+    Ok(rx)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -221,7 +264,7 @@ fn sync_feed(
         listen,
         peers,
         exit_when_complete: once && download,
-        handle_signals: true,
+        stop: Some(stop_on_signals()?),
         ..NodeConfig::new()
     };
     let node = feedsync::sync::spawn(config, vec![(feed, download)])?;
@@ -299,7 +342,7 @@ fn run_drive(
         listen,
         peers: net.peers.clone(),
         exit_when_complete: once && !writer,
-        handle_signals: true,
+        stop: Some(stop_on_signals()?),
         discovery: discover.then(|| feedsync::discovery::DiscoveryConfig {
             interfaces: net.interfaces.clone(),
         }),
@@ -442,11 +485,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             state_dir,
         } => {
             let sd = state_dir.unwrap_or_else(feedsync::daemon::default_state_dir);
-            let v = feedsync::daemon::request(&sd, &serde_json::json!({"cmd": "status"}))?;
+            let reply = feedsync::daemon::request(&sd, &feedsync::daemon::Request::Status)?;
+            let feedsync::daemon::Reply::Status { folders } = reply else {
+                return Err(format!("unexpected answer from the daemon: {reply:?}").into());
+            };
             if json {
+                let v = serde_json::json!({ "folders": folders });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                for f in v["folders"].as_array().cloned().unwrap_or_default() {
+                for f in folders {
                     println!(
                         "{}  {}  version {}/{}  files {}/{}  bytes {}/{}  peers {}",
                         f["path"].as_str().unwrap_or(""),
@@ -471,9 +518,25 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .init();
-            if let Err(e) = feedsync::daemon::run(config.as_deref(), state_dir) {
+            use feedsync::daemon::{DaemonError, DaemonSignal};
+            let (tx, signals) = crossbeam_channel::bounded(16);
+            let reload = tx.clone();
+            forward_signals(
+                move || {
+                    let _ = tx.try_send(DaemonSignal::Stop);
+                },
+                Some(Box::new(move || {
+                    let _ = reload.try_send(DaemonSignal::Reload);
+                })),
+            )?;
+            if let Err(e) = feedsync::daemon::run(config.as_deref(), state_dir, signals) {
                 eprintln!("feedsync: {e}");
-                std::process::exit(2);
+                // A config error is a usage error (2); anything else failed at runtime (1).
+                std::process::exit(if matches!(e, DaemonError::Config(_)) {
+                    2
+                } else {
+                    1
+                });
             }
         }
         Command::Add {
@@ -483,16 +546,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let dir = std::path::absolute(&dir)?;
             let sd = state_dir.unwrap_or_else(feedsync::daemon::default_state_dir);
-            feedsync::daemon::request(
-                &sd,
-                &serde_json::json!({"cmd": "add", "path": dir, "url": url}),
-            )?;
-            println!("added {}", dir.display());
+            let reply =
+                feedsync::daemon::request(&sd, &feedsync::daemon::Request::Add { dir, url })?;
+            if let feedsync::daemon::Reply::Added { dir, url } = reply {
+                println!("added {}", dir.display());
+                println!("{url}");
+            }
         }
         Command::Remove { dir, state_dir } => {
             let dir = std::path::absolute(&dir)?;
             let sd = state_dir.unwrap_or_else(feedsync::daemon::default_state_dir);
-            feedsync::daemon::request(&sd, &serde_json::json!({"cmd": "remove", "path": dir}))?;
+            feedsync::daemon::request(
+                &sd,
+                &feedsync::daemon::Request::Remove { dir: dir.clone() },
+            )?;
             println!("removed {}", dir.display());
         }
         Command::Log { dir } => {

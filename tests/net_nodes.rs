@@ -574,7 +574,7 @@ fn a_peer_that_stops_reading_is_cut_and_stalls_nobody() {
     });
     // And the peer that never reads is cut.
     wait_for(&w.node, 30, "the greedy peer cut", |e| {
-        matches!(e, NodeEvent::PeerDisconnected { peer: 1 })
+        matches!(e, NodeEvent::PeerDisconnected { peer: 1, .. })
     });
     drop(greedy);
     r.shutdown().unwrap();

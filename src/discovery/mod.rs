@@ -8,6 +8,9 @@
 //!
 //! Liveness is the connection's business, not mDNS's: records outlive a dead peer by minutes, so
 //! a removed or stale record does nothing here; a dial that fails backs off.
+//!
+//! Nothing here prints: a failed start is a [`DiscoveryError`], which the synchronizer reports as
+//! an event (discovery is a convenience; named peers work without it).
 
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use std::collections::BTreeSet;
@@ -18,6 +21,22 @@ pub const SERVICE_TYPE: &str = "_feedsync._tcp.local.";
 
 /// Tags per TXT property (`dk0`, `dk1`, ...): a TXT string holds at most 255 bytes.
 const TAGS_PER_PROPERTY: usize = 14;
+
+/// Why discovery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The mDNS daemon refused (no multicast-capable interface, socket errors, ...).
+    #[error("mDNS: {0}")]
+    Mdns(#[from] mdns_sd::Error),
+    /// An interface named in the allow-list could not be enabled.
+    #[error("mDNS interface {name}: {source}")]
+    Interface {
+        /// The interface.
+        name: String,
+        /// Why.
+        source: mdns_sd::Error,
+    },
+}
 
 /// How discovery runs.
 #[derive(Debug, Clone, Default)]
@@ -48,16 +67,17 @@ impl Discovery {
         port: u16,
         discovery_keys: &[[u8; 32]],
         config: &DiscoveryConfig,
-    ) -> Result<Self, String> {
-        let daemon = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
+    ) -> Result<Self, DiscoveryError> {
+        let daemon = ServiceDaemon::new()?;
         if !config.interfaces.is_empty() {
-            daemon
-                .disable_interface(IfKind::All)
-                .map_err(|e| format!("mDNS: {e}"))?;
+            daemon.disable_interface(IfKind::All)?;
             for name in &config.interfaces {
                 daemon
                     .enable_interface(IfKind::Name(name.clone()))
-                    .map_err(|e| format!("mDNS interface {name}: {e}"))?;
+                    .map_err(|source| DiscoveryError::Interface {
+                        name: name.clone(),
+                        source,
+                    })?;
             }
         }
         let id: String = node_id[..8].iter().map(|b| format!("{b:02x}")).collect();
@@ -75,14 +95,11 @@ impl Discovery {
             "",
             port,
             &props[..],
-        )
-        .map_err(|e| format!("mDNS service: {e}"))?
+        )?
         .enable_addr_auto();
         let fullname = info.get_fullname().to_string();
-        daemon.register(info).map_err(|e| format!("mDNS: {e}"))?;
-        let events = daemon
-            .browse(SERVICE_TYPE)
-            .map_err(|e| format!("mDNS: {e}"))?;
+        daemon.register(info)?;
+        let events = daemon.browse(SERVICE_TYPE)?;
         Ok(Self {
             daemon,
             fullname,

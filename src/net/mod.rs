@@ -6,6 +6,8 @@
 //! - [`Identity`]: a node's static X25519 key pair (its identity on the wire).
 //! - [`listen`], [`dial`]: make connections; each becomes a reader task and a writer task.
 //! - [`Inbound`]: what connections report to the synchronizer's one inbound channel.
+//! - [`DialError`], [`HandshakeError`]: why a connection did not come up (a failed dial is
+//!   reported to the synchronizer, which tells the user and backs off).
 //!
 //! # Wire
 //! `Noise_XX_25519_ChaChaPoly_BLAKE2s` (chosen by measurement: `cargo bench --bench noise`,
@@ -21,9 +23,11 @@
 //! per connection and the synchronizer refuses to grow them: a peer too slow to drain its queue is
 //! cut, never allowed to stall the loop or grow memory. A connection that does not finish its
 //! handshake within [`HANDSHAKE_TIMEOUT`] is closed.
+//!
+//! Nothing here prints: every outcome is an [`Inbound`] for the synchronizer to act on and report.
 
 use bytes::{Bytes, BytesMut};
-use feedsync_protocol::{FrameError, MAX_FRAME_LEN, Message, decode, encode_into, frame_header};
+use feedsync_protocol::{MAX_FRAME_LEN, Message, decode, encode_into, frame_header};
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -66,6 +70,40 @@ pub fn payload_len(m: &Message) -> usize {
         Message::Data(d) => d.blocks.iter().map(|b| b.0.len()).sum::<usize>() + d.nodes.len() * 48,
         _ => 0,
     }
+}
+
+/// Why a Noise handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The Noise state machine refused a message (wrong protocol, tampering, bad key).
+    #[error("Noise handshake failed: {0}")]
+    Noise(#[from] snow::Error),
+    /// The socket failed while handshaking.
+    #[error("I/O error during the handshake: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection before the handshake finished.
+    #[error("closed during the handshake")]
+    Closed,
+    /// The handshake finished without the peer's static key (cannot happen with XX).
+    #[error("the peer sent no static key")]
+    NoStaticKey,
+    /// The handshake did not finish within [`HANDSHAKE_TIMEOUT`].
+    #[error("the handshake timed out")]
+    TimedOut,
+}
+
+/// Why a dial did not give a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// TCP connect failed (connection refused, unreachable, ...).
+    #[error("{0}")]
+    Connect(std::io::Error),
+    /// TCP connect did not finish within [`HANDSHAKE_TIMEOUT`].
+    #[error("connect timed out")]
+    ConnectTimedOut,
+    /// TCP connected, the Noise handshake did not.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
 }
 
 /// Identifies one connection (not one peer: a peer may reconnect).
@@ -186,7 +224,7 @@ pub enum Inbound {
         /// The address dialled.
         addr: SocketAddr,
         /// Why.
-        error: String,
+        error: DialError,
     },
 }
 
@@ -226,47 +264,36 @@ async fn handshake(
     wire: &mut Wire,
     identity: &Identity,
     initiator: bool,
-) -> Result<(snow::StatelessTransportState, Vec<u8>, [u8; 32]), String> {
+) -> Result<(snow::StatelessTransportState, Vec<u8>, [u8; 32]), HandshakeError> {
     let params = NOISE_PARAMS
         .parse()
         .expect("constant Noise parameters parse");
     let builder = snow::Builder::new(params)
-        .prologue(PROLOGUE)
-        .and_then(|b| b.local_private_key(&identity.private))
-        .map_err(|e| e.to_string())?;
+        .prologue(PROLOGUE)?
+        .local_private_key(&identity.private)?;
     let mut hs = if initiator {
         builder.build_initiator()
     } else {
         builder.build_responder()
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     let mut buf = vec![0u8; NOISE_MAX];
     let mut payload = vec![0u8; NOISE_MAX];
     // XX: -> e; <- e, ee, s, es; -> s, se
     let mut my_turn = initiator;
     while !hs.is_handshake_finished() {
         if my_turn {
-            let n = hs.write_message(&[], &mut buf).map_err(|e| e.to_string())?;
-            wire.send(Bytes::copy_from_slice(&buf[..n]))
-                .await
-                .map_err(|e| e.to_string())?;
+            let n = hs.write_message(&[], &mut buf)?;
+            wire.send(Bytes::copy_from_slice(&buf[..n])).await?;
         } else {
-            let msg = wire
-                .next()
-                .await
-                .ok_or("closed during handshake")?
-                .map_err(|e| e.to_string())?;
-            hs.read_message(&msg, &mut payload)
-                .map_err(|e| format!("handshake failed: {e}"))?;
+            let msg = wire.next().await.ok_or(HandshakeError::Closed)??;
+            hs.read_message(&msg, &mut payload)?;
         }
         my_turn = !my_turn;
     }
     let hash = hs.get_handshake_hash().to_vec();
     let mut remote = [0u8; 32];
-    remote.copy_from_slice(hs.get_remote_static().ok_or("peer sent no static key")?);
-    let transport = hs
-        .into_stateless_transport_mode()
-        .map_err(|e| e.to_string())?;
+    remote.copy_from_slice(hs.get_remote_static().ok_or(HandshakeError::NoStaticKey)?);
+    let transport = hs.into_stateless_transport_mode()?;
     Ok((transport, hash, remote))
 }
 
@@ -287,13 +314,14 @@ async fn run_connection(
         _ = cancel.cancelled() => return,
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut wire, &identity, initiator)) => r,
     };
-    let result = shaken.unwrap_or_else(|_| Err("handshake timed out".into()));
+    let result = shaken.unwrap_or(Err(HandshakeError::TimedOut));
     let (transport, handshake_hash, remote) = match result {
         Ok(t) => t,
-        Err(error) => {
+        Err(e) => {
             // An inbound connection that fails its handshake is just closed; a dial is reported
-            // so that the peer book can back off.
+            // so that the peer book can back off and the user learns why.
             if initiator {
+                let error = DialError::Handshake(e);
                 let _ = deliver(&tx, Inbound::DialFailed { addr, error }, &cancel).await;
             }
             return;
@@ -335,9 +363,11 @@ async fn run_connection(
         tx.clone(),
         stats,
     ));
-    let error = read_loop(stream, conn, transport, &tx, &conn_cancel).await;
+    let read_error = read_loop(stream, conn, transport, &tx, &conn_cancel).await;
     conn_cancel.cancel();
-    let _ = writer.await;
+    // The first failure is the reason: a writer that failed cancelled the reader.
+    let write_error = writer.await.unwrap_or(None);
+    let error = write_error.or(read_error);
     let _ = deliver(&tx, Inbound::Disconnected { conn, error }, &cancel).await;
 }
 
@@ -401,16 +431,37 @@ async fn write_loop(
     conn: ConnId,
     tx: InboundSender,
     stats: Arc<ConnStats>,
-) {
+) -> Option<String> {
+    let error = write_batches(&mut socket, &mut rx, &transport, &cancel, conn, &tx, &stats).await;
+    if error.is_some() {
+        // The connection is unusable: end the reader too, so the loop learns at once.
+        cancel.cancel();
+    }
+    let _ = socket.shutdown().await;
+    error
+}
+
+/// Writes batches of queued messages until the queue closes, a goodbye is sent, `cancel` fires
+/// (`None`), or something fails (the reason).
+async fn write_batches(
+    socket: &mut OwnedWriteHalf,
+    rx: &mut mpsc::Receiver<Message>,
+    transport: &snow::StatelessTransportState,
+    cancel: &CancellationToken,
+    conn: ConnId,
+    tx: &InboundSender,
+    stats: &ConnStats,
+) -> Option<String> {
     let mut nonce = 0u64;
     let mut frames = Vec::with_capacity(256 * 1024);
     let mut wire = Vec::with_capacity(256 * 1024);
     loop {
         let first = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => return None,
             m = rx.recv() => m,
         };
-        let Some(first) = first else { break };
+        // The queue closed: a clean end.
+        let first = first?;
         // Batch what is queued into one pass of encryption and one write.
         frames.clear();
         let mut goodbye = false;
@@ -419,8 +470,10 @@ async fn write_loop(
         while let Some(m) = next {
             goodbye |= matches!(m, Message::Goodbye(_));
             batch_payload += payload_len(&m);
+            // The replicator only emits messages within limits; a refusal here is a bug, and
+            // the connection ends with it as the reason rather than silently skipping a message.
             if let Err(e) = encode_into(&m, &mut frames) {
-                tracing_error(&e);
+                return Some(format!("internal error: refused to encode a message: {e}"));
             }
             next = if frames.len() < 1024 * 1024 && !goodbye {
                 rx.try_recv().ok()
@@ -436,39 +489,38 @@ async fn write_loop(
             wire.resize(at + 2 + chunk.len() + 16, 0);
             let n = match transport.write_message(nonce, chunk, &mut wire[at + 2..]) {
                 Ok(n) => n,
-                Err(_) => return,
+                Err(e) => return Some(format!("encryption failed: {e}")),
             };
             nonce += 1;
             wire[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
             wire.truncate(at + 2 + n);
         }
         let written = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => return None,
             r = socket.write_all(&wire) => r,
         };
-        if written.is_err() {
-            return;
+        if let Err(e) = written {
+            return Some(e.to_string());
         }
         stats.queued.fetch_sub(batch_payload, Ordering::AcqRel);
         stats.writes.fetch_add(1, Ordering::AcqRel);
         // A goodbye is the last thing a connection says.
         if goodbye {
-            break;
+            return None;
         }
         // Drained: ask for more (best effort; a full inbound channel means the loop is awake).
         if rx.is_empty() {
             let _ = tx.try_send(Inbound::Writable { conn });
         }
     }
-    let _ = socket.shutdown().await;
-}
-
-fn tracing_error(e: &FrameError) {
-    // The replicator only emits messages within limits; reaching this is a bug worth a loud line.
-    eprintln!("feedsync: internal error: refused to encode an outgoing message: {e}");
 }
 
 /// Accepts connections on `listener` until `cancel` fires; each runs as its own tasks.
+///
+/// `cancel` only stops accepting: connections already accepted live on until the synchronizer
+/// closes them (the token in [`Inbound::Connected`]) or the runtime stops. An ordered shutdown
+/// stops accepting first and then says goodbye to every peer, which a connection cancelled along
+/// with the listener could not hear.
 pub async fn listen(
     listener: TcpListener,
     identity: Identity,
@@ -488,7 +540,7 @@ pub async fn listen(
                     identity.clone(),
                     false,
                     tx.clone(),
-                    cancel.clone(),
+                    CancellationToken::new(),
                 ));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await, // e.g. out of file descriptors
@@ -510,26 +562,12 @@ pub async fn dial(
     match connected {
         Ok(Ok(stream)) => run_connection(stream, addr, identity, true, tx, cancel).await,
         Ok(Err(e)) => {
-            let _ = deliver(
-                &tx,
-                Inbound::DialFailed {
-                    addr,
-                    error: e.to_string(),
-                },
-                &cancel,
-            )
-            .await;
+            let error = DialError::Connect(e);
+            let _ = deliver(&tx, Inbound::DialFailed { addr, error }, &cancel).await;
         }
         Err(_) => {
-            let _ = deliver(
-                &tx,
-                Inbound::DialFailed {
-                    addr,
-                    error: "connect timed out".into(),
-                },
-                &cancel,
-            )
-            .await;
+            let error = DialError::ConnectTimedOut;
+            let _ = deliver(&tx, Inbound::DialFailed { addr, error }, &cancel).await;
         }
     }
 }

@@ -1,0 +1,263 @@
+//! The daemon's TOML configuration. Errors name the place: `FILE:LINE: problem`, from toml's
+//! spans (also for our own checks, via `Spanned`), so a user can go straight to the line.
+
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Why a config file was refused. Renders as one line, `FILE:LINE: problem` where a line is known.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Something at a known line is wrong.
+    #[error("{}:{line}: {problem}", path.display())]
+    At {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Something is wrong and toml gave no position.
+    #[error("{}: {problem}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// A folder the daemon serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderConfig {
+    /// Absolute path of the folder.
+    pub path: PathBuf,
+    /// `feedsync://...` to clone; absent for a folder this node shares.
+    pub url: Option<String>,
+    /// Addresses to dial besides what discovery finds.
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+}
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where to accept peers.
+    pub listen: Option<SocketAddr>,
+    /// mDNS discovery.
+    pub discovery: bool,
+    /// Discovery interface allow-list.
+    pub interfaces: Vec<String>,
+    /// State: control socket, folders added at runtime.
+    pub state_dir: PathBuf,
+    /// Folders from the config file.
+    pub folders: Vec<FolderConfig>,
+    /// Connections kept at most (`[limits] max_peers`).
+    pub max_peers: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<String>>,
+    discovery: Option<bool>,
+    interfaces: Option<Vec<String>>,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    folder: Vec<RawFolder>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_peers: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFolder {
+    path: Spanned<String>,
+    url: Option<Spanned<String>>,
+    #[serde(default)]
+    peers: Vec<Spanned<String>>,
+}
+
+/// The platform's data directory for feedsync (e.g. `~/.local/share/feedsync`).
+pub fn default_state_dir() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("/var/lib"))
+        .join("feedsync")
+}
+
+impl Config {
+    /// The configuration without a file: no folders but those added over the control socket,
+    /// discovery on, an ephemeral port, state in the platform's data directory.
+    pub fn empty() -> Self {
+        Config {
+            listen: None,
+            discovery: true,
+            interfaces: Vec::new(),
+            state_dir: default_state_dir(),
+            folders: Vec::new(),
+            max_peers: 128,
+        }
+    }
+}
+
+/// Reads and checks a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let at = |offset: usize, msg: &str| ConfigError::At {
+        path: path.to_path_buf(),
+        line: text[..offset.min(text.len())].matches('\n').count() + 1,
+        problem: msg.to_string(),
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let msg = e.message().trim().to_string();
+        match e.span() {
+            Some(span) => at(span.start, &msg),
+            None => ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem: msg,
+            },
+        }
+    })?;
+    let listen = match &raw.listen {
+        Some(l) => Some(l.get_ref().parse().map_err(|_| {
+            at(
+                l.span().start,
+                &format!("listen: not an address: {}", l.get_ref()),
+            )
+        })?),
+        None => None,
+    };
+    let mut max_peers = 128;
+    if let Some(m) = raw.limits.as_ref().and_then(|l| l.max_peers.as_ref()) {
+        max_peers = usize::try_from(*m.get_ref())
+            .ok()
+            .filter(|n| (1..=65_536).contains(n))
+            .ok_or_else(|| at(m.span().start, "limits.max_peers must be 1 to 65536"))?;
+    }
+    let mut folders = Vec::new();
+    for f in raw.folder {
+        let p = PathBuf::from(f.path.get_ref());
+        if !p.is_absolute() {
+            return Err(at(f.path.span().start, "folder path must be absolute"));
+        }
+        if folders.iter().any(|g: &FolderConfig| g.path == p) {
+            return Err(at(f.path.span().start, "this folder is listed twice"));
+        }
+        if folders
+            .iter()
+            .any(|g: &FolderConfig| g.path.starts_with(&p) || p.starts_with(&g.path))
+        {
+            return Err(at(f.path.span().start, "folders may not be nested"));
+        }
+        if let Some(u) = &f.url {
+            crate::drive::parse_url(u.get_ref()).map_err(|e| at(u.span().start, &e.to_string()))?;
+        }
+        let mut peers = Vec::new();
+        for a in &f.peers {
+            peers.push(
+                a.get_ref()
+                    .parse()
+                    .map_err(|_| at(a.span().start, &format!("not an address: {}", a.get_ref())))?,
+            );
+        }
+        folders.push(FolderConfig {
+            path: p,
+            url: f.url.map(|u| u.into_inner()),
+            peers,
+        });
+    }
+    Ok(Config {
+        listen,
+        discovery: raw.discovery.unwrap_or(true),
+        interfaces: raw.interfaces.unwrap_or_default(),
+        state_dir: raw.state_dir.unwrap_or_else(default_state_dir),
+        folders,
+        max_peers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_errors_name_the_line() {
+        let p = Path::new("/etc/feedsync.toml");
+        let e = parse(
+            p,
+            "listen = \"[::]:7070\"\n\n[[folder]]\npath = \"relative\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "/etc/feedsync.toml:4: folder path must be absolute");
+        let e = parse(p, "discovery = true\nlisten = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/feedsync.toml:2: listen: not an address"),
+            "{e}"
+        );
+        let e = parse(p, "[[folder]]\npath = \"/a\"\nurl = \"feedsync://zz\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/feedsync.toml:3: not a feedsync URL"),
+            "{e}"
+        );
+        let e = parse(p, "[[folder]]\npath = \"/a\"\ncolour = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/feedsync.toml:3: unknown field `colour`"),
+            "{e}"
+        );
+        let e = parse(p, "discovery = \n").unwrap_err().to_string();
+        assert!(e.starts_with("/etc/feedsync.toml:1: "), "{e}");
+        let ok = parse(
+            p,
+            "state_dir = \"/tmp/s\"\n[[folder]]\npath = \"/a\"\npeers = [\"10.0.0.2:7070\"]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.folders[0].peers.len(), 1);
+        assert!(ok.discovery);
+        assert_eq!(ok.max_peers, 128);
+        let e = parse(
+            p,
+            "[[folder]]\npath = \"/a\"\n[[folder]]\npath = \"/a/b\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "/etc/feedsync.toml:4: folders may not be nested");
+        let e = parse(p, "[limits]\nmax_peers = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/etc/feedsync.toml:2: limits.max_peers must be 1 to 65536"
+        );
+        assert_eq!(parse(p, "[limits]\nmax_peers = 8\n").unwrap().max_peers, 8);
+    }
+}

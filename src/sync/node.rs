@@ -1,0 +1,566 @@
+//! The loop itself, in three parts: [`bind`] (on the caller's thread, so start errors surface
+//! at start), [`Node::start`] + [`Node::run`] (the select loop, on the node's thread) and
+//! [`Node::shutdown`] (the ordered stop).
+
+use super::connections::{Admission, Connections, Incoming};
+use super::events::{AppendError, DisconnectReason, NodeEvent, StartError, StopError};
+use super::{App, Command, NodeConfig, Waker};
+use crate::core::Feed;
+use crate::core::peerbook::PeerBook;
+use crate::core::replicator::{Action, Replicator};
+use crate::discovery::Discovery;
+use crate::net::{self, ConnId, Inbound};
+use crate::storage::DiskStorage;
+use crossbeam_channel::{Receiver, Sender, select};
+use feedsync_protocol::{Goodbye, GoodbyeReason, Message};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Peer book backoff, in ticks: first retry after 50, doubling up to 3000 (30 s at 10 ms).
+const BACKOFF_BASE: u64 = 50;
+const BACKOFF_MAX: u64 = 3000;
+/// How long the ordered shutdown waits for goodbyes to be written.
+const GOODBYE_GRACE: Duration = Duration::from_millis(500);
+/// Discovery results are looked at every this many ticks.
+const DISCOVERY_EVERY: u64 = 10;
+
+/// The replicator's clock: ticks counted from real elapsed time. A timer channel alone would not
+/// do: crossbeam's `tick` drops ticks the loop was too busy to take, so counting wake-ups would
+/// slow the core's clock exactly when the node is busiest, and a timeout "in ticks" would stretch.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Clock {
+    start: Instant,
+    tick: Duration,
+}
+
+impl Clock {
+    pub(super) fn new(start: Instant, tick: Duration) -> Self {
+        Self {
+            start,
+            tick: tick.max(Duration::from_micros(1)),
+        }
+    }
+
+    /// Ticks elapsed at `now`.
+    pub(super) fn ticks_at(&self, now: Instant) -> u64 {
+        let n = now.saturating_duration_since(self.start).as_nanos() / self.tick.as_nanos();
+        u64::try_from(n).unwrap_or(u64::MAX)
+    }
+
+    /// How long `ticks` ticks last.
+    pub(super) fn duration(&self, ticks: u64) -> Duration {
+        self.tick
+            .saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX))
+    }
+}
+
+/// What must exist before the node's thread starts: the runtime and the bound listener.
+pub(super) struct Bound {
+    rt: tokio::runtime::Runtime,
+    listener: Option<tokio::net::TcpListener>,
+}
+
+/// Builds the runtime and binds the listener, on the caller's thread.
+pub(super) fn bind(listen: Option<SocketAddr>) -> Result<Bound, StartError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let listener = match listen {
+        None => None,
+        Some(addr) => {
+            let err = |source| StartError::Listen { addr, source };
+            let std = std::net::TcpListener::bind(addr).map_err(err)?;
+            std.set_nonblocking(true).map_err(err)?;
+            let _in_runtime = rt.enter();
+            Some(tokio::net::TcpListener::from_std(std).map_err(err)?)
+        }
+    };
+    Ok(Bound { rt, listener })
+}
+
+/// Why the loop ended.
+enum Exit {
+    /// Told to stop (command, stop channel, or the handle dropped).
+    Stop,
+    /// `exit_when_complete` and the job is done.
+    Complete,
+}
+
+pub(super) struct Node {
+    replicator: Replicator<DiskStorage>,
+    conns: Connections,
+    book: PeerBook<SocketAddr>,
+    events: Sender<NodeEvent>,
+    clock: Clock,
+    tick: u64,
+    complete_reported: bool,
+    app: Option<Box<dyn App>>,
+    wake: Receiver<()>,
+    rt: tokio::runtime::Runtime,
+    /// Cancels every task (dials and connections); the listener has a child token of its own.
+    cancel: CancellationToken,
+    listen_cancel: CancellationToken,
+    inbound_tx: net::InboundSender,
+    inbound: Receiver<Inbound>,
+    discovery: Option<Discovery>,
+    config: NodeConfig,
+}
+
+impl Node {
+    /// Adds the feeds, starts the app, starts accepting and announcing. On the node's thread:
+    /// the app's start may take long (a first import).
+    pub(super) fn start(
+        bound: Bound,
+        config: NodeConfig,
+        feeds: super::Feeds,
+        app: Option<Box<dyn App>>,
+        events: Sender<NodeEvent>,
+    ) -> Node {
+        let mut replicator = Replicator::new(config.replicator.clone());
+        for (feed, download) in feeds {
+            replicator.add_feed(feed, download);
+        }
+        let cancel = CancellationToken::new();
+        let (inbound_tx, inbound) = crossbeam_channel::bounded::<Inbound>(4096);
+        let (wake_tx, wake) = crossbeam_channel::bounded::<()>(1);
+        let mut node = Node {
+            replicator,
+            conns: Connections::new(
+                config.identity.public,
+                config.max_peers,
+                config.stall_timeout,
+            ),
+            book: PeerBook::new(BACKOFF_BASE, BACKOFF_MAX, config.replicator.seed),
+            events,
+            clock: Clock::new(Instant::now(), config.tick),
+            tick: 0,
+            complete_reported: false,
+            app,
+            wake,
+            rt: bound.rt,
+            listen_cancel: cancel.child_token(),
+            cancel,
+            inbound_tx,
+            inbound,
+            discovery: None,
+            config,
+        };
+        if let Some(app) = &mut node.app {
+            app.set_waker(Waker(wake_tx));
+            app.start(&mut node.replicator);
+        }
+        node.drive();
+        if let Some(listener) = bound.listener {
+            node.accept(listener);
+        }
+        for p in node.config.peers.clone() {
+            node.book.add(p);
+        }
+        node
+    }
+
+    fn accept(&mut self, listener: tokio::net::TcpListener) {
+        let local = match listener.local_addr() {
+            Ok(a) => a,
+            // Cannot happen for a bound socket; without the address, announce nothing.
+            Err(_) => return,
+        };
+        if let Some(dc) = &self.config.discovery {
+            let keys: Vec<[u8; 32]> = (0..self.replicator.feed_count())
+                .map(|f| self.replicator.feed(f).discovery_key())
+                .collect();
+            match Discovery::start(&self.config.identity.public, local.port(), &keys, dc) {
+                Ok(d) => self.discovery = Some(d),
+                // Discovery is a convenience: named peers still work without it.
+                Err(e) => self.emit(NodeEvent::DiscoveryFailed {
+                    error: e.to_string(),
+                }),
+            }
+        }
+        self.emit(NodeEvent::Listening(local));
+        self.rt.spawn(net::listen(
+            listener,
+            self.config.identity.clone(),
+            self.inbound_tx.clone(),
+            self.listen_cancel.clone(),
+        ));
+    }
+
+    fn emit(&self, e: NodeEvent) {
+        // Events are informational; a caller that stops reading does not stall replication.
+        let _ = self.events.try_send(e);
+    }
+
+    /// The loop, then the ordered shutdown.
+    pub(super) fn run(mut self, control: &Receiver<Command>) -> Result<(), StopError> {
+        let _ = self.run_loop(control);
+        self.shutdown()
+    }
+
+    fn run_loop(&mut self, control: &Receiver<Command>) -> Exit {
+        let ticker = crossbeam_channel::tick(self.config.tick);
+        let stop = self
+            .config
+            .stop
+            .clone()
+            .unwrap_or_else(crossbeam_channel::never);
+        loop {
+            select! {
+                recv(stop) -> _ => return Exit::Stop,
+                recv(control) -> cmd => match cmd {
+                    Ok(Command::Append { feed, blocks, reply }) => {
+                        let _ = reply.send(self.append(feed, &blocks));
+                    }
+                    Ok(Command::AddPeer(addr)) => self.book.add(addr),
+                    Ok(Command::Shutdown) | Err(_) => return Exit::Stop,
+                },
+                recv(self.inbound) -> ev => {
+                    // Invariant: we hold a sender ourselves, so the channel never disconnects.
+                    self.on_inbound(ev.expect("inbound channel open while the loop holds a sender"));
+                    // Take whatever else is waiting before driving, to batch the work.
+                    for _ in 0..256 {
+                        match self.inbound.try_recv() {
+                            Ok(ev) => self.on_inbound(ev),
+                            Err(_) => break,
+                        }
+                    }
+                },
+                recv(self.wake) -> _ => {
+                    if let Some(app) = &mut self.app {
+                        app.on_wake(&mut self.replicator);
+                    }
+                },
+                recv(ticker) -> _ => self.on_tick(Instant::now()),
+            }
+            self.drive();
+            if !self.complete_reported && self.complete() {
+                self.complete_reported = true;
+                self.emit(NodeEvent::Complete);
+                if self.config.exit_when_complete {
+                    return Exit::Complete;
+                }
+            }
+        }
+    }
+
+    fn append(&mut self, feed: usize, blocks: &[Vec<u8>]) -> Result<u64, AppendError> {
+        if feed >= self.replicator.feed_count() {
+            return Err(AppendError::NoSuchFeed(feed));
+        }
+        Ok(self.replicator.append(feed, blocks)?)
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        let tick = self.clock.ticks_at(now);
+        if tick <= self.tick {
+            return; // a wake-up early within the same tick
+        }
+        let previous = self.tick;
+        self.tick = tick;
+        self.replicator.handle_tick(tick);
+        if let Some(app) = &mut self.app {
+            app.on_tick(&mut self.replicator);
+        }
+        for conn in self.conns.stalled(now) {
+            self.close(conn, DisconnectReason::Stalled);
+        }
+        if tick / DISCOVERY_EVERY != previous / DISCOVERY_EVERY
+            && let Some(d) = &mut self.discovery
+        {
+            for addr in d.poll() {
+                self.book.add(addr);
+            }
+        }
+        for addr in self.book.due(tick) {
+            self.book.dialing(&addr, tick);
+            self.rt.spawn(net::dial(
+                addr,
+                self.config.identity.clone(),
+                self.inbound_tx.clone(),
+                self.cancel.child_token(),
+            ));
+        }
+    }
+
+    fn on_inbound(&mut self, ev: Inbound) {
+        match ev {
+            Inbound::Connected {
+                conn,
+                remote,
+                handshake_hash,
+                initiator,
+                addr,
+                outbound,
+                stats,
+                cancel,
+            } => {
+                let incoming = Incoming {
+                    conn,
+                    remote,
+                    initiator,
+                    addr,
+                    outbound,
+                    stats,
+                    cancel,
+                };
+                match self.conns.admit(incoming) {
+                    Admission::Refused(reason) => {
+                        self.emit(NodeEvent::PeerRefused { addr, reason });
+                    }
+                    Admission::Duplicate => {}
+                    Admission::Accepted { peer, replaced } => {
+                        if let Some(old) = replaced {
+                            self.replicator.handle_disconnected(peer);
+                            self.emit(NodeEvent::PeerDisconnected {
+                                peer,
+                                addr: old.addr,
+                                reason: DisconnectReason::Replaced,
+                            });
+                        }
+                        if initiator {
+                            self.book.connected(&addr);
+                        }
+                        self.replicator
+                            .handle_connected(peer, &handshake_hash, initiator);
+                        self.emit(NodeEvent::PeerConnected {
+                            peer,
+                            addr,
+                            initiator,
+                        });
+                    }
+                }
+            }
+            Inbound::Message { conn, message } => {
+                if let Some(peer) = self.conns.peer(conn) {
+                    // The replicator answers a goodbye with `Done`; the peer's own reason is
+                    // what the user wants to see.
+                    if let Message::Goodbye(g) = &message {
+                        self.conns.note_goodbye(conn, g.reason);
+                    }
+                    self.replicator.handle_message(peer, message);
+                }
+            }
+            Inbound::Disconnected { conn, error } => {
+                self.close(conn, DisconnectReason::Closed { error });
+            }
+            Inbound::DialFailed { addr, error } => {
+                self.book.failed(&addr, self.tick);
+                let retry_in = self.clock.duration(self.retry_in(&addr));
+                self.emit(NodeEvent::DialFailed {
+                    addr,
+                    error: error.to_string(),
+                    retry_in,
+                });
+            }
+            Inbound::Writable { .. } => {} // `drive` after every event refills the queues
+        }
+    }
+
+    /// Ticks until the peer book dials `addr` again. The book keeps the time to itself, so this
+    /// finds it by bisection over `due` (monotonic in time); only on a failed dial.
+    fn retry_in(&self, addr: &SocketAddr) -> u64 {
+        let due = |t: u64| self.book.due(t).contains(addr);
+        let (mut lo, mut hi) = (self.tick, self.tick + 2 * BACKOFF_MAX);
+        if due(lo) || !due(hi) {
+            return 0;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if due(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        hi - self.tick
+    }
+
+    /// Closes `conn`, telling the replicator and the user if it was the peer's connection.
+    fn close(&mut self, conn: ConnId, reason: DisconnectReason) {
+        let Some(c) = self.conns.remove(conn) else {
+            return;
+        };
+        if matches!(reason, DisconnectReason::Closed { .. }) && c.initiator {
+            self.book.disconnected(&c.addr, self.tick);
+        }
+        if c.current {
+            self.replicator.handle_disconnected(c.peer);
+            let reason = match c.goodbye {
+                Some(g) => DisconnectReason::Goodbye(g),
+                None => reason,
+            };
+            self.emit(NodeEvent::PeerDisconnected {
+                peer: c.peer,
+                addr: c.addr,
+                reason,
+            });
+        }
+    }
+
+    /// Carries out everything the replicator asked for, then lets it upload where there is room.
+    fn drive(&mut self) {
+        loop {
+            let mut events = Vec::new();
+            while let Some(action) = self.replicator.poll_action() {
+                match action {
+                    Action::Send { peer, message } => {
+                        if let Some(conn) = self.conns.conn_of(peer)
+                            && let Err(reason) = self.conns.send(conn, message)
+                        {
+                            self.close(conn, reason); // too slow, or gone
+                        }
+                    }
+                    Action::Disconnect { peer, reason } => {
+                        if let Some(conn) = self.conns.conn_of(peer) {
+                            let _ = self.conns.send(conn, Message::Goodbye(Goodbye { reason }));
+                            self.close(conn, DisconnectReason::from_replicator(reason));
+                        }
+                    }
+                    Action::Event(e) => events.push(e),
+                }
+            }
+            let app_acted = self.app.is_some() && !events.is_empty();
+            for e in events {
+                if let Some(app) = &mut self.app {
+                    app.on_event(&mut self.replicator, &e);
+                }
+                self.emit(NodeEvent::Replication(e));
+            }
+            if app_acted {
+                continue; // the app may have asked for more
+            }
+            let uploaded = self.upload();
+            // Serving can produce actions (none today), and actions can queue uploads.
+            if !uploaded && !self.replicator.has_actions() {
+                break;
+            }
+        }
+    }
+
+    /// Pulls answers from the replicator for every connection with room; true if any were.
+    fn upload(&mut self) -> bool {
+        let mut uploaded = false;
+        for (conn, peer) in self.conns.list() {
+            if !self.conns.flush_backlog(conn) {
+                self.close(conn, DisconnectReason::Closed { error: None });
+                continue;
+            }
+            while self.conns.has_room(conn) {
+                let Some(messages) = self.replicator.poll_upload(peer) else {
+                    break;
+                };
+                uploaded = true;
+                for m in messages {
+                    if let Err(reason) = self.conns.send(conn, m) {
+                        self.close(conn, reason);
+                        break;
+                    }
+                }
+            }
+        }
+        uploaded
+    }
+
+    fn complete(&self) -> bool {
+        if let Some(app) = &self.app {
+            return app.is_done(&self.replicator);
+        }
+        let mut any = false;
+        for f in 0..self.replicator.feed_count() {
+            let feed: &Feed<DiskStorage> = self.replicator.feed(f);
+            if feed.is_writable() {
+                continue;
+            }
+            if feed.is_empty() || !self.replicator.is_complete(f) {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// The ordered stop: no new connections and a goodbye on the LAN; a goodbye to every peer;
+    /// the app finishes and every store is flushed; then connections close and the runtime stops.
+    /// Everything verified is on disk when this returns.
+    fn shutdown(mut self) -> Result<(), StopError> {
+        self.listen_cancel.cancel();
+        if let Some(d) = self.discovery.take() {
+            d.shutdown();
+        }
+        // The writer closes each connection after sending its goodbye.
+        for (conn, _) in self.conns.list() {
+            let goodbye = Message::Goodbye(Goodbye {
+                reason: GoodbyeReason::Shutdown,
+            });
+            let _ = self.conns.send(conn, goodbye);
+            let _ = self.conns.flush_backlog(conn);
+        }
+        let mut result = Ok(());
+        if let Some(app) = &mut self.app
+            && let Err(e) = app.shutdown(&mut self.replicator)
+        {
+            result = Err(StopError::App(e));
+        }
+        for feed in 0..self.replicator.feed_count() {
+            if let Err(source) = self.replicator.feed_mut(feed).sync() {
+                result = Err(StopError::Flush { feed, source });
+            }
+        }
+        // Let the goodbyes leave (each writer ends after sending its goodbye), but not for
+        // longer than a moment: a peer that stopped reading does not hold up our exit.
+        let deadline = Instant::now() + GOODBYE_GRACE;
+        while !self.conns.all_written() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for c in self.conns.drain() {
+            if c.current {
+                self.emit(NodeEvent::PeerDisconnected {
+                    peer: c.peer,
+                    addr: c.addr,
+                    reason: DisconnectReason::Shutdown,
+                });
+            }
+        }
+        self.cancel.cancel();
+        self.rt.shutdown_timeout(Duration::from_secs(1));
+        let _ = self.events.try_send(NodeEvent::Stopped);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_counts_real_time_not_wakeups() {
+        let t0 = Instant::now();
+        let clock = Clock::new(t0, Duration::from_millis(10));
+        assert_eq!(clock.ticks_at(t0), 0);
+        assert_eq!(clock.ticks_at(t0 + Duration::from_millis(9)), 0);
+        // A loop that woke up once in a busy second still sees 100 ticks pass.
+        assert_eq!(clock.ticks_at(t0 + Duration::from_secs(1)), 100);
+        assert_eq!(clock.ticks_at(t0 + Duration::from_millis(1234)), 123);
+        assert_eq!(clock.duration(50), Duration::from_millis(500));
+        // A zero tick length cannot divide by zero.
+        let zero = Clock::new(t0, Duration::ZERO);
+        assert_eq!(zero.ticks_at(t0 + Duration::from_micros(5)), 5);
+    }
+
+    #[test]
+    fn a_taken_port_fails_at_bind() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        match bind(Some(addr)) {
+            Err(StartError::Listen { addr: a, source }) => {
+                assert_eq!(a, addr);
+                assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("bound a port that is taken"),
+        }
+    }
+}
