@@ -1,0 +1,189 @@
+//! The command line's shape (clap derive). Every folder command takes the same [`NetArgs`],
+//! flattened once here, so `share`, `clone` and `sync` reach peers the same way.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Peer-to-peer replicated feeds and folders.
+///
+/// Exit status: 0 on success, 1 when something failed at run time (a peer unreachable with
+/// --once, a disk error, ...), 2 for a usage or configuration error, 130 after a second
+/// SIGINT/SIGTERM.
+#[derive(Parser)]
+#[command(name = "feedsync", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Share DIR: print its URL (first line of stdout), serve it and follow its changes until
+    /// SIGINT/SIGTERM.
+    Share {
+        /// The folder to share.
+        dir: PathBuf,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Clone the folder at URL into DIR and keep following it (with --once: exit 0 once DIR
+    /// holds the newest version a reachable peer proves).
+    Clone {
+        /// feedsync://<key> as printed by `share`.
+        url: String,
+        /// Where to put it (created if missing).
+        dir: PathBuf,
+        #[command(flatten)]
+        net: NetArgs,
+        #[command(flatten)]
+        once: OnceArgs,
+    },
+    /// Resume an existing shared or cloned folder.
+    Sync {
+        /// The folder.
+        dir: PathBuf,
+        #[command(flatten)]
+        net: NetArgs,
+        #[command(flatten)]
+        once: OnceArgs,
+    },
+    /// Show a folder's version and progress (live while a node runs on it); without DIR, every
+    /// folder of the running daemon.
+    Status {
+        /// The folder (absent: ask the daemon).
+        dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's state directory (default: the platform's data directory).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Run headless: serve the folders of a config file (and those added with `add`) until
+    /// SIGINT/SIGTERM; SIGHUP reloads the config. Logs go to stderr.
+    Daemon {
+        /// TOML config (see the README); without one, only folders added with `add`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory (control socket); overrides the config's.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Tell the running daemon to serve DIR: share it, or clone URL into it. Prints the
+    /// folder's URL.
+    Add {
+        /// The folder.
+        dir: PathBuf,
+        /// feedsync://<key> to clone; absent to share DIR.
+        url: Option<String>,
+        /// The daemon's state directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Tell the running daemon to stop serving DIR (added with `add`; files stay).
+    Remove {
+        /// The folder.
+        dir: PathBuf,
+        /// The daemon's state directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// List every version of a folder: when, and what it added, modified, renamed or removed.
+    /// Works while the folder is being served.
+    Log {
+        /// The folder.
+        dir: PathBuf,
+    },
+    /// Work with a single feed store (low-level).
+    #[command(subcommand)]
+    Feed(FeedCommand),
+}
+
+/// How a folder node reaches peers.
+#[derive(clap::Args, Clone)]
+pub struct NetArgs {
+    /// Address to accept peers on, e.g. 0.0.0.0:7070 (port 0 picks one). A share listens by
+    /// default on the port it used last time (7070 the first time, if free).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Peer to dial, HOST:PORT (repeatable; host names are resolved).
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub peers: Vec<String>,
+    /// Do not announce or look for peers on the LAN (mDNS); only --peer addresses are dialled.
+    #[arg(long)]
+    pub no_discovery: bool,
+    /// Use only this network interface for LAN discovery (repeatable; default: all).
+    #[arg(long = "interface", value_name = "NAME")]
+    pub interfaces: Vec<String>,
+    /// Print `fetched FEED INDEX COUNT` for every verified range stored (for tests).
+    #[arg(long, hide = true)]
+    pub report_fetches: bool,
+}
+
+/// `--once` and how long it waits for a peer.
+#[derive(clap::Args, Clone, Copy)]
+pub struct OnceArgs {
+    /// Exit 0 once DIR holds the newest version a reachable peer proves; exit 1 if no peer
+    /// gets it there (see --timeout).
+    #[arg(long)]
+    pub once: bool,
+    /// With --once: give up (exit 1) after this many seconds without a peer making progress.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+}
+
+impl OnceArgs {
+    /// The --once inactivity limit.
+    pub fn limit(&self) -> Option<Duration> {
+        self.once.then(|| Duration::from_secs(self.timeout))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum FeedCommand {
+    /// Create a new writable feed in STORE and print its public key.
+    Create {
+        /// Directory for the feed store (created if missing, must not hold a feed).
+        store: PathBuf,
+    },
+    /// Append FILE (or standard input) to the feed, split into blocks of BLOCK_SIZE bytes.
+    Append {
+        /// The feed store.
+        store: PathBuf,
+        /// File to append; standard input when absent.
+        file: Option<PathBuf>,
+        /// Block size in bytes.
+        #[arg(long, default_value_t = 65536)]
+        block_size: usize,
+    },
+    /// Print the feed's keys, length and blocks held.
+    Info {
+        /// The feed store.
+        store: PathBuf,
+    },
+    /// Re-verify every held block and tree node against the signed tree.
+    Verify {
+        /// The feed store.
+        store: PathBuf,
+    },
+    /// Serve and replicate a feed with peers until SIGINT/SIGTERM (or, with --once, until
+    /// complete). Prints `listening on ADDR`, `progress HELD LENGTH` and `complete` lines, and
+    /// `fetched N` (blocks fetched this session) on exit.
+    Sync {
+        /// The feed store (created as a replica of --key if empty).
+        store: PathBuf,
+        /// Public key (hex) of the feed to replicate into an empty store.
+        #[arg(long)]
+        key: Option<String>,
+        /// Address to accept peers on, e.g. 127.0.0.1:0.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Peer to dial, HOST:PORT (repeatable).
+        #[arg(long = "peer", value_name = "HOST:PORT")]
+        peers: Vec<String>,
+        /// Exit 0 as soon as every block of the newest signed length is held.
+        #[arg(long)]
+        once: bool,
+    },
+}

@@ -1,0 +1,84 @@
+//! `status DIR` and `log DIR`: read a folder's state, also while another process serves it.
+
+use crate::cli::error::{CliError, runtime, usage};
+use crate::cli::render::bytes;
+use feedsync::drive::{Drive, DriveError};
+use std::path::Path;
+
+fn not_a_folder(dir: &Path) -> CliError {
+    usage(format!(
+        "{}: not a shared or cloned folder (no {}/{}); `feedsync share` or `feedsync clone` makes one",
+        dir.display(),
+        dir.display(),
+        feedsync::drive::STATE_DIR
+    ))
+}
+
+/// `status DIR [--json]`.
+pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
+    let root = std::fs::canonicalize(dir).map_err(|_| not_a_folder(dir))?;
+    let state = root.join(feedsync::drive::STATE_DIR);
+    if !state.is_dir() {
+        return Err(not_a_folder(dir));
+    }
+    let stats: serde_json::Value = match Drive::open(&root) {
+        // Nobody runs on it: compute from the stores.
+        Ok(drive) => serde_json::to_value(drive.offline_stats()?)?,
+        Err(DriveError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            // A node holds it: its last report.
+            let path = state.join("status.json");
+            let raw = std::fs::read(&path)
+                .map_err(|e| runtime(format!("{}: {e}", path.display())))?;
+            serde_json::from_slice(&raw)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+        return Ok(());
+    }
+    let g = |k: &str| stats.get(k).cloned().unwrap_or_default();
+    let n = |k: &str| g(k).as_u64().unwrap_or(0);
+    println!("url:      {}", g("url").as_str().unwrap_or(""));
+    println!("role:     {}", g("role").as_str().unwrap_or(""));
+    println!("version:  {} of {}", n("version"), n("latest_version"));
+    println!("files:    {} of {}", n("files_done"), n("files_total"));
+    println!(
+        "bytes:    {} of {}",
+        bytes(n("bytes_done")),
+        bytes(n("bytes_total"))
+    );
+    println!("peers:    {}", n("peers"));
+    if let Some(errs) = g("errors").as_array() {
+        for e in errs {
+            println!("error:    {}", e.as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+/// `log DIR`: every version, oldest first, one line per change.
+pub fn log(dir: &Path) -> Result<(), CliError> {
+    if !dir.join(feedsync::drive::STATE_DIR).is_dir() {
+        return Err(not_a_folder(dir));
+    }
+    let entries = Drive::log(dir)?;
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    for e in entries {
+        let when = e
+            .time
+            .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+            .unwrap_or_else(|| "-".into());
+        if e.changes.is_empty() && e.fetched {
+            writeln!(out, "{:>6}  {when}  (no change)", e.version)?;
+        }
+        if !e.fetched {
+            writeln!(out, "{:>6}  {when}  (not fetched here)", e.version)?;
+        }
+        for c in &e.changes {
+            writeln!(out, "{:>6}  {when}  {c}", e.version)?;
+        }
+    }
+    Ok(())
+}

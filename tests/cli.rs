@@ -1,0 +1,410 @@
+//! The command line as a user meets it (issue #9, section 5): each case runs the real binary
+//! over loopback and checks the exit status and the line printed.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_feedsync");
+
+/// A running feedsync process whose stdout and stderr lines are collected by threads.
+struct Proc {
+    child: Child,
+    out: Arc<Mutex<Vec<String>>>,
+    err: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn start(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start feedsync");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        for (pipe, sink) in [
+            (
+                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+                out.clone(),
+            ),
+            (Box::new(child.stderr.take().unwrap()), err.clone()),
+        ] {
+            std::thread::spawn(move || {
+                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(l);
+                }
+            });
+        }
+        Proc { child, out, err }
+    }
+
+    fn out_with(&self, prefix: &str) -> Option<String> {
+        let lines = self.out.lock().unwrap();
+        lines.iter().find(|l| l.starts_with(prefix)).cloned()
+    }
+
+    fn err_lines(&self) -> Vec<String> {
+        self.err.lock().unwrap().clone()
+    }
+
+    fn err_has(&self, needle: &str) -> bool {
+        self.err_lines().iter().any(|l| l.contains(needle))
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait(Duration::from_secs(30))
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if t.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "process did not exit within {limit:?}; stderr: {:?}",
+                    self.err_lines()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs feedsync to completion (with a deadline).
+fn run(args: &[&str]) -> Output {
+    let mut p = Proc::start(args);
+    let status = p.wait(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(50)); // let the reader threads take the last lines
+    Output {
+        status,
+        stdout: p.out.lock().unwrap().join("\n").into_bytes(),
+        stderr: p.err.lock().unwrap().join("\n").into_bytes(),
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `feedsync share DIR` on loopback: the process, its URL and its address.
+fn share(dir: &Path) -> (Proc, String, String) {
+    let p = Proc::start(&[
+        "share",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+    ]);
+    wait_until(Duration::from_secs(60), "share to listen", || {
+        p.out_with("listening on ").is_some()
+    });
+    let url = p.out_with("feedsync://").expect("URL printed first");
+    let addr = p
+        .out_with("listening on ")
+        .unwrap()
+        .trim_start_matches("listening on ")
+        .to_string();
+    (p, url, addr)
+}
+
+fn version_of(dir: &Path) -> u64 {
+    let out = run(&["status", dir.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["version"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn once_fetches_what_a_peer_proves_before_it_says_complete() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a.txt"), b"first").unwrap();
+    let (mut s, url, addr) = share(&src);
+    let d = dst.to_str().unwrap();
+    let out = run(&["clone", &url, d, "--peer", &addr, "--no-discovery", "--once"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(fs::read(dst.join("a.txt")).unwrap(), b"first");
+    let before = version_of(&src);
+    // The share moves on by several versions while the clone is not running.
+    for i in 0..5 {
+        fs::write(src.join(format!("n{i}.txt")), format!("new {i}")).unwrap();
+        let want = before + i + 1;
+        wait_until(Duration::from_secs(30), "the share to import", || {
+            version_of(&src) >= want
+        });
+    }
+    // `sync --once` and a repeated `clone --once` must contact the peer and fetch.
+    let out = run(&["sync", d, "--peer", &addr, "--no-discovery", "--once"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for i in 0..5 {
+        assert_eq!(
+            fs::read_to_string(dst.join(format!("n{i}.txt"))).unwrap(),
+            format!("new {i}"),
+            "sync --once reported success without fetching version {}",
+            before + i + 1
+        );
+    }
+    fs::write(src.join("late.txt"), b"late").unwrap();
+    wait_until(Duration::from_secs(30), "the share to import", || {
+        version_of(&src) >= before + 6
+    });
+    let out = run(&["clone", &url, d, "--peer", &addr, "--no-discovery", "--once"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(fs::read(dst.join("late.txt")).unwrap(), b"late");
+    // The share said who came and went, and why.
+    s.stop();
+    assert!(s.err_has("connected"), "{:?}", s.err_lines());
+    assert!(s.err_has("left: "), "{:?}", s.err_lines());
+}
+
+#[test]
+fn once_fails_with_one_line_when_no_peer_is_reachable_and_leaves_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let dst = t.path().join("dst");
+    let url = format!("feedsync://{}", "ab".repeat(32));
+    let started = Instant::now();
+    let out = run(&[
+        "clone",
+        &url,
+        dst.to_str().unwrap(),
+        "--peer",
+        "127.0.0.1:1",
+        "--no-discovery",
+        "--once",
+        "--timeout",
+        "2",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // It said what it was doing while it waited, and why it gave up, naming the address.
+    assert!(err.contains("dialling 127.0.0.1:1"), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("feedsync: no peer reachable within 2s") && last.contains("127.0.0.1:1"),
+        "{err}"
+    );
+    // A failed clone leaves nothing behind: a retry with the right URL starts clean.
+    assert!(!dst.join(".feedsync").exists(), "a failed clone left its state");
+}
+
+#[test]
+fn once_gives_up_on_a_peer_that_does_not_have_the_folder_and_a_retry_works() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("x"), b"x").unwrap();
+    let (_s, url, addr) = share(&src);
+    let d = dst.to_str().unwrap();
+    // A key nobody serves, from a peer that is up.
+    let wrong = format!("feedsync://{}", "cd".repeat(32));
+    let out = run(&[
+        "clone", &wrong, d, "--peer", &addr, "--no-discovery", "--once", "--timeout", "2",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no progress from a peer within 2s"), "{err}");
+    assert!(err.contains(&addr), "{err}");
+    // The retry with the right URL is not blocked by the first attempt.
+    let out = run(&["clone", &url, d, "--peer", &addr, "--no-discovery", "--once"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(fs::read(dst.join("x")).unwrap(), b"x");
+}
+
+#[test]
+fn a_clone_with_nothing_to_dial_is_a_usage_error() {
+    let t = tempfile::tempdir().unwrap();
+    let url = format!("feedsync://{}", "ab".repeat(32));
+    let dst = t.path().join("dst");
+    let out = run(&["clone", &url, dst.to_str().unwrap(), "--no-discovery"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("nothing to dial"), "{err}");
+}
+
+#[test]
+fn errors_name_the_path_and_exit_2_for_usage() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("missing");
+    let out = run(&["share", missing.to_str().unwrap(), "--no-discovery"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+    assert!(!err.contains("os error"), "a bare OS error: {err}");
+
+    let file = t.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    let url = format!("feedsync://{}", "ab".repeat(32));
+    let out = run(&[
+        "clone",
+        &url,
+        file.to_str().unwrap(),
+        "--peer",
+        "127.0.0.1:1",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(file.to_str().unwrap()), "{err}");
+    assert!(!err.contains("os error"), "a bare OS error: {err}");
+    assert_eq!(fs::read(&file).unwrap(), b"x");
+
+    let out = run(&["clone", "not-a-url", t.path().join("d").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+
+    let out = run(&["sync", missing.to_str().unwrap(), "--peer", "127.0.0.1:1"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+
+    let out = run(&["status", t.path().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not a shared or cloned folder"), "{err}");
+
+    // clap's own usage errors use the same code.
+    let out = run(&["share"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn log_reads_a_served_folder_and_names_each_kind_of_change() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a.txt"), b"alpha").unwrap();
+    fs::write(src.join("b.txt"), b"beta").unwrap();
+    let (_s, _url, _addr) = share(&src);
+    let v0 = version_of(&src);
+    fs::rename(src.join("a.txt"), src.join("renamed.txt")).unwrap();
+    wait_until(Duration::from_secs(30), "rename imported", || {
+        version_of(&src) > v0
+    });
+    let v1 = version_of(&src);
+    fs::write(src.join("b.txt"), b"beta, longer now").unwrap();
+    wait_until(Duration::from_secs(30), "modify imported", || {
+        version_of(&src) > v1
+    });
+    let v2 = version_of(&src);
+    fs::remove_file(src.join("b.txt")).unwrap();
+    wait_until(Duration::from_secs(30), "remove imported", || {
+        version_of(&src) > v2
+    });
+    // The share is still running and holds the store's lock.
+    let out = run(&["log", src.to_str().unwrap()]);
+    let log = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for want in [
+        "add     a.txt",
+        "add     b.txt",
+        "rename  a.txt -> renamed.txt",
+        "modify  b.txt",
+        "remove  b.txt",
+    ] {
+        assert!(log.contains(want), "no `{want}` in:\n{log}");
+    }
+    // Every version of this session carries a timestamp (RFC 3339, UTC).
+    let stamped = log
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|w| w.ends_with('Z')))
+        .count();
+    assert_eq!(stamped, log.lines().count(), "{log}");
+}
+
+#[test]
+fn an_idle_share_off_a_terminal_is_quiet_and_warns_once_per_path() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"f").unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", src.join("link")).unwrap();
+    let (mut s, _url, _addr) = share(&src);
+    wait_until(Duration::from_secs(10), "the symlink warning", || {
+        s.err_has("link")
+    });
+    let v = version_of(&src);
+    // New directories make the share walk the whole folder again; the symlink is seen each time.
+    for i in 0..3 {
+        fs::create_dir(src.join(format!("d{i}"))).unwrap();
+        fs::write(src.join(format!("d{i}/g")), b"g").unwrap();
+        let want = v + i + 1;
+        wait_until(Duration::from_secs(30), "the new dir imported", || {
+            version_of(&src) >= want
+        });
+    }
+    let before = s.err_lines().len();
+    std::thread::sleep(Duration::from_secs(3)); // idle: nothing may be printed
+    let idle = s.err_lines()[before..].to_vec();
+    s.stop();
+    let warnings = s.err_lines().iter().filter(|l| l.contains("link")).count();
+    assert_eq!(warnings, 1, "{:?}", s.err_lines());
+    assert!(idle.is_empty(), "an idle share printed {idle:?}");
+}
+
+#[test]
+fn peers_may_be_host_names_and_a_share_keeps_its_port() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("x"), b"x").unwrap();
+    // No --listen: the share picks its port and keeps it across restarts.
+    let port_of = |p: &Proc| {
+        let l = p.out_with("listening on ").unwrap();
+        l.rsplit(':').next().unwrap().parse::<u16>().unwrap()
+    };
+    let mut s = Proc::start(&["share", src.to_str().unwrap(), "--no-discovery"]);
+    wait_until(Duration::from_secs(60), "share to listen", || {
+        s.out_with("listening on ").is_some()
+    });
+    let url = s.out_with("feedsync://").unwrap();
+    let port = port_of(&s);
+    assert!(s.stop().success());
+    let s2 = Proc::start(&["share", src.to_str().unwrap(), "--no-discovery"]);
+    wait_until(Duration::from_secs(60), "share to listen again", || {
+        s2.out_with("listening on ").is_some()
+    });
+    assert_eq!(port_of(&s2), port, "the share moved to another port");
+    let peer = format!("localhost:{port}");
+    let out = run(&[
+        "clone",
+        &url,
+        dst.to_str().unwrap(),
+        "--peer",
+        &peer,
+        "--no-discovery",
+        "--once",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(fs::read(dst.join("x")).unwrap(), b"x");
+}
