@@ -112,6 +112,14 @@ fn run(args: &[&str]) -> Output {
     }
 }
 
+/// The URL of a folder nobody serves: a fresh, valid key.
+fn unserved_url(dir: &Path) -> String {
+    let store = dir.join("unserved-store");
+    let out = run(&["feed", "create", store.to_str().unwrap()]);
+    assert!(out.status.success());
+    format!("feedsync://{}", text(&out.stdout).trim())
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -151,7 +159,15 @@ fn once_fetches_what_a_peer_proves_before_it_says_complete() {
     fs::write(src.join("a.txt"), b"first").unwrap();
     let (mut s, url, addr) = share(&src);
     let d = dst.to_str().unwrap();
-    let out = run(&["clone", &url, d, "--peer", &addr, "--no-discovery", "--once"]);
+    let out = run(&[
+        "clone",
+        &url,
+        d,
+        "--peer",
+        &addr,
+        "--no-discovery",
+        "--once",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(fs::read(dst.join("a.txt")).unwrap(), b"first");
     let before = version_of(&src);
@@ -178,7 +194,15 @@ fn once_fetches_what_a_peer_proves_before_it_says_complete() {
     wait_until(Duration::from_secs(30), "the share to import", || {
         version_of(&src) >= before + 6
     });
-    let out = run(&["clone", &url, d, "--peer", &addr, "--no-discovery", "--once"]);
+    let out = run(&[
+        "clone",
+        &url,
+        d,
+        "--peer",
+        &addr,
+        "--no-discovery",
+        "--once",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(fs::read(dst.join("late.txt")).unwrap(), b"late");
     // The share said who came and went, and why.
@@ -191,7 +215,7 @@ fn once_fetches_what_a_peer_proves_before_it_says_complete() {
 fn once_fails_with_one_line_when_no_peer_is_reachable_and_leaves_nothing() {
     let t = tempfile::tempdir().unwrap();
     let dst = t.path().join("dst");
-    let url = format!("feedsync://{}", "ab".repeat(32));
+    let url = unserved_url(t.path());
     let started = Instant::now();
     let out = run(&[
         "clone",
@@ -215,7 +239,10 @@ fn once_fails_with_one_line_when_no_peer_is_reachable_and_leaves_nothing() {
         "{err}"
     );
     // A failed clone leaves nothing behind: a retry with the right URL starts clean.
-    assert!(!dst.join(".feedsync").exists(), "a failed clone left its state");
+    assert!(
+        !dst.join(".feedsync").exists(),
+        "a failed clone left its state"
+    );
 }
 
 #[test]
@@ -227,16 +254,32 @@ fn once_gives_up_on_a_peer_that_does_not_have_the_folder_and_a_retry_works() {
     let (_s, url, addr) = share(&src);
     let d = dst.to_str().unwrap();
     // A key nobody serves, from a peer that is up.
-    let wrong = format!("feedsync://{}", "cd".repeat(32));
+    let wrong = unserved_url(t.path());
     let out = run(&[
-        "clone", &wrong, d, "--peer", &addr, "--no-discovery", "--once", "--timeout", "2",
+        "clone",
+        &wrong,
+        d,
+        "--peer",
+        &addr,
+        "--no-discovery",
+        "--once",
+        "--timeout",
+        "2",
     ]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("no progress from a peer within 2s"), "{err}");
     assert!(err.contains(&addr), "{err}");
     // The retry with the right URL is not blocked by the first attempt.
-    let out = run(&["clone", &url, d, "--peer", &addr, "--no-discovery", "--once"]);
+    let out = run(&[
+        "clone",
+        &url,
+        d,
+        "--peer",
+        &addr,
+        "--no-discovery",
+        "--once",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(fs::read(dst.join("x")).unwrap(), b"x");
 }
@@ -244,7 +287,7 @@ fn once_gives_up_on_a_peer_that_does_not_have_the_folder_and_a_retry_works() {
 #[test]
 fn a_clone_with_nothing_to_dial_is_a_usage_error() {
     let t = tempfile::tempdir().unwrap();
-    let url = format!("feedsync://{}", "ab".repeat(32));
+    let url = unserved_url(t.path());
     let dst = t.path().join("dst");
     let out = run(&["clone", &url, dst.to_str().unwrap(), "--no-discovery"]);
     let err = text(&out.stderr);
@@ -266,7 +309,7 @@ fn errors_name_the_path_and_exit_2_for_usage() {
 
     let file = t.path().join("file");
     fs::write(&file, b"x").unwrap();
-    let url = format!("feedsync://{}", "ab".repeat(32));
+    let url = unserved_url(t.path());
     let out = run(&[
         "clone",
         &url,
@@ -282,6 +325,22 @@ fn errors_name_the_path_and_exit_2_for_usage() {
 
     let out = run(&["clone", "not-a-url", t.path().join("d").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // 64 hex digits that are no public key: refused as a URL, not later as a corrupt store.
+    let typo = format!("feedsync://{}", "ab".repeat(32));
+    let out = run(&[
+        "clone",
+        &typo,
+        t.path().join("d").to_str().unwrap(),
+        "--peer",
+        "127.0.0.1:1",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not a feedsync URL"), "{err}");
+    assert!(
+        !t.path().join("d").exists(),
+        "a refused clone created its folder"
+    );
 
     let out = run(&["sync", missing.to_str().unwrap(), "--peer", "127.0.0.1:1"]);
     let err = text(&out.stderr);
@@ -337,7 +396,11 @@ fn log_reads_a_served_folder_and_names_each_kind_of_change() {
     // Every version of this session carries a timestamp (RFC 3339, UTC).
     let stamped = log
         .lines()
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|w| w.ends_with('Z')))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|w| w.ends_with('Z'))
+        })
         .count();
     assert_eq!(stamped, log.lines().count(), "{log}");
 }

@@ -15,8 +15,7 @@ pub fn run(config: Option<&Path>, state: Option<PathBuf>) -> Result<(), CliError
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let signals = crate::cli::signals::daemon_channel()?;

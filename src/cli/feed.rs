@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 fn open(store: &Path) -> Result<Feed<DiskStorage>, CliError> {
-    let storage = DiskStorage::open(store).map_err(|e| runtime(format!("{}: {e}", store.display())))?;
+    let storage =
+        DiskStorage::open(store).map_err(|e| runtime(format!("{}: {e}", store.display())))?;
     Feed::open(storage).map_err(|e| match e {
         FeedError::NotFound => usage(format!(
             "{}: holds no feed; `feedsync feed create {}` makes one",
@@ -24,7 +25,8 @@ fn open(store: &Path) -> Result<Feed<DiskStorage>, CliError> {
 
 /// `feed create STORE`.
 pub fn create(store: &Path) -> Result<(), CliError> {
-    let storage = DiskStorage::open(store).map_err(|e| runtime(format!("{}: {e}", store.display())))?;
+    let storage =
+        DiskStorage::open(store).map_err(|e| runtime(format!("{}: {e}", store.display())))?;
     let feed = Feed::create(storage, crypto::generate_key()).map_err(|e| match e {
         FeedError::AlreadyExists => usage(format!(
             "{}: already holds a feed; give an empty or new directory",
@@ -121,7 +123,8 @@ pub fn sync(
     once: bool,
 ) -> Result<(), CliError> {
     let peers = resolve_peers(peers)?;
-    let storage = || DiskStorage::open(store).map_err(|e| runtime(format!("{}: {e}", store.display())));
+    let storage =
+        || DiskStorage::open(store).map_err(|e| runtime(format!("{}: {e}", store.display())));
     let feed = match Feed::open(storage()?) {
         Ok(f) => f,
         Err(FeedError::NotFound) => {

@@ -52,11 +52,8 @@ pub fn share(dir: &Path, net: &NetArgs) -> Result<(), CliError> {
 
 /// `feedsync clone URL DIR`.
 pub fn clone(url: &str, dir: &Path, net: &NetArgs, once: OnceArgs) -> Result<(), CliError> {
-    let key = feedsync::drive::parse_url(url).map_err(|e| {
-        usage(format!(
-            "{url}: {e}; give the feedsync://... URL that `share` printed"
-        ))
-    })?;
+    let key = feedsync::drive::parse_url(url)
+        .map_err(|e| usage(format!("{e}; give the URL that `share` printed")))?;
     if dir.exists() && !dir.is_dir() {
         return Err(usage(format!(
             "{}: is a file, not a folder; give a new or existing folder to clone into",
@@ -120,7 +117,9 @@ pub fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>, CliError> {
     for p in peers {
         let addrs = p.to_socket_addrs().map_err(|e| {
             if p.rsplit_once(':').is_none() {
-                usage(format!("--peer {p}: give HOST:PORT, e.g. 192.168.1.20:7070"))
+                usage(format!(
+                    "--peer {p}: give HOST:PORT, e.g. 192.168.1.20:7070"
+                ))
             } else {
                 runtime(format!("--peer {p}: cannot resolve: {e}"))
             }

@@ -14,10 +14,7 @@ enum Asked {
 }
 
 /// Starts the thread that turns signals into `deliver` calls, and exits on a second stop.
-fn forward(
-    with_reload: bool,
-    deliver: impl Fn(Asked) -> bool + Send + 'static,
-) -> io::Result<()> {
+fn forward(with_reload: bool, deliver: impl Fn(Asked) -> bool + Send + 'static) -> io::Result<()> {
     let mut wanted = vec![SIGINT, SIGTERM];
     if with_reload {
         wanted.push(SIGHUP);
@@ -28,7 +25,11 @@ fn forward(
         .spawn(move || {
             let mut stopping = false;
             for s in signals.forever() {
-                let asked = if s == SIGHUP { Asked::Reload } else { Asked::Stop };
+                let asked = if s == SIGHUP {
+                    Asked::Reload
+                } else {
+                    Asked::Stop
+                };
                 if matches!(asked, Asked::Stop) {
                     if stopping {
                         std::process::exit(130);

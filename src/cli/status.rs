@@ -27,8 +27,8 @@ pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
         Err(DriveError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
             // A node holds it: its last report.
             let path = state.join("status.json");
-            let raw = std::fs::read(&path)
-                .map_err(|e| runtime(format!("{}: {e}", path.display())))?;
+            let raw =
+                std::fs::read(&path).map_err(|e| runtime(format!("{}: {e}", path.display())))?;
             serde_json::from_slice(&raw)?
         }
         Err(e) => return Err(e.into()),

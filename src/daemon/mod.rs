@@ -38,7 +38,7 @@ mod control;
 pub use config::{Config, ConfigError, FolderConfig, default_state_dir, load};
 pub use control::{BindError, ControlError, Reply, Request, request, socket_path};
 
-use crate::drive::{AppOptions, Drive, Drives};
+use crate::drive::{AppOptions, Drive, DriveEvent, Drives};
 use crate::sync::{NodeConfig, NodeEvent, NodeHandle, StartError, StopError};
 use crossbeam_channel::{Receiver, select};
 use std::collections::BTreeMap;
@@ -180,15 +180,22 @@ impl Daemon {
         let mut apps = Vec::new();
         let mut peers = Vec::new();
         let mut urls = BTreeMap::new();
+        let mut drive_events = Vec::new();
         for f in &folders {
             let drive = match &f.url {
                 None => Drive::share(&f.path),
                 Some(u) => crate::drive::parse_url(u).and_then(|k| Drive::clone_into(&f.path, k)),
             };
+            // Each folder's events (versions applied, problems, skipped paths) are logged
+            // under its path.
+            let (tx, rx) = crossbeam_channel::bounded(256);
+            let options = AppOptions {
+                events: Some(tx),
+                ..AppOptions::default()
+            };
             let opened = drive.and_then(|d| {
                 let url = d.url();
-                d.into_app_at(AppOptions::default(), feeds.len())
-                    .map(|o| (o, url))
+                d.into_app_at(options, feeds.len()).map(|o| (o, url))
             });
             match opened {
                 Ok(((fs, app), url)) => {
@@ -196,6 +203,7 @@ impl Daemon {
                     apps.push(app);
                     peers.extend(f.peers.iter().copied());
                     urls.insert(f.path.clone(), url);
+                    drive_events.push((f.path.clone(), rx));
                 }
                 Err(e) => tracing::error!(folder = %f.path.display(), "cannot open: {e}"),
             }
@@ -217,7 +225,7 @@ impl Daemon {
             ..NodeConfig::new()
         };
         let node = crate::sync::spawn_with(node_config, feeds, Some(Box::new(Drives(apps))))?;
-        log_events(node.events.clone());
+        log_events(node.events.clone(), drive_events);
         for (path, url) in &urls {
             tracing::info!(folder = %path.display(), url = %url, "serving");
         }
@@ -372,19 +380,65 @@ fn status(f: &FolderConfig) -> serde_json::Value {
 }
 
 /// Logs what the node reports, on a thread of its own until the node stops.
-fn log_events(events: Receiver<NodeEvent>) {
+/// Logs the node's events and every folder's, on a thread of its own (the loop never waits
+/// for the log), until the node stops.
+fn log_events(events: Receiver<NodeEvent>, drives: Vec<(PathBuf, Receiver<DriveEvent>)>) {
     let spawned = std::thread::Builder::new()
         .name("feedsync-log".into())
         .spawn(move || {
-            for event in events {
-                log_event(&event);
-                if event == NodeEvent::Stopped {
-                    break;
+            let mut open: Vec<bool> = vec![true; drives.len()];
+            loop {
+                let mut select = crossbeam_channel::Select::new();
+                select.recv(&events);
+                let mut index = Vec::new();
+                for (i, (_, rx)) in drives.iter().enumerate() {
+                    if open[i] {
+                        select.recv(rx);
+                        index.push(i);
+                    }
+                }
+                let op = select.select();
+                match op.index() {
+                    0 => match op.recv(&events) {
+                        Ok(event) => {
+                            log_event(&event);
+                            if event == NodeEvent::Stopped {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    },
+                    k => {
+                        let i = index[k - 1];
+                        let (path, rx) = &drives[i];
+                        match op.recv(rx) {
+                            Ok(event) => log_drive_event(path, &event),
+                            Err(_) => open[i] = false,
+                        }
+                    }
                 }
             }
         });
     if let Err(e) = spawned {
         tracing::warn!("node events will not be logged: {e}");
+    }
+}
+
+fn log_drive_event(folder: &Path, event: &DriveEvent) {
+    let folder = folder.display();
+    match event {
+        DriveEvent::Changed {
+            version,
+            added,
+            modified,
+            removed,
+        } => tracing::info!(%folder, version, added, modified, removed, "new version"),
+        DriveEvent::Skipped { path, reason } => {
+            tracing::warn!(%folder, path = %path.display(), "skipped: {reason}")
+        }
+        DriveEvent::Problem(p) => tracing::error!("{p}"),
+        DriveEvent::Complete { version } => tracing::info!(%folder, version, "up to date"),
+        DriveEvent::Progress(_) => {}
     }
 }
 

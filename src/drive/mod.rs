@@ -120,6 +120,8 @@ pub fn parse_url(s: &str) -> Result<[u8; 32], DriveError> {
     for (i, k) in key.iter_mut().enumerate() {
         *k = u8::from_str_radix(h.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
     }
+    // A mistyped key is refused here, not later as a "corrupt store".
+    ed25519_dalek::VerifyingKey::from_bytes(&key).map_err(|_| bad())?;
     Ok(key)
 }
 
