@@ -441,7 +441,10 @@ fn peers_may_be_host_names_and_a_share_keeps_its_port() {
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     fs::create_dir(&src).unwrap();
     fs::write(src.join("x"), b"x").unwrap();
-    // No --listen: the share picks its port and keeps it across restarts.
+    // No --listen: the share picks its port and keeps it across restarts. The default port is
+    // held here, so the first run must pick another one and the second must remember it.
+    let _default = std::net::TcpListener::bind("[::]:7070")
+        .or_else(|_| std::net::TcpListener::bind("0.0.0.0:7070"));
     let port_of = |p: &Proc| {
         let l = p.out_with("listening on ").unwrap();
         l.rsplit(':').next().unwrap().parse::<u16>().unwrap()
@@ -452,6 +455,9 @@ fn peers_may_be_host_names_and_a_share_keeps_its_port() {
     });
     let url = s.out_with("feedsync://").unwrap();
     let port = port_of(&s);
+    if _default.is_ok() {
+        assert_ne!(port, 7070, "the share took a port that was in use");
+    }
     assert!(s.stop().success());
     let s2 = Proc::start(&["share", src.to_str().unwrap(), "--no-discovery"]);
     wait_until(Duration::from_secs(60), "share to listen again", || {

@@ -83,9 +83,7 @@ fn load_added(state_dir: &Path) -> Vec<FolderConfig> {
 }
 
 fn save_added(state_dir: &Path, folders: &[FolderConfig]) -> std::io::Result<()> {
-    let tmp = added_path(state_dir).with_extension("tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(folders)?)?;
-    fs::rename(tmp, added_path(state_dir))
+    crate::util::write_atomic(&added_path(state_dir), &serde_json::to_vec_pretty(folders)?)
 }
 
 /// Runs the daemon until a [`DaemonSignal::Stop`] (or `signals` closes). `config_path` absent:

@@ -142,8 +142,6 @@ impl Identity {
 
     /// Loads the identity stored at `path`, or creates one there (mode 0600).
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         match std::fs::read(path) {
             Ok(bytes) if bytes.len() == 64 => {
                 let mut private = [0u8; 32];
@@ -158,17 +156,10 @@ impl Identity {
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let id = Self::generate();
-                let tmp = path.with_extension("tmp");
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(&id.private)?;
-                f.write_all(&id.public)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, path)?;
+                let mut bytes = id.private.to_vec();
+                bytes.extend_from_slice(&id.public);
+                // Owner-only: the private half is the node's identity.
+                crate::util::write_atomic_with_mode(path, &bytes, 0o600)?;
                 Ok(id)
             }
             Err(e) => Err(e),
