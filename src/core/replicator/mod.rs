@@ -430,6 +430,14 @@ impl<S: Storage> Replicator<S> {
         self.peers.keys().copied()
     }
 
+    /// Whether `peer` opened at least one channel whose capability verified: it knows a key we
+    /// serve. A peer without one is a stranger, and the first to go when connections run short.
+    pub fn has_channel(&self, peer: PeerId) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| !p.remote_channels.is_empty())
+    }
+
     /// Whether `peer` was banned this session.
     pub fn is_banned(&self, peer: PeerId) -> bool {
         self.banned.contains(&peer)
