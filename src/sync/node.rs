@@ -148,9 +148,12 @@ impl Node {
             discovery: None,
             config,
         };
-        if let Some(app) = &mut node.app {
-            app.set_waker(Waker(wake_tx));
-            app.start(&mut node.replicator);
+        match &mut node.app {
+            Some(app) => {
+                app.set_waker(Waker(wake_tx));
+                app.start(&mut node.replicator);
+            }
+            None => node.wake = crossbeam_channel::never(),
         }
         node.drive();
         if let Some(listener) = bound.listener {
@@ -228,10 +231,11 @@ impl Node {
                         }
                     }
                 },
-                recv(self.wake) -> _ => {
-                    if let Some(app) = &mut self.app {
-                        app.on_wake(&mut self.replicator);
-                    }
+                recv(self.wake) -> woke => match (woke, &mut self.app) {
+                    (Ok(()), Some(app)) => app.on_wake(&mut self.replicator),
+                    // Nobody holds the waker (no app, or one that dropped it): a closed channel
+                    // is always ready, and selecting on it would spin the loop.
+                    _ => self.wake = crossbeam_channel::never(),
                 },
                 recv(ticker) -> _ => self.on_tick(Instant::now()),
             }
