@@ -1,115 +1,36 @@
 //! The command line as a user meets it (issue #9, section 5): each case runs the real binary
 //! over loopback and checks the exit status and the line printed.
 
+mod common;
+
+use common::{Proc, wait_until};
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_feedsync");
-
-/// A running feedsync process whose stdout and stderr lines are collected by threads.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start feedsync");
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let err = Arc::new(Mutex::new(Vec::new()));
-        for (pipe, sink) in [
-            (
-                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-                out.clone(),
-            ),
-            (Box::new(child.stderr.take().unwrap()), err.clone()),
-        ] {
-            std::thread::spawn(move || {
-                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    sink.lock().unwrap().push(l);
-                }
-            });
-        }
-        Proc { child, out, err }
-    }
-
-    fn out_with(&self, prefix: &str) -> Option<String> {
-        let lines = self.out.lock().unwrap();
-        lines.iter().find(|l| l.starts_with(prefix)).cloned()
-    }
-
-    fn err_lines(&self) -> Vec<String> {
-        self.err.lock().unwrap().clone()
-    }
-
-    fn err_has(&self, needle: &str) -> bool {
-        self.err_lines().iter().any(|l| l.contains(needle))
-    }
-
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.wait(Duration::from_secs(30))
-    }
-
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            if t.elapsed() > limit {
-                let _ = self.child.kill();
-                panic!(
-                    "process did not exit within {limit:?}; stderr: {:?}",
-                    self.err_lines()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        assert!(
-            t.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Runs feedsync to completion (with a deadline).
+/// Runs feedsync to completion (with a deadline), its output collected.
 fn run(args: &[&str]) -> Output {
-    let mut p = Proc::start(args);
-    let status = p.wait(Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(50)); // let the reader threads take the last lines
+    let mut p = Proc::feedsync(args);
+    let status = p.wait_exit(Duration::from_secs(60));
     Output {
         status,
-        stdout: p.out.lock().unwrap().join("\n").into_bytes(),
-        stderr: p.err.lock().unwrap().join("\n").into_bytes(),
+        stdout: p.lines().join("\n").into_bytes(),
+        stderr: p.errors().join("\n").into_bytes(),
     }
+}
+
+/// `clone --once URL DIR` from one named peer, with discovery off.
+fn clone_once(url: &str, dir: &Path, peer: &str) -> Output {
+    run(&[
+        "clone",
+        url,
+        dir.to_str().unwrap(),
+        "--peer",
+        peer,
+        "--no-discovery",
+        "--once",
+    ])
 }
 
 /// The URL of a folder nobody serves: a fresh, valid key.
@@ -126,22 +47,15 @@ fn text(b: &[u8]) -> String {
 
 /// `feedsync share DIR` on loopback: the process, its URL and its address.
 fn share(dir: &Path) -> (Proc, String, String) {
-    let p = Proc::start(&[
+    let p = Proc::feedsync(&[
         "share",
         dir.to_str().unwrap(),
         "--listen",
         "127.0.0.1:0",
         "--no-discovery",
     ]);
-    wait_until(Duration::from_secs(60), "share to listen", || {
-        p.out_with("listening on ").is_some()
-    });
-    let url = p.out_with("feedsync://").expect("URL printed first");
-    let addr = p
-        .out_with("listening on ")
-        .unwrap()
-        .trim_start_matches("listening on ")
-        .to_string();
+    let addr = p.listen_addr();
+    let url = p.line_with("feedsync://").expect("URL printed first");
     (p, url, addr)
 }
 
@@ -194,21 +108,13 @@ fn once_fetches_what_a_peer_proves_before_it_says_complete() {
     wait_until(Duration::from_secs(30), "the share to import", || {
         version_of(&src) >= before + 6
     });
-    let out = run(&[
-        "clone",
-        &url,
-        d,
-        "--peer",
-        &addr,
-        "--no-discovery",
-        "--once",
-    ]);
+    let out = clone_once(&url, &dst, &addr);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(fs::read(dst.join("late.txt")).unwrap(), b"late");
     // The share said who came and went, and why.
-    s.stop();
-    assert!(s.err_has("connected"), "{:?}", s.err_lines());
-    assert!(s.err_has("left: "), "{:?}", s.err_lines());
+    s.terminate(Duration::from_secs(30));
+    assert!(s.stderr_has("connected"), "{:?}", s.errors());
+    assert!(s.stderr_has("left: "), "{:?}", s.errors());
 }
 
 #[test]
@@ -414,7 +320,7 @@ fn an_idle_share_off_a_terminal_is_quiet_and_warns_once_per_path() {
     std::os::unix::fs::symlink("/etc/hostname", src.join("link")).unwrap();
     let (mut s, _url, _addr) = share(&src);
     wait_until(Duration::from_secs(10), "the symlink warning", || {
-        s.err_has("link")
+        s.stderr_has("link")
     });
     let v = version_of(&src);
     // New directories make the share walk the whole folder again; the symlink is seen each time.
@@ -426,12 +332,12 @@ fn an_idle_share_off_a_terminal_is_quiet_and_warns_once_per_path() {
             version_of(&src) >= want
         });
     }
-    let before = s.err_lines().len();
+    let before = s.errors().len();
     std::thread::sleep(Duration::from_secs(3)); // idle: nothing may be printed
-    let idle = s.err_lines()[before..].to_vec();
-    s.stop();
-    let warnings = s.err_lines().iter().filter(|l| l.contains("link")).count();
-    assert_eq!(warnings, 1, "{:?}", s.err_lines());
+    let idle = s.errors()[before..].to_vec();
+    s.terminate(Duration::from_secs(30));
+    let warnings = s.errors().iter().filter(|l| l.contains("link")).count();
+    assert_eq!(warnings, 1, "{:?}", s.errors());
     assert!(idle.is_empty(), "an idle share printed {idle:?}");
 }
 
@@ -446,34 +352,22 @@ fn peers_may_be_host_names_and_a_share_keeps_its_port() {
     let _default = std::net::TcpListener::bind("[::]:7070")
         .or_else(|_| std::net::TcpListener::bind("0.0.0.0:7070"));
     let port_of = |p: &Proc| {
-        let l = p.out_with("listening on ").unwrap();
+        let l = p.listen_addr();
         l.rsplit(':').next().unwrap().parse::<u16>().unwrap()
     };
-    let mut s = Proc::start(&["share", src.to_str().unwrap(), "--no-discovery"]);
-    wait_until(Duration::from_secs(60), "share to listen", || {
-        s.out_with("listening on ").is_some()
+    let mut s = Proc::feedsync(&["share", src.to_str().unwrap(), "--no-discovery"]);
+    let url = s.wait_line(Duration::from_secs(60), "URL", |l| {
+        l.starts_with("feedsync://")
     });
-    let url = s.out_with("feedsync://").unwrap();
     let port = port_of(&s);
     if _default.is_ok() {
         assert_ne!(port, 7070, "the share took a port that was in use");
     }
-    assert!(s.stop().success());
-    let s2 = Proc::start(&["share", src.to_str().unwrap(), "--no-discovery"]);
-    wait_until(Duration::from_secs(60), "share to listen again", || {
-        s2.out_with("listening on ").is_some()
-    });
+    assert!(s.terminate(Duration::from_secs(30)).0.success());
+    let s2 = Proc::feedsync(&["share", src.to_str().unwrap(), "--no-discovery"]);
     assert_eq!(port_of(&s2), port, "the share moved to another port");
     let peer = format!("localhost:{port}");
-    let out = run(&[
-        "clone",
-        &url,
-        dst.to_str().unwrap(),
-        "--peer",
-        &peer,
-        "--no-discovery",
-        "--once",
-    ]);
+    let out = clone_once(&url, &dst, &peer);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(fs::read(dst.join("x")).unwrap(), b"x");
 }
