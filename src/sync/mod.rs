@@ -148,7 +148,23 @@ impl NodeHandle {
                 reply,
             })
             .map_err(|_| AppendError::Stopped)?;
-        rx.recv().map_err(|_| AppendError::Stopped)?
+        // A command sent just before the loop ended stays in the channel's buffer (crossbeam's
+        // bounded channel keeps buffered messages, and with them our reply sender, until the
+        // last handle goes), so a plain `recv` could wait forever: watch the thread too.
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(result) => return result,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(AppendError::Stopped);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self.thread.is_finished() {
+                        // It may have answered in the meantime.
+                        return rx.try_recv().unwrap_or(Err(AppendError::Stopped));
+                    }
+                }
+            }
+        }
     }
 }
 
