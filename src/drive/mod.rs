@@ -17,7 +17,8 @@
 //!
 //! # Layout
 //! - this file: [`Drive`] (share, clone, open, discard, log) and [`DriveError`].
-//! - [`record`]: the records of the metadata feed, path rules, the replayed [`State`].
+//! - [`record`]: the records of the metadata feed, path rules; `state.rs`: the replayed
+//!   [`State`] and the [`Limits`] a version must stay within.
 //! - [`import`]: the writer's scan: files to records and deduplicated content blocks.
 //! - [`layout`]: where content blocks live (the block map, the handle cache, reassembly,
 //!   publish); the content feed's block storage.
@@ -35,6 +36,7 @@ pub mod log;
 mod reader;
 pub mod reconcile;
 pub mod record;
+mod state;
 mod writer;
 
 pub use app::{AppOptions, DriveApp, Drives};
