@@ -453,3 +453,61 @@ fn the_daemon_keeps_its_other_folders_syncing() {
     d.kill();
     server.stop();
 }
+
+/// The budget of blocks fetched at once (`Limits::max_pending_blocks`) defers files, it never
+/// drops them: a reader allowed 2 blocks at a time still completes a folder of 3-block files,
+/// one file at a time.
+#[test]
+fn files_over_the_pending_budget_are_fetched_one_at_a_time_and_all_arrive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    for i in 0..6u64 {
+        let len = 2 * record::BLOCK_SIZE + 1000 * i as usize + 1;
+        let name = if i % 2 == 0 {
+            format!("f{i}")
+        } else {
+            format!("sub/f{i}")
+        };
+        fs::write(src.join(name), common::bytes(i, len)).unwrap();
+    }
+    let server = serve(honest(&src), vec![]);
+    let key = feedsync::drive::parse_url(&server.honest_url).unwrap();
+    let dst = tmp.path().join("dst");
+    let options = AppOptions {
+        limits: feedsync::drive::Limits {
+            max_pending_blocks: 2,
+            ..Default::default()
+        },
+        ..AppOptions::default()
+    };
+    let (feeds, app) = Drive::clone_into(&dst, key)
+        .unwrap()
+        .into_app(options)
+        .unwrap();
+    let config = NodeConfig {
+        peers: vec![server.addr.parse().unwrap()],
+        exit_when_complete: true,
+        ..NodeConfig::new()
+    };
+    let node = feedsync::sync::spawn_with(config, feeds, Some(Box::new(app))).unwrap();
+    let (mut most, deadline) = (0, std::time::Instant::now() + Duration::from_secs(60));
+    loop {
+        // Files being reassembled at once, as their temporary files show.
+        let parts = fs::read_dir(dst.join(".feedsync/tmp")).map_or(0, |d| d.count());
+        most = most.max(parts);
+        match node.events.recv_timeout(Duration::from_millis(5)) {
+            Ok(NodeEvent::Stopped) => break,
+            Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("node events: {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clone did not complete"
+        );
+    }
+    node.join().unwrap();
+    common::assert_same_tree(&src, &dst, &[".feedsync"]);
+    assert!(most <= 1, "{most} files were reassembled at once");
+    server.stop();
+}

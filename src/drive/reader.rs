@@ -29,11 +29,13 @@ pub(super) struct Reader {
     previous: State,
     /// The version last reported [`DriveEvent::Complete`] for.
     complete_at: Option<u64>,
-    /// Files of the newest version not taken on yet: over the budget of blocks fetched at
-    /// once ([`Limits::max_pending_blocks`](crate::drive::Limits)), or reaching past the
-    /// content feed's verified length. Reconciled again when those change.
-    deferred: bool,
-    /// The first file waiting for content the writer has not signed, and since when.
+    /// Files of the newest version not taken on yet, over the budget of blocks fetched at
+    /// once ([`Limits::max_pending_blocks`](crate::drive::Limits)): reconciled again as soon
+    /// as the files taken on are done.
+    over_budget: bool,
+    /// The first file reaching past the content feed's verified length (its path, the first
+    /// block it lacks, since when): such files are reconciled again when the content feed
+    /// grows.
     waiting: Option<(String, u64, Instant)>,
 }
 
@@ -42,7 +44,7 @@ impl Reader {
         Self {
             previous,
             complete_at: None,
-            deferred: false,
+            over_budget: false,
             waiting: None,
         }
     }
@@ -70,7 +72,7 @@ impl Reader {
             Event::Downloaded { feed, .. } | Event::Upgraded { feed, .. } if *feed == b.meta => {
                 self.apply_metadata(b, r);
             }
-            Event::Upgraded { feed, .. } if Some(*feed) == b.content && self.deferred => {
+            Event::Upgraded { feed, .. } if Some(*feed) == b.content && self.deferred() => {
                 // Files waiting for the content feed to be long enough.
                 self.reconcile(b, r);
             }
@@ -92,7 +94,16 @@ impl Reader {
         {
             self.make_durable(b, r);
         }
+        if self.over_budget && settled(b) {
+            // The files taken on are done: the next ones.
+            self.reconcile(b, r);
+        }
         self.report_complete(b, r);
+    }
+
+    /// Files of the newest version not taken on yet (see the fields).
+    fn deferred(&self) -> bool {
+        self.over_budget || self.waiting.is_some()
     }
 
     /// Once per version reached: made durable, then [`DriveEvent::Complete`].
@@ -106,16 +117,12 @@ impl Reader {
         }
     }
 
-    /// Files complete but not published (a full disk, say) are tried again; files deferred
-    /// for the budget are taken on once the others are done; a file still waiting for content
-    /// the writer never signed is reported (once).
+    /// Files complete but not published (a full disk, say) are tried again; a file still
+    /// waiting for content the writer never signed is reported (once).
     pub fn each_second(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         if layout::lock(&b.layout).pending_count() > 0 {
             layout::lock(&b.layout).requeue_complete();
             self.publish_ready(b, r);
-        }
-        if self.deferred && layout::lock(&b.layout).pending_count() == 0 {
-            self.reconcile(b, r);
         }
         if let Some((path, block, since)) = &self.waiting
             && since.elapsed() >= WAIT_REPORT
@@ -154,7 +161,7 @@ impl Reader {
             && r.is_complete(b.meta)
             && b.state.version == meta.len()
             && (r.peer_proved(content) || !needs_content())
-            && !self.deferred
+            && !self.deferred()
             && settled(b)
     }
 
@@ -277,7 +284,7 @@ impl Reader {
         //    memory per file and per position written, so files are taken on up to a budget
         //    of blocks at a time (the rest when those are done); one file over the budget is
         //    taken on alone. Files reaching past the verified content wait.
-        self.deferred = !plan.waiting.is_empty();
+        self.over_budget = false;
         self.waiting = match (plan.waiting.first(), self.waiting.take()) {
             (Some((p, x)), Some(old)) if old.0 == *p && old.1 == *x => Some(old),
             (Some((p, x)), _) => Some((p.clone(), *x, Instant::now())),
@@ -298,7 +305,7 @@ impl Reader {
         for f in plan.fetch {
             let blocks = f.info.blocks();
             if blocks > budget && layout::lock(&b.layout).pending_count() > 0 {
-                self.deferred = true;
+                self.over_budget = true;
                 drop_stale_pending(b, &f.path, &mut orphans);
                 continue;
             }
@@ -390,7 +397,7 @@ impl Reader {
     /// version the folder is at.
     fn make_durable(&mut self, b: &mut Base, r: &Replicator<DiskStorage>) {
         b.sync_folder();
-        if settled(b) && !self.deferred && r.feed(b.meta).len() == b.state.version {
+        if settled(b) && !self.deferred() && r.feed(b.meta).len() == b.state.version {
             self.previous = b.state.clone();
             let path = b.state_dir.join("applied");
             if let Err(e) =
