@@ -65,6 +65,9 @@ pub struct Config {
     pub folders: Vec<FolderConfig>,
     /// Connections kept at most (`[limits] max_peers`).
     pub max_peers: usize,
+    /// Caps on what each folder's versions may hold (`[limits] max_entries`, `max_depth`,
+    /// `max_total_bytes`, `max_pending_blocks`); a version over them is refused whole.
+    pub folder_limits: crate::drive::Limits,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +86,10 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_peers: Option<Spanned<i64>>,
+    max_entries: Option<Spanned<i64>>,
+    max_depth: Option<Spanned<i64>>,
+    max_total_bytes: Option<Spanned<i64>>,
+    max_pending_blocks: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -112,6 +119,7 @@ impl Config {
             state_dir: default_state_dir(),
             folders: Vec::new(),
             max_peers: 128,
+            folder_limits: crate::drive::Limits::default(),
         }
     }
 }
@@ -157,6 +165,36 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .filter(|n| (1..=65_536).contains(n))
             .ok_or_else(|| at(m.span().start, "limits.max_peers must be 1 to 65536"))?;
     }
+    let mut folder_limits = crate::drive::Limits::default();
+    if let Some(l) = &raw.limits {
+        for (value, name, slot) in [
+            (
+                &l.max_entries,
+                "max_entries",
+                &mut folder_limits.max_entries,
+            ),
+            (&l.max_depth, "max_depth", &mut folder_limits.max_depth),
+            (
+                &l.max_total_bytes,
+                "max_total_bytes",
+                &mut folder_limits.max_total_bytes,
+            ),
+            (
+                &l.max_pending_blocks,
+                "max_pending_blocks",
+                &mut folder_limits.max_pending_blocks,
+            ),
+        ] {
+            if let Some(v) = value {
+                *slot = u64::try_from(*v.get_ref())
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| {
+                        at(v.span().start, &format!("limits.{name} must be at least 1"))
+                    })?;
+            }
+        }
+    }
     let mut folders = Vec::new();
     for f in raw.folder {
         let p = PathBuf::from(f.path.get_ref());
@@ -196,6 +234,7 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         state_dir: raw.state_dir.unwrap_or_else(default_state_dir),
         folders,
         max_peers,
+        folder_limits,
     })
 }
 
@@ -259,5 +298,17 @@ mod tests {
             "/etc/feedsync.toml:2: limits.max_peers must be 1 to 65536"
         );
         assert_eq!(parse(p, "[limits]\nmax_peers = 8\n").unwrap().max_peers, 8);
+        let l = parse(p, "[limits]\nmax_entries = 10\nmax_depth = 3\n")
+            .unwrap()
+            .folder_limits;
+        assert_eq!((l.max_entries, l.max_depth), (10, 3));
+        assert_eq!(l.max_total_bytes, 16 << 40, "the default");
+        let e = parse(p, "[limits]\nmax_depth = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/etc/feedsync.toml:2: limits.max_depth must be at least 1"
+        );
     }
 }

@@ -16,6 +16,10 @@
 //!
 //! [limits]
 //! max_peers = 128             # connections kept at most (default 128)
+//! max_entries = 1000000       # per folder: files and directories (a bigger version is refused)
+//! max_depth = 64              # per folder: path components
+//! max_total_bytes = 17592186044416   # per folder: bytes of all files (16 TiB)
+//! max_pending_blocks = 1048576       # per folder: blocks fetched at once (64 GiB of 64 KiB)
 //! ```
 //!
 //! # Layout
@@ -189,6 +193,7 @@ impl Daemon {
             let (tx, rx) = crossbeam_channel::bounded(256);
             let options = AppOptions {
                 events: Some(tx),
+                limits: self.config.folder_limits,
                 ..AppOptions::default()
             };
             let opened = drive.and_then(|d| {

@@ -7,7 +7,7 @@ use crate::core::replicator::{Event, FeedId, Replicator};
 use crate::drive::event::{DriveEvent, DriveProblem, Reporter, Stats};
 use crate::drive::layout::{self, Shared};
 use crate::drive::reader::Reader;
-use crate::drive::record::{BLOCK_SIZE, State};
+use crate::drive::record::{BLOCK_SIZE, Limits, State};
 use crate::drive::writer::Writer;
 use crate::storage::DiskStorage;
 use crate::sync::{App, Waker};
@@ -31,6 +31,9 @@ pub struct AppOptions {
     /// Where events go (`None`: nowhere). Sent with `try_send`: the loop never waits, and a
     /// full channel drops events.
     pub events: Option<crossbeam_channel::Sender<DriveEvent>>,
+    /// Reader: caps on what a version may hold and on files fetched at once; a version over
+    /// them is refused whole (see [`Limits`]).
+    pub limits: Limits,
 }
 
 impl Default for AppOptions {
@@ -41,6 +44,7 @@ impl Default for AppOptions {
             debounce: Duration::from_millis(20),
             progress: None,
             events: None,
+            limits: Limits::default(),
         }
     }
 }

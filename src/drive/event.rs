@@ -103,6 +103,25 @@ pub enum DriveProblem {
         /// Why (names the path).
         reason: String,
     },
+    /// A file of the newest version names content blocks the writer has not signed (an honest
+    /// writer signs content first): it is not taken on, and nothing is set up for it, until the
+    /// content feed is long enough.
+    #[error(
+        "{}: version {version}: {path:?} needs content block {block}, beyond the {signed} blocks the writer signed; waiting for them",
+        folder.display()
+    )]
+    WaitingForContent {
+        /// The folder.
+        folder: PathBuf,
+        /// The newest version applied.
+        version: u64,
+        /// The file's path.
+        path: String,
+        /// The first block it lacks.
+        block: u64,
+        /// The content feed's verified length.
+        signed: u64,
+    },
     /// A path whose parents would lead out of the folder (a symlink or a file in the way).
     #[error("{}: {path}: refused, {why}", folder.display())]
     UnsafeTarget {

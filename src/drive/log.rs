@@ -144,7 +144,10 @@ pub fn changes(state: &State, records: &[Record]) -> Vec<Change> {
 /// The time a version's records carry, if any.
 pub fn time(records: &[Record]) -> Option<SystemTime> {
     records.iter().find_map(|r| match r {
-        Record::Time { millis } => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(*millis)),
+        // Checked: the writer's clock is its own business, never a panic here.
+        Record::Time { millis } => {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(*millis))
+        }
         _ => None,
     })
 }

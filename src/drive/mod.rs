@@ -17,7 +17,8 @@
 //!
 //! # Layout
 //! - this file: [`Drive`] (share, clone, open, discard, log) and [`DriveError`].
-//! - [`record`]: the records of the metadata feed, path rules, the replayed [`State`].
+//! - [`record`]: the records of the metadata feed, path rules; `state.rs`: the replayed
+//!   [`State`] and the [`Limits`] a version must stay within.
 //! - [`import`]: the writer's scan: files to records and deduplicated content blocks.
 //! - [`layout`]: where content blocks live (the block map, the handle cache, reassembly,
 //!   publish); the content feed's block storage.
@@ -35,11 +36,13 @@ pub mod log;
 mod reader;
 pub mod reconcile;
 pub mod record;
+mod state;
 mod writer;
 
 pub use app::{AppOptions, DriveApp, Drives};
 pub use event::{DriveEvent, DriveProblem, Stats};
 pub use log::{Change, LogEntry};
+pub use record::Limits;
 
 use crate::core::Feed;
 use crate::core::replicator::FeedId;
@@ -325,17 +328,32 @@ impl Drive {
         url(&self.meta.public_key())
     }
 
-    /// Replays metadata blocks `0..upto` (those held, in order) into a state.
+    /// Replays metadata blocks `0..upto` (those held, in order) into a state, under the
+    /// default [`Limits`]. See [`Drive::replay_with`].
     pub fn replay(meta: &mut Feed<DiskStorage>, upto: u64) -> Result<State, DriveError> {
+        Self::replay_with(meta, upto, &Limits::default())
+    }
+
+    /// Replays metadata blocks `0..upto` (those held, in order) into a state. It stops before
+    /// the first version it refuses (a record that does not decode or is unsafe, a version
+    /// over `limits`): a signed but hostile version is stored like any other, and must not
+    /// keep the folder from opening; the running reader refuses it again and says why.
+    pub fn replay_with(
+        meta: &mut Feed<DiskStorage>,
+        upto: u64,
+        limits: &Limits,
+    ) -> Result<State, DriveError> {
         let mut state = State::default();
         for i in 0..upto.min(meta.len()) {
             if !meta.has(i) {
                 break;
             }
             let block = meta.get(i)?;
-            match record::decode(i, &block) {
-                Ok(recs) => state.apply(recs),
-                Err(e) => return Err(io::Error::other(e.to_string()).into()),
+            let Ok(recs) = record::decode(i, &block) else {
+                break;
+            };
+            if state.apply_checked(recs, limits).is_err() {
+                break;
             }
         }
         Ok(state)
@@ -400,7 +418,13 @@ impl Drive {
         options: AppOptions,
         first: FeedId,
     ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
-        let full = Self::replay(&mut self.meta, u64::MAX)?;
+        // The writer's own versions come from its file system: replayed as written.
+        let limits = if self.writer {
+            Limits::unlimited()
+        } else {
+            options.limits
+        };
+        let full = Self::replay_with(&mut self.meta, u64::MAX, &limits)?;
         let applied = if self.writer {
             full.version
         } else {
@@ -409,7 +433,7 @@ impl Drive {
         let previous = if applied >= full.version {
             full.clone()
         } else {
-            Self::replay(&mut self.meta, applied)?
+            Self::replay_with(&mut self.meta, applied, &limits)?
         };
         {
             // Files in place: as the newest version has them (a clone killed after publishing

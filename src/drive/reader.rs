@@ -29,6 +29,14 @@ pub(super) struct Reader {
     previous: State,
     /// The version last reported [`DriveEvent::Complete`] for.
     complete_at: Option<u64>,
+    /// Files of the newest version not taken on yet, over the budget of blocks fetched at
+    /// once ([`Limits::max_pending_blocks`](crate::drive::Limits)): reconciled again as soon
+    /// as the files taken on are done.
+    over_budget: bool,
+    /// The first file reaching past the content feed's verified length (its path, the first
+    /// block it lacks, since when): such files are reconciled again when the content feed
+    /// grows.
+    waiting: Option<(String, u64, Instant)>,
 }
 
 impl Reader {
@@ -36,6 +44,8 @@ impl Reader {
         Self {
             previous,
             complete_at: None,
+            over_budget: false,
+            waiting: None,
         }
     }
 
@@ -62,6 +72,10 @@ impl Reader {
             Event::Downloaded { feed, .. } | Event::Upgraded { feed, .. } if *feed == b.meta => {
                 self.apply_metadata(b, r);
             }
+            Event::Upgraded { feed, .. } if Some(*feed) == b.content && self.deferred() => {
+                // Files waiting for the content feed to be long enough.
+                self.reconcile(b, r);
+            }
             Event::StorageError { feed, error } if *feed == b.meta || Some(*feed) == b.content => {
                 let what = if *feed == b.meta {
                     "storing metadata"
@@ -80,7 +94,16 @@ impl Reader {
         {
             self.make_durable(b, r);
         }
+        if self.over_budget && settled(b) {
+            // The files taken on are done: the next ones.
+            self.reconcile(b, r);
+        }
         self.report_complete(b, r);
+    }
+
+    /// Files of the newest version not taken on yet (see the fields).
+    fn deferred(&self) -> bool {
+        self.over_budget || self.waiting.is_some()
     }
 
     /// Once per version reached: made durable, then [`DriveEvent::Complete`].
@@ -94,11 +117,27 @@ impl Reader {
         }
     }
 
-    /// Files complete but not published (a full disk, say) are tried again.
+    /// Files complete but not published (a full disk, say) are tried again; a file still
+    /// waiting for content the writer never signed is reported (once).
     pub fn each_second(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         if layout::lock(&b.layout).pending_count() > 0 {
             layout::lock(&b.layout).requeue_complete();
             self.publish_ready(b, r);
+        }
+        if let Some((path, block, since)) = &self.waiting
+            && since.elapsed() >= WAIT_REPORT
+            && let Some(content) = b.content
+        {
+            // An honest writer signs content before the records naming it: a wait that lasts
+            // is a writer's records pointing past its content.
+            let p = DriveProblem::WaitingForContent {
+                folder: b.root.clone(),
+                version: b.state.version,
+                path: path.clone(),
+                block: *block,
+                signed: r.feed(content).len(),
+            };
+            b.problem(p);
         }
     }
 
@@ -122,6 +161,7 @@ impl Reader {
             && r.is_complete(b.meta)
             && b.state.version == meta.len()
             && (r.peer_proved(content) || !needs_content())
+            && !self.deferred()
             && settled(b)
     }
 
@@ -152,10 +192,16 @@ impl Reader {
                     return;
                 }
             };
-            match record::decode(i, &block) {
-                Ok(recs) => {
+            let checked = match record::decode(i, &block) {
+                Ok(recs) => content_key_free(b, r, &recs).and_then(|()| {
                     let counts = Counts::of(&log::changes(&b.state, &recs));
-                    b.state.apply(recs);
+                    let limits = b.options.limits;
+                    b.state.apply_checked(recs, &limits).map(|()| counts)
+                }),
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(counts) => {
                     if i > 0 {
                         b.reporter.send(counts.event(b.state.version));
                     }
@@ -222,19 +268,52 @@ impl Reader {
                 })
                 .collect()
         };
+        let content_len = r.feed(content).len();
         let plan = {
             let held = r.feed(content).bitfield();
-            reconcile::plan(&self.previous.entries, &b.state.entries, &local, |x| {
-                held.get(x)
-            })
+            reconcile::plan(
+                &self.previous.entries,
+                &b.state.entries,
+                &local,
+                content_len,
+                |x| held.get(x),
+            )
         };
-        // 1. Fetch, reusing what is here, before anything is removed.
+        let mut orphans = BTreeSet::new();
+        // 1. Fetch, reusing what is here, before anything is removed. Reassembly state costs
+        //    memory per file and per position written, so files are taken on up to a budget
+        //    of blocks at a time (the rest when those are done); one file over the budget is
+        //    taken on alone. Files reaching past the verified content wait.
+        self.over_budget = false;
+        self.waiting = match (plan.waiting.first(), self.waiting.take()) {
+            (Some((p, x)), Some(old)) if old.0 == *p && old.1 == *x => Some(old),
+            (Some((p, x)), _) => Some((p.clone(), *x, Instant::now())),
+            (None, _) => None,
+        };
+        let mut budget = {
+            let l = layout::lock(&b.layout);
+            let busy: u64 = l
+                .slots()
+                .filter(|(_, s)| s.pending.is_some())
+                .map(|(_, s)| s.info.blocks())
+                .sum();
+            b.options.limits.max_pending_blocks.saturating_sub(busy)
+        };
+        for (path, _) in &plan.waiting {
+            drop_stale_pending(b, path, &mut orphans);
+        }
         for f in plan.fetch {
+            let blocks = f.info.blocks();
+            if blocks > budget && layout::lock(&b.layout).pending_count() > 0 {
+                self.over_budget = true;
+                drop_stale_pending(b, &f.path, &mut orphans);
+                continue;
+            }
+            budget = budget.saturating_sub(blocks);
             let id = layout::lock(&b.layout).add_pending(f.path, f.info);
             fill_from_local(b, r, content, id, &f.reuse);
         }
         // 2. Removals: only what we put there.
-        let mut orphans = BTreeSet::new();
         {
             let mut l = layout::lock(&b.layout);
             for rm in &plan.remove {
@@ -318,7 +397,7 @@ impl Reader {
     /// version the folder is at.
     fn make_durable(&mut self, b: &mut Base, r: &Replicator<DiskStorage>) {
         b.sync_folder();
-        if settled(b) && r.feed(b.meta).len() == b.state.version {
+        if settled(b) && !self.deferred() && r.feed(b.meta).len() == b.state.version {
             self.previous = b.state.clone();
             let path = b.state_dir.join("applied");
             if let Err(e) =
@@ -327,6 +406,40 @@ impl Reader {
                 b.problem(DriveProblem::io(&path, &e));
             }
         }
+    }
+}
+
+/// How long a file waits for content the writer has not signed before that is reported.
+const WAIT_REPORT: Duration = Duration::from_secs(3);
+
+/// Refuses an `Init` naming, as the content feed, a feed this node already has (the drive's
+/// own metadata feed, or another folder's feed): two drives on one feed would break both.
+fn content_key_free(
+    b: &Base,
+    r: &Replicator<DiskStorage>,
+    records: &[record::Record],
+) -> Result<(), record::RecordError> {
+    for rec in records {
+        if let record::Record::Init { content_key, .. } = rec {
+            let taken = (0..r.feed_count())
+                .filter(|&id| Some(id) != b.content)
+                .any(|id| r.feed(id).public_key() == *content_key);
+            if taken {
+                return Err(record::RecordError::ContentKeyInUse);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A file of an older version still being fetched at `path`, when the newest version's file
+/// there is not taken on yet: it is no longer wanted.
+fn drop_stale_pending(b: &Base, path: &str, orphans: &mut BTreeSet<u64>) {
+    let mut l = layout::lock(&b.layout);
+    if let Some(id) = l.slot_at(path)
+        && l.slot(id).is_some_and(|s| s.pending.is_some())
+    {
+        orphans.extend(l.remove(id));
     }
 }
 
@@ -408,18 +521,19 @@ fn fill_from_local(
     }
 }
 
-/// Downloads exactly the blocks pending files still need.
+/// Downloads exactly the blocks pending files still need. The set is dense (one bit per
+/// block up to the highest wanted), so it is built only within the content feed's verified
+/// length: pending files never reach past it (see `reconcile`), and this keeps it so.
 fn update_want(b: &Base, r: &mut Replicator<DiskStorage>) {
     let Some(content) = b.content else { return };
+    let len = r.feed(content).len();
     let mut want = Bitfield::new();
     {
         let l = layout::lock(&b.layout);
         for (id, s) in l.slots() {
             if s.pending.is_some() {
-                for (x, written) in l.pending_blocks(id) {
-                    if !written {
-                        want.set(x, true);
-                    }
+                for x in l.pending_wants(id) {
+                    want.set_range(x.start.min(len)..x.end.min(len), true);
                 }
             }
         }

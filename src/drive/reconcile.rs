@@ -49,16 +49,23 @@ pub struct Plan {
     pub remove_dirs: Vec<String>,
     /// Every directory of the target, parents first (made if missing).
     pub make_dirs: Vec<String>,
+    /// Files of the target whose extents go beyond the content feed's verified length: not
+    /// taken on (nothing is set up for them) until the content feed's signed length covers
+    /// them. Each with the first block it lacks.
+    pub waiting: Vec<(String, u64)>,
 }
 
 /// Plans the way from `previous` (the version the folder is at) to `target`, given the files
 /// the layout knows (`local`: path -> its current slot) and the content blocks held (`held`).
 /// Files of versions in between that `target` no longer has are removed too: without that a
-/// clone would wait for them forever.
+/// clone would wait for them forever. A file reaching past `content_len` (the content feed's
+/// verified length) waits: a record's block numbers are trusted only as far as the signed
+/// content goes.
 pub fn plan(
     previous: &BTreeMap<String, Entry>,
     target: &BTreeMap<String, Entry>,
     local: &BTreeMap<String, Local>,
+    content_len: u64,
     held: impl Fn(u64) -> bool,
 ) -> Plan {
     let mut gone: Vec<(String, FileInfo)> = Vec::new();
@@ -83,6 +90,7 @@ pub fn plan(
         }
     }
     let mut fetch = Vec::new();
+    let mut waiting = Vec::new();
     let mut make_dirs = Vec::new();
     for (path, e) in target {
         let info = match e {
@@ -95,11 +103,22 @@ pub fn plan(
         if local.get(path).is_some_and(|l| l.info == *info) {
             continue;
         }
-        let unique: BTreeSet<u64> = info.block_at().collect();
+        let lacks = info
+            .extents
+            .iter()
+            .filter(|e| e.start.saturating_add(e.count) > content_len)
+            .map(|e| e.start.max(content_len))
+            .min();
+        if let Some(block) = lacks {
+            waiting.push((path.clone(), block));
+            continue;
+        }
+        // Only the blocks held are collected: memory follows what is here.
+        let reuse: BTreeSet<u64> = info.block_at().filter(|&b| held(b)).collect();
         fetch.push(Fetch {
             path: path.clone(),
             info: info.clone(),
-            reuse: unique.into_iter().filter(|&b| held(b)).collect(),
+            reuse: reuse.into_iter().collect(),
         });
     }
     let remove = gone
@@ -119,6 +138,7 @@ pub fn plan(
         remove,
         remove_dirs,
         make_dirs,
+        waiting,
     }
 }
 
@@ -166,7 +186,7 @@ mod tests {
         let a = file(0, 3, 1);
         let prev = map(&[("a", Entry::File(a.clone()))]);
         let next = map(&[("b", Entry::File(a.clone()))]);
-        let p = plan(&prev, &next, &in_place(&prev), |b| b < 3);
+        let p = plan(&prev, &next, &in_place(&prev), u64::MAX, |b| b < 3);
         assert_eq!(
             p.fetch,
             vec![Fetch {
@@ -191,7 +211,7 @@ mod tests {
         let b2 = file(3, 1, 3);
         let prev = map(&[("a", Entry::File(a.clone())), ("b", Entry::File(b))]);
         let next = map(&[("a", Entry::File(a)), ("b", Entry::File(b2.clone()))]);
-        let p = plan(&prev, &next, &in_place(&prev), |b| b < 3);
+        let p = plan(&prev, &next, &in_place(&prev), u64::MAX, |b| b < 3);
         assert_eq!(
             p.fetch,
             vec![Fetch {
@@ -211,7 +231,7 @@ mod tests {
             ("d/e/f", Entry::Dir),
         ]);
         let next = map(&[("x", Entry::Dir), ("x/y", Entry::Dir)]);
-        let p = plan(&prev, &next, &BTreeMap::new(), |_| false);
+        let p = plan(&prev, &next, &BTreeMap::new(), u64::MAX, |_| false);
         assert_eq!(p.remove_dirs, vec!["d/e/f", "d/e", "d"]);
         assert_eq!(p.make_dirs, vec!["x", "x/y"]);
     }
@@ -228,7 +248,9 @@ mod tests {
                 in_place: false,
             },
         )]);
-        let p = plan(&BTreeMap::new(), &BTreeMap::new(), &local, |_| true);
+        let p = plan(&BTreeMap::new(), &BTreeMap::new(), &local, u64::MAX, |_| {
+            true
+        });
         assert_eq!(
             p.remove,
             vec![Removal {
@@ -251,8 +273,22 @@ mod tests {
                 in_place: false,
             },
         )]);
-        let p = plan(&BTreeMap::new(), &next, &local, |_| false);
+        let p = plan(&BTreeMap::new(), &next, &local, u64::MAX, |_| false);
         assert_eq!(p, Plan::default());
+    }
+
+    #[test]
+    fn a_file_beyond_the_signed_content_waits_and_sets_nothing_up() {
+        // Block 2^48-1 of a feed 4 blocks long: not fetched, no reuse set built for it.
+        let far = file((1 << 48) - 1, 1, 1);
+        let near = file(0, 2, 2);
+        let next = map(&[("far", Entry::File(far)), ("near", Entry::File(near))]);
+        let p = plan(&BTreeMap::new(), &next, &BTreeMap::new(), 4, |_| false);
+        assert_eq!(p.waiting, vec![("far".to_string(), (1 << 48) - 1)]);
+        assert_eq!(p.fetch.len(), 1);
+        assert_eq!(p.fetch[0].path, "near");
+        let p = plan(&BTreeMap::new(), &next, &BTreeMap::new(), 1, |_| false);
+        assert_eq!(p.waiting.len(), 2, "near reaches block 1 of a feed 1 long");
     }
 
     #[test]
@@ -261,7 +297,9 @@ mod tests {
         f.extents = vec![Extent { start: 4, count: 1 }, Extent { start: 4, count: 1 }];
         f.size *= 2;
         let next = map(&[("z", Entry::File(f))]);
-        let p = plan(&BTreeMap::new(), &next, &BTreeMap::new(), |_| true);
+        let p = plan(&BTreeMap::new(), &next, &BTreeMap::new(), u64::MAX, |_| {
+            true
+        });
         assert_eq!(p.fetch[0].reuse, vec![4]);
     }
 }

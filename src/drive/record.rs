@@ -12,8 +12,9 @@
 //! refuses versions that carry one.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use thiserror::Error;
+
+pub use super::state::{Limits, State};
 
 /// Bytes per content block. A file's bytes are split at fixed multiples of this, so a change
 /// inside a large file alters only the blocks it touches and the rest are reused by hash.
@@ -21,6 +22,10 @@ pub const BLOCK_SIZE: usize = 64 * 1024;
 
 /// Longest path a record may carry, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;
+
+/// Modification times further than this from the epoch (~34,800 years either way) are
+/// refused: no real file has one, and time arithmetic near `i64::MAX` overflows.
+pub const MAX_MTIME_SECS: i64 = 1 << 40;
 
 /// Encoded records per metadata block stay under this many bytes (the feed caps a block at
 /// 1 MiB; smaller blocks keep the first version of a big tree quick to start on).
@@ -112,8 +117,17 @@ impl FileInfo {
         self.extents.iter().flat_map(|e| e.start..e.start + e.count)
     }
 
-    /// Checks that the extents describe exactly `size` bytes and stay within sane bounds.
+    /// Checks that the extents describe exactly `size` bytes and stay within sane bounds, and
+    /// that the modification time is one a file system can hold.
     pub fn check(&self) -> Result<(), RecordError> {
+        if self.mtime_nanos >= 1_000_000_000
+            || self.mtime_secs.unsigned_abs() > MAX_MTIME_SECS as u64
+        {
+            return Err(RecordError::BadTime {
+                secs: self.mtime_secs,
+                nanos: self.mtime_nanos,
+            });
+        }
         let expected = self.size.div_ceil(BLOCK_SIZE as u64);
         let mut total = 0u64;
         for e in &self.extents {
@@ -160,6 +174,37 @@ pub enum RecordError {
     /// Block 0 is not an `Init`, or an `Init` appears later.
     #[error("the drive's first record must be its only Init")]
     Init,
+    /// A modification time out of range (nanoseconds of a second or more, or further than
+    /// [`MAX_MTIME_SECS`] from the epoch).
+    #[error("a modification time of {secs} s {nanos} ns is out of range")]
+    BadTime {
+        /// Recorded seconds.
+        secs: i64,
+        /// Recorded nanoseconds.
+        nanos: u32,
+    },
+    /// The `Init` names as content feed a feed this node already has (the drive's own
+    /// metadata feed, another folder's feed).
+    #[error("the content feed's key is the key of another feed on this node")]
+    ContentKeyInUse,
+    /// A path under a file (`a` and `a/b` both files, say): no file system can hold both.
+    #[error("{path:?} would be inside the file {file:?}")]
+    Conflict {
+        /// The path put.
+        path: String,
+        /// The file that is one of its parents.
+        file: String,
+    },
+    /// The version would take the folder over one of its [`Limits`].
+    #[error("{what} {value} is over the limit of {limit}")]
+    Limit {
+        /// What is counted.
+        what: &'static str,
+        /// The version's figure.
+        value: u64,
+        /// The configured cap.
+        limit: u64,
+    },
 }
 
 /// Refuses any path that is not a plain relative path inside the folder: absolute, empty,
@@ -194,11 +239,29 @@ pub fn check_path(path: &str) -> Result<(), RecordError> {
             "" => return bad("empty component"),
             "." | ".." => return bad("dot component"),
             // Any drive's state, ours or one nested inside: never shared, never written.
-            crate::drive::STATE_DIR => return bad("a feedsync state directory"),
+            c if is_state_dir(c) => return bad("a feedsync state directory"),
             _ => {}
         }
     }
     Ok(())
+}
+
+/// Whether a path component names the state directory on some file system: compared without
+/// case (case-insensitive file systems: APFS, NTFS, ext4 casefold), with the characters such
+/// file systems ignore or fold to ASCII (`ſ` folds to `s`, zero-width and direction marks are
+/// ignored by HFS+), and with the trailing dots and spaces Windows drops.
+fn is_state_dir(component: &str) -> bool {
+    let folded: String = component
+        .chars()
+        .filter(|c| {
+            !matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{00AD}')
+        })
+        .map(|c| match c {
+            '\u{017F}' => 's',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    folded.trim_end_matches(['.', ' ']) == crate::drive::STATE_DIR
 }
 
 /// Encodes one batch of records as a metadata block.
@@ -232,65 +295,6 @@ pub fn decode(index: u64, block: &[u8]) -> Result<Vec<Record>, RecordError> {
     Ok(records)
 }
 
-/// A folder's state: every path and what is there, in path order (parents before children).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct State {
-    /// The content feed's public key, once block 0 is applied.
-    pub content_key: Option<[u8; 32]>,
-    /// Path -> entry.
-    pub entries: BTreeMap<String, Entry>,
-    /// Number of metadata blocks applied: the version.
-    pub version: u64,
-}
-
-impl State {
-    /// Applies the records of the next metadata block.
-    pub fn apply(&mut self, records: Vec<Record>) {
-        for r in records {
-            match r {
-                Record::Init { content_key, .. } => self.content_key = Some(content_key),
-                Record::Put { path, entry } => {
-                    // A file replacing a directory replaces everything under it.
-                    if matches!(entry, Entry::File(_)) {
-                        self.remove_under(&path);
-                    }
-                    self.entries.insert(path, entry);
-                }
-                Record::Remove { path } => {
-                    self.remove_under(&path);
-                    self.entries.remove(&path);
-                }
-                Record::Time { .. } => {}
-            }
-        }
-        self.version += 1;
-    }
-
-    fn remove_under(&mut self, path: &str) {
-        let prefix = format!("{path}/");
-        let under: Vec<String> = self
-            .entries
-            .range(prefix.clone()..)
-            .take_while(|(p, _)| p.starts_with(&prefix))
-            .map(|(p, _)| p.clone())
-            .collect();
-        for p in under {
-            self.entries.remove(&p);
-        }
-    }
-
-    /// Files and bytes in this state.
-    pub fn totals(&self) -> (u64, u64) {
-        self.entries
-            .values()
-            .filter_map(|e| match e {
-                Entry::File(f) => Some(f.size),
-                Entry::Dir => None,
-            })
-            .fold((0, 0), |(n, b), s| (n + 1, b + s))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,48 +314,63 @@ mod tests {
             ".feedsync/meta/header",
             "a/.feedsync/meta/secret_key",
             ".",
+            // Case-insensitive file systems, and what some of them ignore or fold.
+            ".FEEDSYNC/meta/header",
+            "a/.FeedSync/x",
+            ".feed\u{200B}sync/x",
+            ".feedſync/x",
+            ".feedsync./x",
+            ".feedsync /x",
         ] {
             assert!(check_path(p).is_err(), "{p:?} accepted");
         }
-        for p in ["a", "a/b c/ü.txt", ".hidden", "a/.feedsyncx", "..x", "x.."] {
+        for p in [
+            "a",
+            "a/b c/ü.txt",
+            ".hidden",
+            "a/.feedsyncx",
+            "..x",
+            "x..",
+            "feedsync",
+        ] {
             check_path(p).unwrap();
         }
     }
 
-    #[test]
-    fn a_file_replacing_a_directory_removes_its_contents() {
-        let mut s = State::default();
-        let file = Entry::File(FileInfo {
-            size: 0,
+    fn file(size: u64) -> Entry {
+        Entry::File(FileInfo {
+            size,
             executable: false,
             mtime_secs: 0,
             mtime_nanos: 0,
             hash: [0; 32],
-            extents: vec![],
-        });
-        s.apply(vec![
-            Record::Put {
-                path: "d".into(),
-                entry: Entry::Dir,
+            extents: if size == 0 {
+                vec![]
+            } else {
+                vec![Extent {
+                    start: 0,
+                    count: size.div_ceil(BLOCK_SIZE as u64),
+                }]
             },
-            Record::Put {
-                path: "d/x".into(),
-                entry: file.clone(),
-            },
-            Record::Put {
-                path: "d0".into(),
-                entry: file.clone(),
-            },
-        ]);
-        s.apply(vec![Record::Put {
-            path: "d".into(),
-            entry: file.clone(),
-        }]);
-        assert_eq!(
-            s.entries.keys().collect::<Vec<_>>(),
-            vec!["d", "d0"],
-            "d/x went with its directory, d0 stayed"
-        );
+        })
+    }
+
+    #[test]
+    fn out_of_range_times_are_refused_at_decode() {
+        for (secs, nanos) in [(i64::MAX, 1_999_999_999), (0, 1_000_000_000), (i64::MIN, 0)] {
+            let Entry::File(mut f) = file(0) else {
+                unreachable!()
+            };
+            (f.mtime_secs, f.mtime_nanos) = (secs, nanos);
+            assert!(matches!(f.check(), Err(RecordError::BadTime { .. })));
+            // And the arithmetic never panics, checked or not.
+            let _ = crate::drive::layout::mtime(&f);
+        }
+        let Entry::File(mut f) = file(0) else {
+            unreachable!()
+        };
+        (f.mtime_secs, f.mtime_nanos) = (-1_700_000_000, 999_999_999);
+        f.check().unwrap();
     }
 
     #[test]

@@ -57,11 +57,11 @@ pub struct Slot {
     pub pending: Option<Box<Pending>>,
 }
 
-/// Reassembly state of a file being fetched.
+/// Reassembly state of a file being fetched. Where each block goes is read from the file's
+/// extents (no map per block): its memory follows the record's extents and the positions
+/// written, never the number of blocks a record claims.
 #[derive(Debug)]
 pub struct Pending {
-    /// Block -> positions in the file (units of [`BLOCK_SIZE`]) where it goes.
-    pub(super) positions: HashMap<u64, Vec<u64>>,
     /// Positions written to the temporary file.
     pub(super) done: Bitfield,
     /// Positions not written yet.
@@ -209,10 +209,6 @@ impl Layout {
     /// Registers a file to fetch; its temporary file is named after its path and hash, so a
     /// restart finds the same one.
     pub fn add_pending(&mut self, path: String, info: FileInfo) -> SlotId {
-        let mut positions: HashMap<u64, Vec<u64>> = HashMap::new();
-        for (pos, b) in info.block_at().enumerate() {
-            positions.entry(b).or_default().push(pos as u64);
-        }
         let name = blake3::Hasher::new()
             .update(path.as_bytes())
             .update(&[0])
@@ -220,7 +216,6 @@ impl Layout {
             .finalize();
         let temp = self.tmp.join(format!("{}.part", &name.to_hex()[..32]));
         let pending = Pending {
-            positions,
             done: Bitfield::new(),
             left: info.blocks(),
             next: 0,
@@ -261,21 +256,30 @@ impl Layout {
         orphans
     }
 
-    /// Blocks a pending slot still needs, with whether each is written.
-    pub fn pending_blocks(&self, id: SlotId) -> Vec<(u64, bool)> {
+    /// Content blocks a pending slot still needs, as ranges (one per run of unwritten
+    /// positions inside an extent): as many as the file has extents and gaps, never one per block.
+    pub fn pending_wants(&self, id: SlotId) -> Vec<std::ops::Range<u64>> {
         let Some(Slot {
-            pending: Some(p), ..
+            info,
+            pending: Some(p),
+            ..
         }) = self.slots.get(&id)
         else {
             return Vec::new();
         };
-        let mut v: Vec<(u64, bool)> = p
-            .positions
-            .iter()
-            .map(|(b, pos)| (*b, pos.iter().all(|&q| p.done.get(q))))
-            .collect();
-        v.sort_unstable();
-        v
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        for e in &info.extents {
+            let end = pos + e.count;
+            let mut q = p.done.first_unset(pos);
+            while q < end {
+                let stop = p.done.first_set(q).map_or(end, |x| x.min(end));
+                out.push(e.start + (q - pos)..e.start + (stop - pos));
+                q = p.done.first_unset(stop);
+            }
+            pos = end;
+        }
+        out
     }
 
     /// Pending slots whose every block is written, ready to [`Layout::publish`].
@@ -296,6 +300,28 @@ impl Layout {
     }
 }
 
+/// The positions (in blocks, ascending) at which content block `index` appears in a file.
+pub fn positions_of(info: &FileInfo, index: u64) -> impl Iterator<Item = u64> + '_ {
+    let mut pos = 0u64;
+    info.extents.iter().filter_map(move |e| {
+        let here = pos;
+        pos += e.count;
+        (e.start <= index && index - e.start < e.count).then(|| here + (index - e.start))
+    })
+}
+
+/// The content block at position `pos` of a file.
+pub fn block_at_pos(info: &FileInfo, pos: u64) -> Option<u64> {
+    let mut at = 0u64;
+    for e in &info.extents {
+        if pos < at + e.count {
+            return Some(e.start + (pos - at));
+        }
+        at += e.count;
+    }
+    None
+}
+
 /// The content feed's block storage: see the module docs.
 #[derive(Debug)]
 pub struct FolderBlocks(pub Shared);
@@ -314,8 +340,8 @@ impl BlockData for FolderBlocks {
                     Some(pos) => (false, pos as u64),
                     None => continue,
                 },
-                Some(p) => match p.positions[&index].iter().find(|&&q| p.done.get(q)) {
-                    Some(&pos) => (true, pos),
+                Some(p) => match positions_of(&slot.info, index).find(|&q| p.done.get(q)) {
+                    Some(pos) => (true, pos),
                     None => continue,
                 },
             };

@@ -89,14 +89,19 @@ impl Layout {
     }
 }
 
-/// The modification time a record gives.
+/// The modification time a record gives. Records are checked (nanoseconds under a second,
+/// seconds within [`MAX_MTIME_SECS`](crate::drive::record::MAX_MTIME_SECS)), and the arithmetic
+/// is checked as well: a time the system cannot represent becomes the epoch, never a panic.
 pub fn mtime(info: &FileInfo) -> SystemTime {
-    if info.mtime_secs >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::new(info.mtime_secs as u64, info.mtime_nanos)
+    let nanos = Duration::from_nanos(u64::from(info.mtime_nanos));
+    let secs = Duration::from_secs(info.mtime_secs.unsigned_abs());
+    let t = if info.mtime_secs >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(secs)
     } else {
-        SystemTime::UNIX_EPOCH - Duration::from_secs(info.mtime_secs.unsigned_abs())
-            + Duration::from_nanos(u64::from(info.mtime_nanos))
-    }
+        SystemTime::UNIX_EPOCH.checked_sub(secs)
+    };
+    t.and_then(|t| t.checked_add(nanos))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 /// Why a file could not be published.

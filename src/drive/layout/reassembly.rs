@@ -44,9 +44,8 @@ impl Layout {
         let pos = self
             .slots
             .get(&id)
-            .and_then(|s| s.pending.as_ref())
-            .and_then(|p| p.positions.get(&index))
-            .and_then(|v| v.first().copied())
+            .filter(|s| s.pending.is_some())
+            .and_then(|s| super::positions_of(&s.info, index).next())
             .ok_or_else(|| io::Error::other("block not in this file"))?;
         self.read_pos(id, true, pos, buf)
     }
@@ -65,14 +64,15 @@ impl Layout {
         index: u64,
         data: Option<&[u8]>,
     ) -> io::Result<bool> {
-        let Some(p) = self.slots.get(&id).and_then(|s| s.pending.as_ref()) else {
+        let Some(slot) = self.slots.get(&id) else {
             return Ok(false);
         };
-        let todo: Vec<u64> = p
-            .positions
-            .get(&index)
-            .map(|v| v.iter().copied().filter(|&q| !p.done.get(q)).collect())
-            .unwrap_or_default();
+        let Some(p) = slot.pending.as_ref() else {
+            return Ok(false);
+        };
+        let todo: Vec<u64> = super::positions_of(&slot.info, index)
+            .filter(|&q| !p.done.get(q))
+            .collect();
         if todo.is_empty() {
             return Ok(false);
         }
@@ -90,11 +90,9 @@ impl Layout {
                 f.write_all_at(data, at)?;
             }
         }
-        let p = self
-            .slots
-            .get_mut(&id)
-            .and_then(|s| s.pending.as_mut())
-            .expect("checked above");
+        let slot = self.slots.get_mut(&id).expect("checked above");
+        let info = &slot.info;
+        let p = slot.pending.as_mut().expect("checked above");
         for &q in &todo {
             p.done.set(q, true);
         }
@@ -102,7 +100,7 @@ impl Layout {
         // Advance the register over what is now contiguous; this block from memory.
         if let Some(data) = data {
             while p.next < p.done.first_unset(p.next)
-                && p.positions[&index].binary_search(&p.next).is_ok()
+                && super::block_at_pos(info, p.next) == Some(index)
             {
                 p.hasher
                     .get_or_insert_with(|| Box::new(blake3::Hasher::new()))
@@ -120,10 +118,12 @@ impl Layout {
     /// be written again.
     pub fn reset_pending(&mut self, id: SlotId) {
         self.open.forget(id);
-        if let Some(p) = self.slots.get_mut(&id).and_then(|s| s.pending.as_mut()) {
+        if let Some(slot) = self.slots.get_mut(&id)
+            && let Some(p) = slot.pending.as_mut()
+        {
             let _ = fs::remove_file(&p.temp);
             p.done = Bitfield::new();
-            p.left = p.positions.values().map(|v| v.len() as u64).sum();
+            p.left = slot.info.blocks();
             p.next = 0;
             p.hasher = None;
         }
