@@ -145,13 +145,31 @@ fn an_honest_clone_completes_through_600_junk_connections() {
         "{:?}",
         share.errors()
     );
+    let peak = peak_rss_kib(share.pid());
+    eprintln!(
+        "junk held at most {most} connections at once; clone done after {done_at:?}; share peak RSS {peak} KiB"
+    );
+    assert!(
+        most >= 16,
+        "the junk never reached the share ({most} open at most)"
+    );
+    assert!(peak < 64 * 1024, "the share's peak RSS is {peak} KiB");
     // The share is still there and serving.
     assert!(share_is_running(share), "the share died under the flood");
-    eprintln!("junk held at most {most} connections at once; clone done after {done_at:?}");
 }
 
 fn share_is_running(mut share: Proc) -> bool {
     share.exited().is_none()
+}
+
+/// The peak resident memory of a running process, in KiB (`VmHWM` in /proc/PID/status).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a VmHWM line")
 }
 
 /// The user-visible bug: a live clone of a folder holding one large file; the file is
