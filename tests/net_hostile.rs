@@ -359,3 +359,118 @@ fn a_dial_that_reaches_ourselves_is_not_repeated() {
     );
     node.shutdown().unwrap();
 }
+
+/// Stalls the node's loop for a while when asked (on its next tick), as a loop busy with a
+/// large import or a slow disk would be.
+struct Staller {
+    asked: Arc<AtomicBool>,
+    stalling: Arc<AtomicBool>,
+}
+
+impl sync::App for Staller {
+    fn start(&mut self, _: &mut feedsync::core::replicator::Replicator<DiskStorage>) {}
+    fn on_event(
+        &mut self,
+        _: &mut feedsync::core::replicator::Replicator<DiskStorage>,
+        _: &feedsync::core::replicator::Event,
+    ) {
+    }
+    fn on_tick(&mut self, _: &mut feedsync::core::replicator::Replicator<DiskStorage>) {
+        if self.asked.swap(false, Ordering::AcqRel) {
+            self.stalling.store(true, Ordering::Release);
+            std::thread::sleep(Duration::from_secs(4));
+            self.stalling.store(false, Ordering::Release);
+        }
+    }
+    fn is_done(&self, _: &feedsync::core::replicator::Replicator<DiskStorage>) -> bool {
+        false
+    }
+    fn shutdown(
+        &mut self,
+        _: &mut feedsync::core::replicator::Replicator<DiskStorage>,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A keyless peer floods a node whose loop is busy with unsolicited 512 KiB `Data` messages: the
+/// node reads at most its per-connection inbound budget and then stops reading that socket, so
+/// the flooder can write little more than the budget (4 MiB) plus the kernel's socket buffers
+/// (measured: 8 of 200; without the budget 101 in the same 4 s, limited only by how fast the
+/// flooder wrote). Before, the shared inbound queue took up to 4,096 messages of any size.
+#[test]
+fn a_flood_into_a_busy_node_is_held_to_its_inbound_budget() {
+    use feedsync::net::{self, Identity, Inbound};
+    use feedsync_protocol::{Block, Data, Message, Ping};
+    let asked = Arc::new(AtomicBool::new(false));
+    let stalling = Arc::new(AtomicBool::new(false));
+    let app = Staller {
+        asked: asked.clone(),
+        stalling: stalling.clone(),
+    };
+    let node = sync::spawn_with(
+        NodeConfig {
+            listen: Some(loopback()),
+            ..NodeConfig::new()
+        },
+        Vec::new(),
+        Some(Box::new(app)),
+    )
+    .unwrap();
+    let addr = listening(&node);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1024);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    rt.spawn(net::dial(addr, Identity::generate(), tx, cancel.clone()));
+    let Ok(Inbound::Connected {
+        outbound, stats, ..
+    }) = rx.recv_timeout(Duration::from_secs(10))
+    else {
+        panic!("no connection")
+    };
+    // A pong proves the node admitted us (budgets are set at admission).
+    outbound.try_send(Message::Ping(Ping { nonce: 7 })).unwrap();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Inbound::Message {
+                message: Message::Pong(_),
+                ..
+            }) => break,
+            Ok(_) => {}
+            Err(e) => panic!("no pong: {e}"),
+        }
+    }
+    asked.store(true, Ordering::Release);
+    wait_until(Duration::from_secs(5), "the loop to stall", || {
+        stalling.load(Ordering::Acquire)
+    });
+    let base = stats.writes.load(Ordering::Acquire);
+    let data = Message::Data(Data {
+        channel: 0,
+        id: 1,
+        index: 0,
+        blocks: vec![Block(vec![0x5a; 512 * 1024])],
+        nodes: Vec::new(),
+        upgrade: None,
+    });
+    for _ in 0..200 {
+        outbound.try_send(data.clone()).unwrap();
+    }
+    // What the flooder got written while the node's loop was still stalled.
+    let mut written = 0;
+    while stalling.load(Ordering::Acquire) {
+        written = stats.writes.load(Ordering::Acquire) - base;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("the flooder wrote {written} of 200 messages (512 KiB each) into a stalled node");
+    assert!(
+        written < 48,
+        "{written} x 512 KiB went into a node that handled none of them"
+    );
+    cancel.cancel();
+    node.shutdown().unwrap();
+}

@@ -182,6 +182,63 @@ pub struct ConnStats {
     pub queued: AtomicUsize,
     /// Batches written to the socket so far (the synchronizer watches it for progress).
     pub writes: AtomicU64,
+    /// Bytes (by [`message_cost`]) of this connection's messages handed to the synchronizer and
+    /// not handled yet; the synchronizer gives them back with [`ConnStats::handled`].
+    pub inbound: AtomicUsize,
+    /// Messages of this connection handed over and not handled yet.
+    pub inbound_messages: AtomicUsize,
+    /// The budget for `inbound` (and [`INBOUND_MESSAGES`] for `inbound_messages`): past it the
+    /// reader stops reading this socket until the synchronizer catches up, so one peer's flood
+    /// holds a bounded share of the inbound queue and of memory. 0, the default, means no budget,
+    /// for a consumer that never calls [`ConnStats::handled`].
+    pub inbound_budget: AtomicUsize,
+    /// Wakes the reader when the synchronizer handled something.
+    room: tokio::sync::Notify,
+}
+
+/// The inbound byte budget the synchronizer gives each admitted connection.
+pub const INBOUND_BUDGET: usize = 4 * 1024 * 1024;
+/// Messages one budgeted connection may have waiting in the inbound queue.
+pub const INBOUND_MESSAGES: usize = 512;
+
+impl ConnStats {
+    /// The synchronizer handled one message of this connection that cost `cost`.
+    pub fn handled(&self, cost: usize) {
+        let sub = |a: &AtomicUsize, n: usize| {
+            let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            });
+        };
+        sub(&self.inbound, cost);
+        sub(&self.inbound_messages, 1);
+        self.room.notify_one();
+    }
+
+    /// Whether handing over one more message of `cost` would exceed the budget. One message is
+    /// always let through when none is waiting, however large (a frame is at most 2 MiB).
+    fn over_budget(&self, cost: usize) -> bool {
+        let budget = self.inbound_budget.load(Ordering::Acquire);
+        let waiting = self.inbound_messages.load(Ordering::Acquire);
+        budget != 0
+            && waiting > 0
+            && (waiting >= INBOUND_MESSAGES
+                || self.inbound.load(Ordering::Acquire).saturating_add(cost) > budget)
+    }
+}
+
+/// What a message holds of our memory while it waits in a queue: the enum plus its heap parts.
+pub fn message_cost(m: &Message) -> usize {
+    use feedsync_protocol::BlockSet;
+    let runs = |b: &BlockSet| match b {
+        BlockSet::Runs { runs, .. } => runs.len() * std::mem::size_of::<u64>(),
+        _ => 0,
+    };
+    let heap = match m {
+        Message::Have(h) | Message::Unhave(h) => runs(&h.blocks),
+        Message::Want(w) | Message::Unwant(w) => runs(&w.blocks),
+        _ => payload_len(m),
+    };
+    std::mem::size_of::<Message>() + heap
 }
 
 /// Bytes of block data a message carries (what the outbound byte budget counts).
@@ -529,9 +586,9 @@ async fn run_connection(
         conn_cancel.clone(),
         conn,
         tx.clone(),
-        stats,
+        stats.clone(),
     ));
-    let read_error = read_loop(stream, conn, transport, &tx, &conn_cancel).await;
+    let read_error = read_loop(stream, conn, transport, &tx, &stats, &conn_cancel).await;
     conn_cancel.cancel();
     // The first failure is the reason: a writer that failed cancelled the reader.
     let write_error = writer.await.unwrap_or(None);
@@ -544,6 +601,7 @@ async fn read_loop(
     conn: ConnId,
     transport: Arc<snow::StatelessTransportState>,
     tx: &InboundSender,
+    stats: &ConnStats,
     cancel: &CancellationToken,
 ) -> Option<String> {
     let mut nonce = 0u64;
@@ -583,6 +641,17 @@ async fn read_loop(
                 Ok(m) => m,
                 Err(e) => return Some(e.to_string()),
             };
+            // Over its budget this connection waits (reading nothing more from its socket);
+            // the others keep theirs.
+            let cost = message_cost(&message);
+            while stats.over_budget(cost) {
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = stats.room.notified() => {}
+                }
+            }
+            stats.inbound.fetch_add(cost, Ordering::AcqRel);
+            stats.inbound_messages.fetch_add(1, Ordering::AcqRel);
             if !deliver(tx, Inbound::Message { conn, message }, cancel).await {
                 return None;
             }

@@ -48,19 +48,9 @@ pub const BACKLOG_BUDGET: usize = 16 * 1024 * 1024;
 /// `max_peers`: a newcomer past this evicts the oldest stranger.
 pub const MAX_STRANGERS: usize = 32;
 
-/// What a queued message holds of our memory: the enum itself plus its heap parts.
+/// What a queued message holds of our memory (the backlog's budget counts this).
 pub fn backlog_cost(m: &Message) -> usize {
-    use feedsync_protocol::BlockSet;
-    let runs = |b: &BlockSet| match b {
-        BlockSet::Runs { runs, .. } => runs.len() * std::mem::size_of::<u64>(),
-        _ => 0,
-    };
-    let heap = match m {
-        Message::Have(h) | Message::Unhave(h) => runs(&h.blocks),
-        Message::Want(w) | Message::Unwant(w) => runs(&w.blocks),
-        _ => net::payload_len(m),
-    };
-    std::mem::size_of::<Message>() + heap
+    net::message_cost(m)
 }
 
 /// A connection that finished its handshake, as the transport hands it over.
@@ -291,6 +281,13 @@ impl Connections {
     pub fn note_goodbye(&mut self, conn: ConnId, reason: GoodbyeReason) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.goodbye = Some(reason);
+        }
+    }
+
+    /// The loop handled one message that arrived on `conn` (its inbound budget gets it back).
+    pub fn handled(&self, conn: ConnId, cost: usize) {
+        if let Some(c) = self.conns.get(&conn) {
+            c.stats.handled(cost);
         }
     }
 

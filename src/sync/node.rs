@@ -351,6 +351,11 @@ impl Node {
                 stats,
                 cancel,
             } => {
+                // From now on this connection's reader waits while the loop holds more than its
+                // budget of its messages (see `net::ConnStats`).
+                stats
+                    .inbound_budget
+                    .store(net::INBOUND_BUDGET, std::sync::atomic::Ordering::Release);
                 let incoming = Incoming {
                     conn,
                     remote,
@@ -418,6 +423,7 @@ impl Node {
             }
             Inbound::Message { conn, message } => {
                 if let Some(peer) = self.conns.peer(conn) {
+                    self.conns.handled(conn, net::message_cost(&message));
                     // The replicator answers a goodbye with `Done`; the peer's own reason is
                     // what the user wants to see.
                     if let Message::Goodbye(g) = &message {
