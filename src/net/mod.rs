@@ -19,7 +19,10 @@
 //!
 //! # Bounds
 //! Every queue is bounded. Inbound messages go into the synchronizer's channel with backpressure
-//! (the reader stops reading that socket while the channel is full). Outbound queues are bounded
+//! (the reader stops reading that socket while the channel is full), and each connection the
+//! synchronizer admitted may have at most [`INBOUND_BUDGET`] bytes and [`INBOUND_MESSAGES`]
+//! messages waiting there (past either, its reader stops reading until the loop catches up), so
+//! one peer's flood cannot fill the channel for everyone. Outbound queues are bounded
 //! per connection and the synchronizer refuses to grow them: a peer too slow to drain its queue is
 //! cut, never allowed to stall the loop or grow memory. A connection that does not finish its
 //! handshake within [`HANDSHAKE_TIMEOUT`] is closed.
