@@ -168,6 +168,12 @@ pub fn sync(
             NodeEvent::DialFailed { addr, error, .. } => {
                 eprintln!("dialling {addr}: {error}");
             }
+            NodeEvent::DescriptorLimit { from, to } => {
+                eprintln!("raised the open-file limit from {from} to {to}");
+            }
+            NodeEvent::PeerDisconnected { addr, reason, .. } => {
+                eprintln!("peer {addr} left: {reason}");
+            }
             NodeEvent::Complete => writeln!(out, "complete {held} {length}")?,
             NodeEvent::Stopped => break,
             _ => {}

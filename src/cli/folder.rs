@@ -347,6 +347,9 @@ impl Watch {
             NodeEvent::DiscoveryFailed { error } => {
                 reporter.line(format!("LAN discovery is off: {error}"));
             }
+            NodeEvent::DescriptorLimit { from, to } => {
+                reporter.line(format!("raised the open-file limit from {from} to {to}"));
+            }
             NodeEvent::Replication(Event::Downloaded { feed, index, count }) => {
                 self.fetched = true;
                 self.activity();

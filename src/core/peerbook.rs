@@ -12,6 +12,9 @@ struct Entry {
     failures: u32,
     next_attempt: u64,
     connected: bool,
+    /// The address turned out to be this node: never dialled again, even when discovery or a
+    /// `--peer` names it once more.
+    ourselves: bool,
 }
 
 /// Addresses and their backoff state. `A` is whatever the caller dials (a socket address).
@@ -48,7 +51,7 @@ impl<A: Ord + Clone> PeerBook<A> {
     pub fn due(&self, now: u64) -> Vec<A> {
         self.entries
             .iter()
-            .filter(|(_, e)| !e.connected && e.next_attempt <= now)
+            .filter(|(_, e)| !e.connected && !e.ourselves && e.next_attempt <= now)
             .map(|(a, _)| a.clone())
             .collect()
     }
@@ -100,6 +103,25 @@ impl<A: Ord + Clone> PeerBook<A> {
         }
     }
 
+    /// The dial reached this node itself: `addr` is never dialled again (kept, so that adding it
+    /// again changes nothing).
+    pub fn ourselves(&mut self, addr: &A) {
+        if let Some(e) = self.entries.get_mut(addr) {
+            e.ourselves = true;
+            e.connected = false;
+        }
+    }
+
+    /// The dial reached a peer that is already connected through another connection (both
+    /// sides dialled, or it has two addresses): treat the address as connected until that
+    /// connection ends ([`PeerBook::disconnected`]), so it is not redialled meanwhile.
+    pub fn duplicate(&mut self, addr: &A) {
+        if let Some(e) = self.entries.get_mut(addr) {
+            e.failures = 0;
+            e.connected = true;
+        }
+    }
+
     /// Consecutive failures of `addr`.
     pub fn failures(&self, addr: &A) -> u32 {
         self.entries.get(addr).map_or(0, |e| e.failures)
@@ -148,5 +170,21 @@ mod tests {
         book.disconnected(&"a", now);
         assert!(book.due(now).is_empty());
         assert_eq!(book.due(now + 13), vec!["a"]);
+    }
+
+    #[test]
+    fn ourselves_is_never_dialled_again_and_a_duplicate_waits_for_its_twin() {
+        let mut book = PeerBook::new(10, 1000, 7);
+        book.add("me");
+        book.add("twin");
+        book.dialing(&"me", 0);
+        book.dialing(&"twin", 0);
+        book.ourselves(&"me");
+        book.add("me");
+        book.duplicate(&"twin");
+        assert!(book.due(1_000_000).is_empty(), "{:?}", book.due(1_000_000));
+        // The peer's other connection ended: the address is dialled again after the base delay.
+        book.disconnected(&"twin", 5);
+        assert_eq!(book.due(5 + 13), vec!["twin"]);
     }
 }

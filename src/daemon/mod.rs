@@ -466,6 +466,9 @@ fn log_event(event: &NodeEvent) {
             tracing::info!(address = %addr, "connection turned away: {reason}")
         }
         NodeEvent::DiscoveryFailed { error } => tracing::warn!("LAN discovery is off: {error}"),
+        NodeEvent::DescriptorLimit { from, to } => {
+            tracing::info!("raised the open-file limit from {from} to {to}")
+        }
         NodeEvent::Replication(Event::Banned { peer, reason }) => {
             tracing::warn!(peer, "peer banned: {reason}")
         }

@@ -19,16 +19,30 @@
 //!
 //! # Bounds
 //! Every queue is bounded. Inbound messages go into the synchronizer's channel with backpressure
-//! (the reader stops reading that socket while the channel is full). Outbound queues are bounded
+//! (the reader stops reading that socket while the channel is full), and each connection the
+//! synchronizer admitted may have at most [`INBOUND_BUDGET`] bytes and [`INBOUND_MESSAGES`]
+//! messages waiting there (past either, its reader stops reading until the loop catches up), so
+//! one peer's flood cannot fill the channel for everyone. Outbound queues are bounded
 //! per connection and the synchronizer refuses to grow them: a peer too slow to drain its queue is
 //! cut, never allowed to stall the loop or grow memory. A connection that does not finish its
 //! handshake within [`HANDSHAKE_TIMEOUT`] is closed.
+//!
+//! # Strangers
+//! Anyone who can reach the port can open connections, so handshakes are rationed before a byte
+//! of cryptography is spent on them: a listener keeps at most [`MAX_HANDSHAKES`] unfinished
+//! handshakes, at most [`MAX_HANDSHAKES_PER_SOURCE`] from one source (an IPv4 address or an IPv6
+//! /64); a connection beyond either is closed at once. The first handshake message must come
+//! within [`FIRST_MESSAGE_TIMEOUT`] (an idle connect holds a descriptor only that long), and a
+//! handshake message may be at most [`HANDSHAKE_MESSAGE_MAX`] bytes (ours carry no payload), so
+//! an unfinished handshake holds a few KiB, not two 64 KiB buffers. Key exchanges run on
+//! tokio's blocking pool, at most [`KEY_EXCHANGES`] at once, so a burst of handshakes never
+//! starves the one worker that encrypts and decrypts every live connection.
 //!
 //! Nothing here prints: every outcome is an [`Inbound`] for the synchronizer to act on and report.
 
 use bytes::{Bytes, BytesMut};
 use feedsync_protocol::{MAX_FRAME_LEN, Message, decode, encode_into, frame_header};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -40,6 +54,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
+
+mod handshake;
+
+pub use handshake::raise_descriptor_limit;
+use handshake::{Gate, Pass, handshake, handshake_codec};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
@@ -53,6 +72,16 @@ const NOISE_PLAIN_MAX: usize = NOISE_MAX - 16;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages one connection may have queued for sending.
 pub const OUTBOUND_QUEUE: usize = 256;
+/// The first handshake message must arrive within this time after a connection is accepted.
+pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Unfinished handshakes one listener keeps at most.
+pub const MAX_HANDSHAKES: usize = 128;
+/// Unfinished handshakes from one source (IPv4 address, IPv6 /64) a listener keeps at most.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+/// Largest handshake message accepted (an XX message without payload is under 100 bytes).
+pub const HANDSHAKE_MESSAGE_MAX: usize = 1024;
+/// Key exchanges computed at once in the whole process.
+pub const KEY_EXCHANGES: usize = 4;
 
 /// Shared between the synchronizer and a connection's writer task.
 #[derive(Debug, Default)]
@@ -62,6 +91,63 @@ pub struct ConnStats {
     pub queued: AtomicUsize,
     /// Batches written to the socket so far (the synchronizer watches it for progress).
     pub writes: AtomicU64,
+    /// Bytes (by [`message_cost`]) of this connection's messages handed to the synchronizer and
+    /// not handled yet; the synchronizer gives them back with [`ConnStats::handled`].
+    pub inbound: AtomicUsize,
+    /// Messages of this connection handed over and not handled yet.
+    pub inbound_messages: AtomicUsize,
+    /// The budget for `inbound` (and [`INBOUND_MESSAGES`] for `inbound_messages`): past it the
+    /// reader stops reading this socket until the synchronizer catches up, so one peer's flood
+    /// holds a bounded share of the inbound queue and of memory. 0, the default, means no budget,
+    /// for a consumer that never calls [`ConnStats::handled`].
+    pub inbound_budget: AtomicUsize,
+    /// Wakes the reader when the synchronizer handled something.
+    room: tokio::sync::Notify,
+}
+
+/// The inbound byte budget the synchronizer gives each admitted connection.
+pub const INBOUND_BUDGET: usize = 4 * 1024 * 1024;
+/// Messages one budgeted connection may have waiting in the inbound queue.
+pub const INBOUND_MESSAGES: usize = 512;
+
+impl ConnStats {
+    /// The synchronizer handled one message of this connection that cost `cost`.
+    pub fn handled(&self, cost: usize) {
+        let sub = |a: &AtomicUsize, n: usize| {
+            let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            });
+        };
+        sub(&self.inbound, cost);
+        sub(&self.inbound_messages, 1);
+        self.room.notify_one();
+    }
+
+    /// Whether handing over one more message of `cost` would exceed the budget. One message is
+    /// always let through when none is waiting, however large (a frame is at most 2 MiB).
+    fn over_budget(&self, cost: usize) -> bool {
+        let budget = self.inbound_budget.load(Ordering::Acquire);
+        let waiting = self.inbound_messages.load(Ordering::Acquire);
+        budget != 0
+            && waiting > 0
+            && (waiting >= INBOUND_MESSAGES
+                || self.inbound.load(Ordering::Acquire).saturating_add(cost) > budget)
+    }
+}
+
+/// What a message holds of our memory while it waits in a queue: the enum plus its heap parts.
+pub fn message_cost(m: &Message) -> usize {
+    use feedsync_protocol::BlockSet;
+    let runs = |b: &BlockSet| match b {
+        BlockSet::Runs { runs, .. } => runs.len() * std::mem::size_of::<u64>(),
+        _ => 0,
+    };
+    let heap = match m {
+        Message::Have(h) | Message::Unhave(h) => runs(&h.blocks),
+        Message::Want(w) | Message::Unwant(w) => runs(&w.blocks),
+        _ => payload_len(m),
+    };
+    std::mem::size_of::<Message>() + heap
 }
 
 /// Bytes of block data a message carries (what the outbound byte budget counts).
@@ -90,6 +176,9 @@ pub enum HandshakeError {
     /// The handshake did not finish within [`HANDSHAKE_TIMEOUT`].
     #[error("the handshake timed out")]
     TimedOut,
+    /// A key exchange task failed (a bug in the Noise library; the connection is dropped).
+    #[error("the key exchange failed to run")]
+    KeyExchange,
 }
 
 /// Why a dial did not give a connection.
@@ -251,43 +340,6 @@ async fn deliver(tx: &InboundSender, mut item: Inbound, cancel: &CancellationTok
     }
 }
 
-async fn handshake(
-    wire: &mut Wire,
-    identity: &Identity,
-    initiator: bool,
-) -> Result<(snow::StatelessTransportState, Vec<u8>, [u8; 32]), HandshakeError> {
-    let params = NOISE_PARAMS
-        .parse()
-        .expect("constant Noise parameters parse");
-    let builder = snow::Builder::new(params)
-        .prologue(PROLOGUE)?
-        .local_private_key(&identity.private)?;
-    let mut hs = if initiator {
-        builder.build_initiator()
-    } else {
-        builder.build_responder()
-    }?;
-    let mut buf = vec![0u8; NOISE_MAX];
-    let mut payload = vec![0u8; NOISE_MAX];
-    // XX: -> e; <- e, ee, s, es; -> s, se
-    let mut my_turn = initiator;
-    while !hs.is_handshake_finished() {
-        if my_turn {
-            let n = hs.write_message(&[], &mut buf)?;
-            wire.send(Bytes::copy_from_slice(&buf[..n])).await?;
-        } else {
-            let msg = wire.next().await.ok_or(HandshakeError::Closed)??;
-            hs.read_message(&msg, &mut payload)?;
-        }
-        my_turn = !my_turn;
-    }
-    let hash = hs.get_handshake_hash().to_vec();
-    let mut remote = [0u8; 32];
-    remote.copy_from_slice(hs.get_remote_static().ok_or(HandshakeError::NoStaticKey)?);
-    let transport = hs.into_stateless_transport_mode()?;
-    Ok((transport, hash, remote))
-}
-
 /// Runs one connection after TCP is up: handshake, then a reader and a writer until either side
 /// ends or `cancel` fires.
 async fn run_connection(
@@ -297,14 +349,18 @@ async fn run_connection(
     initiator: bool,
     tx: InboundSender,
     cancel: CancellationToken,
+    pass: Option<Pass>,
 ) {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
-    let mut wire = Framed::new(stream, codec());
+    // Handshake messages are small: a stranger may not make us buffer 64 KiB frames.
+    let mut wire = Framed::new(stream, handshake_codec());
     let shaken = tokio::select! {
         _ = cancel.cancelled() => return,
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut wire, &identity, initiator)) => r,
     };
+    // The handshake is over either way: its place goes to the next one.
+    drop(pass);
     let result = shaken.unwrap_or(Err(HandshakeError::TimedOut));
     let (transport, handshake_hash, remote) = match result {
         Ok(t) => t,
@@ -352,9 +408,9 @@ async fn run_connection(
         conn_cancel.clone(),
         conn,
         tx.clone(),
-        stats,
+        stats.clone(),
     ));
-    let read_error = read_loop(stream, conn, transport, &tx, &conn_cancel).await;
+    let read_error = read_loop(stream, conn, transport, &tx, &stats, &conn_cancel).await;
     conn_cancel.cancel();
     // The first failure is the reason: a writer that failed cancelled the reader.
     let write_error = writer.await.unwrap_or(None);
@@ -367,6 +423,7 @@ async fn read_loop(
     conn: ConnId,
     transport: Arc<snow::StatelessTransportState>,
     tx: &InboundSender,
+    stats: &ConnStats,
     cancel: &CancellationToken,
 ) -> Option<String> {
     let mut nonce = 0u64;
@@ -406,6 +463,17 @@ async fn read_loop(
                 Ok(m) => m,
                 Err(e) => return Some(e.to_string()),
             };
+            // Over its budget this connection waits (reading nothing more from its socket);
+            // the others keep theirs.
+            let cost = message_cost(&message);
+            while stats.over_budget(cost) {
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = stats.room.notified() => {}
+                }
+            }
+            stats.inbound.fetch_add(cost, Ordering::AcqRel);
+            stats.inbound_messages.fetch_add(1, Ordering::AcqRel);
             if !deliver(tx, Inbound::Message { conn, message }, cancel).await {
                 return None;
             }
@@ -518,6 +586,7 @@ pub async fn listen(
     tx: InboundSender,
     cancel: CancellationToken,
 ) {
+    let gate = Arc::new(Gate::default());
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -525,6 +594,11 @@ pub async fn listen(
         };
         match accepted {
             Ok((stream, addr)) => {
+                // Past the handshake ration: closed at once (dropping the stream), before any
+                // buffer or key exchange is spent on it.
+                let Some(pass) = gate.enter(addr.ip()) else {
+                    continue;
+                };
                 tokio::spawn(run_connection(
                     stream,
                     addr,
@@ -532,6 +606,7 @@ pub async fn listen(
                     false,
                     tx.clone(),
                     CancellationToken::new(),
+                    Some(pass),
                 ));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await, // e.g. out of file descriptors
@@ -551,7 +626,7 @@ pub async fn dial(
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr)) => r,
     };
     match connected {
-        Ok(Ok(stream)) => run_connection(stream, addr, identity, true, tx, cancel).await,
+        Ok(Ok(stream)) => run_connection(stream, addr, identity, true, tx, cancel, None).await,
         Ok(Err(e)) => {
             let error = DialError::Connect(e);
             let _ = deliver(&tx, Inbound::DialFailed { addr, error }, &cancel).await;

@@ -2,12 +2,17 @@
 //! hold of our memory.
 //!
 //! Three rules live here and nowhere else:
-//! - **Admission and the duplicate tie-break.** A connection to ourselves, or to a new peer beyond
-//!   `max_peers`, is refused. When both sides dial each other, both must keep the *same*
+//! - **Admission and the duplicate tie-break.** A connection to ourselves is refused. Only peers
+//!   that opened a channel (they know a key we serve) count against `max_peers`; a new peer beyond
+//!   it is refused. A peer without a channel is a *stranger*: at most [`MAX_STRANGERS`] are kept,
+//!   and a newcomer evicts the oldest one, so keyless peers answering pings cannot lock every
+//!   honest newcomer out. When both sides dial each other, both must keep the *same*
 //!   connection, so the one whose initiator has the smaller key wins; the same direction twice
 //!   means the peer redialled (after a crash, say), so the newer one wins.
 //! - **Backpressure.** Messages go to the connection's bounded queue; what does not fit waits in a
-//!   backlog capped at [`BACKLOG_LIMIT`] (past it the peer is too slow and is cut). Answers
+//!   backlog of at most [`BACKLOG_BUDGET`] bytes (past it that one peer is too far behind and is
+//!   cut, with the reason; a burst of control messages — thousands of `Unhave` after a large
+//!   deletion — is small in bytes and passes). Answers
 //!   (block data) are pulled from the replicator only while the connection [`has room`], which
 //!   keeps [`CONTROL_RESERVE`] queue slots for control messages and at most [`UPLOAD_BUDGET`]
 //!   block bytes queued.
@@ -34,8 +39,19 @@ pub const CONTROL_RESERVE: usize = 8;
 /// Block bytes one connection may have queued: answers are pulled only below this, so a slow
 /// peer holds at most this much of our memory (plus one answer).
 pub const UPLOAD_BUDGET: usize = 4 * 1024 * 1024;
-/// Control messages one connection may have waiting beyond its queue before it counts as too slow.
-pub const BACKLOG_LIMIT: usize = 4096;
+/// Bytes (as held in memory, see [`backlog_cost`]) of messages one connection may have waiting
+/// beyond its queue before it counts as too far behind and is cut. A budget in bytes, not in
+/// messages: a burst of small control messages (one `Unhave` per block of a deleted 1 GiB file is
+/// 16,384 of them) is a normal event, not a slow peer.
+pub const BACKLOG_BUDGET: usize = 16 * 1024 * 1024;
+/// Connections kept at most for peers that opened no channel yet (strangers), beyond
+/// `max_peers`: a newcomer past this evicts the oldest stranger.
+pub const MAX_STRANGERS: usize = 32;
+
+/// What a queued message holds of our memory (the backlog's budget counts this).
+pub fn backlog_cost(m: &Message) -> usize {
+    net::message_cost(m)
+}
 
 /// A connection that finished its handshake, as the transport hands it over.
 pub struct Incoming {
@@ -65,12 +81,17 @@ pub enum Admission {
         peer: PeerId,
         /// The connection it replaced, if any.
         replaced: Option<Closed>,
+        /// A stranger (a peer without a channel) closed to make room, if one was.
+        evicted: Option<Closed>,
     },
     /// Turned away (and closed).
     Refused(RefuseReason),
     /// The peer's existing connection wins the tie-break; this one was closed. Not worth telling
     /// the user: the peer stays connected.
-    Duplicate,
+    Duplicate {
+        /// The peer, connected through its other connection.
+        peer: PeerId,
+    },
 }
 
 /// Why a connection was turned away right after its handshake.
@@ -117,6 +138,10 @@ struct Conn {
     stats: Arc<net::ConnStats>,
     /// Control messages that did not fit in the queue yet.
     backlog: VecDeque<Message>,
+    /// What `backlog` holds, by [`backlog_cost`].
+    backlog_bytes: usize,
+    /// When the connection was admitted (a stranger must open a channel within a deadline).
+    since: Instant,
     /// Since when the connection has been full without writing anything, and the write count
     /// then; `None` while it has room or is draining.
     full_since: Option<(Instant, u64)>,
@@ -161,8 +186,9 @@ impl Connections {
         *self.ids.entry(remote).or_insert(next)
     }
 
-    /// Decides whether `new` may speak for its peer (closing what loses).
-    pub fn admit(&mut self, new: Incoming) -> Admission {
+    /// Decides whether `new` may speak for its peer (closing what loses). `has_channel` tells a
+    /// peer that opened a channel from a stranger (`Replicator::has_channel`).
+    pub fn admit(&mut self, new: Incoming, has_channel: impl Fn(PeerId) -> bool) -> Admission {
         if new.remote == self.local {
             new.cancel.cancel();
             return Admission::Refused(RefuseReason::Ourselves);
@@ -171,10 +197,24 @@ impl Connections {
             .ids
             .get(&new.remote)
             .is_some_and(|p| self.by_peer.contains_key(p));
-        if self.conns.len() >= self.max_peers && !known {
-            // A known peer redialling is handled below, replacing its old connection.
-            new.cancel.cancel();
-            return Admission::Refused(RefuseReason::TooManyPeers);
+        let mut evicted = None;
+        // A known peer redialling is handled below, replacing its old connection.
+        if !known {
+            let (mut members, mut strangers) = (0, Vec::new());
+            for (&id, c) in &self.conns {
+                if has_channel(c.peer) {
+                    members += 1;
+                } else {
+                    strangers.push(id); // in ConnId order: the oldest first
+                }
+            }
+            if members >= self.max_peers {
+                new.cancel.cancel();
+                return Admission::Refused(RefuseReason::TooManyPeers);
+            }
+            if strangers.len() >= MAX_STRANGERS {
+                evicted = self.remove(strangers[0]);
+            }
         }
         let peer = self.peer_id(new.remote);
         let mut replaced = None;
@@ -185,7 +225,7 @@ impl Connections {
                 || initiator_key(new.initiator) < initiator_key(old_initiator);
             if !keep_new {
                 new.cancel.cancel();
-                return Admission::Duplicate;
+                return Admission::Duplicate { peer };
             }
             replaced = self.remove(old);
         }
@@ -199,12 +239,32 @@ impl Connections {
                 cancel: new.cancel,
                 stats: new.stats,
                 backlog: VecDeque::new(),
+                backlog_bytes: 0,
+                since: Instant::now(),
                 full_since: None,
                 goodbye: None,
             },
         );
         self.by_peer.insert(peer, new.conn);
-        Admission::Accepted { peer, replaced }
+        Admission::Accepted {
+            peer,
+            replaced,
+            evicted,
+        }
+    }
+
+    /// Connections admitted before `deadline` whose peer still opened no channel: a peer that
+    /// knows none of our keys may not keep a connection (and its memory) forever.
+    pub fn strangers_since(
+        &self,
+        deadline: Instant,
+        has_channel: impl Fn(PeerId) -> bool,
+    ) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.since < deadline && !has_channel(c.peer))
+            .map(|(&id, _)| id)
+            .collect()
     }
 
     /// The peer `conn` speaks for.
@@ -221,6 +281,13 @@ impl Connections {
     pub fn note_goodbye(&mut self, conn: ConnId, reason: GoodbyeReason) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.goodbye = Some(reason);
+        }
+    }
+
+    /// The loop handled one message that arrived on `conn` (its inbound budget gets it back).
+    pub fn handled(&self, conn: ConnId, cost: usize) {
+        if let Some(c) = self.conns.get(&conn) {
+            c.stats.handled(cost);
         }
     }
 
@@ -264,21 +331,24 @@ impl Connections {
         c.stats
             .queued
             .fetch_add(net::payload_len(&message), Ordering::AcqRel);
-        if !c.backlog.is_empty() {
-            c.backlog.push_back(message);
-            if c.backlog.len() > BACKLOG_LIMIT {
-                return Err(DisconnectReason::Stalled);
+        let message = if c.backlog.is_empty() {
+            match c.outbound.try_send(message) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(m)) => m,
+                Err(TrySendError::Closed(_)) => return Err(gone),
             }
-            return Ok(());
+        } else {
+            message
+        };
+        c.backlog_bytes += backlog_cost(&message);
+        c.backlog.push_back(message);
+        if c.backlog_bytes > BACKLOG_BUDGET {
+            // This connection's decision alone: the others keep their own budgets.
+            return Err(DisconnectReason::Backlogged {
+                bytes: c.backlog_bytes,
+            });
         }
-        match c.outbound.try_send(message) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(m)) => {
-                c.backlog.push_back(m);
-                Ok(())
-            }
-            Err(TrySendError::Closed(_)) => Err(gone),
-        }
+        Ok(())
     }
 
     /// Moves what fits from `conn`'s backlog into its queue; false if the connection is gone.
@@ -287,8 +357,9 @@ impl Connections {
             return false;
         };
         while let Some(m) = c.backlog.pop_front() {
+            let cost = backlog_cost(&m);
             match c.outbound.try_send(m) {
-                Ok(()) => {}
+                Ok(()) => c.backlog_bytes -= cost,
                 Err(TrySendError::Full(m)) => {
                     c.backlog.push_front(m);
                     return true;
@@ -340,195 +411,4 @@ impl Connections {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use feedsync_protocol::{Goodbye, Ping};
-
-    struct Remote {
-        rx: mpsc::Receiver<Message>,
-        stats: Arc<net::ConnStats>,
-        cancel: CancellationToken,
-    }
-
-    fn incoming(conn: ConnId, remote: u8, initiator: bool, queue: usize) -> (Incoming, Remote) {
-        let (outbound, rx) = mpsc::channel(queue);
-        let stats = Arc::new(net::ConnStats::default());
-        let cancel = CancellationToken::new();
-        let inc = Incoming {
-            conn,
-            remote: [remote; 32],
-            initiator,
-            addr: format!("127.0.0.1:{}", 1000 + conn).parse().unwrap(),
-            outbound,
-            stats: stats.clone(),
-            cancel: cancel.clone(),
-        };
-        (inc, Remote { rx, stats, cancel })
-    }
-
-    fn ping() -> Message {
-        Message::Ping(Ping { nonce: 1 })
-    }
-
-    #[test]
-    fn ourselves_and_peers_beyond_the_limit_are_refused() {
-        let mut c = Connections::new([5; 32], 1, Duration::from_secs(1));
-        let (me, me_r) = incoming(1, 5, true, 16);
-        assert_eq!(c.admit(me), Admission::Refused(RefuseReason::Ourselves));
-        assert!(me_r.cancel.is_cancelled());
-        let (a, _a) = incoming(2, 7, true, 16);
-        assert!(matches!(
-            c.admit(a),
-            Admission::Accepted {
-                peer: 1,
-                replaced: None
-            }
-        ));
-        let (b, b_r) = incoming(3, 8, false, 16);
-        assert_eq!(c.admit(b), Admission::Refused(RefuseReason::TooManyPeers));
-        assert!(b_r.cancel.is_cancelled());
-        // A known peer redialling at the limit replaces its old connection instead.
-        let (a2, _a2) = incoming(4, 7, true, 16);
-        let Admission::Accepted {
-            peer: 1,
-            replaced: Some(old),
-        } = c.admit(a2)
-        else {
-            panic!("a redial at the limit was not admitted")
-        };
-        assert_eq!(old.conn, 2);
-        assert!(old.current);
-        assert_eq!(c.len(), 1);
-        assert_eq!(c.conn_of(1), Some(4));
-    }
-
-    #[test]
-    fn both_ends_keep_the_connection_dialled_by_the_smaller_key() {
-        // Our key [5; 32] is smaller than the peer's [9; 32]: the connection we dialled wins,
-        // whichever arrives first.
-        for our_dial_first in [true, false] {
-            let mut c = Connections::new([5; 32], 8, Duration::from_secs(1));
-            let (ours, ours_r) = incoming(1, 9, true, 16);
-            let (theirs, theirs_r) = incoming(2, 9, false, 16);
-            let (first, second) = if our_dial_first {
-                (ours, theirs)
-            } else {
-                (theirs, ours)
-            };
-            assert!(matches!(c.admit(first), Admission::Accepted { .. }));
-            let outcome = c.admit(second);
-            assert_eq!(c.conn_of(1), Some(1), "kept the wrong connection");
-            assert!(!ours_r.cancel.is_cancelled());
-            assert!(theirs_r.cancel.is_cancelled());
-            if our_dial_first {
-                assert_eq!(outcome, Admission::Duplicate);
-            } else {
-                let Admission::Accepted {
-                    replaced: Some(old),
-                    ..
-                } = outcome
-                else {
-                    panic!("ours did not replace theirs: {outcome:?}")
-                };
-                assert_eq!(old.conn, 2);
-            }
-        }
-    }
-
-    #[test]
-    fn a_redial_in_the_same_direction_replaces_the_old_connection() {
-        let mut c = Connections::new([9; 32], 8, Duration::from_secs(1));
-        let (a, a_r) = incoming(1, 5, false, 16);
-        let (b, _b) = incoming(2, 5, false, 16);
-        c.admit(a);
-        assert!(matches!(
-            c.admit(b),
-            Admission::Accepted {
-                replaced: Some(_),
-                ..
-            }
-        ));
-        assert!(a_r.cancel.is_cancelled());
-        assert_eq!(c.conn_of(1), Some(2));
-    }
-
-    #[test]
-    fn a_full_queue_backlogs_and_a_backlog_past_its_limit_cuts() {
-        let mut c = Connections::new([1; 32], 8, Duration::from_secs(1));
-        let (a, mut a_r) = incoming(1, 2, true, CONTROL_RESERVE + 2);
-        c.admit(a);
-        assert!(c.has_room(1));
-        for _ in 0..CONTROL_RESERVE + 2 {
-            c.send(1, ping()).unwrap();
-        }
-        assert!(!c.has_room(1), "no room once the reserve is reached");
-        for _ in 0..BACKLOG_LIMIT {
-            c.send(1, ping()).unwrap();
-        }
-        assert_eq!(c.send(1, ping()), Err(DisconnectReason::Stalled));
-        // Draining the queue lets the backlog move on, in order.
-        while a_r.rx.try_recv().is_ok() {}
-        assert!(c.flush_backlog(1));
-        assert_eq!(a_r.rx.try_recv().ok(), Some(ping()));
-    }
-
-    #[test]
-    fn the_upload_budget_closes_the_tap() {
-        let mut c = Connections::new([1; 32], 8, Duration::from_secs(1));
-        let (a, a_r) = incoming(1, 2, true, 256);
-        c.admit(a);
-        a_r.stats.queued.store(UPLOAD_BUDGET, Ordering::Release);
-        assert!(!c.has_room(1));
-        a_r.stats.queued.store(UPLOAD_BUDGET - 1, Ordering::Release);
-        assert!(c.has_room(1));
-    }
-
-    #[test]
-    fn only_a_full_connection_that_writes_nothing_is_stalled() {
-        let stall = Duration::from_secs(30);
-        let mut c = Connections::new([1; 32], 8, stall);
-        let (a, a_r) = incoming(1, 2, true, 256);
-        let (b, b_r) = incoming(2, 3, true, 256);
-        c.admit(a);
-        c.admit(b);
-        a_r.stats.queued.store(UPLOAD_BUDGET, Ordering::Release);
-        b_r.stats.queued.store(UPLOAD_BUDGET, Ordering::Release);
-        let t0 = Instant::now();
-        assert!(c.stalled(t0).is_empty());
-        // b keeps writing (busy, healthy); a writes nothing.
-        let mut t = t0;
-        for _ in 0..4 {
-            t += stall / 2;
-            b_r.stats.writes.fetch_add(1, Ordering::AcqRel);
-            let cut = c.stalled(t);
-            if t.duration_since(t0) > stall {
-                assert_eq!(cut, vec![1]);
-            } else {
-                assert!(cut.is_empty(), "cut before the stall timeout: {cut:?}");
-            }
-        }
-        // Room again resets the clock (and b is still writing).
-        a_r.stats.queued.store(0, Ordering::Release);
-        b_r.stats.writes.fetch_add(1, Ordering::AcqRel);
-        assert!(c.stalled(t + stall * 2).is_empty());
-    }
-
-    #[test]
-    fn a_peer_goodbye_is_kept_for_the_report() {
-        let mut c = Connections::new([1; 32], 8, Duration::from_secs(1));
-        let (a, _a) = incoming(1, 2, true, 16);
-        c.admit(a);
-        c.note_goodbye(1, GoodbyeReason::Shutdown);
-        let closed = c.remove(1).unwrap();
-        assert_eq!(closed.goodbye, Some(GoodbyeReason::Shutdown));
-        assert_eq!(
-            c.send(
-                1,
-                Message::Goodbye(Goodbye {
-                    reason: GoodbyeReason::Done
-                })
-            ),
-            Err(DisconnectReason::Closed { error: None })
-        );
-    }
-}
+mod tests;

@@ -49,6 +49,15 @@ pub enum NodeEvent {
         /// Why.
         reason: RefuseReason,
     },
+    /// The process's soft limit on open files was raised to its hard limit at start (every
+    /// connection, file and socket takes one; a low limit lets a burst of connections lock out
+    /// everything else). Reported once per process.
+    DescriptorLimit {
+        /// The soft limit before.
+        from: u64,
+        /// The soft limit now.
+        to: u64,
+    },
     /// LAN discovery could not start; named peers still work.
     DiscoveryFailed {
         /// Why.
@@ -75,8 +84,17 @@ pub enum DisconnectReason {
     },
     /// A newer connection to the same peer took over (it redialled, or both sides dialled).
     Replaced,
-    /// The peer did not read what we queued for it (stall timeout or backlog limit).
+    /// The peer did not read what we queued for it within the stall timeout.
     Stalled,
+    /// More than the backlog's byte budget waited to be sent to this peer: it is too far behind
+    /// (the decision is per connection; other peers keep theirs).
+    Backlogged {
+        /// Bytes waiting when it was cut.
+        bytes: usize,
+    },
+    /// The peer opened no channel (knows none of our keys) in time, or was the oldest such
+    /// stranger when a newcomer needed its place.
+    NoChannel,
     /// The peer sent data that failed verification and is banned for this session.
     Banned,
     /// The peer broke the protocol.
@@ -119,6 +137,11 @@ impl std::fmt::Display for DisconnectReason {
             DisconnectReason::Closed { error: Some(e) } => write!(f, "connection lost: {e}"),
             DisconnectReason::Replaced => f.write_str("replaced by a newer connection"),
             DisconnectReason::Stalled => f.write_str("stalled: it stopped reading"),
+            DisconnectReason::Backlogged { bytes } => write!(
+                f,
+                "too far behind: {bytes} bytes were waiting to be sent to it"
+            ),
+            DisconnectReason::NoChannel => f.write_str("it opened no feed we serve"),
             DisconnectReason::Banned => {
                 f.write_str("banned: it sent data that failed verification")
             }

@@ -2,7 +2,7 @@
 //! at start), [`Node::start`] + [`Node::run`] (the select loop, on the node's thread) and
 //! [`Node::shutdown`] (the ordered stop).
 
-use super::connections::{Admission, Connections, Incoming};
+use super::connections::{Admission, Closed, Connections, Incoming, RefuseReason};
 use super::events::{AppendError, DisconnectReason, NodeEvent, StartError, StopError};
 use super::{App, Command, NodeConfig, Waker};
 use crate::core::Feed;
@@ -13,6 +13,7 @@ use crate::net::{self, ConnId, Inbound};
 use crate::storage::DiskStorage;
 use crossbeam_channel::{Receiver, Sender, select};
 use feedsync_protocol::{Goodbye, GoodbyeReason, Message};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,36 @@ const BACKOFF_MAX: u64 = 3000;
 const GOODBYE_GRACE: Duration = Duration::from_millis(500);
 /// Discovery results are looked at every this many ticks.
 const DISCOVERY_EVERY: u64 = 10;
+/// A connection whose peer opened no channel (knows none of our keys) within this long is cut:
+/// an honest peer opens its channels in its first round trip.
+const CHANNEL_DEADLINE: Duration = Duration::from_secs(20);
+
+/// What the peer book learns when a connection we dialled ends, by why it ended. Every end is
+/// reported: an address left marked connected is never dialled again (a clone cut for being too
+/// far behind used to sit at zero peers forever).
+pub(super) fn book_after_close(
+    book: &mut PeerBook<SocketAddr>,
+    addr: &SocketAddr,
+    reason: &DisconnectReason,
+    tick: u64,
+) {
+    match reason {
+        // Our own stop: nothing to redial.
+        DisconnectReason::Shutdown => {}
+        // The peer lives on through a newer connection; redial when that one ends.
+        DisconnectReason::Replaced => book.duplicate(addr),
+        // It misbehaved: back off more each time.
+        DisconnectReason::Banned
+        | DisconnectReason::ProtocolError
+        | DisconnectReason::NoChannel => book.failed(addr, tick),
+        // It went away, timed out or fell behind: redial after the base delay.
+        DisconnectReason::Closed { .. }
+        | DisconnectReason::Goodbye(_)
+        | DisconnectReason::Stalled
+        | DisconnectReason::Backlogged { .. }
+        | DisconnectReason::TimedOut => book.disconnected(addr, tick),
+    }
+}
 
 /// The replicator's clock: ticks counted from real elapsed time. A timer channel alone would not
 /// do: crossbeam's `tick` drops ticks the loop was too busy to take, so counting wake-ups would
@@ -59,10 +90,13 @@ impl Clock {
 pub(super) struct Bound {
     rt: tokio::runtime::Runtime,
     listener: Option<tokio::net::TcpListener>,
+    /// The descriptor limit this start raised (from, to), to report once.
+    raised: Option<(u64, u64)>,
 }
 
 /// Builds the runtime and binds the listener, on the caller's thread.
 pub(super) fn bind(listen: Option<SocketAddr>) -> Result<Bound, StartError> {
+    let raised = net::raise_descriptor_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -78,7 +112,11 @@ pub(super) fn bind(listen: Option<SocketAddr>) -> Result<Bound, StartError> {
             Some(tokio::net::TcpListener::from_std(std).map_err(err)?)
         }
     };
-    Ok(Bound { rt, listener })
+    Ok(Bound {
+        rt,
+        listener,
+        raised,
+    })
 }
 
 /// Why the loop ended.
@@ -106,6 +144,9 @@ pub(super) struct Node {
     inbound_tx: net::InboundSender,
     inbound: Receiver<Inbound>,
     discovery: Option<Discovery>,
+    /// Addresses we dialled that reached a peer already connected through another connection:
+    /// the book redials them when that connection ends.
+    aliases: BTreeMap<crate::core::replicator::PeerId, BTreeSet<SocketAddr>>,
     config: NodeConfig,
 }
 
@@ -146,8 +187,12 @@ impl Node {
             inbound_tx,
             inbound,
             discovery: None,
+            aliases: BTreeMap::new(),
             config,
         };
+        if let Some((from, to)) = bound.raised {
+            node.emit(NodeEvent::DescriptorLimit { from, to });
+        }
         match &mut node.app {
             Some(app) => {
                 app.set_waker(Waker(wake_tx));
@@ -271,6 +316,15 @@ impl Node {
         for conn in self.conns.stalled(now) {
             self.close(conn, DisconnectReason::Stalled);
         }
+        if let Some(deadline) = now.checked_sub(CHANNEL_DEADLINE) {
+            let replicator = &self.replicator;
+            for conn in self
+                .conns
+                .strangers_since(deadline, |p| replicator.has_channel(p))
+            {
+                self.close(conn, DisconnectReason::NoChannel);
+            }
+        }
         if tick / DISCOVERY_EVERY != previous / DISCOVERY_EVERY
             && let Some(d) = &mut self.discovery
         {
@@ -301,6 +355,11 @@ impl Node {
                 stats,
                 cancel,
             } => {
+                // From now on this connection's reader waits while the loop holds more than its
+                // budget of its messages (see `net::ConnStats`).
+                stats
+                    .inbound_budget
+                    .store(net::INBOUND_BUDGET, std::sync::atomic::Ordering::Release);
                 let incoming = Incoming {
                     conn,
                     remote,
@@ -310,13 +369,42 @@ impl Node {
                     stats,
                     cancel,
                 };
-                match self.conns.admit(incoming) {
+                let replicator = &self.replicator;
+                match self.conns.admit(incoming, |p| replicator.has_channel(p)) {
                     Admission::Refused(reason) => {
+                        // Every cancelled dial is reported to the book, or it redials in a loop.
+                        if initiator {
+                            match reason {
+                                RefuseReason::Ourselves => self.book.ourselves(&addr),
+                                RefuseReason::TooManyPeers => self.book.failed(&addr, self.tick),
+                            }
+                        }
                         self.emit(NodeEvent::PeerRefused { addr, reason });
                     }
-                    Admission::Duplicate => {}
-                    Admission::Accepted { peer, replaced } => {
+                    Admission::Duplicate { peer } => {
+                        if initiator {
+                            self.book.duplicate(&addr);
+                            self.aliases.entry(peer).or_default().insert(addr);
+                        }
+                    }
+                    Admission::Accepted {
+                        peer,
+                        replaced,
+                        evicted,
+                    } => {
+                        if let Some(stranger) = evicted {
+                            self.closed(stranger, DisconnectReason::NoChannel);
+                        }
                         if let Some(old) = replaced {
+                            if old.initiator && old.addr != addr {
+                                book_after_close(
+                                    &mut self.book,
+                                    &old.addr,
+                                    &DisconnectReason::Replaced,
+                                    self.tick,
+                                );
+                                self.aliases.entry(peer).or_default().insert(old.addr);
+                            }
                             self.replicator.handle_disconnected(peer);
                             self.emit(NodeEvent::PeerDisconnected {
                                 peer,
@@ -339,6 +427,7 @@ impl Node {
             }
             Inbound::Message { conn, message } => {
                 if let Some(peer) = self.conns.peer(conn) {
+                    self.conns.handled(conn, net::message_cost(&message));
                     // The replicator answers a goodbye with `Done`; the peer's own reason is
                     // what the user wants to see.
                     if let Message::Goodbye(g) = &message {
@@ -384,13 +473,23 @@ impl Node {
 
     /// Closes `conn`, telling the replicator and the user if it was the peer's connection.
     fn close(&mut self, conn: ConnId, reason: DisconnectReason) {
-        let Some(c) = self.conns.remove(conn) else {
-            return;
-        };
-        if matches!(reason, DisconnectReason::Closed { .. }) && c.initiator {
-            self.book.disconnected(&c.addr, self.tick);
+        if let Some(c) = self.conns.remove(conn) {
+            self.closed(c, reason);
+        }
+    }
+
+    /// After `c` was removed: the peer book, the replicator and the user learn of it.
+    fn closed(&mut self, c: Closed, reason: DisconnectReason) {
+        if c.initiator {
+            book_after_close(&mut self.book, &c.addr, &reason, self.tick);
         }
         if c.current {
+            // Other addresses of this peer were held back while it was connected.
+            for addr in self.aliases.remove(&c.peer).unwrap_or_default() {
+                if addr != c.addr {
+                    self.book.disconnected(&addr, self.tick);
+                }
+            }
             self.replicator.handle_disconnected(c.peer);
             let reason = match c.goodbye {
                 Some(g) => DisconnectReason::Goodbye(g),
@@ -536,35 +635,4 @@ impl Node {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_clock_counts_real_time_not_wakeups() {
-        let t0 = Instant::now();
-        let clock = Clock::new(t0, Duration::from_millis(10));
-        assert_eq!(clock.ticks_at(t0), 0);
-        assert_eq!(clock.ticks_at(t0 + Duration::from_millis(9)), 0);
-        // A loop that woke up once in a busy second still sees 100 ticks pass.
-        assert_eq!(clock.ticks_at(t0 + Duration::from_secs(1)), 100);
-        assert_eq!(clock.ticks_at(t0 + Duration::from_millis(1234)), 123);
-        assert_eq!(clock.duration(50), Duration::from_millis(500));
-        // A zero tick length cannot divide by zero.
-        let zero = Clock::new(t0, Duration::ZERO);
-        assert_eq!(zero.ticks_at(t0 + Duration::from_micros(5)), 5);
-    }
-
-    #[test]
-    fn a_taken_port_fails_at_bind() {
-        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = taken.local_addr().unwrap();
-        match bind(Some(addr)) {
-            Err(StartError::Listen { addr: a, source }) => {
-                assert_eq!(a, addr);
-                assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
-            }
-            Err(e) => panic!("wrong error: {e}"),
-            Ok(_) => panic!("bound a port that is taken"),
-        }
-    }
-}
+mod tests;
