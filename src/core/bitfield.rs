@@ -1,12 +1,13 @@
 //! A growable set of block indices, one bit per block, backed by `bitvec`.
 //!
-//! Used for "blocks we hold" (persisted by the storage) and, later, for per-peer have/want sets.
-//! A flat bitmap costs 2 MiB for a 1 TiB feed of 64 KiB blocks, which is cheap enough that
-//! paging or compression would add complexity without paying for it. The byte layout
+//! Used for "blocks we hold" (persisted by the storage) and the blocks a reader wants: sets whose
+//! extent is what we store ourselves. A flat bitmap costs 2 MiB for a 1 TiB feed of 64 KiB
+//! blocks. Sets whose extent a peer names (its haves, its wants) are never kept here: they are
+//! [`crate::core::rangeset::RangeSet`]s, whose memory follows the runs announced. The byte layout
 //! (`Lsb0` over `u8`: block `i` is bit `i % 8` of byte `i / 8`) is what the disk store writes.
 
 use bitvec::prelude::*;
-use feedsync_protocol::BlockSet;
+use feedsync_protocol::{BlockSet, MAX_RUNS};
 use std::ops::Range;
 
 /// A set of block indices.
@@ -132,30 +133,57 @@ impl Bitfield {
         })
     }
 
-    /// The set as a wire [`BlockSet`]: a single range when it is one, run lengths otherwise.
-    pub fn to_block_set(&self) -> BlockSet {
-        let runs: Vec<Range<u64>> = self.runs().collect();
-        match runs.as_slice() {
-            [] => BlockSet::Range { start: 0, count: 0 },
-            [r] => BlockSet::Range {
+    /// The set as wire [`BlockSet`]s, each small enough for one frame (see [`block_sets`]).
+    pub fn to_block_sets(&self) -> Vec<BlockSet> {
+        block_sets(self.runs())
+    }
+}
+
+/// Most present runs one [`BlockSet::Runs`] may describe: `k` runs take `2k - 1` lengths, and
+/// the protocol refuses more than [`MAX_RUNS`] lengths.
+pub const MAX_SET_RUNS: usize = MAX_RUNS.div_ceil(2);
+
+/// Runs (in order, disjoint) as wire sets: a single range when it is one, run lengths
+/// otherwise, split so that no set carries more than [`MAX_SET_RUNS`] runs. A set past the limit
+/// would be refused by the encoder (and by every receiver), so a fragmented bitfield goes out as
+/// several `Have`s instead of none.
+pub fn block_sets(runs: impl IntoIterator<Item = Range<u64>>) -> Vec<BlockSet> {
+    let mut out = Vec::new();
+    let mut chunk: Vec<Range<u64>> = Vec::new();
+    let flush = |chunk: &mut Vec<Range<u64>>, out: &mut Vec<BlockSet>| {
+        match chunk.as_slice() {
+            [] => {}
+            [r] => out.push(BlockSet::Range {
                 start: r.start,
                 count: r.end - r.start,
-            },
+            }),
             _ => {
-                let start = runs[0].start;
-                let mut lens = Vec::with_capacity(runs.len() * 2);
+                let start = chunk[0].start;
+                let mut lens = Vec::with_capacity(chunk.len() * 2);
                 let mut prev_end = start;
-                for r in &runs {
+                for r in chunk.iter() {
                     if r.start != start {
                         lens.push(r.start - prev_end);
                     }
                     lens.push(r.end - r.start);
                     prev_end = r.end;
                 }
-                BlockSet::Runs { start, runs: lens }
+                out.push(BlockSet::Runs { start, runs: lens });
             }
         }
+        chunk.clear();
+    };
+    for r in runs {
+        if r.is_empty() {
+            continue;
+        }
+        chunk.push(r);
+        if chunk.len() == MAX_SET_RUNS {
+            flush(&mut chunk, &mut out);
+        }
     }
+    flush(&mut chunk, &mut out);
+    out
 }
 
 /// Expands a wire [`BlockSet`] into ranges, refusing sets whose indices overflow or reach past
@@ -230,13 +258,31 @@ mod tests {
             for i in 0..3400 { prop_assert_eq!(bf.get(i), model.contains(&i)); }
             let back = Bitfield::from_bytes(bf.as_bytes());
             prop_assert_eq!(back.runs().collect::<Vec<_>>(), bf.runs().collect::<Vec<_>>());
-            let expanded: BTreeSet<u64> = block_set_ranges(&bf.to_block_set(), u64::MAX)
-                .unwrap().into_iter().flatten().collect();
+            let expanded: BTreeSet<u64> = bf.to_block_sets().iter()
+                .flat_map(|set| block_set_ranges(set, u64::MAX).unwrap())
+                .flatten().collect();
             prop_assert_eq!(expanded, model.clone());
             let first_gap = (0..).find(|i| !model.contains(i)).unwrap();
             prop_assert_eq!(bf.first_unset(0), first_gap);
             prop_assert_eq!(bf.count_range(100..900), model.range(100..900).count() as u64);
         }
+    }
+
+    #[test]
+    fn a_fragmented_set_is_split_into_sets_that_fit_a_frame() {
+        let runs: Vec<Range<u64>> = (0..70_000u64).map(|i| 2 * i..2 * i + 1).collect();
+        let sets = block_sets(runs.clone());
+        assert_eq!(sets.len(), 3);
+        let mut back = Vec::new();
+        for set in &sets {
+            let msg = feedsync_protocol::Message::Have(feedsync_protocol::Have {
+                channel: 0,
+                blocks: set.clone(),
+            });
+            feedsync_protocol::encode(&msg).expect("each set fits a frame");
+            back.extend(block_set_ranges(set, u64::MAX).unwrap());
+        }
+        assert_eq!(back, runs);
     }
 
     #[test]

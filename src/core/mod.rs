@@ -14,7 +14,8 @@
 //! - [`peerbook`]: addresses to dial, with exponential backoff.
 //! - [`sim`]: a deterministic simulated network of replicators, for tests; it pulls uploads
 //!   through `poll_upload` per link, the same path the synchronizer uses.
-//! - [`bitfield`]: sets of block indices.
+//! - [`bitfield`]: dense sets of block indices, for what we hold and want ourselves.
+//! - [`rangeset`]: sparse run sets, for every set whose extent a peer names.
 //! - [`storage`]: the [`Storage`] trait and [`MemoryStorage`].
 //! - [`error`]: [`FeedError`] and [`VerifyError`] (the replicator's event errors,
 //!   [`BanReason`] and [`StorageFailure`], live with it).
@@ -26,6 +27,7 @@ pub mod feed;
 pub mod flat;
 pub mod peerbook;
 pub mod proof;
+pub mod rangeset;
 pub mod replicator;
 pub mod sim;
 pub mod storage;
@@ -33,7 +35,8 @@ pub mod storage;
 pub use bitfield::Bitfield;
 pub use error::{FeedError, VerifyError};
 pub use feed::{Checked, Feed, Proof, Verified};
+pub use rangeset::RangeSet;
 pub use replicator::{
-    Action, BanReason, Config, Event, FeedId, PeerId, Replicator, StorageFailure,
+    Action, BanReason, Config, Event, FeedId, Footprint, PeerId, Replicator, StorageFailure,
 };
 pub use storage::{Header, MemoryStorage, Storage};
