@@ -12,6 +12,8 @@
 //!   expiry), `schedule` (a pure, unit-tested planner), `upload` (the queue behind
 //!   `poll_upload`).
 //! - [`peerbook`]: addresses to dial, with exponential backoff.
+//! - `fuzzing`: a harness driving one replicator with arbitrary inputs from a keyless and a
+//!   keyed peer (the cargo-fuzz target and a seeded test share it).
 //! - [`sim`]: a deterministic simulated network of replicators, for tests; it pulls uploads
 //!   through `poll_upload` per link, the same path the synchronizer uses.
 //! - [`bitfield`]: dense sets of block indices, for what we hold and want ourselves.
@@ -25,6 +27,8 @@ pub mod crypto;
 pub mod error;
 pub mod feed;
 pub mod flat;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod peerbook;
 pub mod proof;
 pub mod rangeset;
