@@ -977,3 +977,104 @@ fn a_fragmented_bitfield_is_announced_in_haves_that_fit_a_frame() {
         "the Haves announce exactly the held blocks"
     );
 }
+
+/// A hostile writer signs a length of 2^48 for a tree of identical blocks (every level of such a
+/// tree has one hash, so any block's proof is cheap to make) and serves whichever block the
+/// reader asks for: a reader scanning from its seeded offset asks for one near 2^47. Before the
+/// fix the reader's own held bitfield was a flat bitmap sized by that index: abort.
+#[test]
+fn a_block_a_hostile_writer_proves_far_into_a_signed_length_of_2_pow_48_costs_a_page() {
+    use feedsync::core::{flat, proof};
+    let key = SigningKey::from_bytes(&[21u8; 32]);
+    let block = vec![1u8; 10];
+    let mut levels = vec![crypto::leaf(0, &block)];
+    for d in 0..48u32 {
+        let n = levels[d as usize];
+        let left = Node {
+            index: flat::index(d, 0),
+            ..n
+        };
+        let right = Node {
+            index: flat::index(d, 1),
+            ..n
+        };
+        levels.push(crypto::parent(&left, &right));
+    }
+    let node = |i: u64| Node {
+        index: i,
+        ..levels[flat::depth(i) as usize]
+    };
+    let length = MAX_FEED_LENGTH;
+    let roots = vec![node(flat::index(48, 0))];
+    let tree_hash = crypto::tree_hash(&roots);
+    let signature = crypto::sign(&key, &tree_hash, length).to_bytes();
+
+    let (mut r, _) = reader_with_one_source();
+    r.handle_message(
+        1,
+        Message::Status(Status {
+            channel: 4,
+            length,
+            tree_hash,
+            signature,
+        }),
+    );
+    r.handle_message(
+        1,
+        Message::Have(Have {
+            channel: 4,
+            blocks: BlockSet::Range {
+                start: 0,
+                count: length,
+            },
+        }),
+    );
+    let (_, up) = upgrade_request(&sent(&drain(&mut r)));
+    r.handle_message(
+        1,
+        Message::Data(Data {
+            channel: 4,
+            id: up.id,
+            index: 0,
+            blocks: vec![],
+            nodes: vec![],
+            upgrade: Some(Upgrade {
+                length,
+                roots,
+                signature,
+            }),
+        }),
+    );
+    assert_eq!(r.feed(0).len(), length);
+    let asked = requests(&mut r);
+    let (_, req) = asked.first().expect("a block request").clone();
+    assert!(req.index > 1 << 30, "asked near the start: {req:?}");
+    // Its proof: the leaf, then every uncle the walk asks for.
+    let leaf = crypto::leaf(req.index, &block);
+    let mut nodes = vec![leaf];
+    proof::walk::<()>(
+        vec![leaf],
+        length,
+        |i| {
+            nodes.push(node(i));
+            Ok(node(i))
+        },
+        |_| Ok(()),
+        |_| {},
+    )
+    .unwrap();
+    r.handle_message(
+        1,
+        Message::Data(Data {
+            channel: 4,
+            id: req.id,
+            index: req.index,
+            blocks: vec![Block(block.clone())],
+            nodes,
+            upgrade: None,
+        }),
+    );
+    drain(&mut r);
+    assert!(r.feed(0).has(req.index), "the proven block was not stored");
+    assert_eq!(r.feed(0).bitfield().count(), 1);
+}
