@@ -766,3 +766,315 @@ fn copies_wait_for_fresh_blocks_of_other_peers_but_not_for_ever() {
     );
     assert_eq!(data_index(r.poll_upload(8)), Some(6));
 }
+
+// Issue #10: hostile peers (no allocation sized by a peer's number, no per-message planning,
+// coalesced unhaves, haves that fit a frame).
+
+/// A reader of the writer-[21] feed with peer 1 (which dialled us on "hh-1") on channel 4.
+fn reader_with_one_source() -> (Replicator<MemoryStorage>, [u8; 32]) {
+    let pk = SigningKey::from_bytes(&[21u8; 32])
+        .verifying_key()
+        .to_bytes();
+    let mut r = Replicator::new(Config::default());
+    r.add_feed(
+        Feed::create_replica(MemoryStorage::new(), pk).unwrap(),
+        true,
+    );
+    r.handle_connected(1, b"hh-1", false);
+    open_from(&mut r, 1, b"hh-1", &pk, 4);
+    drain(&mut r);
+    (r, pk)
+}
+
+#[test]
+fn a_have_of_a_signed_length_of_2_pow_48_costs_one_run() {
+    let (mut r, _) = reader_with_one_source();
+    // The writer's key signs any length it likes: this status is valid.
+    let key = SigningKey::from_bytes(&[21u8; 32]);
+    let length = MAX_FEED_LENGTH;
+    let tree_hash = [5u8; 32];
+    let signature = crypto::sign(&key, &tree_hash, length).to_bytes();
+    r.handle_message(
+        1,
+        Message::Status(Status {
+            channel: 4,
+            length,
+            tree_hash,
+            signature,
+        }),
+    );
+    let all = BlockSet::Range {
+        start: 0,
+        count: length,
+    };
+    // Before the fix each of these sized a dense bitmap of 2^48 bits (32 TiB): abort.
+    r.handle_message(
+        1,
+        Message::Have(Have {
+            channel: 4,
+            blocks: all.clone(),
+        }),
+    );
+    r.handle_message(
+        1,
+        Message::Want(Want {
+            channel: 4,
+            blocks: all,
+        }),
+    );
+    drain(&mut r);
+    assert_eq!(r.footprint().peer_runs, 1);
+    // Millions of single-block runs, a frame at a time, cost at most the configured cap.
+    for k in 0..40u64 {
+        let runs = BlockSet::Runs {
+            start: k * 1_000_000,
+            runs: vec![1; MAX_RUNS - 1],
+        };
+        r.handle_message(
+            1,
+            Message::Unhave(Have {
+                channel: 4,
+                blocks: runs,
+            }),
+        );
+    }
+    drain(&mut r);
+    let held = r.footprint().peer_runs;
+    assert!(
+        held <= Config::default().max_peer_runs,
+        "{held} runs held, cap {}",
+        Config::default().max_peer_runs
+    );
+}
+
+#[test]
+fn pings_and_repeated_haves_plan_nothing_and_have_changes_plan_once_per_tick() {
+    let (mut r, _w) = reader_with_two_sources(30);
+    drain(&mut r);
+    let before = r.schedule_passes();
+    // One Noise frame's worth of pings: each answered, none planned.
+    for nonce in 0..20_000 {
+        r.handle_message(1, Message::Ping(Ping { nonce }));
+    }
+    let pongs = sent(&drain(&mut r))
+        .iter()
+        .filter(|(_, m)| matches!(m, Message::Pong(_)))
+        .count();
+    assert_eq!(pongs, 20_000);
+    // The same have again and again changes nothing either.
+    let all = BlockSet::Range {
+        start: 0,
+        count: 30,
+    };
+    for _ in 0..5_000 {
+        r.handle_message(
+            1,
+            Message::Have(Have {
+                channel: 5,
+                blocks: all.clone(),
+            }),
+        );
+    }
+    drain(&mut r);
+    assert_eq!(
+        r.schedule_passes(),
+        before,
+        "messages that change nothing ran the scheduler"
+    );
+    // A peer toggling its haves changes state each time, but plans at most once per tick.
+    let one = BlockSet::Range { start: 3, count: 1 };
+    for _ in 0..5_000 {
+        for m in [
+            Message::Unhave(Have {
+                channel: 5,
+                blocks: one.clone(),
+            }),
+            Message::Have(Have {
+                channel: 5,
+                blocks: one.clone(),
+            }),
+        ] {
+            r.handle_message(1, m);
+        }
+    }
+    drain(&mut r);
+    assert!(
+        r.schedule_passes() <= before + 1,
+        "{} passes for one tick of have changes",
+        r.schedule_passes() - before
+    );
+}
+
+#[test]
+fn forgetting_blocks_one_by_one_sends_one_coalesced_unhave_per_peer() {
+    let w = writer(1000);
+    let pk = w.public_key();
+    let mut r = serving(w);
+    open_from(&mut r, 7, b"s", &pk, 3);
+    r.handle_connected(8, b"t", false);
+    open_from(&mut r, 8, b"t", &pk, 3);
+    drain(&mut r);
+    // A deleted file's blocks, given up one at a time (as the folder reader does).
+    for x in 100..900 {
+        r.forget(0, x..x + 1).unwrap();
+    }
+    let out = sent(&drain(&mut r));
+    for peer in [7, 8] {
+        let unhaves: Vec<&BlockSet> = out
+            .iter()
+            .filter_map(|(p, m)| match m {
+                Message::Unhave(h) if *p == peer => Some(&h.blocks),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            unhaves,
+            vec![&BlockSet::Range {
+                start: 100,
+                count: 800
+            }],
+            "peer {peer}"
+        );
+    }
+}
+
+#[test]
+fn a_fragmented_bitfield_is_announced_in_haves_that_fit_a_frame() {
+    let key = SigningKey::from_bytes(&[21u8; 32]);
+    let mut w = Feed::create(MemoryStorage::new(), key).unwrap();
+    let blocks: Vec<[u8; 1]> = (0..70_000u32).map(|i| [i as u8]).collect();
+    w.append_batch(&blocks).unwrap();
+    let pk = w.public_key();
+    let mut r = serving(w);
+    // Every other block given up: 35,000 runs, more than one Have may carry.
+    for x in (1..70_000).step_by(2) {
+        r.forget(0, x..x + 1).unwrap();
+    }
+    drain(&mut r);
+    open_from(&mut r, 7, b"s", &pk, 3);
+    let out = sent(&drain(&mut r));
+    let mut announced = Vec::new();
+    for (_, m) in &out {
+        if let Message::Have(h) = m {
+            encode(m).expect("every Have fits a frame");
+            match &h.blocks {
+                BlockSet::Range { start, count } => announced.push(*start..start + count),
+                BlockSet::Runs { start, runs } => {
+                    let mut at = *start;
+                    for (i, len) in runs.iter().enumerate() {
+                        if i % 2 == 0 {
+                            announced.push(at..at + len);
+                        }
+                        at += len;
+                    }
+                }
+            }
+        }
+    }
+    let held: Vec<_> = (0..70_000u64).step_by(2).map(|x| x..x + 1).collect();
+    assert_eq!(
+        announced, held,
+        "the Haves announce exactly the held blocks"
+    );
+}
+
+/// A hostile writer signs a length of 2^48 for a tree of identical blocks (every level of such a
+/// tree has one hash, so any block's proof is cheap to make) and serves whichever block the
+/// reader asks for: a reader scanning from its seeded offset asks for one near 2^47. Before the
+/// fix the reader's own held bitfield was a flat bitmap sized by that index: abort.
+#[test]
+fn a_block_a_hostile_writer_proves_far_into_a_signed_length_of_2_pow_48_costs_a_page() {
+    use feedsync::core::{flat, proof};
+    let key = SigningKey::from_bytes(&[21u8; 32]);
+    let block = vec![1u8; 10];
+    let mut levels = vec![crypto::leaf(0, &block)];
+    for d in 0..48u32 {
+        let n = levels[d as usize];
+        let left = Node {
+            index: flat::index(d, 0),
+            ..n
+        };
+        let right = Node {
+            index: flat::index(d, 1),
+            ..n
+        };
+        levels.push(crypto::parent(&left, &right));
+    }
+    let node = |i: u64| Node {
+        index: i,
+        ..levels[flat::depth(i) as usize]
+    };
+    let length = MAX_FEED_LENGTH;
+    let roots = vec![node(flat::index(48, 0))];
+    let tree_hash = crypto::tree_hash(&roots);
+    let signature = crypto::sign(&key, &tree_hash, length).to_bytes();
+
+    let (mut r, _) = reader_with_one_source();
+    r.handle_message(
+        1,
+        Message::Status(Status {
+            channel: 4,
+            length,
+            tree_hash,
+            signature,
+        }),
+    );
+    r.handle_message(
+        1,
+        Message::Have(Have {
+            channel: 4,
+            blocks: BlockSet::Range {
+                start: 0,
+                count: length,
+            },
+        }),
+    );
+    let (_, up) = upgrade_request(&sent(&drain(&mut r)));
+    r.handle_message(
+        1,
+        Message::Data(Data {
+            channel: 4,
+            id: up.id,
+            index: 0,
+            blocks: vec![],
+            nodes: vec![],
+            upgrade: Some(Upgrade {
+                length,
+                roots,
+                signature,
+            }),
+        }),
+    );
+    assert_eq!(r.feed(0).len(), length);
+    let asked = requests(&mut r);
+    let (_, req) = asked.first().expect("a block request").clone();
+    assert!(req.index > 1 << 30, "asked near the start: {req:?}");
+    // Its proof: the leaf, then every uncle the walk asks for.
+    let leaf = crypto::leaf(req.index, &block);
+    let mut nodes = vec![leaf];
+    proof::walk::<()>(
+        vec![leaf],
+        length,
+        |i| {
+            nodes.push(node(i));
+            Ok(node(i))
+        },
+        |_| Ok(()),
+        |_| {},
+    )
+    .unwrap();
+    r.handle_message(
+        1,
+        Message::Data(Data {
+            channel: 4,
+            id: req.id,
+            index: req.index,
+            blocks: vec![Block(block.clone())],
+            nodes,
+            upgrade: None,
+        }),
+    );
+    drain(&mut r);
+    assert!(r.feed(0).has(req.index), "the proven block was not stored");
+    assert_eq!(r.feed(0).bitfield().count(), 1);
+}

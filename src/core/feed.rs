@@ -182,7 +182,7 @@ impl<S: Storage> Feed<S> {
         let mut bitfield = storage.bitfield()?;
         // Bits past the committed length belong to an append or commit that never finished.
         // Clear them on disk too, or a later upgrade past them would bring them back.
-        let stored_bits = bitfield.as_bytes().len() as u64 * 8;
+        let stored_bits = bitfield.extent();
         if bitfield.first_set(header.length).is_some() {
             bitfield.truncate(header.length);
             storage.write_bitfield(&bitfield, header.length..stored_bits)?;

@@ -12,9 +12,12 @@
 //!   expiry), `schedule` (a pure, unit-tested planner), `upload` (the queue behind
 //!   `poll_upload`).
 //! - [`peerbook`]: addresses to dial, with exponential backoff.
+//! - `fuzzing`: a harness driving one replicator with arbitrary inputs from a keyless and a
+//!   keyed peer (the cargo-fuzz target and a seeded test share it).
 //! - [`sim`]: a deterministic simulated network of replicators, for tests; it pulls uploads
 //!   through `poll_upload` per link, the same path the synchronizer uses.
-//! - [`bitfield`]: sets of block indices.
+//! - [`bitfield`]: dense sets of block indices, for what we hold and want ourselves.
+//! - [`rangeset`]: sparse run sets, for every set whose extent a peer names.
 //! - [`storage`]: the [`Storage`] trait and [`MemoryStorage`].
 //! - [`error`]: [`FeedError`] and [`VerifyError`] (the replicator's event errors,
 //!   [`BanReason`] and [`StorageFailure`], live with it).
@@ -24,8 +27,11 @@ pub mod crypto;
 pub mod error;
 pub mod feed;
 pub mod flat;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod peerbook;
 pub mod proof;
+pub mod rangeset;
 pub mod replicator;
 pub mod sim;
 pub mod storage;
@@ -33,7 +39,8 @@ pub mod storage;
 pub use bitfield::Bitfield;
 pub use error::{FeedError, VerifyError};
 pub use feed::{Checked, Feed, Proof, Verified};
+pub use rangeset::RangeSet;
 pub use replicator::{
-    Action, BanReason, Config, Event, FeedId, PeerId, Replicator, StorageFailure,
+    Action, BanReason, Config, Event, FeedId, Footprint, PeerId, Replicator, StorageFailure,
 };
 pub use storage::{Header, MemoryStorage, Storage};

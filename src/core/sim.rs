@@ -6,14 +6,37 @@
 //! partition links. All randomness comes from one seed, so a failing run replays exactly: tests
 //! print the seed.
 //!
+//! A node can also be made [`Hostile`]: on top of what its own replicator says, it sends every
+//! peer a seeded stream of well-framed junk each tick (floods of pings, haves naming blocks up
+//! to 2^48, fragmented haves, unhaves, wants, requests, cancels, unsolicited data and `NoData`,
+//! opens for unknown feeds) and lies that it holds every block; as a writer it also signs
+//! statuses for any length it likes. `tests/sim_hostile.rs` runs honest nodes beside it.
+//!
 //! Messages are encoded with the real framing to learn their size (so bandwidth is charged for
 //! real bytes, and a message the encoder would refuse fails here too), then handed over as
 //! values.
 
+use crate::core::crypto;
 use crate::core::replicator::{Action, Config, Event, PeerId, Replicator};
 use crate::core::storage::MemoryStorage;
-use feedsync_protocol::{Message, encode};
+use ed25519_dalek::SigningKey;
+use feedsync_protocol::{
+    Block, BlockSet, Cancel, Data, Have, MAX_FEED_LENGTH, Message, NoData, Open, Ping, Request,
+    Status, Want, encode,
+};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// How a hostile node misbehaves (see [`Sim::make_hostile`]).
+#[derive(Clone)]
+pub struct Hostile {
+    /// Junk messages sent to every connected peer per tick.
+    pub per_tick: u32,
+    /// Channel numbers the junk names (`0..channels`; a node's channels are its feed ids).
+    pub channels: u32,
+    /// A feed it writes (its channel, its signing key): it signs statuses of random lengths up
+    /// to `MAX_FEED_LENGTH` — valid signatures, hostile numbers.
+    pub writer: Option<(u32, SigningKey)>,
+}
 
 /// Network conditions.
 #[derive(Debug, Clone)]
@@ -100,6 +123,8 @@ pub struct Sim {
     partitioned: BTreeSet<(usize, usize)>,
     /// Nodes whose every outgoing Data has a block bit flipped (a malicious peer).
     corrupt: BTreeSet<usize>,
+    /// Nodes that send junk every tick.
+    hostile: BTreeMap<usize, Hostile>,
     stats: BTreeMap<(usize, usize), LinkStats>,
     /// Every event every node reported, with the node and the time.
     pub events: Vec<(u64, usize, Event)>,
@@ -140,6 +165,7 @@ impl Sim {
             generation: 0,
             partitioned: BTreeSet::new(),
             corrupt: BTreeSet::new(),
+            hostile: BTreeMap::new(),
             stats: BTreeMap::new(),
             events: Vec::new(),
         }
@@ -200,6 +226,127 @@ impl Sim {
     /// Makes `node` flip a bit in every block it sends from now on.
     pub fn corrupt(&mut self, node: usize) {
         self.corrupt.insert(node);
+    }
+
+    /// Makes `node` hostile from now on (see [`Hostile`]).
+    pub fn make_hostile(&mut self, node: usize, hostile: Hostile) {
+        self.hostile.insert(node, hostile);
+    }
+
+    /// One random, well-framed message a hostile node might send.
+    fn junk(&mut self, h: &Hostile) -> Message {
+        let channel = (self.random() % u64::from(h.channels.max(1))) as u32;
+        // Indices: mostly near the start, sometimes near the protocol's maximum, rarely anything.
+        let index = match self.random() % 8 {
+            0 => MAX_FEED_LENGTH - 1 - self.random() % 1024,
+            1 => self.random(),
+            _ => self.random() % 256,
+        };
+        let count = match self.random() % 4 {
+            0 => MAX_FEED_LENGTH - index.min(MAX_FEED_LENGTH),
+            _ => self.random() % 64,
+        };
+        let blocks = if self.random().is_multiple_of(4) {
+            // Fragmented: many single-block runs.
+            let n = 1 + self.random() % 2000;
+            BlockSet::Runs {
+                start: self.random() % 1024,
+                runs: vec![1; n as usize * 2 - 1],
+            }
+        } else {
+            BlockSet::Range {
+                start: index,
+                count,
+            }
+        };
+        match self.random() % 12 {
+            0 | 1 => Message::Ping(Ping {
+                nonce: self.random(),
+            }),
+            2 => Message::Pong(Ping {
+                nonce: self.random(),
+            }),
+            3 => Message::Have(Have { channel, blocks }),
+            4 => Message::Unhave(Have { channel, blocks }),
+            5 => Message::Want(Want { channel, blocks }),
+            6 => Message::Unwant(Want { channel, blocks }),
+            7 => Message::Request(Request {
+                channel,
+                id: self.random(),
+                index,
+                count: (self.random() % 1025) as u32,
+                length: self.random() % 1024,
+                upgrade: self.random().is_multiple_of(2),
+            }),
+            8 => Message::Cancel(Cancel {
+                channel,
+                id: self.random(),
+            }),
+            9 => Message::Data(Data {
+                channel,
+                id: self.random(),
+                index,
+                blocks: vec![Block(vec![7; 64])],
+                nodes: Vec::new(),
+                upgrade: None,
+            }),
+            10 => Message::NoData(NoData {
+                channel,
+                id: self.random(),
+            }),
+            _ => match &h.writer {
+                Some((channel, key)) => {
+                    let length = self.random() % (MAX_FEED_LENGTH + 1);
+                    let tree_hash = *blake3::hash(&self.random().to_le_bytes()).as_bytes();
+                    let signature = crypto::sign(key, &tree_hash, length).to_bytes();
+                    Message::Status(Status {
+                        channel: *channel,
+                        length,
+                        tree_hash,
+                        signature,
+                    })
+                }
+                None => Message::Open(Open {
+                    channel: (self.random() % 1024) as u32,
+                    discovery_key: *blake3::hash(&self.random().to_le_bytes()).as_bytes(),
+                    capability: [0; 32],
+                }),
+            },
+        }
+    }
+
+    /// Every hostile node floods each of its peers, and claims to hold every block of every
+    /// channel (a lie it keeps repeating).
+    fn misbehave(&mut self) {
+        let hostile: Vec<(usize, Hostile)> =
+            self.hostile.iter().map(|(n, h)| (*n, h.clone())).collect();
+        for (node, h) in hostile {
+            let peers: Vec<usize> = self
+                .links
+                .keys()
+                .filter_map(|&(a, b)| match (a == node, b == node) {
+                    (true, _) => Some(b),
+                    (_, true) => Some(a),
+                    _ => None,
+                })
+                .collect();
+            for peer in peers {
+                for channel in 0..h.channels {
+                    let lie = Message::Have(Have {
+                        channel,
+                        blocks: BlockSet::Range {
+                            start: 0,
+                            count: MAX_FEED_LENGTH,
+                        },
+                    });
+                    self.transmit(node, peer, lie);
+                }
+                for _ in 0..h.per_tick {
+                    let m = self.junk(&h);
+                    self.transmit(node, peer, m);
+                }
+            }
+        }
     }
 
     /// Traffic counters for the directed link `from -> to`.
@@ -369,6 +516,7 @@ impl Sim {
                     self.nodes[i].handle_tick(tick);
                     self.drain(i);
                 }
+                self.misbehave();
                 self.next_tick += self.config.tick;
                 continue;
             }

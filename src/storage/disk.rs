@@ -401,12 +401,9 @@ impl Storage for DiskStorage {
 
     fn write_bitfield(&mut self, bitfield: &Bitfield, changed: Range<u64>) -> io::Result<()> {
         self.writable()?;
-        let bytes = bitfield.as_bytes();
-        let start = ((changed.start / 8) as usize).min(bytes.len());
-        let end = (changed.end.div_ceil(8) as usize).min(bytes.len());
-        if start < end {
-            self.bitfield
-                .write_all_at(&bytes[start..end], start as u64)?;
+        // Only allocated pages can hold set bits; the rest is zeros on disk already.
+        for (at, bytes) in bitfield.byte_chunks(changed.start / 8..changed.end.div_ceil(8)) {
+            self.bitfield.write_all_at(bytes, at)?;
         }
         Ok(())
     }

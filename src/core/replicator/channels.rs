@@ -4,30 +4,39 @@
 //! timer so a lost message delays but never stalls replication.
 
 use super::{BanReason, Event, FeedId, MAX_UNANSWERED_OPENS, PeerId, Replicator};
-use crate::core::bitfield::{Bitfield, block_set_ranges};
+use crate::core::bitfield::block_set_ranges;
 use crate::core::crypto;
 use crate::core::error::FeedError;
+use crate::core::rangeset::RangeSet;
 use crate::core::storage::Storage;
 use feedsync_protocol::{
     BlockSet, GoodbyeReason, Have, Hello, Message, Open, PROTOCOL_VERSION, Status,
 };
 
 /// One feed's channel with one peer.
-#[derive(Default)]
 pub(super) struct Channel {
     /// We sent our `Open`.
     pub opened: bool,
     /// The remote's channel number, once its `Open` verified.
     pub remote: Option<u32>,
-    /// Blocks the peer announced.
-    pub have: Bitfield,
-    /// Blocks the peer said it wants.
-    pub want: Bitfield,
+    /// Blocks the peer announced (within a proved length), at most `Config::max_peer_runs`
+    /// runs. (Its wants are a hint nothing uses: checked, never stored.)
+    pub have: RangeSet,
     /// The remote's verified signed length.
     pub length: u64,
 }
 
 impl Channel {
+    /// A channel nothing is known about yet; the peer's haves keep at most `max_runs` runs.
+    pub fn new(max_runs: usize) -> Self {
+        Self {
+            opened: false,
+            remote: None,
+            have: RangeSet::with_cap(max_runs),
+            length: 0,
+        }
+    }
+
     /// Both sides opened: only then is anything about the feed said or served.
     pub fn is_open(&self) -> bool {
         self.opened && self.remote.is_some()
@@ -78,7 +87,7 @@ impl<S: Storage> Replicator<S> {
         if let Some(status) = self.status(feed) {
             self.broadcast(feed, None, status);
         }
-        self.broadcast(feed, None, Self::have(feed, start..length, true));
+        self.broadcast(feed, None, Self::have(feed, start..length));
         Ok(length)
     }
 
@@ -89,7 +98,9 @@ impl<S: Storage> Replicator<S> {
             return Ok(());
         }
         self.feeds[feed].feed.forget(range.clone())?;
-        self.broadcast(feed, None, Self::have(feed, range, false));
+        // Gathered and sent as coalesced runs (see `limits.rs`): callers often give up a
+        // file's blocks one by one.
+        self.queue_unhave(feed, range);
         Ok(())
     }
 
@@ -113,20 +124,15 @@ impl<S: Storage> Replicator<S> {
         }))
     }
 
-    /// A `Have` (or, with `held == false`, an `Unhave`) of `range` of `feed`.
-    pub(super) fn have(feed: FeedId, range: std::ops::Range<u64>, held: bool) -> Message {
-        let have = Have {
+    /// A `Have` of `range` of `feed`.
+    pub(super) fn have(feed: FeedId, range: std::ops::Range<u64>) -> Message {
+        Message::Have(Have {
             channel: feed as u32,
             blocks: BlockSet::Range {
                 start: range.start,
                 count: range.end - range.start,
             },
-        };
-        if held {
-            Message::Have(have)
-        } else {
-            Message::Unhave(have)
-        }
+        })
     }
 
     /// Opens our channel for `feed` to `peer`, with a capability bound to the session.
@@ -140,7 +146,12 @@ impl<S: Storage> Replicator<S> {
             &state.handshake_hash,
             state.initiator,
         );
-        state.channels.entry(feed).or_default().opened = true;
+        let max_runs = self.config.max_peer_runs;
+        state
+            .channels
+            .entry(feed)
+            .or_insert_with(|| Channel::new(max_runs))
+            .opened = true;
         let message = Message::Open(Open {
             channel: feed as u32,
             discovery_key: slot.discovery_key,
@@ -154,11 +165,12 @@ impl<S: Storage> Replicator<S> {
         if let Some(status) = self.status(feed) {
             self.send(peer, status);
         }
-        let bitfield = self.feeds[feed].feed.bitfield();
-        if bitfield.count() > 0 {
+        // As many `Have`s as the frame limit needs: a fragmented bitfield must not become one
+        // message every encoder and receiver refuses.
+        for blocks in self.feeds[feed].feed.bitfield().to_block_sets() {
             let have = Message::Have(Have {
                 channel: feed as u32,
-                blocks: bitfield.to_block_set(),
+                blocks,
             });
             self.send(peer, have);
         }
@@ -292,7 +304,11 @@ impl<S: Storage> Replicator<S> {
             return Err(GoodbyeReason::ProtocolError);
         }
         state.remote_channels.insert(open.channel, feed);
-        let ch = state.channels.entry(feed).or_default();
+        let max_runs = self.config.max_peer_runs;
+        let ch = state
+            .channels
+            .entry(feed)
+            .or_insert_with(|| Channel::new(max_runs));
         let first = ch.remote.is_none();
         ch.remote = Some(open.channel);
         let need_open = !ch.opened;
@@ -306,13 +322,22 @@ impl<S: Storage> Replicator<S> {
     }
 
     pub(super) fn on_status(&mut self, peer: PeerId, s: Status) -> Result<(), GoodbyeReason> {
-        let Some(&feed) = self
-            .peers
-            .get(&peer)
-            .and_then(|p| p.remote_channels.get(&s.channel))
-        else {
+        let Some(state) = self.peers.get(&peer) else {
             return Ok(());
         };
+        let Some(&feed) = state.remote_channels.get(&s.channel) else {
+            return Ok(());
+        };
+        // A length no longer than one this peer already proved tells us nothing: it is not
+        // verified (a signature check per message would make a flood of repeated statuses a
+        // CPU amplifier) and changes nothing.
+        if state
+            .channels
+            .get(&feed)
+            .is_some_and(|c| c.length > 0 && s.length <= c.length)
+        {
+            return Ok(());
+        }
         if !self.feeds[feed]
             .feed
             .verify_status(s.length, &s.tree_hash, &s.signature)
@@ -325,13 +350,20 @@ impl<S: Storage> Replicator<S> {
             });
             return Err(GoodbyeReason::BadData);
         }
+        let max_runs = self.config.max_peer_runs;
         if let Some(state) = self.peers.get_mut(&peer) {
-            let ch = state.channels.entry(feed).or_default();
+            let ch = state
+                .channels
+                .entry(feed)
+                .or_insert_with(|| Channel::new(max_runs));
             ch.length = ch.length.max(s.length);
         }
         let slot = &mut self.feeds[feed];
         slot.best_length = slot.best_length.max(s.length);
         slot.proved = true;
+        // A newer tree to fetch (or a first proof): plan now. Bounded: each needs a signature
+        // the writer made for a longer length than the last.
+        self.replan_urgent = true;
         Ok(())
     }
 
@@ -353,8 +385,11 @@ impl<S: Storage> Replicator<S> {
             return Ok(());
         };
         let ranges = block_set_ranges(set, u64::MAX).ok_or(GoodbyeReason::ProtocolError)?;
+        if want {
+            return Ok(()); // a hint nothing uses: checked above, never stored
+        }
         // Record only what lies inside a signed length someone proved: a have far past it may just
-        // have overtaken its status (it is re-sent), and must not size a bitmap.
+        // have overtaken its status (it is re-sent). Even within it, the set is sparse and capped.
         let limit = self.feeds[feed]
             .best_length
             .max(self.feeds[feed].feed.len());
@@ -365,12 +400,19 @@ impl<S: Storage> Replicator<S> {
         else {
             return Ok(());
         };
-        let bits = if want { &mut ch.want } else { &mut ch.have };
+        let mut changed = false;
         for r in ranges {
             let end = r.end.min(limit);
             if r.start < end {
-                bits.set_range(r.start..end, value);
+                changed |= if value {
+                    ch.have.insert(r.start..end)
+                } else {
+                    ch.have.remove(r.start..end)
+                };
             }
+        }
+        if changed {
+            self.replan_soon = true;
         }
         Ok(())
     }

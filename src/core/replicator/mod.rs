@@ -16,9 +16,17 @@
 //! - **Channels**: the connection's initiator opens a channel for each of its feeds with a
 //!   capability bound to the session; the responder answers only `Open`s whose capability
 //!   verifies, so a peer without a feed's public key learns nothing about it and gets nothing.
-//! - **Have/want**: per feed and per peer it keeps the peer's have and want bitmaps, and our own
-//!   bitfield lives in the feed. Stored blocks are announced to every peer of the feed.
-//! - **Scheduling**: every wanted block that nobody is fetching is asked of a peer that has it,
+//! - **Have/want**: per feed and per peer it keeps the peer's haves as a sparse run set
+//!   ([`RangeSet`], capped at [`Config::max_peer_runs`] runs), and our own bitfield lives in the
+//!   feed. Nothing is sized by an index a peer names: `Have{0..2^48}` is one run. A peer's wants
+//!   are checked and dropped (nothing uses them). Stored blocks are announced to every peer of
+//!   the feed, split into as many `Have`s as the frame limit needs; blocks given up with
+//!   [`Replicator::forget`] are gathered and announced as coalesced `Unhave` runs.
+//! - **Scheduling** runs on a tick, and on a message that can change the plan: solicited data or
+//!   `NoData`, a new verified status, a lost peer at once; a changed `Have`/`Unhave` at most once
+//!   per tick (later ones wait for the tick). A message that changes nothing (a ping, a repeated
+//!   have, unsolicited data) costs O(1) and plans nothing, so a frame full of them is no CPU
+//!   amplifier. Every wanted block that nobody is fetching is asked of a peer that has it,
 //!   the one with the fewest requests in flight; a peer's pipelining window grows while its
 //!   answers come back as fast as its best round trip, shrinks as they start to queue, and halves
 //!   on a timeout. Each node scans for missing blocks from its own seeded offset, so the readers
@@ -53,9 +61,14 @@
 //! - `schedule.rs`: a pure planner (our bitfield and a `PeerSlot` per peer in, requests out),
 //!   unit-tested on its own, and the glue that feeds it.
 //! - `upload.rs`: the per-peer upload queue and serving answers piece by piece.
+//! - `config.rs`: [`Config`], the tuning knobs and caps.
+//! - `limits.rs`: what a peer can make us hold or do: the replanning rule, coalesced `Unhave`s,
+//!   and [`Footprint`], the count of entries held (what the hostile simulation budgets).
 
 mod channels;
+mod config;
 mod congestion;
+mod limits;
 mod requests;
 mod schedule;
 mod upload;
@@ -63,10 +76,13 @@ mod upload;
 use crate::core::bitfield::Bitfield;
 use crate::core::error::FeedError;
 use crate::core::feed::Feed;
+use crate::core::rangeset::RangeSet;
 use crate::core::storage::Storage;
 use channels::Channel;
+pub use config::Config;
 use congestion::Congestion;
 use feedsync_protocol::{Close, GoodbyeReason, Hello, Message, Open, PROTOCOL_VERSION, Ping, Want};
+pub use limits::Footprint;
 use requests::Pending;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use upload::Queued;
@@ -80,58 +96,6 @@ const MAX_QUEUED_REQUESTS: usize = 1024;
 
 /// Handle of a feed added with [`Replicator::add_feed`]; also our channel number for it.
 pub type FeedId = usize;
-
-/// Tuning knobs, in ticks (the caller decides how long a tick is; the synchronizer uses 10 ms).
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Fetch blocks in index order (for a reassembly store) instead of rarest-first.
-    pub ordered: bool,
-    /// In ordered mode, how far past the first missing block requests may reach.
-    pub max_ahead: u64,
-    /// Requests in flight to a new peer.
-    pub initial_window: u32,
-    /// Most requests in flight to one peer.
-    pub max_window: u32,
-    /// Lower bound of the request timeout.
-    pub min_request_timeout: u64,
-    /// Upper bound of the request timeout.
-    pub max_request_timeout: u64,
-    /// A peer that sends nothing at all for this long is dropped (we ping every
-    /// `ping_interval`, so a live peer always has something to say).
-    pub idle_timeout: u64,
-    /// A peer whose requests expire this many times in a row, without one answer, is dropped.
-    pub max_strikes: u32,
-    /// Re-send status, haves and unanswered opens this often.
-    pub announce_interval: u64,
-    /// Ping a quiet peer this often.
-    pub ping_interval: u64,
-    /// Most block indices examined per scheduling pass and feed.
-    pub scan_limit: u64,
-    /// Most blocks asked for in one request (a contiguous range held by one peer).
-    pub max_request_blocks: u64,
-    /// Seed for tie-breaks (make it differ between nodes).
-    pub seed: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            ordered: false,
-            max_ahead: 1024,
-            initial_window: 8,
-            max_window: 256,
-            min_request_timeout: 20,
-            max_request_timeout: 1000,
-            idle_timeout: 3000,
-            max_strikes: 16,
-            announce_interval: 100,
-            ping_interval: 500,
-            scan_limit: 8192,
-            max_request_blocks: 16,
-            seed: 0,
-        }
-    }
-}
 
 /// Something the replicator wants done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,8 +226,12 @@ struct FeedSlot<S: Storage> {
     in_flight: BTreeMap<u64, u32>,
     /// The peer and request id of the upgrade in flight.
     upgrade_in_flight: Option<(PeerId, u64)>,
-    /// Blocks we have uploaded to anyone this session.
-    uploaded: Bitfield,
+    /// Blocks we have uploaded to anyone this session (a subset of what we hold, kept sparse:
+    /// our own length is a writer's signed number, and a hostile writer can sign 2^48).
+    uploaded: RangeSet,
+    /// Blocks given up by [`Replicator::forget`] and not yet announced: sent as coalesced
+    /// `Unhave` runs before the next message goes out.
+    unhave: RangeSet,
     /// Where the next unordered scan starts (`None`: at this node's seeded offset).
     cursor: Option<u64>,
     /// Only these blocks are fetched (`None`: all). A shared folder wants the blocks of its
@@ -315,6 +283,16 @@ pub struct Replicator<S: Storage> {
     last_announce: u64,
     next_request_id: u64,
     actions: VecDeque<Action>,
+    /// Something happened that must be planned at once (see `limits.rs`).
+    replan_urgent: bool,
+    /// A peer's haves changed: planned at most once per tick.
+    replan_soon: bool,
+    /// The tick of the last plan a have change triggered.
+    last_soon_plan: Option<u64>,
+    /// Scheduling passes run (diagnostics; see [`Replicator::schedule_passes`]).
+    schedule_passes: u64,
+    /// Some feed has `unhave` blocks waiting to be announced.
+    unhave_pending: bool,
 }
 
 /// SplitMix64: a tiny deterministic mixer for tie-breaks and jitter.
@@ -337,6 +315,11 @@ impl<S: Storage> Replicator<S> {
             last_announce: 0,
             next_request_id: 1,
             actions: VecDeque::new(),
+            replan_urgent: false,
+            replan_soon: false,
+            last_soon_plan: None,
+            schedule_passes: 0,
+            unhave_pending: false,
         }
     }
 
@@ -355,7 +338,8 @@ impl<S: Storage> Replicator<S> {
             proved: false,
             in_flight: BTreeMap::new(),
             upgrade_in_flight: None,
-            uploaded: Bitfield::new(),
+            uploaded: RangeSet::new(),
+            unhave: RangeSet::new(),
             cursor: None,
             want: None,
             ordered: self.config.ordered,
@@ -445,11 +429,12 @@ impl<S: Storage> Replicator<S> {
 
     /// Whether actions are waiting to be polled.
     pub fn has_actions(&self) -> bool {
-        !self.actions.is_empty()
+        !self.actions.is_empty() || self.unhave_pending
     }
 
     /// The next thing to do, if any. Call until `None` after every input.
     pub fn poll_action(&mut self) -> Option<Action> {
+        self.flush_unhaves();
         self.actions.pop_front()
     }
 
@@ -471,6 +456,9 @@ impl<S: Storage> Replicator<S> {
     }
 
     fn send(&mut self, peer: PeerId, message: Message) {
+        // Blocks given up go out before anything said after giving them up (a later `Have` of
+        // the same block must not be overtaken by its `Unhave`).
+        self.flush_unhaves();
         self.actions.push_back(Action::Send { peer, message });
     }
 
@@ -620,7 +608,7 @@ impl<S: Storage> Replicator<S> {
         if let Err(reason) = result {
             self.drop_peer(peer, reason);
         }
-        self.schedule();
+        self.replan_if_due();
     }
 }
 

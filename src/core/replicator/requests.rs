@@ -110,6 +110,8 @@ impl<S: Storage> Replicator<S> {
         let Some(state) = self.peers.remove(&peer) else {
             return;
         };
+        // Its requests go back to the pool. Bounded by connections, so planned at once.
+        self.replan_urgent = true;
         for (id, req) in state.requests {
             if !req.expired {
                 self.release(&req);
@@ -181,8 +183,10 @@ impl<S: Storage> Replicator<S> {
         state.strikes = 0; // an answer: the peer is making progress
         // It does not have what it said it had (or lost it): stop asking it for those blocks.
         if let Some(ch) = state.channels.get_mut(&req.feed) {
-            ch.have.set_range(req.index..req.index + req.count, false);
+            ch.have.remove(req.index..req.index + req.count);
         }
+        // An answer to our own request (bounded by what we asked): plan at once.
+        self.replan_urgent = true;
         if !req.expired {
             self.release(&req);
         }
@@ -233,6 +237,10 @@ impl<S: Storage> Replicator<S> {
             );
         }
         state.strikes = 0; // an answer: the peer is making progress
+        // An answer to our own request frees window slots: plan at once to keep the pipeline
+        // full. Bounded by what we asked (a request is answered in at most as many pieces as it
+        // has blocks), unlike messages a peer can send at will.
+        self.replan_urgent = true;
         if !req.expired {
             let answered = Pending {
                 count: if partial { count } else { req.count },
@@ -287,7 +295,7 @@ impl<S: Storage> Replicator<S> {
                         index: d.index,
                         count,
                     });
-                    let have = Self::have(feed, d.index..d.index + count, true);
+                    let have = Self::have(feed, d.index..d.index + count);
                     self.broadcast(feed, Some(peer), have);
                 }
                 Ok(())

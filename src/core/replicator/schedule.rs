@@ -7,6 +7,7 @@
 
 use super::{FeedId, PeerId, Replicator, mix};
 use crate::core::bitfield::Bitfield;
+use crate::core::rangeset::RangeSet;
 use crate::core::storage::Storage;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,8 +24,8 @@ pub(super) struct PeerSlot<'a> {
     pub srtt: f64,
     /// It holds every block of our length (a complete seed).
     pub complete: bool,
-    /// The blocks it announced.
-    pub have: &'a Bitfield,
+    /// The blocks it announced (sparse: their extent is the peer's word).
+    pub have: &'a RangeSet,
 }
 
 /// Everything about the feed that the planner needs.
@@ -155,7 +156,7 @@ pub(super) fn plan(feed: &FeedView<'_>, mut peers: Vec<PeerSlot<'_>>, limits: Li
             }
             scanned += 1;
             if !feed.in_flight.contains_key(&i) {
-                let avail = peers.iter().filter(|p| p.have.get(i)).count() as u64;
+                let avail = peers.iter().filter(|p| p.have.contains(i)).count() as u64;
                 if avail > 0 {
                     candidates.push((avail, scanned, i));
                 }
@@ -177,7 +178,7 @@ pub(super) fn plan(feed: &FeedView<'_>, mut peers: Vec<PeerSlot<'_>>, limits: Li
         let pick = peers
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.free > 0 && p.have.get(index))
+            .filter(|(_, p)| p.free > 0 && p.have.contains(index))
             .min_by_key(|(_, p)| {
                 (
                     p.complete && avail > 1,
@@ -199,7 +200,7 @@ pub(super) fn plan(feed: &FeedView<'_>, mut peers: Vec<PeerSlot<'_>>, limits: Li
             && !feed.have.get(index + count)
             && wanted(index + count)
             && !busy(index + count, &taken)
-            && slot.have.get(index + count)
+            && slot.have.contains(index + count)
         {
             count += 1;
         }
@@ -226,6 +227,9 @@ pub(super) fn plan(feed: &FeedView<'_>, mut peers: Vec<PeerSlot<'_>>, limits: Li
 impl<S: Storage> Replicator<S> {
     /// Hands out requests: an upgrade when a peer proved a longer tree, then missing blocks.
     pub(super) fn schedule(&mut self) {
+        self.schedule_passes += 1;
+        self.replan_urgent = false;
+        self.replan_soon = false;
         for feed in 0..self.feeds.len() {
             if self.feeds[feed].download {
                 self.schedule_upgrade(feed);
@@ -318,7 +322,11 @@ mod tests {
         b
     }
 
-    fn slot(peer: PeerId, free: u32, have: &Bitfield, complete: bool) -> PeerSlot<'_> {
+    fn runs(range: std::ops::Range<u64>) -> RangeSet {
+        RangeSet::from_range(range)
+    }
+
+    fn slot(peer: PeerId, free: u32, have: &RangeSet, complete: bool) -> PeerSlot<'_> {
         PeerSlot {
             peer,
             free,
@@ -368,7 +376,7 @@ mod tests {
 
     #[test]
     fn nothing_is_planned_without_free_slots_or_missing_blocks() {
-        let (ours, theirs, none) = (Bitfield::new(), bits(0..10), BTreeMap::new());
+        let (ours, theirs, none) = (Bitfield::new(), runs(0..10), BTreeMap::new());
         let full = plan(
             &view(10, &ours, &none, false),
             vec![slot(1, 0, &theirs, true)],
@@ -387,7 +395,7 @@ mod tests {
     #[test]
     fn only_missing_blocks_not_in_flight_and_held_by_the_peer_are_asked_within_its_window() {
         let ours = bits(0..3); // we hold 0..3
-        let theirs = bits(0..20);
+        let theirs = runs(0..20);
         let in_flight = BTreeMap::from([(5, 1), (6, 1)]);
         let plan = plan(
             &view(20, &ours, &in_flight, false),
@@ -406,8 +414,8 @@ mod tests {
     #[test]
     fn the_rarest_block_goes_first_and_a_shared_block_to_the_partial_peer() {
         let ours = Bitfield::new();
-        let seed = bits(0..4);
-        let partial = bits(0..2); // blocks 0 and 1 are held by both, 2 and 3 by the seed alone
+        let seed = runs(0..4);
+        let partial = runs(0..2); // blocks 0 and 1 are held by both, 2 and 3 by the seed alone
         let none = BTreeMap::new();
         let plan = plan(
             &view(4, &ours, &none, false),
@@ -430,7 +438,7 @@ mod tests {
     #[test]
     fn ordered_plans_stay_within_max_ahead_of_the_first_missing_block() {
         let ours = bits(0..5);
-        let theirs = bits(0..100);
+        let theirs = runs(0..100);
         let none = BTreeMap::new();
         let limits = Limits {
             max_ahead: 8,
@@ -448,7 +456,7 @@ mod tests {
     #[test]
     fn a_want_filter_limits_the_plan_to_wanted_blocks() {
         let ours = Bitfield::new();
-        let theirs = bits(0..100);
+        let theirs = runs(0..100);
         let none = BTreeMap::new();
         let want = bits(40..43);
         let feed = FeedView {
@@ -462,7 +470,7 @@ mod tests {
     #[test]
     fn an_unordered_scan_starts_at_the_cursor_and_wraps_around() {
         let ours = Bitfield::new();
-        let theirs = bits(0..10);
+        let theirs = runs(0..10);
         let none = BTreeMap::new();
         let feed = FeedView {
             cursor: 7,
@@ -481,7 +489,7 @@ mod tests {
     #[test]
     fn a_request_extends_over_contiguous_blocks_up_to_the_limit() {
         let ours = Bitfield::new();
-        let theirs = bits(0..40);
+        let theirs = runs(0..40);
         let none = BTreeMap::new();
         let plan = plan(
             &view(40, &ours, &none, true),

@@ -134,7 +134,7 @@ impl<S: Storage> Replicator<S> {
         else {
             return no_data;
         };
-        slot.uploaded.set_range(r.index..r.index + count, true);
+        slot.uploaded.insert(r.index..r.index + count);
         let data = Message::Data(Data {
             channel,
             id: r.id,
