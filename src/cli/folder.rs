@@ -347,6 +347,7 @@ impl Watch {
             NodeEvent::DiscoveryFailed { error } => {
                 reporter.line(format!("LAN discovery is off: {error}"));
             }
+            NodeEvent::Discovery(note) => reporter.line(format!("LAN discovery: {note}")),
             NodeEvent::Replication(Event::Downloaded { feed, index, count }) => {
                 self.fetched = true;
                 self.activity();

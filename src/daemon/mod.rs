@@ -461,6 +461,7 @@ fn log_event(event: &NodeEvent) {
             tracing::info!(address = %addr, "connection turned away: {reason}")
         }
         NodeEvent::DiscoveryFailed { error } => tracing::warn!("LAN discovery is off: {error}"),
+        NodeEvent::Discovery(note) => tracing::warn!("LAN discovery: {note}"),
         NodeEvent::Replication(Event::Banned { peer, reason }) => {
             tracing::warn!(peer, "peer banned: {reason}")
         }

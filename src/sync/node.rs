@@ -267,15 +267,23 @@ impl Node {
         for conn in self.conns.stalled(now) {
             self.close(conn, DisconnectReason::Stalled);
         }
+        // Discovered addresses are dialled as discovery hands them out (bounded in number and
+        // in flight), not through the peer book, which would keep every one for good.
+        let mut dial = Vec::new();
         if tick / DISCOVERY_EVERY != previous / DISCOVERY_EVERY
             && let Some(d) = &mut self.discovery
         {
-            for addr in d.poll() {
-                self.book.add(addr);
+            let polled = d.poll(now);
+            dial = polled.dial;
+            for note in polled.notes {
+                self.emit(NodeEvent::Discovery(note));
             }
         }
         for addr in self.book.due(tick) {
             self.book.dialing(&addr, tick);
+            dial.push(addr);
+        }
+        for addr in dial {
             self.rt.spawn(net::dial(
                 addr,
                 self.config.identity.clone(),
@@ -308,9 +316,10 @@ impl Node {
                 };
                 match self.conns.admit(incoming) {
                     Admission::Refused(reason) => {
+                        self.discovery_failed(initiator, &addr);
                         self.emit(NodeEvent::PeerRefused { addr, reason });
                     }
-                    Admission::Duplicate => {}
+                    Admission::Duplicate => self.discovery_failed(initiator, &addr),
                     Admission::Accepted { peer, replaced } => {
                         if let Some(old) = replaced {
                             self.replicator.handle_disconnected(peer);
@@ -322,6 +331,9 @@ impl Node {
                         }
                         if initiator {
                             self.book.connected(&addr);
+                            if let Some(d) = &self.discovery {
+                                d.connected(&addr, Instant::now());
+                            }
                         }
                         self.replicator
                             .handle_connected(peer, &handshake_hash, initiator);
@@ -348,7 +360,12 @@ impl Node {
             }
             Inbound::DialFailed { addr, error } => {
                 self.book.failed(&addr, self.tick);
-                let retry_in = self.clock.duration(self.retry_in(&addr));
+                self.discovery_failed(true, &addr);
+                let now = Instant::now();
+                let retry_in = match self.discovery.as_ref().and_then(|d| d.retry_in(&addr, now)) {
+                    Some(d) => d,
+                    None => self.clock.duration(self.retry_in(&addr)),
+                };
                 self.emit(NodeEvent::DialFailed {
                     addr,
                     error: error.to_string(),
@@ -356,6 +373,13 @@ impl Node {
                 });
             }
             Inbound::Writable { .. } => {} // `drive` after every event refills the queues
+        }
+    }
+
+    /// Tells discovery that a dial it may have handed out came to nothing.
+    fn discovery_failed(&self, initiator: bool, addr: &SocketAddr) {
+        if initiator && let Some(d) = &self.discovery {
+            d.dial_failed(addr, Instant::now());
         }
     }
 
@@ -385,6 +409,11 @@ impl Node {
         };
         if matches!(reason, DisconnectReason::Closed { .. }) && c.initiator {
             self.book.disconnected(&c.addr, self.tick);
+        }
+        if c.initiator
+            && let Some(d) = &self.discovery
+        {
+            d.disconnected(&c.addr, Instant::now());
         }
         if c.current {
             self.replicator.handle_disconnected(c.peer);
