@@ -467,6 +467,144 @@ print(json.dumps({"name": found[0], "port": info.port,
         assert_same_tree(&src, &dst, &[]);
     }
 
+    /// The environment variable that turns [`mdns_flooder`] into a flooder: `TAG SECONDS`.
+    const FLOOD_ENV: &str = "FEEDSYNC_MDNS_FLOOD";
+    /// Service instances the flooder announces, and addresses each.
+    const FLOOD_INSTANCES: usize = 8;
+    const FLOOD_ADDRS: usize = 50;
+
+    /// Not a test on its own: a hostile LAN host that [`a_flood_of_announced_addresses_keeps_
+    /// dialling_bounded`] runs on a LAN host by starting this test binary again there. With the
+    /// stock `mdns-sd` crate it announces [`FLOOD_INSTANCES`] services for a real feed tag, each
+    /// with [`FLOOD_ADDRS`] addresses on the LAN's subnet where nobody listens (a dial to one
+    /// waits for ARP to give up: seconds in SYN-SENT), prints `flooding N`, and stops by itself.
+    #[test]
+    #[ignore = "helper process for a_flood_of_announced_addresses_keeps_dialling_bounded"]
+    fn mdns_flooder() {
+        use std::io::Write;
+        let Some(spec) = std::env::var(FLOOD_ENV).ok() else {
+            return;
+        };
+        let (tag, secs) = spec.split_once(' ').unwrap();
+        let secs: u64 = secs.parse().unwrap();
+        let daemon = mdns_sd::ServiceDaemon::new().unwrap();
+        let mut total = 0;
+        for k in 0..FLOOD_INSTANCES {
+            let ips: Vec<String> = (0..FLOOD_ADDRS)
+                .map(|j| format!("10.231.0.{}", 10 + (k * FLOOD_ADDRS + j) % 240))
+                .collect();
+            total += ips.len();
+            let id = format!("e{k:015}");
+            let info = mdns_sd::ServiceInfo::new(
+                feedsync::discovery::SERVICE_TYPE,
+                &format!("feedsync-{id}"),
+                &format!("evil{k}.local."),
+                ips.join(",").as_str(),
+                7000 + k as u16,
+                &[("id", id.as_str()), ("dk0", tag)][..],
+            )
+            .unwrap();
+            daemon.register(info).unwrap();
+        }
+        let mut out = std::io::stdout().lock();
+        // The harness printed `test NAME ... ` without a newline: start on a line of our own.
+        writeln!(out).unwrap();
+        writeln!(out, "flooding {total}").unwrap();
+        out.flush().unwrap();
+        std::thread::sleep(Duration::from_secs(secs));
+        let _ = daemon.shutdown();
+    }
+
+    /// SYN-SENT sockets on LAN host `i`: dials under way (only the clone dials there).
+    fn dials_in_flight(lan: &Lan, i: usize) -> usize {
+        let out = lan
+            .command(i, "ss", &["-Htn", "state", "syn-sent"])
+            .output()
+            .expect("ss (iproute2)");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// A hostile host announces hundreds of addresses for the share's real feed tag (tags are
+    /// public). The clone's dials under way never exceed the discovery limit, yet it dials the
+    /// flood (it was heard) and completes from the honest share. Before the fix every announced
+    /// address went into the peer book and was dialled at once: hundreds in SYN-SENT.
+    #[test]
+    fn a_flood_of_announced_addresses_keeps_dialling_bounded() {
+        let lan = Lan::new(3);
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        for i in 0..4 {
+            random_file(&src.join(format!("f{i}.bin")), 900 + i, 1 << 20);
+        }
+        let (_share, url, _) = share(&lan, 0, &src, &[]);
+        let key = feedsync::drive::parse_url(&url).unwrap();
+        let tag = feedsync::discovery::tag(&feedsync::core::crypto::discovery_key(&key));
+
+        let exe = std::env::current_exe().unwrap();
+        let mut flood = lan.command(
+            2,
+            exe.to_str().unwrap(),
+            &[
+                "--ignored",
+                "--exact",
+                "needs_root::mdns_flooder",
+                "--nocapture",
+                "--test-threads=1",
+            ],
+        );
+        flood.env(FLOOD_ENV, format!("{tag} 150"));
+        let flooder = Proc::spawn(flood);
+        flooder.wait_line(Duration::from_secs(30), "the flood", |l| {
+            l.starts_with("flooding ")
+        });
+
+        let dst = tmp.path().join("dst");
+        let clone = lan.feedsync(1, &["clone", &url, dst.to_str().unwrap()]);
+        // Distinct flood addresses the clone reported a failed dial to.
+        let flood_dialled = |c: &Proc| {
+            let mut seen: Vec<String> = c
+                .errors()
+                .iter()
+                .filter_map(|l| l.strip_prefix("dialling 10.231.0."))
+                .filter(|l| l.contains(":70"))
+                .filter_map(|l| l.split(' ').next().map(str::to_string))
+                .collect();
+            seen.sort();
+            seen.dedup();
+            seen.len()
+        };
+        let limit = feedsync::discovery::book::DIALS_IN_FLIGHT;
+        let mut most = 0;
+        let t = Instant::now();
+        loop {
+            most = most.max(dials_in_flight(&lan, 1));
+            let complete = clone.lines().iter().any(|l| l == "complete");
+            if complete && flood_dialled(&clone) >= 2 * limit {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "no complete clone that dialled the flood within 120 s (complete: {complete}, \
+                 flood addresses dialled: {}, most dials under way: {most}); stderr {:?}",
+                flood_dialled(&clone),
+                clone.errors()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "clone complete after {:.1} s; {} flood addresses dialled; at most {most} dials \
+             under way (limit {limit})",
+            t.elapsed().as_secs_f64(),
+            flood_dialled(&clone)
+        );
+        assert!(
+            most <= limit,
+            "{most} dials under way at once (limit {limit})"
+        );
+        assert_same_tree(&src, &dst, &[]);
+    }
+
     /// Not a test on its own: an mDNS browser that the goodbye test runs on a LAN host by
     /// starting this test binary again there. It prints `mdns resolved NAME PORT` and
     /// `mdns removed NAME` lines for the feedsync service type.
