@@ -366,6 +366,18 @@ impl LanBook {
         }
     }
 
+    /// A dial to `addr` reached a peer we already have a connection with (both sides dialled,
+    /// or it dialled us first): the address works, so it is not a failure and not forgotten,
+    /// but redialling it soon would only repeat that; wait the longest backoff.
+    pub fn duplicate(&mut self, addr: &SocketAddr, now: Instant) {
+        if let Some(e) = self.entries.get_mut(addr) {
+            e.last_seen = now;
+            e.dial = Dial::Idle {
+                next: now + self.limits.backoff_max,
+            };
+        }
+    }
+
     /// A dial to `addr` connected.
     pub fn connected(&mut self, addr: &SocketAddr, now: Instant) {
         if let Some(e) = self.entries.get_mut(addr) {

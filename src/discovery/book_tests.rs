@@ -208,3 +208,22 @@ fn a_connected_address_is_never_evicted_by_a_flood() {
     assert!(book.contains(&honest));
     assert_eq!(book.len(), 8);
 }
+
+#[test]
+fn a_duplicate_connection_waits_long_but_is_not_a_failure() {
+    let l = Limits::default();
+    let t0 = Instant::now();
+    let mut book = LanBook::new(l.clone(), lan());
+    let x = a("10.231.0.9:7000");
+    book.offer("n", &tags(&["t"]), &[x], t0);
+    for k in 0..2 * l.max_failures {
+        let now = t0 + l.backoff_max * k;
+        assert_eq!(book.due(now), vec![x], "round {k}");
+        book.duplicate(&x, now);
+        assert!(book.due(now + l.backoff_max / 2).is_empty());
+    }
+    assert!(
+        book.contains(&x),
+        "kept: it answers, we just have it already"
+    );
+}

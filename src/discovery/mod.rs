@@ -219,6 +219,11 @@ impl Discovery {
         self.book(|b| b.failed(addr, now));
     }
 
+    /// A dial to `addr` reached a peer we are already connected to.
+    pub fn duplicate(&self, addr: &SocketAddr, now: Instant) {
+        self.book(|b| b.duplicate(addr, now));
+    }
+
     /// A dial to `addr` connected.
     pub fn connected(&self, addr: &SocketAddr, now: Instant) {
         self.book(|b| b.connected(addr, now));

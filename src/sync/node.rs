@@ -319,7 +319,11 @@ impl Node {
                         self.discovery_failed(initiator, &addr);
                         self.emit(NodeEvent::PeerRefused { addr, reason });
                     }
-                    Admission::Duplicate => self.discovery_failed(initiator, &addr),
+                    Admission::Duplicate => {
+                        if initiator && let Some(d) = &self.discovery {
+                            d.duplicate(&addr, Instant::now());
+                        }
+                    }
                     Admission::Accepted { peer, replaced } => {
                         if let Some(old) = replaced {
                             self.replicator.handle_disconnected(peer);
