@@ -467,31 +467,35 @@ print(json.dumps({"name": found[0], "port": info.port,
         assert_same_tree(&src, &dst, &[]);
     }
 
-    /// The environment variable that turns [`mdns_flooder`] into a flooder: `TAG SECONDS`.
+    /// The environment variable that turns [`mdns_flooder`] into a flooder:
+    /// `TAG SECONDS INSTANCES ADDRESSES_EACH`.
     const FLOOD_ENV: &str = "FEEDSYNC_MDNS_FLOOD";
-    /// Service instances the flooder announces, and addresses each.
-    const FLOOD_INSTANCES: usize = 8;
-    const FLOOD_ADDRS: usize = 50;
 
-    /// Not a test on its own: a hostile LAN host that [`a_flood_of_announced_addresses_keeps_
-    /// dialling_bounded`] runs on a LAN host by starting this test binary again there. With the
-    /// stock `mdns-sd` crate it announces [`FLOOD_INSTANCES`] services for a real feed tag, each
-    /// with [`FLOOD_ADDRS`] addresses on the LAN's subnet where nobody listens (a dial to one
-    /// waits for ARP to give up: seconds in SYN-SENT), prints `flooding N`, and stops by itself.
+    /// Not a test on its own: a hostile LAN host that the flood tests run on a LAN host by
+    /// starting this test binary again there. With the stock `mdns-sd` crate it announces
+    /// INSTANCES services for a real feed tag, each with ADDRESSES_EACH addresses on the LAN's
+    /// subnet where nobody listens (a dial to one waits for ARP to give up: seconds in
+    /// SYN-SENT), prints `flooding N`, and stops by itself after SECONDS.
     #[test]
-    #[ignore = "helper process for a_flood_of_announced_addresses_keeps_dialling_bounded"]
+    #[ignore = "helper process for the flood tests"]
     fn mdns_flooder() {
         use std::io::Write;
         let Some(spec) = std::env::var(FLOOD_ENV).ok() else {
             return;
         };
-        let (tag, secs) = spec.split_once(' ').unwrap();
-        let secs: u64 = secs.parse().unwrap();
+        let f: Vec<&str> = spec.split(' ').collect();
+        let (tag, secs, instances, each): (&str, u64, usize, usize) = (
+            f[0],
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+            f[3].parse().unwrap(),
+        );
         let daemon = mdns_sd::ServiceDaemon::new().unwrap();
+        let monitor = daemon.monitor().unwrap();
         let mut total = 0;
-        for k in 0..FLOOD_INSTANCES {
-            let ips: Vec<String> = (0..FLOOD_ADDRS)
-                .map(|j| format!("10.231.0.{}", 10 + (k * FLOOD_ADDRS + j) % 240))
+        for k in 0..instances {
+            let ips: Vec<String> = (0..each)
+                .map(|j| format!("10.231.0.{}", 10 + (k * each + j) % 240))
                 .collect();
             total += ips.len();
             let id = format!("e{k:015}");
@@ -504,7 +508,27 @@ print(json.dumps({"name": found[0], "port": info.port,
                 &[("id", id.as_str()), ("dk0", tag)][..],
             )
             .unwrap();
-            daemon.register(info).unwrap();
+            // The daemon's command queue is bounded: `Again` means wait for it to drain.
+            let t = Instant::now();
+            while let Err(mdns_sd::Error::Again) = daemon.register(info.clone()) {
+                assert!(t.elapsed() < Duration::from_secs(30), "mdns-sd stays busy");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        // Printed once the services are out on the LAN (the daemon announces them after
+        // probing): then a browser that starts sees them all in one burst of answers. The
+        // monitor queue may drop events, so "all" is: all seen, or none new for 2 s.
+        let (start, mut last) = (Instant::now(), Instant::now());
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < instances && start.elapsed() < Duration::from_secs(60) {
+            match monitor.recv_timeout(Duration::from_millis(100)) {
+                Ok(mdns_sd::DaemonEvent::Announce(name, _)) => {
+                    seen.insert(name);
+                    last = Instant::now();
+                }
+                _ if !seen.is_empty() && last.elapsed() > Duration::from_secs(2) => break,
+                _ => {}
+            }
         }
         let mut out = std::io::stdout().lock();
         // The harness printed `test NAME ... ` without a newline: start on a line of our own.
@@ -513,6 +537,48 @@ print(json.dumps({"name": found[0], "port": info.port,
         out.flush().unwrap();
         std::thread::sleep(Duration::from_secs(secs));
         let _ = daemon.shutdown();
+    }
+
+    /// Starts [`mdns_flooder`] on LAN host `i` and waits until it announced.
+    fn flood(lan: &Lan, i: usize, tag: &str, instances: usize, each: usize) -> Proc {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = lan.command(
+            i,
+            exe.to_str().unwrap(),
+            &[
+                "--ignored",
+                "--exact",
+                "needs_root::mdns_flooder",
+                "--nocapture",
+                "--test-threads=1",
+            ],
+        );
+        cmd.env(FLOOD_ENV, format!("{tag} 150 {instances} {each}"));
+        let p = Proc::spawn(cmd);
+        p.wait_line(Duration::from_secs(60), "the flood", |l| {
+            l.starts_with("flooding ")
+        });
+        p
+    }
+
+    /// The feed tag a share's URL is announced under.
+    fn tag_of(url: &str) -> String {
+        let key = feedsync::drive::parse_url(url).unwrap();
+        feedsync::discovery::tag(&feedsync::core::crypto::discovery_key(&key))
+    }
+
+    /// Distinct flood addresses (ports 7000..) that `c` reported a failed dial to.
+    fn flood_dialled(c: &Proc) -> usize {
+        let mut seen: Vec<String> = c
+            .errors()
+            .iter()
+            .filter_map(|l| l.strip_prefix("dialling 10.231.0."))
+            .filter(|l| l.contains(":7"))
+            .filter_map(|l| l.split(' ').next().map(str::to_string))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen.len()
     }
 
     /// SYN-SENT sockets on LAN host `i`: dials under way (only the clone dials there).
@@ -538,42 +604,10 @@ print(json.dumps({"name": found[0], "port": info.port,
             random_file(&src.join(format!("f{i}.bin")), 900 + i, 1 << 20);
         }
         let (_share, url, _) = share(&lan, 0, &src, &[]);
-        let key = feedsync::drive::parse_url(&url).unwrap();
-        let tag = feedsync::discovery::tag(&feedsync::core::crypto::discovery_key(&key));
-
-        let exe = std::env::current_exe().unwrap();
-        let mut flood = lan.command(
-            2,
-            exe.to_str().unwrap(),
-            &[
-                "--ignored",
-                "--exact",
-                "needs_root::mdns_flooder",
-                "--nocapture",
-                "--test-threads=1",
-            ],
-        );
-        flood.env(FLOOD_ENV, format!("{tag} 150"));
-        let flooder = Proc::spawn(flood);
-        flooder.wait_line(Duration::from_secs(30), "the flood", |l| {
-            l.starts_with("flooding ")
-        });
+        let _flooder = flood(&lan, 2, &tag_of(&url), 8, 50);
 
         let dst = tmp.path().join("dst");
         let clone = lan.feedsync(1, &["clone", &url, dst.to_str().unwrap()]);
-        // Distinct flood addresses the clone reported a failed dial to.
-        let flood_dialled = |c: &Proc| {
-            let mut seen: Vec<String> = c
-                .errors()
-                .iter()
-                .filter_map(|l| l.strip_prefix("dialling 10.231.0."))
-                .filter(|l| l.contains(":70"))
-                .filter_map(|l| l.split(' ').next().map(str::to_string))
-                .collect();
-            seen.sort();
-            seen.dedup();
-            seen.len()
-        };
         let limit = feedsync::discovery::book::DIALS_IN_FLIGHT;
         let mut most = 0;
         let t = Instant::now();
@@ -603,6 +637,61 @@ print(json.dumps({"name": found[0], "port": info.port,
             "{most} dials under way at once (limit {limit})"
         );
         assert_same_tree(&src, &dst, &[]);
+    }
+
+    /// A hostile host announces 600 services for the share's tag: a browser that starts hears
+    /// some 1200 events in one burst, more than `mdns-sd` queues for a subscriber (1000), after
+    /// which it closes the subscription. Discovery goes on all the same: the share, back after
+    /// the flood on a new port, is found and the clone completes from it. Before the fix the
+    /// node read the subscription every 100 ms; it was closed and discovery died in silence.
+    #[test]
+    fn a_flood_of_services_does_not_stop_discovery() {
+        let lan = Lan::new(3);
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        random_file(&src.join("a.bin"), 77, 300_000);
+        // The share is stopped (with a goodbye) before the clone starts: it must be found
+        // after the flood, never before it.
+        let (mut first, url, port1) = share(&lan, 0, &src, &[]);
+        stop(&mut first, "the first share");
+        let _flooder = flood(&lan, 2, &tag_of(&url), 600, 1);
+
+        let dst = tmp.path().join("dst");
+        // Loopback only: the share cannot dial the clone; finding the share is the clone's job.
+        let clone = lan.feedsync(
+            1,
+            &[
+                "clone",
+                &url,
+                dst.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        );
+        wait_until(
+            Duration::from_secs(60),
+            "the clone dialling the flood",
+            || flood_dialled(&clone) >= 8,
+        );
+        let port2 = if port1 == 65535 { 40000 } else { port1 + 1 };
+        let listen = format!("0.0.0.0:{port2}");
+        let (_second, _, _) = share(&lan, 0, &src, &["--listen", &listen]);
+        clone.wait_line(
+            Duration::from_secs(60),
+            "the clone complete from the share found after the flood",
+            |l| l == "complete",
+        );
+        assert_same_tree(&src, &dst, &[]);
+        let notes: Vec<String> = clone
+            .errors()
+            .into_iter()
+            .filter(|l| l.starts_with("LAN discovery:"))
+            .collect();
+        eprintln!(
+            "found after a flood of 600 services; {} flood addresses dialled; notes: {notes:?}",
+            flood_dialled(&clone)
+        );
     }
 
     /// Not a test on its own: an mDNS browser that the goodbye test runs on a LAN host by
