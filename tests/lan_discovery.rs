@@ -639,11 +639,13 @@ print(json.dumps({"name": found[0], "port": info.port,
         assert_same_tree(&src, &dst, &[]);
     }
 
-    /// A hostile host announces 600 services for the share's tag: a browser that starts hears
-    /// some 1200 events in one burst, more than `mdns-sd` queues for a subscriber (1000), after
-    /// which it closes the subscription. Discovery goes on all the same: the share, back after
-    /// the flood on a new port, is found and the clone completes from it. Before the fix the
-    /// node read the subscription every 100 ms; it was closed and discovery died in silence.
+    /// A hostile host announces 600 services for the share's tag (some 1200 events for a
+    /// browser; `mdns-sd` queues 1000 per subscriber and then closes the subscription). Neither
+    /// does discovery stop nor does the flood, which fills the clone's LAN book, keep out the
+    /// share that appears after it on a new port: the clone completes from it. (The old
+    /// every-100-ms reader also survived this flood here, so this is a regression test for the
+    /// book's eviction of stale flood entries in favour of a new announcement; the re-browse
+    /// itself is `discovery::listen::tests::a_closed_subscription_is_browsed_again_and_reported`.)
     #[test]
     fn a_flood_of_services_does_not_stop_discovery() {
         let lan = Lan::new(3);
