@@ -467,6 +467,235 @@ print(json.dumps({"name": found[0], "port": info.port,
         assert_same_tree(&src, &dst, &[]);
     }
 
+    /// The environment variable that turns [`mdns_flooder`] into a flooder:
+    /// `TAG SECONDS INSTANCES ADDRESSES_EACH`.
+    const FLOOD_ENV: &str = "FEEDSYNC_MDNS_FLOOD";
+
+    /// Not a test on its own: a hostile LAN host that the flood tests run on a LAN host by
+    /// starting this test binary again there. With the stock `mdns-sd` crate it announces
+    /// INSTANCES services for a real feed tag, each with ADDRESSES_EACH addresses on the LAN's
+    /// subnet where nobody listens (a dial to one waits for ARP to give up: seconds in
+    /// SYN-SENT), prints `flooding N`, and stops by itself after SECONDS.
+    #[test]
+    #[ignore = "helper process for the flood tests"]
+    fn mdns_flooder() {
+        use std::io::Write;
+        let Some(spec) = std::env::var(FLOOD_ENV).ok() else {
+            return;
+        };
+        let f: Vec<&str> = spec.split(' ').collect();
+        let (tag, secs, instances, each): (&str, u64, usize, usize) = (
+            f[0],
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+            f[3].parse().unwrap(),
+        );
+        let daemon = mdns_sd::ServiceDaemon::new().unwrap();
+        let monitor = daemon.monitor().unwrap();
+        let mut total = 0;
+        for k in 0..instances {
+            let ips: Vec<String> = (0..each)
+                .map(|j| format!("10.231.0.{}", 10 + (k * each + j) % 240))
+                .collect();
+            total += ips.len();
+            let id = format!("e{k:015}");
+            let info = mdns_sd::ServiceInfo::new(
+                feedsync::discovery::SERVICE_TYPE,
+                &format!("feedsync-{id}"),
+                &format!("evil{k}.local."),
+                ips.join(",").as_str(),
+                7000 + k as u16,
+                &[("id", id.as_str()), ("dk0", tag)][..],
+            )
+            .unwrap();
+            // The daemon's command queue is bounded: `Again` means wait for it to drain.
+            let t = Instant::now();
+            while let Err(mdns_sd::Error::Again) = daemon.register(info.clone()) {
+                assert!(t.elapsed() < Duration::from_secs(30), "mdns-sd stays busy");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        // Printed once the services are out on the LAN (the daemon announces them after
+        // probing): then a browser that starts sees them all in one burst of answers. The
+        // monitor queue may drop events, so "all" is: all seen, or none new for 2 s.
+        let (start, mut last) = (Instant::now(), Instant::now());
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < instances && start.elapsed() < Duration::from_secs(60) {
+            match monitor.recv_timeout(Duration::from_millis(100)) {
+                Ok(mdns_sd::DaemonEvent::Announce(name, _)) => {
+                    seen.insert(name);
+                    last = Instant::now();
+                }
+                _ if !seen.is_empty() && last.elapsed() > Duration::from_secs(2) => break,
+                _ => {}
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        // The harness printed `test NAME ... ` without a newline: start on a line of our own.
+        writeln!(out).unwrap();
+        writeln!(out, "flooding {total}").unwrap();
+        out.flush().unwrap();
+        std::thread::sleep(Duration::from_secs(secs));
+        let _ = daemon.shutdown();
+    }
+
+    /// Starts [`mdns_flooder`] on LAN host `i` and waits until it announced.
+    fn flood(lan: &Lan, i: usize, tag: &str, instances: usize, each: usize) -> Proc {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = lan.command(
+            i,
+            exe.to_str().unwrap(),
+            &[
+                "--ignored",
+                "--exact",
+                "needs_root::mdns_flooder",
+                "--nocapture",
+                "--test-threads=1",
+            ],
+        );
+        cmd.env(FLOOD_ENV, format!("{tag} 150 {instances} {each}"));
+        let p = Proc::spawn(cmd);
+        p.wait_line(Duration::from_secs(60), "the flood", |l| {
+            l.starts_with("flooding ")
+        });
+        p
+    }
+
+    /// The feed tag a share's URL is announced under.
+    fn tag_of(url: &str) -> String {
+        let key = feedsync::drive::parse_url(url).unwrap();
+        feedsync::discovery::tag(&feedsync::core::crypto::discovery_key(&key))
+    }
+
+    /// Distinct flood addresses (ports 7000..) that `c` reported a failed dial to.
+    fn flood_dialled(c: &Proc) -> usize {
+        let mut seen: Vec<String> = c
+            .errors()
+            .iter()
+            .filter_map(|l| l.strip_prefix("dialling 10.231.0."))
+            .filter(|l| l.contains(":7"))
+            .filter_map(|l| l.split(' ').next().map(str::to_string))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen.len()
+    }
+
+    /// SYN-SENT sockets on LAN host `i`: dials under way (only the clone dials there).
+    fn dials_in_flight(lan: &Lan, i: usize) -> usize {
+        let out = lan
+            .command(i, "ss", &["-Htn", "state", "syn-sent"])
+            .output()
+            .expect("ss (iproute2)");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// A hostile host announces hundreds of addresses for the share's real feed tag (tags are
+    /// public). The clone's dials under way never exceed the discovery limit, yet it dials the
+    /// flood (it was heard) and completes from the honest share. Before the fix every announced
+    /// address went into the peer book and was dialled at once: hundreds in SYN-SENT.
+    #[test]
+    fn a_flood_of_announced_addresses_keeps_dialling_bounded() {
+        let lan = Lan::new(3);
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        for i in 0..4 {
+            random_file(&src.join(format!("f{i}.bin")), 900 + i, 1 << 20);
+        }
+        let (_share, url, _) = share(&lan, 0, &src, &[]);
+        let _flooder = flood(&lan, 2, &tag_of(&url), 8, 50);
+
+        let dst = tmp.path().join("dst");
+        let clone = lan.feedsync(1, &["clone", &url, dst.to_str().unwrap()]);
+        let limit = feedsync::discovery::book::DIALS_IN_FLIGHT;
+        let mut most = 0;
+        let t = Instant::now();
+        loop {
+            most = most.max(dials_in_flight(&lan, 1));
+            let complete = clone.lines().iter().any(|l| l == "complete");
+            if complete && flood_dialled(&clone) >= 2 * limit {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "no complete clone that dialled the flood within 120 s (complete: {complete}, \
+                 flood addresses dialled: {}, most dials under way: {most}); stderr {:?}",
+                flood_dialled(&clone),
+                clone.errors()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "clone complete after {:.1} s; {} flood addresses dialled; at most {most} dials \
+             under way (limit {limit})",
+            t.elapsed().as_secs_f64(),
+            flood_dialled(&clone)
+        );
+        assert!(
+            most <= limit,
+            "{most} dials under way at once (limit {limit})"
+        );
+        assert_same_tree(&src, &dst, &[]);
+    }
+
+    /// A hostile host announces 600 services for the share's tag (some 1200 events for a
+    /// browser; `mdns-sd` queues 1000 per subscriber and then closes the subscription). Neither
+    /// does discovery stop nor does the flood, which fills the clone's LAN book, keep out the
+    /// share that appears after it on a new port: the clone completes from it. (The old
+    /// every-100-ms reader also survived this flood here, so this is a regression test for the
+    /// book's eviction of stale flood entries in favour of a new announcement; the re-browse
+    /// itself is `discovery::listen::tests::a_closed_subscription_is_browsed_again_and_reported`.)
+    #[test]
+    fn a_flood_of_services_does_not_stop_discovery() {
+        let lan = Lan::new(3);
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        random_file(&src.join("a.bin"), 77, 300_000);
+        // The share is stopped (with a goodbye) before the clone starts: it must be found
+        // after the flood, never before it.
+        let (mut first, url, port1) = share(&lan, 0, &src, &[]);
+        stop(&mut first, "the first share");
+        let _flooder = flood(&lan, 2, &tag_of(&url), 600, 1);
+
+        let dst = tmp.path().join("dst");
+        // Loopback only: the share cannot dial the clone; finding the share is the clone's job.
+        let clone = lan.feedsync(
+            1,
+            &[
+                "clone",
+                &url,
+                dst.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        );
+        wait_until(
+            Duration::from_secs(60),
+            "the clone dialling the flood",
+            || flood_dialled(&clone) >= 8,
+        );
+        let port2 = if port1 == 65535 { 40000 } else { port1 + 1 };
+        let listen = format!("0.0.0.0:{port2}");
+        let (_second, _, _) = share(&lan, 0, &src, &["--listen", &listen]);
+        clone.wait_line(
+            Duration::from_secs(60),
+            "the clone complete from the share found after the flood",
+            |l| l == "complete",
+        );
+        assert_same_tree(&src, &dst, &[]);
+        let notes: Vec<String> = clone
+            .errors()
+            .into_iter()
+            .filter(|l| l.starts_with("LAN discovery:"))
+            .collect();
+        eprintln!(
+            "found after a flood of 600 services; {} flood addresses dialled; notes: {notes:?}",
+            flood_dialled(&clone)
+        );
+    }
+
     /// Not a test on its own: an mDNS browser that the goodbye test runs on a LAN host by
     /// starting this test binary again there. It prints `mdns resolved NAME PORT` and
     /// `mdns removed NAME` lines for the feedsync service type.

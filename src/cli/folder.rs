@@ -350,6 +350,7 @@ impl Watch {
             NodeEvent::DescriptorLimit { from, to } => {
                 reporter.line(format!("raised the open-file limit from {from} to {to}"));
             }
+            NodeEvent::Discovery(note) => reporter.line(format!("LAN discovery: {note}")),
             NodeEvent::Replication(Event::Downloaded { feed, index, count }) => {
                 self.fetched = true;
                 self.activity();

@@ -469,6 +469,7 @@ fn log_event(event: &NodeEvent) {
         NodeEvent::DescriptorLimit { from, to } => {
             tracing::info!("raised the open-file limit from {from} to {to}")
         }
+        NodeEvent::Discovery(note) => tracing::warn!("LAN discovery: {note}"),
         NodeEvent::Replication(Event::Banned { peer, reason }) => {
             tracing::warn!(peer, "peer banned: {reason}")
         }

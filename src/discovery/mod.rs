@@ -4,17 +4,32 @@
 //! short tag per feed it serves, derived from the feed's *discovery key* (itself a hash of the
 //! public key): a listener learns which feeds a node has only if it already holds them, and
 //! never a public key. Each node also browses; a resolved service that announces a tag we also
-//! have yields its addresses to dial (the synchronizer's peer book adds the backoff).
+//! have yields its addresses to dial.
+//!
+//! Feed tags are public: any host on the LAN can announce any address for them. What is heard
+//! therefore goes into a bounded, ageing [`book::LanBook`] (capped per announcing instance, per
+//! tag and in total; on-subnet addresses preferred), and the node dials only what
+//! [`Discovery::poll`] hands out, never more than [`book::DIALS_IN_FLIGHT`] at once; it reports
+//! each outcome back ([`Discovery::dial_failed`], [`Discovery::connected`],
+//! [`Discovery::disconnected`]). A thread drains the mDNS subscription (see [`listen`]).
 //!
 //! Liveness is the connection's business, not mDNS's: records outlive a dead peer by minutes, so
-//! a removed or stale record does nothing here; a dial that fails backs off.
+//! a removed record does nothing here; a dial that fails backs off, and an address that keeps
+//! failing or is not announced again for long is forgotten.
 //!
-//! Nothing here prints: a failed start is a [`DiscoveryError`], which the synchronizer reports as
-//! an event (discovery is a convenience; named peers work without it).
+//! Nothing here prints: a failed start is a [`DiscoveryError`], and what happens later is a
+//! [`DiscoveryNote`]; the synchronizer reports both as events (discovery is a convenience; named
+//! peers work without it).
 
-use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
+pub mod book;
+mod listen;
+
+use book::{LanBook, Limits};
+use mdns_sd::{IfKind, ServiceDaemon, ServiceInfo};
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The DNS-SD service type.
 pub const SERVICE_TYPE: &str = "_feedsync._tcp.local.";
@@ -28,6 +43,9 @@ pub enum DiscoveryError {
     /// The mDNS daemon refused (no multicast-capable interface, socket errors, ...).
     #[error("mDNS: {0}")]
     Mdns(#[from] mdns_sd::Error),
+    /// The browser thread could not be started.
+    #[error("mDNS browser thread: {0}")]
+    Thread(#[source] std::io::Error),
     /// An interface named in the allow-list could not be enabled.
     #[error("mDNS interface {name}: {source}")]
     Interface {
@@ -51,13 +69,66 @@ pub fn tag(discovery_key: &[u8; 32]) -> String {
     h[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Something discovery wants its owner to know, after the start. The synchronizer forwards
+/// each as `NodeEvent::Discovery`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoveryNote {
+    /// The mDNS daemon closed our subscription (it does when events pile up unread, e.g. under
+    /// a flood of announcements) and browsing started again after `waited`.
+    Rebrowsed {
+        /// How long the closed subscription had lived.
+        lived: Duration,
+        /// How long we waited before subscribing again.
+        waited: Duration,
+    },
+    /// Browsing could not start again: nothing more is discovered (announcing goes on, and
+    /// named peers still work).
+    Stopped {
+        /// Why.
+        error: String,
+    },
+}
+
+impl std::fmt::Display for DiscoveryNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiscoveryNote::Rebrowsed { lived, waited } => write!(
+                f,
+                "the mDNS subscription was closed after {:.1}s (too many events unread); \
+                 browsing again after {:.1}s",
+                lived.as_secs_f64(),
+                waited.as_secs_f64()
+            ),
+            DiscoveryNote::Stopped { error } => {
+                write!(f, "browsing stopped: {error}; nothing more is discovered")
+            }
+        }
+    }
+}
+
+/// What [`Discovery::poll`] gives.
+#[derive(Debug, Default)]
+pub struct Polled {
+    /// Addresses to dial now (each counts as in flight until its outcome is reported).
+    pub dial: Vec<SocketAddr>,
+    /// What to tell the user.
+    pub notes: Vec<DiscoveryNote>,
+}
+
+/// What the browser thread and the node share.
+struct Shared {
+    book: LanBook,
+    notes: Vec<DiscoveryNote>,
+}
+
 /// A running announcer and browser.
 pub struct Discovery {
     daemon: ServiceDaemon,
     fullname: String,
-    id: String,
-    tags: BTreeSet<String>,
-    events: mdns_sd::Receiver<ServiceEvent>,
+    shared: Arc<Mutex<Shared>>,
+    /// Dropped to stop the browser thread.
+    stop: Option<crossbeam_channel::Sender<()>>,
+    browser: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Discovery {
@@ -100,62 +171,88 @@ impl Discovery {
         let fullname = info.get_fullname().to_string();
         daemon.register(info)?;
         let events = daemon.browse(SERVICE_TYPE)?;
+        let shared = Arc::new(Mutex::new(Shared {
+            book: LanBook::new(Limits::default(), listen::local_nets()),
+            notes: Vec::new(),
+        }));
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let me = listen::Me {
+            fullname: fullname.clone(),
+            id,
+            tags,
+        };
+        let (d, s) = (daemon.clone(), shared.clone());
+        let subscribe = move || d.browse(SERVICE_TYPE).map_err(|e| e.to_string());
+        let browser = std::thread::Builder::new()
+            .name("feedsync-mdns".into())
+            .spawn(move || listen::run(me, events, subscribe, listen::local_nets, s, stopped))
+            .map_err(DiscoveryError::Thread)?;
         Ok(Self {
             daemon,
             fullname,
-            id,
-            tags,
-            events,
+            shared,
+            stop: Some(stop),
+            browser: Some(browser),
         })
     }
 
-    /// Addresses of peers resolved since the last call that announce a feed we have.
-    pub fn poll(&mut self) -> Vec<SocketAddr> {
-        let mut out = Vec::new();
-        while let Ok(ev) = self.events.try_recv() {
-            let ServiceEvent::ServiceResolved(info) = ev else {
-                continue;
-            };
-            if info.fullname == self.fullname
-                || info.txt_properties.get_property_val_str("id") == Some(self.id.as_str())
-            {
-                continue; // ourselves
-            }
-            let theirs: BTreeSet<&str> = info
-                .txt_properties
-                .iter()
-                .filter(|p| p.key().starts_with("dk"))
-                .flat_map(|p| p.val_str().split(',').collect::<Vec<_>>())
-                .collect();
-            if !theirs.iter().any(|t| self.tags.contains(*t)) {
-                continue;
-            }
-            for ip in &info.addresses {
-                let addr = match ip.to_ip_addr() {
-                    IpAddr::V6(v6) => {
-                        // A link-local address needs its interface to be dialled.
-                        let scope = match ip {
-                            mdns_sd::ScopedIp::V6(s) => s.scope_id().index,
-                            _ => 0,
-                        };
-                        SocketAddr::V6(SocketAddrV6::new(v6, info.port, 0, scope))
-                    }
-                    v4 => SocketAddr::new(v4, info.port),
-                };
-                out.push(addr);
-            }
+    /// What to dial now, and what to tell the user; call it every few ticks.
+    pub fn poll(&mut self, now: Instant) -> Polled {
+        let Ok(mut s) = self.shared.lock() else {
+            return Polled::default(); // the browser thread panicked: nothing more is heard
+        };
+        Polled {
+            dial: s.book.due(now),
+            notes: std::mem::take(&mut s.notes),
         }
-        out
+    }
+
+    fn book(&self, f: impl FnOnce(&mut LanBook)) {
+        if let Ok(mut s) = self.shared.lock() {
+            f(&mut s.book);
+        }
+    }
+
+    /// A dial to `addr` failed or its connection was turned away (a no-op for an address
+    /// discovery did not hand out).
+    pub fn dial_failed(&self, addr: &SocketAddr, now: Instant) {
+        self.book(|b| b.failed(addr, now));
+    }
+
+    /// A dial to `addr` reached a peer we are already connected to.
+    pub fn duplicate(&self, addr: &SocketAddr, now: Instant) {
+        self.book(|b| b.duplicate(addr, now));
+    }
+
+    /// A dial to `addr` connected.
+    pub fn connected(&self, addr: &SocketAddr, now: Instant) {
+        self.book(|b| b.connected(addr, now));
+    }
+
+    /// The connection we dialled to `addr` ended.
+    pub fn disconnected(&self, addr: &SocketAddr, now: Instant) {
+        self.book(|b| b.disconnected(addr, now));
+    }
+
+    /// When discovery dials `addr` again, if it is one of its addresses and waiting.
+    pub fn retry_in(&self, addr: &SocketAddr, now: Instant) -> Option<Duration> {
+        let s = self.shared.lock().ok()?;
+        s.book.retry_in(addr, now)
     }
 
     /// Says goodbye (the service record is withdrawn) and stops the daemon.
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.browser.take() {
+            // It wakes at least every 100 ms to look at the stop channel.
+            let _ = t.join();
+        }
         if let Ok(rx) = self.daemon.unregister(&self.fullname) {
             // Bounded wait for the goodbye packets to leave.
-            let _ = rx.recv_timeout(std::time::Duration::from_millis(500));
+            let _ = rx.recv_timeout(Duration::from_millis(500));
         }
         if let Ok(rx) = self.daemon.shutdown() {
-            let _ = rx.recv_timeout(std::time::Duration::from_millis(500));
+            let _ = rx.recv_timeout(Duration::from_millis(500));
         }
     }
 }

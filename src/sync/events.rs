@@ -63,6 +63,9 @@ pub enum NodeEvent {
         /// Why.
         error: String,
     },
+    /// Something LAN discovery reports after its start (its subscription was closed and
+    /// browsing started again, or it stopped).
+    Discovery(crate::discovery::DiscoveryNote),
     /// Something the replicator reported.
     Replication(Event),
     /// Every downloading feed is complete.

@@ -325,15 +325,23 @@ impl Node {
                 self.close(conn, DisconnectReason::NoChannel);
             }
         }
+        // Discovered addresses are dialled as discovery hands them out (bounded in number and
+        // in flight), not through the peer book, which would keep every one for good.
+        let mut dial = Vec::new();
         if tick / DISCOVERY_EVERY != previous / DISCOVERY_EVERY
             && let Some(d) = &mut self.discovery
         {
-            for addr in d.poll() {
-                self.book.add(addr);
+            let polled = d.poll(now);
+            dial = polled.dial;
+            for note in polled.notes {
+                self.emit(NodeEvent::Discovery(note));
             }
         }
         for addr in self.book.due(tick) {
             self.book.dialing(&addr, tick);
+            dial.push(addr);
+        }
+        for addr in dial {
             self.rt.spawn(net::dial(
                 addr,
                 self.config.identity.clone(),
@@ -379,12 +387,16 @@ impl Node {
                                 RefuseReason::TooManyPeers => self.book.failed(&addr, self.tick),
                             }
                         }
+                        self.discovery_failed(initiator, &addr);
                         self.emit(NodeEvent::PeerRefused { addr, reason });
                     }
                     Admission::Duplicate { peer } => {
                         if initiator {
                             self.book.duplicate(&addr);
                             self.aliases.entry(peer).or_default().insert(addr);
+                            if let Some(d) = &self.discovery {
+                                d.duplicate(&addr, Instant::now());
+                            }
                         }
                     }
                     Admission::Accepted {
@@ -414,6 +426,9 @@ impl Node {
                         }
                         if initiator {
                             self.book.connected(&addr);
+                            if let Some(d) = &self.discovery {
+                                d.connected(&addr, Instant::now());
+                            }
                         }
                         self.replicator
                             .handle_connected(peer, &handshake_hash, initiator);
@@ -441,7 +456,12 @@ impl Node {
             }
             Inbound::DialFailed { addr, error } => {
                 self.book.failed(&addr, self.tick);
-                let retry_in = self.clock.duration(self.retry_in(&addr));
+                self.discovery_failed(true, &addr);
+                let now = Instant::now();
+                let retry_in = match self.discovery.as_ref().and_then(|d| d.retry_in(&addr, now)) {
+                    Some(d) => d,
+                    None => self.clock.duration(self.retry_in(&addr)),
+                };
                 self.emit(NodeEvent::DialFailed {
                     addr,
                     error: error.to_string(),
@@ -449,6 +469,13 @@ impl Node {
                 });
             }
             Inbound::Writable { .. } => {} // `drive` after every event refills the queues
+        }
+    }
+
+    /// Tells discovery that a dial it may have handed out came to nothing.
+    fn discovery_failed(&self, initiator: bool, addr: &SocketAddr) {
+        if initiator && let Some(d) = &self.discovery {
+            d.dial_failed(addr, Instant::now());
         }
     }
 
@@ -482,6 +509,11 @@ impl Node {
     fn closed(&mut self, c: Closed, reason: DisconnectReason) {
         if c.initiator {
             book_after_close(&mut self.book, &c.addr, &reason, self.tick);
+        }
+        if c.initiator
+            && let Some(d) = &self.discovery
+        {
+            d.disconnected(&c.addr, Instant::now());
         }
         if c.current {
             // Other addresses of this peer were held back while it was connected.
