@@ -243,6 +243,26 @@ mod tests {
         }
     }
 
+    /// The fuzz regression `fuzz/regressions/drive_records/totals_overflow`: two files of
+    /// 2^64-1 bytes overflowed the byte sum (a panic in debug, a wrap in release).
+    #[test]
+    fn totals_of_huge_files_saturate() {
+        let mut s = State::default();
+        s.apply(vec![put("a", file(u64::MAX)), put("b", file(u64::MAX))]);
+        assert_eq!(s.totals(), (2, u64::MAX));
+        // And such a version is over the default byte cap, refused whole.
+        let mut checked = State::default();
+        assert!(
+            checked
+                .apply_checked(
+                    vec![put("a", file(u64::MAX)), put("b", file(u64::MAX))],
+                    &crate::drive::record::Limits::default()
+                )
+                .is_err()
+        );
+        assert!(checked.entries.is_empty());
+    }
+
     #[test]
     fn a_file_replacing_a_directory_removes_its_contents() {
         let mut s = State::default();

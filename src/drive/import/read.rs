@@ -55,10 +55,9 @@ impl Importer {
         executable: bool,
     ) -> Result<Option<FileInfo>, ScanError> {
         let io_err = |e: io::Error| ScanError::Read(rel.to_string(), e);
-        let mut file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(e)),
+        let Some(mut file) = open_regular(path).map_err(io_err)? else {
+            // Gone, or no longer a regular file: the next scan looks at it again.
+            return Ok(None);
         };
         let before = file.metadata().map_err(io_err)?;
         let mut extents: Vec<Extent> = Vec::new();
@@ -164,5 +163,70 @@ pub fn stamp(meta: &std::fs::Metadata) -> (i64, u32) {
             }
         },
         Err(_) => (0, 0),
+    }
+}
+
+/// Opens `path` for import only if it is still a regular file. Another local user can swap a
+/// checked file for a symlink (we would share whatever it points to: a key, say) or a FIFO (the
+/// open would block the scan and the node's loop) between the walk and the open: the open
+/// refuses to follow a link and does not wait for a writer, and the opened file is checked.
+/// `None`: gone, a link, or not a regular file.
+pub(crate) fn open_regular(path: &Path) -> io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        // ELOOP: the last component is a symlink now.
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_regular;
+    use std::time::Duration;
+
+    /// Runs `open_regular` on another thread: a blocking open must not hang the test.
+    fn opened(path: &std::path::Path) -> Option<bool> {
+        let path = path.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(open_regular(&path).unwrap().is_some());
+        });
+        rx.recv_timeout(Duration::from_secs(5)).ok()
+    }
+
+    #[test]
+    fn only_regular_files_are_opened_never_links_or_fifos() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(dir.path().join("plain"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert_eq!(opened(&dir.path().join("plain")), Some(true));
+        assert_eq!(
+            opened(&dir.path().join("link")),
+            Some(false),
+            "followed a link"
+        );
+        assert_eq!(opened(&fifo), Some(false), "a FIFO blocked or was opened");
+        assert_eq!(opened(&dir.path().join("gone")), Some(false));
     }
 }
