@@ -474,3 +474,94 @@ fn a_flood_into_a_busy_node_is_held_to_its_inbound_budget() {
     cancel.cancel();
     node.shutdown().unwrap();
 }
+
+/// Sends Pings from a keyless peer to `target` as fast as the connection takes them, until
+/// `stop` is set, `limit` passes or `most` were sent. Returns how many went out.
+fn ping_flood(target: SocketAddr, most: u64, limit: Duration, stop: Arc<AtomicBool>) -> u64 {
+    use feedsync::net::{self, Identity, Inbound};
+    use feedsync_protocol::{Message, Ping};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1024);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    rt.spawn(net::dial(target, Identity::generate(), tx, cancel.clone()));
+    let Ok(Inbound::Connected { outbound, .. }) = rx.recv_timeout(Duration::from_secs(10)) else {
+        panic!("the flooder could not connect")
+    };
+    // Take the pongs (and anything else) so our side never stalls the share's writer.
+    let drain = std::thread::spawn(move || while rx.recv().is_ok() {});
+    let deadline = Instant::now() + limit;
+    let mut sent = 0;
+    rt.block_on(async {
+        while sent < most && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+            let ping = Message::Ping(Ping { nonce: sent });
+            match tokio::time::timeout(Duration::from_secs(1), outbound.send(ping)).await {
+                Ok(Ok(())) => sent += 1,
+                // Cut by the share (a stranger with no channel), or not reading: the flood ends.
+                _ => break,
+            }
+        }
+    });
+    cancel.cancel();
+    drop(outbound);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let _ = drain.join();
+    sent
+}
+
+/// A ping flood from a keyless peer costs the share O(1) per ping (no scheduling pass per
+/// message): an honest clone completes while it runs, and the share stays small.
+#[test]
+fn an_honest_clone_completes_during_a_ping_flood() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let dst = tmp.path().join("dst");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), common::bytes(11, 8 << 20)).unwrap();
+    let share = Proc::feedsync(&[
+        "share",
+        src.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+    ]);
+    let addr = share.listen_addr();
+    let url = share.lines()[0].clone();
+    let target: SocketAddr = addr.parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let window = Duration::from_secs(60);
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || ping_flood(target, 5_000_000, window, stop))
+    };
+    std::thread::sleep(Duration::from_millis(500)); // the flood is under way
+    let mut clone = Proc::feedsync(&[
+        "clone",
+        &url,
+        dst.to_str().unwrap(),
+        "--peer",
+        &addr,
+        "--once",
+        "--no-discovery",
+    ]);
+    let status = clone.wait_exit(window);
+    let flooding = !flood.is_finished();
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    let peak = peak_rss_kib(share.pid());
+    eprintln!(
+        "pings sent: {sent}; share peak RSS {peak} KiB; flood still on at the end: {flooding}"
+    );
+    assert!(
+        status.success(),
+        "the clone failed under the flood: {:?}",
+        clone.errors()
+    );
+    common::assert_same_tree(&src, &dst, &[]);
+    assert!(sent >= 10_000, "the flood never got going ({sent} pings)");
+    assert!(peak < 64 * 1024, "the share's peak RSS is {peak} KiB");
+    assert!(share_is_running(share), "the share died under the flood");
+}
