@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Proc, wait_until};
+use common::{Proc, share, wait_until};
 use std::fs;
 use std::path::Path;
 use std::process::Output;
@@ -43,20 +43,6 @@ fn unserved_url(dir: &Path) -> String {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// `feedsync share DIR` on loopback: the process, its URL and its address.
-fn share(dir: &Path) -> (Proc, String, String) {
-    let p = Proc::feedsync(&[
-        "share",
-        dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--no-discovery",
-    ]);
-    let addr = p.listen_addr();
-    let url = p.line_with("feedsync://").expect("URL printed first");
-    (p, url, addr)
 }
 
 fn version_of(dir: &Path) -> u64 {

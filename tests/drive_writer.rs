@@ -2,6 +2,9 @@
 //! the loop, `log` beside a running writer, `--once` needing a peer, and the typed errors of
 //! opening and cloning (with `discard` leaving nothing behind).
 
+mod common;
+
+use common::bytes;
 use crossbeam_channel::Receiver;
 use feedsync::drive::record::Entry;
 use feedsync::drive::{AppOptions, Change, Drive, DriveError, DriveEvent};
@@ -12,18 +15,6 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 const B: usize = 64 * 1024;
-
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// Waits for an event matching `f`, failing after `limit`.
 fn wait_for<T: std::fmt::Debug>(

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{
-    Node, Proc, Rng, assert_same_tree, bytes as random_bytes, same_tree, tree, wait_until,
+    Node, Proc, Rng, assert_same_tree, bytes as random_bytes, same_tree, share, tree, wait_until,
 };
 use std::collections::BTreeSet;
 use std::fs;
@@ -26,25 +26,6 @@ fn fetched_content(p: &Proc) -> Vec<(u64, u64)> {
             Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
         })
         .collect()
-}
-
-/// Starts `feedsync share DIR` on loopback; returns it with its URL and address.
-fn share(dir: &Path) -> (Proc, String, String) {
-    // Never mDNS on this machine's interfaces: discovery is tested in network namespaces.
-    let p = Proc::feedsync(&[
-        "share",
-        dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--no-discovery",
-    ]);
-    let addr = p.listen_addr();
-    let url = p.lines()[0].clone();
-    assert!(
-        url.starts_with("feedsync://"),
-        "first line is the URL: {url}"
-    );
-    (p, url, addr)
 }
 
 fn clone(url: &str, dir: &Path, addr: &str, once: bool) -> Proc {

@@ -521,15 +521,7 @@ fn an_honest_clone_completes_during_a_ping_flood() {
     let dst = tmp.path().join("dst");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("a.bin"), common::bytes(11, 8 << 20)).unwrap();
-    let share = Proc::feedsync(&[
-        "share",
-        src.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--no-discovery",
-    ]);
-    let addr = share.listen_addr();
-    let url = share.lines()[0].clone();
+    let (share, url, addr) = common::share(&src);
     let target: SocketAddr = addr.parse().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let window = Duration::from_secs(60);

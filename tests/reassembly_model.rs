@@ -6,6 +6,9 @@
 //! nothing or the whole expected file; at the end every file is exactly its blocks in order
 //! and no temporary file is left.
 
+mod common;
+
+use common::bytes;
 use feedsync::drive::layout::{self, FolderBlocks, Layout, Shared};
 use feedsync::drive::record::{BLOCK_SIZE, Extent, FileInfo};
 use feedsync::storage::BlockData;
@@ -13,19 +16,6 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
-
-/// Deterministic bytes (xorshift), so a failing case is reproducible from its inputs.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// The content feed: block `i` of the pool. Full blocks, one of zeros, and short tails.
 struct Pool(Vec<Vec<u8>>);

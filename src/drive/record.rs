@@ -295,6 +295,26 @@ pub fn decode(index: u64, block: &[u8]) -> Result<Vec<Record>, RecordError> {
     Ok(records)
 }
 
+/// A file record of `size` bytes in one extent from block 0 (tests of records and states).
+#[cfg(test)]
+pub(crate) fn test_file(size: u64) -> Entry {
+    Entry::File(FileInfo {
+        size,
+        executable: false,
+        mtime_secs: 0,
+        mtime_nanos: 0,
+        hash: [0; 32],
+        extents: if size == 0 {
+            vec![]
+        } else {
+            vec![Extent {
+                start: 0,
+                count: size.div_ceil(BLOCK_SIZE as u64),
+            }]
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,23 +357,7 @@ mod tests {
         }
     }
 
-    fn file(size: u64) -> Entry {
-        Entry::File(FileInfo {
-            size,
-            executable: false,
-            mtime_secs: 0,
-            mtime_nanos: 0,
-            hash: [0; 32],
-            extents: if size == 0 {
-                vec![]
-            } else {
-                vec![Extent {
-                    start: 0,
-                    count: size.div_ceil(BLOCK_SIZE as u64),
-                }]
-            },
-        })
-    }
+    use super::test_file as file;
 
     #[test]
     fn out_of_range_times_are_refused_at_decode() {

@@ -216,25 +216,9 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drive::record::{BLOCK_SIZE, Extent, FileInfo};
+    use crate::drive::record::FileInfo;
 
-    fn file(size: u64) -> Entry {
-        Entry::File(FileInfo {
-            size,
-            executable: false,
-            mtime_secs: 0,
-            mtime_nanos: 0,
-            hash: [0; 32],
-            extents: if size == 0 {
-                vec![]
-            } else {
-                vec![Extent {
-                    start: 0,
-                    count: size.div_ceil(BLOCK_SIZE as u64),
-                }]
-            },
-        })
-    }
+    use crate::drive::record::test_file as file;
 
     fn put(path: &str, entry: Entry) -> Record {
         Record::Put {

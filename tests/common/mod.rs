@@ -31,6 +31,25 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
     b
 }
 
+/// `feedsync share DIR` on loopback with discovery off (never mDNS on this machine's own
+/// interfaces): the process, its URL (its first line) and its address.
+pub fn share(dir: &Path) -> (Proc, String, String) {
+    let p = Proc::feedsync(&[
+        "share",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+    ]);
+    let addr = p.listen_addr();
+    let url = p.lines()[0].clone();
+    assert!(
+        url.starts_with("feedsync://"),
+        "first line is the URL: {url}"
+    );
+    (p, url, addr)
+}
+
 /// Deterministic pseudo-random content of block `i`, `size` bytes long.
 pub fn block(i: u64, size: usize) -> Vec<u8> {
     bytes(i, size)
