@@ -9,6 +9,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Replaces `path` with `bytes` atomically and durably; the new file gets mode 0644 (less the
 /// umask). See [`write_atomic_with_mode`].
+/// Parses 64 hex digits into 32 bytes (either case); `None` for anything else.
+pub fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Writes `bytes` to `path` atomically and durably: see [`write_atomic_with_mode`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic_with_mode(path, bytes, 0o644)
 }

@@ -100,17 +100,7 @@ pub fn verify(store: &Path) -> Result<(), CliError> {
 }
 
 fn parse_key(hex: &str) -> Result<[u8; 32], CliError> {
-    let bytes: Result<Vec<u8>, _> = (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .ok_or(())
-                .and_then(|h| u8::from_str_radix(h, 16).map_err(|_| ()))
-        })
-        .collect();
-    bytes
-        .ok()
-        .and_then(|b| b.try_into().ok())
+    feedsync::util::parse_hex32(hex)
         .ok_or_else(|| usage(format!("--key: not a 64-digit hex public key: {hex}")))
 }
 
@@ -145,8 +135,7 @@ pub fn sync(
         stop: Some(crate::cli::signals::stop_channel()?),
         ..NodeConfig::new()
     };
-    let node = feedsync::sync::spawn(config, vec![(feed, download)])
-        .map_err(|e| runtime(format!("cannot start: {e}")))?;
+    let node = feedsync::sync::spawn(config, vec![(feed, download)])?;
     let mut out = std::io::stdout().lock();
     let mut fetched = 0u64;
     let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);

@@ -132,11 +132,7 @@ pub fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>, CliError> {
 /// Where a share listens when `--listen` is absent: the port it used last time, else 7070,
 /// else any free port, on every address (IPv6 dual-stack where the host has it).
 fn default_listen(state: &Path) -> SocketAddr {
-    let any: std::net::IpAddr = if TcpListener::bind("[::]:0").is_ok() {
-        std::net::Ipv6Addr::UNSPECIFIED.into()
-    } else {
-        std::net::Ipv4Addr::UNSPECIFIED.into()
-    };
+    let any = feedsync::sync::any_address().ip();
     let saved = std::fs::read_to_string(state.join(PORT_FILE))
         .ok()
         .and_then(|s| s.trim().parse::<u16>().ok());
@@ -166,7 +162,7 @@ fn run(
         (Some(a), _, _) => Some(a),
         (None, true, _) => Some(default_listen(&state)),
         // With discovery a clone serves too: others find it and it helps them.
-        (None, false, true) => Some(default_listen_any()),
+        (None, false, true) => Some(feedsync::sync::any_address()),
         (None, false, false) if peers.is_empty() => {
             return Err(usage(
                 "nothing to dial: give --peer HOST:PORT, --listen ADDR, or drop --no-discovery",
@@ -192,12 +188,14 @@ fn run(
         }),
         ..NodeConfig::new()
     };
-    let node = feedsync::sync::spawn_with(config, feeds, Some(Box::new(app))).map_err(|e| {
-        runtime(match listen {
-            Some(a) => format!("cannot listen on {a}: {e}; pick another with --listen"),
-            None => e.to_string(),
-        })
-    })?;
+    let node =
+        feedsync::sync::spawn_with(config, feeds, Some(Box::new(app))).map_err(|e| match e {
+            // The error names the address already; say what to do about it.
+            feedsync::sync::StartError::Listen { .. } => {
+                runtime(format!("{e}; pick another with --listen"))
+            }
+            e => e.into(),
+        })?;
     if !writer && !peers.is_empty() {
         let list: Vec<String> = peers.iter().map(ToString::to_string).collect();
         reporter.line(format!("dialling {}", list.join(", ")));
@@ -220,31 +218,23 @@ fn run(
         stats: None,
     };
     let ticker = crossbeam_channel::tick(Duration::from_secs(1));
-    let mut drive_open = true;
+    let mut drive_events = drive_rx.clone();
     loop {
         select! {
             recv(node.events) -> ev => match ev {
                 Ok(NodeEvent::Stopped) | Err(_) => break,
                 Ok(ev) => watch.node_event(ev, &reporter, &state)?,
             },
-            recv(drive_rx) -> ev => match ev {
+            recv(drive_events) -> ev => match ev {
                 Ok(ev) => watch.drive_event(ev, &reporter),
-                Err(_) => drive_open = false,
+                // The app is gone with the node; its last node events are still rendered.
+                Err(_) => drive_events = crossbeam_channel::never(),
             },
             recv(ticker) -> _ => {
                 if watch.tick(&reporter) {
                     let _ = node.control.send(NodeCommand::Shutdown);
                 }
             },
-        }
-        if !drive_open {
-            // The app is gone with the node; only node events matter now.
-            for ev in node.events.iter() {
-                if matches!(ev, NodeEvent::Stopped) {
-                    break;
-                }
-            }
-            break;
         }
     }
     // Events the drive sent last (the final version applied, say).
@@ -258,16 +248,6 @@ fn run(
         finished: watch.complete,
         failure: watch.gave_up,
     })
-}
-
-fn default_listen_any() -> SocketAddr {
-    if TcpListener::bind("[::]:0").is_ok() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()
-    .expect("constant address")
 }
 
 /// What the CLI knows about a running node, to say what it is doing.

@@ -118,7 +118,7 @@ impl Config {
             interfaces: Vec::new(),
             state_dir: default_state_dir(),
             folders: Vec::new(),
-            max_peers: 128,
+            max_peers: crate::sync::DEFAULT_MAX_PEERS,
             folder_limits: crate::drive::Limits::default(),
         }
     }
@@ -158,7 +158,7 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         })?),
         None => None,
     };
-    let mut max_peers = 128;
+    let mut max_peers = crate::sync::DEFAULT_MAX_PEERS;
     if let Some(m) = raw.limits.as_ref().and_then(|l| l.max_peers.as_ref()) {
         max_peers = usize::try_from(*m.get_ref())
             .ok()

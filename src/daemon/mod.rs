@@ -216,7 +216,7 @@ impl Daemon {
             return Ok(());
         }
         let node_config = NodeConfig {
-            listen: Some(self.config.listen.unwrap_or_else(any_address)),
+            listen: Some(self.config.listen.unwrap_or_else(crate::sync::any_address)),
             peers,
             max_peers: self.config.max_peers,
             discovery: self
@@ -362,14 +362,6 @@ impl Daemon {
 }
 
 /// Every address on an ephemeral port: dual-stack where the host has IPv6.
-fn any_address() -> std::net::SocketAddr {
-    let v6 = std::net::TcpListener::bind("[::]:0").is_ok();
-    // Invariant: both are constant, valid socket addresses.
-    (if v6 { "[::]:0" } else { "0.0.0.0:0" })
-        .parse()
-        .expect("a constant address")
-}
-
 /// A folder's last status report (its `status.json`), with its path.
 fn status(f: &FolderConfig) -> serde_json::Value {
     let st = f.path.join(crate::drive::STATE_DIR).join("status.json");
@@ -382,7 +374,6 @@ fn status(f: &FolderConfig) -> serde_json::Value {
     v
 }
 
-/// Logs what the node reports, on a thread of its own until the node stops.
 /// Logs the node's events and every folder's, on a thread of its own (the loop never waits
 /// for the log), until the node stops.
 fn log_events(events: Receiver<NodeEvent>, drives: Vec<(PathBuf, Receiver<DriveEvent>)>) {

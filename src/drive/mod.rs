@@ -116,13 +116,7 @@ pub fn url(key: &[u8; 32]) -> String {
 pub fn parse_url(s: &str) -> Result<[u8; 32], DriveError> {
     let h = s.strip_prefix("feedsync://").unwrap_or(s);
     let bad = || DriveError::BadUrl(s.to_string());
-    if h.len() != 64 {
-        return Err(bad());
-    }
-    let mut key = [0u8; 32];
-    for (i, k) in key.iter_mut().enumerate() {
-        *k = u8::from_str_radix(h.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
-    }
+    let key = crate::util::parse_hex32(h).ok_or_else(bad)?;
     // A mistyped key is refused here, not later as a "corrupt store".
     ed25519_dalek::VerifyingKey::from_bytes(&key).map_err(|_| bad())?;
     Ok(key)

@@ -88,7 +88,7 @@ impl NodeConfig {
             stop: None,
             stall_timeout: Duration::from_secs(30),
             discovery: None,
-            max_peers: 128,
+            max_peers: DEFAULT_MAX_PEERS,
         }
     }
 }
@@ -97,6 +97,19 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Peers kept at most by default (see [`NodeConfig::max_peers`]).
+pub const DEFAULT_MAX_PEERS: usize = 128;
+
+/// Every address of this host, port 0: IPv6 dual-stack where the host has IPv6, else IPv4.
+pub fn any_address() -> SocketAddr {
+    let ip: std::net::IpAddr = if std::net::TcpListener::bind("[::]:0").is_ok() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    SocketAddr::new(ip, 0)
 }
 
 /// Asks a running node to do something.
