@@ -336,8 +336,8 @@ impl BlockData for FolderBlocks {
                 continue;
             };
             let (temp, pos) = match &slot.pending {
-                None => match slot.info.block_at().position(|b| b == index) {
-                    Some(pos) => (false, pos as u64),
+                None => match positions_of(&slot.info, index).next() {
+                    Some(pos) => (false, pos),
                     None => continue,
                 },
                 Some(p) => match positions_of(&slot.info, index).find(|&q| p.done.get(q)) {

@@ -59,7 +59,6 @@ impl Layout {
         {
             // The handle the blocks were written through (created here for an empty file).
             let f = self.handle(id, true, true).map_err(io_err)?;
-            f.set_len(info.size).map_err(io_err)?;
             let mode = if info.executable { 0o755 } else { 0o644 };
             f.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(io_err)?;
