@@ -280,7 +280,7 @@ fn malicious_node(feed: Feed<feedsync::core::MemoryStorage>, lie: Lie, secs: u64
                     outs.insert(conn, outbound);
                     rep.handle_connected(conn, &handshake_hash, initiator);
                 }
-                Ok(Inbound::Message { conn, message }) => rep.handle_message(conn, message),
+                Ok(Inbound::Message { conn, message, .. }) => rep.handle_message(conn, message),
                 Ok(Inbound::Disconnected { conn, .. }) => {
                     outs.remove(&conn);
                     rep.handle_disconnected(conn);

@@ -285,6 +285,9 @@ pub enum Inbound {
         conn: ConnId,
         /// The message.
         message: Message,
+        /// What it counts against the connection's inbound budget ([`message_cost`]): the
+        /// synchronizer gives exactly this back when it has handled the message.
+        cost: usize,
     },
     /// The connection sent everything queued for it: the synchronizer may queue more answers.
     /// Without this, a drained connection would idle until some other event woke the loop.
@@ -474,7 +477,17 @@ async fn read_loop(
             }
             stats.inbound.fetch_add(cost, Ordering::AcqRel);
             stats.inbound_messages.fetch_add(1, Ordering::AcqRel);
-            if !deliver(tx, Inbound::Message { conn, message }, cancel).await {
+            if !deliver(
+                tx,
+                Inbound::Message {
+                    conn,
+                    message,
+                    cost,
+                },
+                cancel,
+            )
+            .await
+            {
                 return None;
             }
         }

@@ -39,7 +39,7 @@ pub const CONTROL_RESERVE: usize = 8;
 /// Block bytes one connection may have queued: answers are pulled only below this, so a slow
 /// peer holds at most this much of our memory (plus one answer).
 pub const UPLOAD_BUDGET: usize = 4 * 1024 * 1024;
-/// Bytes (as held in memory, see [`backlog_cost`]) of messages one connection may have waiting
+/// Bytes (as held in memory, see [`net::message_cost`]) of messages one connection may have waiting
 /// beyond its queue before it counts as too far behind and is cut. A budget in bytes, not in
 /// messages: a burst of small control messages (one `Unhave` per block of a deleted 1 GiB file is
 /// 16,384 of them) is a normal event, not a slow peer.
@@ -47,11 +47,6 @@ pub const BACKLOG_BUDGET: usize = 16 * 1024 * 1024;
 /// Connections kept at most for peers that opened no channel yet (strangers), beyond
 /// `max_peers`: a newcomer past this evicts the oldest stranger.
 pub const MAX_STRANGERS: usize = 32;
-
-/// What a queued message holds of our memory (the backlog's budget counts this).
-pub fn backlog_cost(m: &Message) -> usize {
-    net::message_cost(m)
-}
 
 /// A connection that finished its handshake, as the transport hands it over.
 pub struct Incoming {
@@ -138,7 +133,7 @@ struct Conn {
     stats: Arc<net::ConnStats>,
     /// Control messages that did not fit in the queue yet.
     backlog: VecDeque<Message>,
-    /// What `backlog` holds, by [`backlog_cost`].
+    /// What `backlog` holds, by [`net::message_cost`].
     backlog_bytes: usize,
     /// When the connection was admitted (a stranger must open a channel within a deadline).
     since: Instant,
@@ -340,7 +335,7 @@ impl Connections {
         } else {
             message
         };
-        c.backlog_bytes += backlog_cost(&message);
+        c.backlog_bytes += net::message_cost(&message);
         c.backlog.push_back(message);
         if c.backlog_bytes > BACKLOG_BUDGET {
             // This connection's decision alone: the others keep their own budgets.
@@ -357,7 +352,7 @@ impl Connections {
             return false;
         };
         while let Some(m) = c.backlog.pop_front() {
-            let cost = backlog_cost(&m);
+            let cost = net::message_cost(&m);
             match c.outbound.try_send(m) {
                 Ok(()) => c.backlog_bytes -= cost,
                 Err(TrySendError::Full(m)) => {

@@ -440,9 +440,13 @@ impl Node {
                     }
                 }
             }
-            Inbound::Message { conn, message } => {
+            Inbound::Message {
+                conn,
+                message,
+                cost,
+            } => {
                 if let Some(peer) = self.conns.peer(conn) {
-                    self.conns.handled(conn, net::message_cost(&message));
+                    self.conns.handled(conn, cost);
                     // The replicator answers a goodbye with `Done`; the peer's own reason is
                     // what the user wants to see.
                     if let Message::Goodbye(g) = &message {
