@@ -56,6 +56,15 @@ impl<A: Ord + Clone> PeerBook<A> {
             .collect()
     }
 
+    /// When `addr` is dialled next: `None` if it is not in the book, connected, or never to be
+    /// dialled again (it was ourselves).
+    pub fn next_attempt(&self, addr: &A) -> Option<u64> {
+        self.entries
+            .get(addr)
+            .filter(|e| !e.connected && !e.ourselves)
+            .map(|e| e.next_attempt)
+    }
+
     fn backoff(&self, failures: u32) -> u64 {
         let exp = self
             .base

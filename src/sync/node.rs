@@ -483,23 +483,12 @@ impl Node {
         }
     }
 
-    /// Ticks until the peer book dials `addr` again. The book keeps the time to itself, so this
-    /// finds it by bisection over `due` (monotonic in time); only on a failed dial.
+    /// Ticks until the peer book dials `addr` again (0: now, or not at all).
     fn retry_in(&self, addr: &SocketAddr) -> u64 {
-        let due = |t: u64| self.book.due(t).contains(addr);
-        let (mut lo, mut hi) = (self.tick, self.tick + 2 * BACKOFF_MAX);
-        if due(lo) || !due(hi) {
-            return 0;
+        match self.book.next_attempt(addr) {
+            Some(t) if t > self.tick && t <= self.tick + 2 * BACKOFF_MAX => t - self.tick,
+            _ => 0,
         }
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if due(mid) {
-                hi = mid;
-            } else {
-                lo = mid;
-            }
-        }
-        hi - self.tick
     }
 
     /// Closes `conn`, telling the replicator and the user if it was the peer's connection.
