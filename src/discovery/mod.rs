@@ -66,7 +66,7 @@ pub struct DiscoveryConfig {
 /// The tag announced for a feed: 16 hex digits derived from its discovery key.
 pub fn tag(discovery_key: &[u8; 32]) -> String {
     let h = blake3::derive_key("feedsync 2026-11 mdns feed tag", discovery_key);
-    h[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::util::hex(&h[..8])
 }
 
 /// Something discovery wants its owner to know, after the start. The synchronizer forwards
@@ -151,7 +151,7 @@ impl Discovery {
                     })?;
             }
         }
-        let id: String = node_id[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let id = crate::util::hex(&node_id[..8]);
         let tags: BTreeSet<String> = discovery_keys.iter().map(tag).collect();
         let list: Vec<&String> = tags.iter().collect();
         let mut props = vec![("id".to_string(), id.clone())];
