@@ -27,6 +27,7 @@ pub mod core;
 pub mod daemon;
 pub mod discovery;
 pub mod drive;
+pub mod fsio;
 pub mod net;
 pub mod storage;
 pub mod sync;
