@@ -500,3 +500,65 @@ mod needs_root {
         assert_eq!(read("daemon.status").trim(), "0", "{log}");
     }
 }
+
+/// A state directory another local user could control is refused before anything in it is
+/// read: the daemon exits with one line naming the directory at fault, and a `folders.json`
+/// planted there is not acted on (its folder is not shared). Before, a daemon (as root, in the
+/// example unit) read the planted list and shared what it named, and the directory's owner could
+/// replace the control socket.
+#[test]
+fn a_state_directory_others_could_swap_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = folder(tmp.path(), "secret");
+    let refused = |state: &Path, want: &str, at_fault: &Path| {
+        std::fs::write(
+            state.join("folders.json"),
+            format!(r#"[{{"path": {secret:?}}}]"#),
+        )
+        .unwrap();
+        let conf = tmp.path().join("daemon.toml");
+        std::fs::write(
+            &conf,
+            format!("state_dir = {state:?}\ndiscovery = false\nlisten = \"127.0.0.1:0\"\n"),
+        )
+        .unwrap();
+        let mut d = Daemon::start(&conf, state);
+        let (status, log) = d.wait_exit(30);
+        assert_eq!(status.code(), Some(1), "{want}: {status:?} {log:?}");
+        assert_eq!(log.len(), 1, "{want}: not one line: {log:?}");
+        assert!(
+            log[0].starts_with(&format!("feedsync: {}: ", at_fault.display()))
+                && log[0].contains(want),
+            "{want}: {log:?}"
+        );
+        assert!(
+            !secret.join(".feedsync").exists(),
+            "{want}: the planted folders.json was acted on"
+        );
+        assert!(!state.join("control.sock").exists(), "{want}: socket");
+    };
+
+    // Below a directory anyone may write (not sticky): the state directory could be swapped.
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let state = open.join("state");
+    std::fs::create_dir(&state).unwrap();
+    refused(&state, "is writable by other users", &open);
+
+    // A symlink as the state directory.
+    let real = tmp.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    refused(&link, "is a symbolic link", &link);
+
+    // Owned by another user (only root in the initial user namespace can make one: in a user
+    // namespace of its own, 65534 is not mapped and the chown fails).
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    match std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)) {
+        Ok(()) => refused(&theirs, "is owned by uid 65534", &theirs),
+        Err(e) => eprintln!("a state directory owned by another user is not tried: chown: {e}"),
+    }
+}
