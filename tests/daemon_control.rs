@@ -418,7 +418,11 @@ mod needs_root {
     D=$!
     for i in $(seq 1200); do grep -q "daemon ready" "$OUT/daemon.log" && break; sleep 0.05; done
     grep -q "daemon ready" "$OUT/daemon.log" || { kill $D; exit 91; }
-    run() { name=$1; shift; "$BIN" "$@" --state-dir "$STATE" > "$OUT/$name.out" 2> "$OUT/$name.err"; echo $? > "$OUT/$name.status"; }
+    run() {
+        name=$1; shift
+        "$BIN" "$@" --state-dir "$STATE" > "$OUT/$name.out" 2> "$OUT/$name.err"
+        echo $? > "$OUT/$name.status"
+    }
     run add_a add "$A"
     cp "$STATE/folders.json" "$OUT/before.json"
     cat /dev/zero > "$MNT/filler" 2> /dev/null

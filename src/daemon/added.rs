@@ -36,7 +36,10 @@ pub fn load(state_dir: &Path) -> Result<Vec<FolderConfig>, ConfigError> {
 /// clone, a URL that parses. The file is ours (in a 0700 directory), but a half-restored backup
 /// or a hand edit is checked as carefully as a config file.
 fn parse(file: &Path, bytes: &[u8]) -> Result<Vec<FolderConfig>, ConfigError> {
-    let hint = "(the folders added with `feedsync add`; repair the file, or move it away to start with none)";
+    let hint = concat!(
+        "(the folders added with `feedsync add`; ",
+        "repair the file, or move it away to start with none)"
+    );
     let folders: Vec<FolderConfig> = serde_json::from_slice(bytes).map_err(|e| {
         // serde_json counts lines from 1; 0 means it has none to give.
         let problem = format!("not a list of folders: {e} {hint}");

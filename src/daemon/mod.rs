@@ -30,7 +30,8 @@
 //! - this file: [`run`], the daemon's loop, and the one [`restart`](Daemon::restart) path.
 //!
 //! Folders added over the control socket are kept in `STATE_DIR/folders.json` and survive
-//! restarts; an `add` or `remove` whose save fails is undone and answered with the error. Signals belong to the binary: it forwards them as [`DaemonSignal`]s (SIGHUP reloads,
+//! restarts; an `add` or `remove` whose save fails is undone and answered with the error.
+//! Signals belong to the binary: it forwards them as [`DaemonSignal`]s (SIGHUP reloads,
 //! SIGINT/SIGTERM stop in order) and exits at once on a second stop signal itself.
 //!
 //! Any change of the folder set (start, reload, add, remove) goes through one path: stop the
