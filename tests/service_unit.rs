@@ -224,3 +224,203 @@ fn the_unit_verifies_and_its_exposure_stays_low() {
         "exposure {score} is over {MAX_EXPOSURE}: {stdout}"
     );
 }
+
+/// The unit's `SystemCallFilter=` lines as one set of allowed system calls: the first line
+/// allows (groups expanded as `systemd-analyze syscall-filter` lists them), each `~` line denies.
+fn allowed_syscalls(analyze: &str, filters: &[String]) -> std::collections::BTreeSet<String> {
+    use std::collections::BTreeSet;
+    let out = Command::new(analyze)
+        .args(["syscall-filter", "--no-pager"])
+        .output()
+        .unwrap();
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut current = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if line.starts_with('@') {
+            current = Some(t.to_string());
+            groups.insert(t.to_string(), Vec::new());
+        } else if let Some(g) = &current {
+            let name = t.split_whitespace().next().unwrap_or(t).to_string();
+            groups
+                .get_mut(g)
+                .into_iter()
+                .for_each(|v| v.push(name.clone()));
+        }
+    }
+    fn expand(
+        name: &str,
+        groups: &BTreeMap<String, Vec<String>>,
+        out: &mut BTreeSet<String>,
+        depth: usize,
+    ) {
+        assert!(depth < 16, "syscall groups nest too deep at {name}");
+        if name.starts_with('@') {
+            let members = groups
+                .get(name)
+                .unwrap_or_else(|| panic!("unknown syscall group {name}"));
+            for m in members {
+                expand(m, groups, out, depth + 1);
+            }
+        } else {
+            out.insert(name.to_string());
+        }
+    }
+    let mut allowed = BTreeSet::new();
+    for (i, line) in filters.iter().enumerate() {
+        let (deny, names) = match line.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, line.as_str()),
+        };
+        assert_eq!(
+            deny,
+            i > 0,
+            "the first filter allows, the others deny: {filters:?}"
+        );
+        let mut set = BTreeSet::new();
+        for n in names.split_whitespace() {
+            expand(n, &groups, &mut set, 0);
+        }
+        if deny {
+            allowed.retain(|s| !set.contains(s));
+        } else {
+            allowed = set;
+        }
+    }
+    allowed
+}
+
+/// Tests that need root (a network namespace of their own): see `tests/common` for how
+/// `scripts/test` runs them.
+mod needs_root {
+    use super::*;
+
+    /// Two daemons (a share and a clone, over loopback in a private network namespace, LAN
+    /// discovery on inside it), an edit, `add`, `status`, `remove`, SIGHUP and SIGTERM, traced
+    /// with strace: every system call made is one the unit's filter allows, and every socket is
+    /// of a family it allows. A dependency that starts calling something new (and would fail
+    /// with EPERM under systemd) fails here first.
+    #[test]
+    fn the_daemon_calls_only_what_the_unit_allows() {
+        let Some(analyze) = systemd_analyze() else {
+            return;
+        };
+        if !Command::new("strace")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            eprintln!("strace not installed: the daemon's system calls are not checked");
+            return;
+        }
+        let keys = service_keys(&std::fs::read_to_string(UNIT).unwrap());
+        let allowed = allowed_syscalls(analyze, &keys["SystemCallFilter"]);
+        let families: Vec<&str> = one(&keys, "RestrictAddressFamilies")
+            .split_whitespace()
+            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let script = r#"
+    set -u
+    ip link set lo up || exit 90
+    # strace runs each daemon as its child: signals go to the daemon (pgrep -P), and whatever
+    # happens, nothing started here outlives the script.
+    P1=; P2=
+    trap 'for p in $P1 $P2; do pkill -KILL -P $p; kill -KILL $p; done 2> /dev/null' EXIT
+    daemon() { pgrep -P "$1"; }
+    mkdir -p "$D/a/sub" "$D/c" "$D/b"
+    for i in 1 2 3; do head -c 300000 /dev/urandom > "$D/a/f$i"; done
+    echo hi > "$D/a/sub/x"; echo b > "$D/b/y"
+    printf 'state_dir = "%s"\nlisten = "127.0.0.1:0"\n[[folder]]\npath = "%s"\n' \
+        "$D/s1" "$D/a" > "$D/one.toml"
+    # wait_for FILE TEXT: up to 60 s for a line with TEXT.
+    wait_for() {
+        for i in $(seq 1200); do grep -q "$2" "$1" && return 0; sleep 0.05; done
+        return 1
+    }
+    strace -f -qq -o "$D/trace1" "$BIN" daemon --config "$D/one.toml" > /dev/null 2> "$D/log1" &
+    P1=$!
+    # Both lines: the address is logged by the node, after "daemon ready" at times.
+    wait_for "$D/log1" "daemon ready" && wait_for "$D/log1" "listening address=" || exit 91
+    URL=$(grep -o 'feedsync://[0-9a-f]*' "$D/log1" | head -1)
+    ADDR=$(grep -o 'listening address=[0-9.:]*' "$D/log1" | head -1 | cut -d= -f2)
+    printf 'state_dir = "%s"\nlisten = "127.0.0.1:0"\n[[folder]]\npath = "%s"\n' \
+        "$D/s2" "$D/c" > "$D/two.toml"
+    printf 'url = "%s"\npeers = ["%s"]\n' "$URL" "$ADDR" >> "$D/two.toml"
+    strace -f -qq -o "$D/trace2" "$BIN" daemon --config "$D/two.toml" > /dev/null 2> "$D/log2" &
+    P2=$!
+    wait_for "$D/log2" "up to date" || exit 92
+    echo more > "$D/a/f4"; rm "$D/a/f1"
+    for i in $(seq 1200); do [ -f "$D/c/f4" ] && [ ! -e "$D/c/f1" ] && break; sleep 0.05; done
+    "$BIN" add "$D/b" --state-dir "$D/s1" > /dev/null || exit 93
+    "$BIN" status --state-dir "$D/s1" > /dev/null || exit 93
+    "$BIN" remove "$D/b" --state-dir "$D/s1" > /dev/null || exit 93
+    kill -HUP "$(daemon $P1)"
+    wait_for "$D/log1" "configuration reloaded" || exit 94
+    kill -TERM "$(daemon $P2)" "$(daemon $P1)"
+    wait $P1 || exit 95
+    wait $P2 || exit 95
+    "#;
+        let status = Command::new("unshare")
+            .args(["-n", "bash", "-c", script])
+            .env("BIN", env!("CARGO_BIN_EXE_feedsync"))
+            .env("D", tmp.path())
+            .status()
+            .expect("run unshare (util-linux)");
+        let read = |name: &str| std::fs::read_to_string(tmp.path().join(name)).unwrap_or_default();
+        assert_ne!(
+            status.code(),
+            Some(90),
+            "no network namespace of our own (this test needs root)"
+        );
+        assert!(
+            status.success(),
+            "the traced session failed: {status:?}\n{}\n{}",
+            read("log1"),
+            read("log2")
+        );
+        let mut called = std::collections::BTreeSet::new();
+        let mut sockets = std::collections::BTreeSet::new();
+        for line in read("trace1").lines().chain(read("trace2").lines()) {
+            // "PID name(args) = result"; resumptions, signals and exits have no "name(".
+            let Some((_, call)) = line.split_once(' ') else {
+                continue;
+            };
+            let call = call.trim_start();
+            let Some((name, args)) = call.split_once('(') else {
+                continue;
+            };
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                continue;
+            }
+            called.insert(name.to_string());
+            if name == "socket" || name == "socketpair" {
+                sockets.insert(args.split(',').next().unwrap_or("").to_string());
+            }
+        }
+        assert!(called.len() > 30, "too few calls traced: {called:?}");
+        let outside: Vec<_> = called.iter().filter(|c| !allowed.contains(*c)).collect();
+        assert!(
+            outside.is_empty(),
+            "calls the unit's filter refuses: {outside:?}"
+        );
+        let refused: Vec<_> = sockets
+            .iter()
+            .filter(|f| !families.contains(&f.as_str()))
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "socket families the unit refuses: {refused:?}"
+        );
+        eprintln!(
+            "{} distinct system calls, all allowed; socket families {sockets:?}",
+            called.len()
+        );
+    }
+}
