@@ -293,6 +293,34 @@ fn allowed_syscalls(analyze: &str, filters: &[String]) -> std::collections::BTre
     allowed
 }
 
+/// System calls that create, change or remove what a path names.
+const WRITING_CALLS: &[&str] = &[
+    "mkdir",
+    "mkdirat",
+    "rename",
+    "renameat",
+    "renameat2",
+    "unlink",
+    "unlinkat",
+    "rmdir",
+    "chmod",
+    "fchmodat",
+    "fchmodat2",
+    "chown",
+    "lchown",
+    "fchownat",
+    "utimensat",
+    "utimes",
+    "symlink",
+    "symlinkat",
+    "link",
+    "linkat",
+    "truncate",
+    "mknod",
+    "mknodat",
+    "bind",
+];
+
 /// Tests that need root (a network namespace of their own): see `tests/common` for how
 /// `scripts/test` runs them.
 mod needs_root {
@@ -300,8 +328,9 @@ mod needs_root {
 
     /// Two daemons (a share and a clone, over loopback in a private network namespace, LAN
     /// discovery on inside it), an edit, `add`, `status`, `remove`, SIGHUP and SIGTERM, traced
-    /// with strace: every system call made is one the unit's filter allows, and every socket is
-    /// of a family it allows. A dependency that starts calling something new (and would fail
+    /// with strace: every system call made is one the unit's filter allows, every socket is of
+    /// a family it allows, and nothing is written outside the state directory and the folders
+    /// (what `ProtectSystem=strict` with `ReadWritePaths=` leaves writable). A dependency that starts calling something new (and would fail
     /// with EPERM under systemd) fails here first.
     #[test]
     fn the_daemon_calls_only_what_the_unit_allows() {
@@ -383,6 +412,7 @@ mod needs_root {
         );
         let mut called = std::collections::BTreeSet::new();
         let mut sockets = std::collections::BTreeSet::new();
+        let mut written_outside = std::collections::BTreeSet::new();
         for line in read("trace1").lines().chain(read("trace2").lines()) {
             // "PID name(args) = result"; resumptions, signals and exits have no "name(".
             let Some((_, call)) = line.split_once(' ') else {
@@ -403,7 +433,30 @@ mod needs_root {
             if name == "socket" || name == "socketpair" {
                 sockets.insert(args.split(',').next().unwrap_or("").to_string());
             }
+            // Paths written or changed: under ProtectSystem=strict only the state directory
+            // and the folders may be (here, both are in the test's directory). Relative paths
+            // are resolved against a directory already opened, which this checks where it was
+            // opened.
+            let opens = matches!(name, "open" | "openat" | "openat2" | "creat");
+            let writes = if opens {
+                ["O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC"]
+                    .iter()
+                    .any(|f| args.contains(f))
+            } else {
+                WRITING_CALLS.contains(&name)
+            };
+            if writes {
+                for path in args.split('"').skip(1).step_by(2) {
+                    if path.starts_with('/') && !Path::new(path).starts_with(tmp.path()) {
+                        written_outside.insert(format!("{name} {path}"));
+                    }
+                }
+            }
         }
+        assert!(
+            written_outside.is_empty(),
+            "written outside the state directory and the folders: {written_outside:?}"
+        );
         assert!(called.len() > 30, "too few calls traced: {called:?}");
         let outside: Vec<_> = called.iter().filter(|c| !allowed.contains(*c)).collect();
         assert!(
