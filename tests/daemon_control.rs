@@ -566,3 +566,36 @@ fn a_state_directory_others_could_swap_is_refused() {
         Err(e) => eprintln!("a state directory owned by another user is not tried: chown: {e}"),
     }
 }
+
+/// The state directory belongs to one daemon at a time, decided by a lock and not by whether a
+/// socket answers: a second daemon that starts while the first has not bound its socket yet (or
+/// whose socket was unlinked) is refused, and leaves the first's files alone. Before, it
+/// unlinked the socket, bound its own, and both rewrote `folders.json`.
+#[test]
+fn a_second_daemon_on_a_locked_state_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, state) = config(tmp.path(), "127.0.0.1:0", &[]);
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Another daemon, as far as the lock goes, between taking it and binding its socket; its
+    // socket path holds a file that must survive.
+    let holder = std::fs::File::open(&state).unwrap();
+    holder.try_lock().unwrap();
+    std::fs::write(state.join("control.sock"), b"not ours").unwrap();
+    let mut d = Daemon::start(&conf, &state);
+    let (status, log) = d.wait_exit(30);
+    assert_eq!(status.code(), Some(1), "{status:?} {log:?}");
+    assert_eq!(log.len(), 1, "not one line: {log:?}");
+    assert!(log[0].contains("already running"), "{log:?}");
+    assert_eq!(
+        std::fs::read(state.join("control.sock")).unwrap(),
+        b"not ours",
+        "the other daemon's socket was replaced"
+    );
+    // Once the lock is free, a stale socket file is replaced and the daemon starts.
+    drop(holder);
+    let mut d = Daemon::start(&conf, &state);
+    d.wait_line(30, "daemon ready");
+    assert_eq!(d.raw(r#"{"cmd":"status"}"#)["reply"], "status");
+    assert!(d.terminate().success(), "{:?}", d.log);
+}

@@ -153,9 +153,23 @@ pub fn parse_request(line: &str) -> Result<Request, Reply> {
 /// A request from a client, and where its answer goes.
 pub type Incoming = (Request, crossbeam_channel::Sender<Reply>);
 
-/// Makes `state_dir` (0700) and binds the control socket in it (0600). Refuses when another
-/// daemon answers there; a stale socket file is replaced.
-pub fn bind(state_dir: &Path) -> Result<UnixListener, BindError> {
+/// The control socket, and the lock that makes this daemon the only one on its state directory
+/// (held until it is dropped).
+pub struct Bound {
+    /// The control socket.
+    pub listener: UnixListener,
+    /// An exclusive `flock` on the state directory itself.
+    _lock: fs::File,
+}
+
+/// Makes `state_dir` (0700), takes its lock and binds the control socket in it (0600). Refuses
+/// when another daemon holds the directory; a stale socket file is replaced.
+///
+/// The lock, not the socket, decides: two daemons started at the same moment both find no
+/// socket answering, and without it the second would unlink the first's socket (leaving it
+/// running and unreachable) and both would rewrite `folders.json`, each dropping the other's
+/// folders.
+pub fn bind(state_dir: &Path) -> Result<Bound, BindError> {
     let at = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BindError::Io { path, source }
@@ -164,13 +178,18 @@ pub fn bind(state_dir: &Path) -> Result<UnixListener, BindError> {
     check_state_dir(state_dir)?;
     fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(at(state_dir))?;
     let socket = socket_path(state_dir);
-    if UnixStream::connect(&socket).is_ok() {
+    // A lock on the directory, not on a file in it: nothing is left behind.
+    let lock = fs::File::open(state_dir).map_err(at(state_dir))?;
+    if lock.try_lock().is_err() || UnixStream::connect(&socket).is_ok() {
         return Err(BindError::AlreadyRunning(socket));
     }
     let _ = fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(at(&socket))?;
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)).map_err(at(&socket))?;
-    Ok(listener)
+    Ok(Bound {
+        listener,
+        _lock: lock,
+    })
 }
 
 /// Refuses a state directory another local user could control: a symlink, one owned by someone
@@ -276,7 +295,7 @@ pub enum BindError {
         /// Why, in one line.
         problem: String,
     },
-    /// Another daemon answers on this socket.
+    /// Another daemon holds this state directory's lock, or answers on its socket.
     #[error("a daemon is already running on {}", .0.display())]
     AlreadyRunning(PathBuf),
     /// Creating the directory or socket failed.

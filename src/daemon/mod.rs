@@ -88,7 +88,8 @@ pub fn run(
     signals: Receiver<DaemonSignal>,
 ) -> Result<(), DaemonError> {
     let config = read_config(config_path, state_dir.as_deref())?;
-    let listener = control::bind(&config.state_dir)?;
+    // Held until `run` returns: the state directory is this daemon's alone.
+    let bound = control::bind(&config.state_dir)?;
     let socket = socket_path(&config.state_dir);
     // Read after `bind` has made the state directory ours. A damaged list is an error: starting
     // with none would silently drop every folder the user added (and overwrite the file at the
@@ -111,7 +112,7 @@ pub fn run(
         let _ = fs::remove_file(&socket);
         return Err(e.into());
     }
-    control::serve(listener, requests_tx);
+    control::serve(bound.listener, requests_tx);
     tracing::info!(socket = %socket.display(), "daemon ready");
     loop {
         select! {
