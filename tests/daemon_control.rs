@@ -319,3 +319,283 @@ fn a_reload_that_cannot_start_goes_back_to_the_running_set() {
     assert!(d.terminate().success(), "{:?}", d.log);
     drop(taken);
 }
+
+/// `folders.json` that exists but is damaged or unreadable: the daemon refuses to start, with
+/// one line naming the file, and leaves the file as it was. Starting with no folders instead
+/// would silently drop every folder the user added, and the next `add` would overwrite the list.
+#[test]
+fn a_damaged_folders_json_stops_the_daemon_with_one_line_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let share = folder(tmp.path(), "share");
+    let (conf, state) = config(tmp.path(), "127.0.0.1:0", &[&share]);
+    std::fs::create_dir_all(&state).unwrap();
+    let list = state.join("folders.json");
+    // Cut short (a torn write), empty (a power cut under a writer that did not fsync), zeros, not
+    // a list, and not readable as a file at all.
+    let damaged: [&[u8]; 4] = [b"[{\"path\": \"/srv/a\"", b"", b"\0\0\0\0", b"{}"];
+    for bytes in damaged {
+        std::fs::write(&list, bytes).unwrap();
+        let mut d = Daemon::start(&conf, &state);
+        let (status, log) = d.wait_exit(30);
+        assert_eq!(status.code(), Some(2), "{bytes:?}: {status:?} {log:?}");
+        assert_eq!(log.len(), 1, "{bytes:?}: not one line: {log:?}");
+        assert!(
+            log[0].starts_with(&format!("feedsync: {}", list.display())),
+            "{bytes:?}: the line does not name the file first: {log:?}"
+        );
+        assert_eq!(std::fs::read(&list).unwrap(), bytes, "the file was changed");
+        assert!(!state.join("control.sock").exists(), "socket left behind");
+    }
+    std::fs::remove_file(&list).unwrap();
+    std::fs::create_dir(&list).unwrap();
+    let mut d = Daemon::start(&conf, &state);
+    let (status, log) = d.wait_exit(30);
+    assert_eq!(status.code(), Some(2), "a directory: {status:?} {log:?}");
+    assert_eq!(log.len(), 1, "not one line: {log:?}");
+    assert!(log[0].contains(list.to_str().unwrap()), "{log:?}");
+}
+
+/// A folder added over the socket survives a restart (the file is written whole, 0600, with no
+/// temporary left beside it).
+#[test]
+fn added_folders_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, state) = config(tmp.path(), "127.0.0.1:0", &[]);
+    let mut d = Daemon::start(&conf, &state);
+    d.wait_line(30, "daemon ready");
+    let share = folder(tmp.path(), "share");
+    let out = d.cli(&["add", share.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(d.terminate().success(), "{:?}", d.log);
+    let list = state.join("folders.json");
+    let mode = std::fs::metadata(&list).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "folders.json is readable by others");
+    let names: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["folders.json"],
+        "stray files in the state directory"
+    );
+    let mut d = Daemon::start(&conf, &state);
+    d.wait_line(30, "daemon ready");
+    let v = d.raw(r#"{"cmd":"status"}"#);
+    assert_eq!(v["folders"][0]["path"], share.to_str().unwrap(), "{v}");
+    assert!(d.terminate().success(), "{:?}", d.log);
+}
+
+/// Tests that need root (a tmpfs mount): see `tests/common` for how `scripts/test` runs them.
+mod needs_root {
+    use super::*;
+
+    /// A full disk under the state directory: `add` and `remove` answer with the error (naming
+    /// `folders.json` and the cause), are undone (what is served is what the file says), and the
+    /// old file is intact; once space is freed, `add` works again.
+    #[test]
+    fn a_failed_save_is_reported_undone_and_keeps_the_old_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let state = mnt.join("state");
+        let a = folder(tmp.path(), "a");
+        let b = folder(tmp.path(), "b");
+        let conf = tmp.path().join("daemon.toml");
+        std::fs::write(
+            &conf,
+            format!("state_dir = {state:?}\ndiscovery = false\nlisten = \"127.0.0.1:0\"\n"),
+        )
+        .unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        // Every step's exit status and output go to files in $OUT; the daemon runs in the
+        // private mount namespace that has the tmpfs, and so does every CLI call.
+        let script = r#"
+    set -u
+    mount -t tmpfs -o size=256k tmpfs "$MNT" || exit 90
+    "$BIN" daemon --config "$CONF" 2> "$OUT/daemon.log" &
+    D=$!
+    for i in $(seq 1200); do grep -q "daemon ready" "$OUT/daemon.log" && break; sleep 0.05; done
+    grep -q "daemon ready" "$OUT/daemon.log" || { kill $D; exit 91; }
+    run() {
+        name=$1; shift
+        "$BIN" "$@" --state-dir "$STATE" > "$OUT/$name.out" 2> "$OUT/$name.err"
+        echo $? > "$OUT/$name.status"
+    }
+    run add_a add "$A"
+    cp "$STATE/folders.json" "$OUT/before.json"
+    cat /dev/zero > "$MNT/filler" 2> /dev/null
+    run add_b add "$B"
+    run remove_a remove "$A"
+    run status_full status --json
+    cp "$STATE/folders.json" "$OUT/after.json"
+    ls -A "$STATE" > "$OUT/state.ls"
+    rm "$MNT/filler"
+    run add_b_again add "$B"
+    cp "$STATE/folders.json" "$OUT/final.json"
+    kill -TERM $D
+    wait $D
+    echo $? > "$OUT/daemon.status"
+    "#;
+        let status = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "bash", "-c", script])
+            .env("BIN", BIN)
+            .env("MNT", &mnt)
+            .env("CONF", &conf)
+            .env("STATE", &state)
+            .env("A", &a)
+            .env("B", &b)
+            .env("OUT", &out)
+            .status()
+            .expect("run unshare (util-linux)");
+        let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+        let log = read("daemon.log");
+        assert_ne!(
+            status.code(),
+            Some(90),
+            "could not mount a tmpfs in a private mount namespace (this test needs root)"
+        );
+        assert_ne!(status.code(), Some(91), "the daemon never got ready: {log}");
+        assert!(
+            status.success(),
+            "namespace script failed: {status:?}: {log}"
+        );
+        assert_eq!(read("add_a.status").trim(), "0", "{}", read("add_a.err"));
+        let before = read("before.json");
+        assert!(before.contains(a.to_str().unwrap()), "{before}");
+
+        // The add on a full disk is an error naming the file and the cause.
+        assert_ne!(read("add_b.status").trim(), "0", "add reported success");
+        let err = read("add_b.err");
+        assert!(
+            err.contains("folders.json") && err.contains("No space left"),
+            "{err}"
+        );
+        assert!(err.contains("was not added"), "{err}");
+        // So is the remove.
+        assert_ne!(
+            read("remove_a.status").trim(),
+            "0",
+            "remove reported success"
+        );
+        let err = read("remove_a.err");
+        assert!(
+            err.contains("folders.json") && err.contains("No space left"),
+            "{err}"
+        );
+        // The old file is intact, no temporary is left, and the daemon serves what it says.
+        assert_eq!(read("after.json"), before, "folders.json changed");
+        assert_eq!(
+            read("state.ls").split_whitespace().collect::<Vec<_>>(),
+            ["control.sock", "folders.json"]
+        );
+        let st = read("status_full.out");
+        assert!(st.contains(a.to_str().unwrap()), "a is not served: {st}");
+        assert!(!st.contains(b.to_str().unwrap()), "b is served: {st}");
+        // With space again, the add goes through.
+        assert_eq!(
+            read("add_b_again.status").trim(),
+            "0",
+            "{}",
+            read("add_b_again.err")
+        );
+        assert!(read("final.json").contains(b.to_str().unwrap()));
+        assert_eq!(read("daemon.status").trim(), "0", "{log}");
+    }
+}
+
+/// A state directory another local user could control is refused before anything in it is
+/// read: the daemon exits with one line naming the directory at fault, and a `folders.json`
+/// planted there is not acted on (its folder is not shared). Before, a daemon (as root, in the
+/// example unit) read the planted list and shared what it named, and the directory's owner could
+/// replace the control socket.
+#[test]
+fn a_state_directory_others_could_swap_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = folder(tmp.path(), "secret");
+    let refused = |state: &Path, want: &str, at_fault: &Path| {
+        std::fs::write(
+            state.join("folders.json"),
+            format!(r#"[{{"path": {secret:?}}}]"#),
+        )
+        .unwrap();
+        let conf = tmp.path().join("daemon.toml");
+        std::fs::write(
+            &conf,
+            format!("state_dir = {state:?}\ndiscovery = false\nlisten = \"127.0.0.1:0\"\n"),
+        )
+        .unwrap();
+        let mut d = Daemon::start(&conf, state);
+        let (status, log) = d.wait_exit(30);
+        assert_eq!(status.code(), Some(1), "{want}: {status:?} {log:?}");
+        assert_eq!(log.len(), 1, "{want}: not one line: {log:?}");
+        assert!(
+            log[0].starts_with(&format!("feedsync: {}: ", at_fault.display()))
+                && log[0].contains(want),
+            "{want}: {log:?}"
+        );
+        assert!(
+            !secret.join(".feedsync").exists(),
+            "{want}: the planted folders.json was acted on"
+        );
+        assert!(!state.join("control.sock").exists(), "{want}: socket");
+    };
+
+    // Below a directory anyone may write (not sticky): the state directory could be swapped.
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let state = open.join("state");
+    std::fs::create_dir(&state).unwrap();
+    refused(&state, "is writable by other users", &open);
+
+    // A symlink as the state directory.
+    let real = tmp.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    refused(&link, "is a symbolic link", &link);
+
+    // Owned by another user (only root in the initial user namespace can make one: in a user
+    // namespace of its own, 65534 is not mapped and the chown fails).
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    match std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)) {
+        Ok(()) => refused(&theirs, "is owned by uid 65534", &theirs),
+        Err(e) => eprintln!("a state directory owned by another user is not tried: chown: {e}"),
+    }
+}
+
+/// The state directory belongs to one daemon at a time, decided by a lock and not by whether a
+/// socket answers: a second daemon that starts while the first has not bound its socket yet (or
+/// whose socket was unlinked) is refused, and leaves the first's files alone. Before, it
+/// unlinked the socket, bound its own, and both rewrote `folders.json`.
+#[test]
+fn a_second_daemon_on_a_locked_state_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (conf, state) = config(tmp.path(), "127.0.0.1:0", &[]);
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Another daemon, as far as the lock goes, between taking it and binding its socket; its
+    // socket path holds a file that must survive.
+    let holder = std::fs::File::open(&state).unwrap();
+    holder.try_lock().unwrap();
+    std::fs::write(state.join("control.sock"), b"not ours").unwrap();
+    let mut d = Daemon::start(&conf, &state);
+    let (status, log) = d.wait_exit(30);
+    assert_eq!(status.code(), Some(1), "{status:?} {log:?}");
+    assert_eq!(log.len(), 1, "not one line: {log:?}");
+    assert!(log[0].contains("already running"), "{log:?}");
+    assert_eq!(
+        std::fs::read(state.join("control.sock")).unwrap(),
+        b"not ours",
+        "the other daemon's socket was replaced"
+    );
+    // Once the lock is free, a stale socket file is replaced and the daemon starts.
+    drop(holder);
+    let mut d = Daemon::start(&conf, &state);
+    d.wait_line(30, "daemon ready");
+    assert_eq!(d.raw(r#"{"cmd":"status"}"#)["reply"], "status");
+    assert!(d.terminate().success(), "{:?}", d.log);
+}

@@ -6,7 +6,11 @@
 //! `removed`, or `error` (with `error`, one line saying what is wrong).
 //!
 //! The socket lives in the state directory, which is made 0700, and is itself 0600: only its
-//! owner may talk to the daemon.
+//! owner (and root) may talk to the daemon. That holds only if nobody else can swap the
+//! directory: [`bind`] refuses a state directory that is a symlink or owned by another user, or
+//! that sits below a directory another user could rename it in (see `check_state_dir`). A daemon
+//! running as root in a state directory another user owns would read that user's
+//! `folders.json` (and share whatever it lists) and let them replace the control socket.
 
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -149,29 +153,149 @@ pub fn parse_request(line: &str) -> Result<Request, Reply> {
 /// A request from a client, and where its answer goes.
 pub type Incoming = (Request, crossbeam_channel::Sender<Reply>);
 
-/// Makes `state_dir` (0700) and binds the control socket in it (0600). Refuses when another
-/// daemon answers there; a stale socket file is replaced.
-pub fn bind(state_dir: &Path) -> Result<UnixListener, BindError> {
+/// The control socket, and the lock that makes this daemon the only one on its state directory
+/// (held until it is dropped).
+pub struct Bound {
+    /// The control socket.
+    pub listener: UnixListener,
+    /// An exclusive `flock` on the state directory itself.
+    _lock: fs::File,
+}
+
+/// Makes `state_dir` (0700), takes its lock and binds the control socket in it (0600). Refuses
+/// when another daemon holds the directory; a stale socket file is replaced.
+///
+/// The lock, not the socket, decides: two daemons started at the same moment both find no
+/// socket answering, and without it the second would unlink the first's socket (leaving it
+/// running and unreachable) and both would rewrite `folders.json`, each dropping the other's
+/// folders.
+pub fn bind(state_dir: &Path) -> Result<Bound, BindError> {
     let at = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BindError::Io { path, source }
     };
     fs::create_dir_all(state_dir).map_err(at(state_dir))?;
+    check_state_dir(state_dir)?;
     fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(at(state_dir))?;
     let socket = socket_path(state_dir);
-    if UnixStream::connect(&socket).is_ok() {
+    // A lock on the directory, not on a file in it: nothing is left behind.
+    let lock = fs::File::open(state_dir).map_err(at(state_dir))?;
+    if lock.try_lock().is_err() || UnixStream::connect(&socket).is_ok() {
         return Err(BindError::AlreadyRunning(socket));
     }
     let _ = fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(at(&socket))?;
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)).map_err(at(&socket))?;
-    Ok(listener)
+    Ok(Bound {
+        listener,
+        _lock: lock,
+    })
+}
+
+/// Refuses a state directory another local user could control: a symlink, one owned by someone
+/// else, or one below a directory that someone other than root or us owns or may write without
+/// the sticky bit (they could rename ours away and put theirs in its place). Both the path as
+/// given and the path with symlinks resolved are walked: a symlink on the way is only as safe as
+/// the directory it sits in, and where it points is checked too.
+fn check_state_dir(state_dir: &Path) -> Result<(), BindError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    let at = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BindError::Io { path, source }
+    };
+    let refuse = |path: &Path, problem: String| BindError::Unsafe {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let meta = fs::symlink_metadata(state_dir).map_err(at(state_dir))?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse(
+            state_dir,
+            "is a symbolic link; give the state directory's real path".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(refuse(state_dir, "is not a directory".into()));
+    }
+    if meta.uid() != me {
+        return Err(refuse(
+            state_dir,
+            format!(
+                "is owned by uid {}, not by this user (uid {me}); its owner could replace the \
+                 control socket or folders.json",
+                meta.uid()
+            ),
+        ));
+    }
+    let unmapped = in_user_namespace();
+    let given = std::path::absolute(state_dir).map_err(at(state_dir))?;
+    let resolved = fs::canonicalize(state_dir).map_err(at(state_dir))?;
+    for path in [given, resolved] {
+        for dir in path.ancestors().skip(1) {
+            let m = fs::symlink_metadata(dir).map_err(at(dir))?;
+            if m.file_type().is_symlink() {
+                // The link lives in the next ancestor (checked here); its target, in the
+                // resolved path (checked in the second pass).
+                continue;
+            }
+            if m.uid() != 0 && m.uid() != me && !(unmapped && m.uid() == OVERFLOW_UID) {
+                return Err(refuse(
+                    dir,
+                    format!(
+                        "is owned by uid {}, who could move the state directory {} away and \
+                         put their own in its place",
+                        m.uid(),
+                        state_dir.display()
+                    ),
+                ));
+            }
+            if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
+                return Err(refuse(
+                    dir,
+                    format!(
+                        "is writable by other users (mode {:o}, not sticky), who could move the \
+                         state directory {} away and put their own in its place",
+                        m.mode() & 0o7777,
+                        state_dir.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The owner the kernel shows for a file whose owner is not mapped into this user namespace
+/// (`/proc/sys/kernel/overflowuid`, which is 65534 unless changed).
+const OVERFLOW_UID: u32 = 65534;
+
+/// Whether this process runs in a user namespace other than the initial one (systemd's
+/// `PrivateUsers=`, `unshare -U`). There the host's root, who owns `/` and `/tmp`, shows as
+/// [`OVERFLOW_UID`] like every other unmapped user, so such an owner cannot be judged and is let
+/// pass (the permission bits are still checked). In the initial namespace 65534 is the real
+/// `nobody` and is refused like anyone else.
+fn in_user_namespace() -> bool {
+    // The initial namespace maps every ID to itself: one line, `0 0 4294967295`.
+    match fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => map.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"],
+        // No /proc: nothing to tell by; judge owners strictly.
+        Err(_) => false,
+    }
 }
 
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    /// Another daemon answers on this socket.
+    /// The state directory could be controlled by another local user.
+    #[error("{}: {problem}", path.display())]
+    Unsafe {
+        /// The directory at fault (the state directory or one above it).
+        path: PathBuf,
+        /// Why, in one line.
+        problem: String,
+    },
+    /// Another daemon holds this state directory's lock, or answers on its socket.
     #[error("a daemon is already running on {}", .0.display())]
     AlreadyRunning(PathBuf),
     /// Creating the directory or socket failed.

@@ -24,11 +24,14 @@
 //!
 //! # Layout
 //! - `config.rs`: the config file ([`Config`], [`ConfigError`] as `FILE:LINE: problem`).
+//! - `added.rs`: `folders.json`, the folders added over the control socket (a damaged file is
+//!   an error naming it, never an empty list; saved atomically and durably).
 //! - `control.rs`: the control socket's typed [`Request`]s and [`Reply`]s, client and server.
 //! - this file: [`run`], the daemon's loop, and the one [`restart`](Daemon::restart) path.
 //!
 //! Folders added over the control socket are kept in `STATE_DIR/folders.json` and survive
-//! restarts. Signals belong to the binary: it forwards them as [`DaemonSignal`]s (SIGHUP reloads,
+//! restarts; an `add` or `remove` whose save fails is undone and answered with the error.
+//! Signals belong to the binary: it forwards them as [`DaemonSignal`]s (SIGHUP reloads,
 //! SIGINT/SIGTERM stop in order) and exits at once on a second stop signal itself.
 //!
 //! Any change of the folder set (start, reload, add, remove) goes through one path: stop the
@@ -36,6 +39,7 @@
 //! change costs anyway. A failed start is an error of [`run`] (the caller exits non-zero); a
 //! failed restart later goes back to the previous set and is reported to whoever asked.
 
+mod added;
 mod config;
 mod control;
 
@@ -61,7 +65,8 @@ pub enum DaemonSignal {
 /// Why the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The config file is wrong (a usage error: the CLI exits 2).
+    /// The config file is wrong, or `folders.json` cannot be read or is damaged (a usage error:
+    /// the CLI exits 2, and the service manager does not retry what only a person can fix).
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The control socket could not be set up.
@@ -75,21 +80,6 @@ pub enum DaemonError {
     Stop(#[from] StopError),
 }
 
-fn added_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("folders.json")
-}
-
-fn load_added(state_dir: &Path) -> Vec<FolderConfig> {
-    fs::read(added_path(state_dir))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-fn save_added(state_dir: &Path, folders: &[FolderConfig]) -> std::io::Result<()> {
-    crate::util::write_atomic(&added_path(state_dir), &serde_json::to_vec_pretty(folders)?)
-}
-
 /// Runs the daemon until a [`DaemonSignal::Stop`] (or `signals` closes). `config_path` absent:
 /// no folders but those added over the control socket; `state_dir` overrides the config's.
 pub fn run(
@@ -98,11 +88,22 @@ pub fn run(
     signals: Receiver<DaemonSignal>,
 ) -> Result<(), DaemonError> {
     let config = read_config(config_path, state_dir.as_deref())?;
-    let listener = control::bind(&config.state_dir)?;
+    // Held until `run` returns: the state directory is this daemon's alone.
+    let bound = control::bind(&config.state_dir)?;
     let socket = socket_path(&config.state_dir);
+    // Read after `bind` has made the state directory ours. A damaged list is an error: starting
+    // with none would silently drop every folder the user added (and overwrite the file at the
+    // next `add`).
+    let added = match added::load(&config.state_dir) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = fs::remove_file(&socket);
+            return Err(e.into());
+        }
+    };
     let (requests_tx, requests) = crossbeam_channel::bounded::<control::Incoming>(16);
     let mut daemon = Daemon {
-        added: load_added(&config.state_dir),
+        added,
         config,
         node: None,
         urls: BTreeMap::new(),
@@ -111,7 +112,7 @@ pub fn run(
         let _ = fs::remove_file(&socket);
         return Err(e.into());
     }
-    control::serve(listener, requests_tx);
+    control::serve(bound.listener, requests_tx);
     tracing::info!(socket = %socket.display(), "daemon ready");
     loop {
         select! {
@@ -307,7 +308,8 @@ impl Daemon {
                 dir.display()
             ));
         }
-        let mut added = self.added.clone();
+        let previous = self.added.clone();
+        let mut added = previous.clone();
         added.push(FolderConfig {
             path: dir.clone(),
             url,
@@ -324,7 +326,9 @@ impl Daemon {
                 dir.display()
             ));
         };
-        self.save();
+        if let Err(e) = self.save_or_undo(previous) {
+            return Reply::error(format!("{e}; {} was not added", dir.display()));
+        }
         Reply::Added { dir, url }
     }
 
@@ -342,26 +346,33 @@ impl Daemon {
                 format!("{} is not served", dir.display())
             });
         }
-        let mut added = self.added.clone();
+        let previous = self.added.clone();
+        let mut added = previous.clone();
         added.retain(|f| f.path != dir);
         if let Err(e) = self.apply(self.config.clone(), added) {
             return Reply::error(e);
         }
-        self.save();
+        if let Err(e) = self.save_or_undo(previous) {
+            return Reply::error(format!("{e}; {} is still served", dir.display()));
+        }
         Reply::Removed { dir }
     }
 
-    fn save(&self) {
-        if let Err(e) = save_added(&self.config.state_dir, &self.added) {
-            tracing::error!(
-                "{}: {e} (added folders will not survive a restart)",
-                added_path(&self.config.state_dir).display()
-            );
+    /// Saves the added folders to `folders.json`. If that fails (a full disk, say), the running
+    /// set goes back to `previous`, which is what the file still holds: what the daemon serves
+    /// and what it will serve after a restart never differ, and the client is told.
+    fn save_or_undo(&mut self, previous: Vec<FolderConfig>) -> Result<(), String> {
+        let Err(e) = added::save(&self.config.state_dir, &self.added) else {
+            return Ok(());
+        };
+        tracing::error!("{e}; undoing the change");
+        if let Err(again) = self.apply(self.config.clone(), previous) {
+            tracing::error!("going back after a failed save: {again}");
         }
+        Err(e)
     }
 }
 
-/// Every address on an ephemeral port: dual-stack where the host has IPv6.
 /// A folder's last status report (its `status.json`), with its path.
 fn status(f: &FolderConfig) -> serde_json::Value {
     let st = f.path.join(crate::drive::STATE_DIR).join("status.json");
