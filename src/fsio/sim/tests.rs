@@ -1,5 +1,6 @@
 use super::*;
-use crate::fsio::OpenHow;
+use crate::fsio::{Dir, FileIo, Kind, OpenHow};
+use std::io::ErrorKind;
 
 fn write(d: &dyn Dir, rel: &str, bytes: &[u8]) -> Box<dyn FileIo> {
     let f = d.open(rel, OpenHow::CREATE).unwrap();
