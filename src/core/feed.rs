@@ -179,6 +179,28 @@ impl<S: Storage> Feed<S> {
         Some((self.length, crypto::tree_hash(&self.roots), sig.to_bytes()))
     }
 
+    /// The tree hash of our tree at `length` (at most ours): what our signature at that
+    /// length covered. For telling whether a peer's signed status is our own history.
+    pub fn tree_hash_at(&mut self, length: u64) -> Result<Hash, FeedError> {
+        if length > self.length {
+            return Err(FeedError::OutOfRange {
+                start: 0,
+                end: length,
+                length: self.length,
+            });
+        }
+        let mut roots = Vec::new();
+        for index in flat::full_roots(length) {
+            roots.push(self.node(index)?);
+        }
+        Ok(crypto::tree_hash(&roots))
+    }
+
+    /// Whether block bytes are kept by the store itself (see [`Storage::holds_data`]).
+    pub fn holds_data(&self) -> bool {
+        self.storage.holds_data()
+    }
+
     /// Checks a peer's status claim `(length, tree hash, signature)` against the public key.
     pub fn verify_status(&self, length: u64, tree_hash: &Hash, signature: &[u8; 64]) -> bool {
         length <= MAX_FEED_LENGTH

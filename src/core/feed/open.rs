@@ -50,6 +50,14 @@ impl<S: Storage> Feed<S> {
             bitfield.truncate(header.length);
             storage.write_bitfield(&bitfield, header.length..stored_bits)?;
         }
+        if signing_key.is_some() && header.length > candidates.durable_length {
+            // A writer's commit past the durable one was accepted because every block in it
+            // checked out (`recompute_since`): they are held, whether or not their bits made
+            // it to disk.
+            let range = candidates.durable_length..header.length;
+            bitfield.set_range(range.clone(), true);
+            storage.write_bitfield(&bitfield, range)?;
+        }
         let synced = storage.synced_bitfield()?;
         let mut feed = Self {
             storage,
