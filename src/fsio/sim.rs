@@ -25,6 +25,10 @@
 //!   Every handle opened before the cut fails from then on, as the process that held it is gone.
 //! - Errors can be injected: [`SimDisk::fail_next_syncs`] (a flush reports EIO and makes nothing
 //!   durable) and [`SimDisk::set_capacity`] (writes beyond a byte budget fail with ENOSPC).
+//!   A failed flush keeps its operations pending (a retry can still make them durable), which
+//!   is kinder than Linux, where a failed `fsync` may drop the dirty pages and a retry succeed.
+//! - [`SimDisk::stop_after`] stops the simulated process after a number of calls (every later
+//!   call fails), so a test can cut the power at any point inside a sequence of operations.
 //!
 //! There are no symlinks (the race tests run on the real disk); [`SimDisk::mkfifo`] plants an
 //! entry that is not a regular file.
