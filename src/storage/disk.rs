@@ -200,7 +200,9 @@ impl DiskStorage {
             durable_seq: 0,
             next_durable: DURABLE,
             newest: None,
-            dirty: !existed,
+            // What a killed process left in the page cache is not durable yet: the first sync
+            // flushes it before anything is announced.
+            dirty: true,
             dir_synced: false,
             unsynced_bits: None,
             legacy: false,
@@ -220,7 +222,6 @@ impl DiskStorage {
             if let Some(f) = &store.synced_bits {
                 f.write_all_at(&bits, 0)?;
             }
-            store.dirty = true;
         }
         Ok(store)
     }
