@@ -517,3 +517,44 @@ fn no_announced_length_is_lost_in_a_cut() {
         }
     }
 }
+
+/// The same, over the simulated network: a reader holds 5 blocks; the writer comes back from a
+/// disk that lied with 3. The reader's status reaches it, it reports the loss and refuses to
+/// sign again, and the reader is never offered a second history (it bans nobody).
+#[test]
+fn over_the_network_a_writer_that_lost_history_says_so_and_forks_nobody() {
+    use feedsync::core::sim::{Sim, SimConfig};
+    let key = SigningKey::from_bytes(&[15u8; 32]);
+    let mut w = Feed::create(MemoryStorage::new(), key).unwrap();
+    w.append_batch(&[b"a", b"b", b"c"]).unwrap();
+    let stale = w.storage_mut().clone();
+    w.append_batch(&[b"d", b"e"]).unwrap();
+    let pk = w.public_key();
+    let mut sim = Sim::new(3, 5, SimConfig::default(), |_| Config::default());
+    sim.nodes[0].add_feed(w, false);
+    sim.nodes[1].add_feed(
+        Feed::create_replica(MemoryStorage::new(), pk).unwrap(),
+        true,
+    );
+    sim.connect(1, 0);
+    assert!(sim.run_until(2_000_000, |s| s.nodes[1].feed(0).len() == 5
+        && s.nodes[1].is_complete(0)));
+    // The writer restarts on the stale store (node 2) and meets the reader.
+    sim.nodes[2].add_feed(Feed::open(stale).unwrap(), false);
+    sim.connect(1, 2);
+    let reported = sim.run_until(2_000_000, |s| {
+        s.events
+            .iter()
+            .any(|(_, n, e)| *n == 2 && matches!(e, Event::LostHistory { feed: 0, .. }))
+    });
+    assert!(reported, "the lost history is reported");
+    assert!(sim.nodes[2].append(0, &[b"X".to_vec()]).is_err());
+    sim.run_until(200_000, |_| false);
+    assert!(
+        !sim.events
+            .iter()
+            .any(|(_, _, e)| matches!(e, Event::Banned { .. })),
+        "nobody saw a fork"
+    );
+    assert_eq!(sim.nodes[1].feed(0).len(), 5);
+}
