@@ -128,6 +128,8 @@ struct State {
     epoch: u64,
     ns_pending: Vec<NsOp>,
     fail_syncs: u32,
+    /// Injected flush failures lose the file's pending writes.
+    failed_sync_loses: bool,
     capacity: Option<u64>,
     /// Calls left before the simulated process stops (every call fails until the cut).
     calls_left: Option<u64>,
@@ -200,6 +202,7 @@ impl SimDisk {
                 epoch: 0,
                 ns_pending: Vec::new(),
                 fail_syncs: 0,
+                failed_sync_loses: false,
                 capacity: None,
                 calls_left: None,
             })),
@@ -304,7 +307,18 @@ impl SimDisk {
     /// The next `n` flushes (file, directory or file system) fail with EIO and make nothing
     /// durable.
     pub fn fail_next_syncs(&self, n: u32) {
-        self.lock().fail_syncs = n;
+        let mut st = self.lock();
+        st.fail_syncs = n;
+        st.failed_sync_loses = false;
+    }
+
+    /// Like [`SimDisk::fail_next_syncs`], but a failed file flush also loses that file's
+    /// pending writes (reads still see them; a later flush succeeds without writing them):
+    /// what Linux does after a write-back error, and why a failed flush cannot just be retried.
+    pub fn fail_next_syncs_losing(&self, n: u32) {
+        let mut st = self.lock();
+        st.fail_syncs = n;
+        st.failed_sync_loses = true;
     }
 
     /// Stops the simulated process after `calls` more calls on any handle: from then on every
@@ -463,10 +477,18 @@ impl State {
         }
     }
 
-    /// A flush: fails if an injected failure is due.
-    fn flush_check(&mut self, what: &str) -> io::Result<()> {
+    /// A flush: fails if an injected failure is due. A failed flush of file `file` in the
+    /// losing mode ([`SimDisk::fail_next_syncs_losing`]) drops its pending writes from what
+    /// will reach the disk while reads still see them, as Linux does with the dirty pages of a
+    /// failed `fsync`.
+    fn flush_check(&mut self, what: &str, file: Option<Ino>) -> io::Result<()> {
         if self.fail_syncs > 0 {
             self.fail_syncs -= 1;
+            if self.failed_sync_loses
+                && let Some(Node::File(f)) = file.and_then(|i| self.nodes.get_mut(&i))
+            {
+                f.pending.retain(|op| !op.is_data());
+            }
             return Err(os_err(EIO, what));
         }
         Ok(())

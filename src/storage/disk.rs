@@ -101,6 +101,13 @@ pub struct DiskStorage {
     dir_synced: bool,
     /// Bytes of the bitfield file changed since the last `sync`.
     unsynced_bits: Option<Range<u64>>,
+    /// Bytes of the data and tree files written since the last successful `sync`.
+    unsynced_data: Option<Range<u64>>,
+    unsynced_tree: Option<Range<u64>>,
+    /// A flush failed: the kernel may have dropped the pages it could not write while reads
+    /// still show them, so a retried flush could succeed and write nothing. Before the next
+    /// one, everything written since the last good sync is written again.
+    rewrite: bool,
     /// A store from before the durable slots: its newest commit is taken as durable once.
     legacy: bool,
     /// Direct-mapped write-through cache of tree nodes known to be on disk (slot = index mod
@@ -111,6 +118,15 @@ pub struct DiskStorage {
 
 /// Node cache slots: 4096 x 48 bytes = 192 KiB, enough for the upper tree of any feed.
 const CACHE_SLOTS: usize = 4096;
+
+/// `range` grown to cover `len` bytes at `at`.
+fn widen(range: Option<Range<u64>>, at: u64, len: usize) -> Option<Range<u64>> {
+    let end = at.saturating_add(len as u64);
+    Some(match range {
+        Some(r) => r.start.min(at)..r.end.max(end),
+        None => at..end,
+    })
+}
 
 fn open_rw(path: &Path) -> io::Result<File> {
     OpenOptions::new()
@@ -205,6 +221,9 @@ impl DiskStorage {
             dirty: true,
             dir_synced: false,
             unsynced_bits: None,
+            unsynced_data: None,
+            unsynced_tree: None,
+            rewrite: false,
             legacy: false,
             cache: vec![None; CACHE_SLOTS],
         };
@@ -261,6 +280,9 @@ impl DiskStorage {
             dirty: false,
             dir_synced: true,
             unsynced_bits: None,
+            unsynced_data: None,
+            unsynced_tree: None,
+            rewrite: false,
             legacy: false,
             cache: vec![None; CACHE_SLOTS],
         };
@@ -301,6 +323,65 @@ impl DiskStorage {
             ));
         }
         Ok(slots)
+    }
+
+    /// Writes `range` of `file` again with what reads show (see `rewrite`).
+    fn rewrite_range(file: &dyn FileIo, range: &Option<Range<u64>>) -> io::Result<()> {
+        let Some(range) = range else {
+            return Ok(());
+        };
+        let end = range.end.min(file.metadata()?.len);
+        let mut at = range.start;
+        let mut buf = vec![0u8; 1 << 20];
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)?;
+            file.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// After a failed flush: everything written since the last good sync, written again.
+    fn rewrite_unsynced(&mut self) -> io::Result<()> {
+        if let Data::File(f) = &self.data {
+            Self::rewrite_range(&**f, &self.unsynced_data)?;
+        }
+        Self::rewrite_range(&*self.tree, &self.unsynced_tree)?;
+        Self::rewrite_range(&*self.bitfield, &self.unsynced_bits)?;
+        let commits = Some(0..(2 * header::SLOT_SIZE) as u64);
+        Self::rewrite_range(&*self.header, &commits)
+    }
+
+    /// The flushes of `sync`, in the order that makes the durable header true when it lands:
+    /// the directory entries (first time), block data, tree, bitfield and its synced copy, and
+    /// only then the durable header slot, flushed last.
+    fn flush_all(&mut self) -> io::Result<()> {
+        if self.rewrite {
+            self.rewrite_unsynced()?;
+        }
+        if !self.dir_synced {
+            self.root.sync()?;
+            self.dir_synced = true;
+        }
+        match &mut self.data {
+            Data::File(f) => f.sync_data()?,
+            Data::Blocks(b) => b.sync()?,
+        }
+        self.tree.sync_data()?;
+        self.bitfield.sync_data()?;
+        self.copy_synced_bits()?;
+        if let Some(h) = self.newest.clone()
+            && (self.seq > self.durable_seq || self.legacy)
+        {
+            header::write_slot(&*self.header, self.next_durable, self.seq, &h)?;
+            self.next_durable = if self.next_durable == DURABLE {
+                DURABLE + 1
+            } else {
+                DURABLE
+            };
+        }
+        self.header.sync_data()
     }
 
     /// Copies the bitfield bytes changed since the last sync into the synced copy.
@@ -451,6 +532,7 @@ impl Storage for DiskStorage {
             for n in &sorted[i..j] {
                 self.cache[n.index as usize % CACHE_SLOTS] = None;
             }
+            self.unsynced_tree = widen(self.unsynced_tree.take(), at, buf.len());
             self.tree.write_all_at(&buf, at)?;
             for n in &sorted[i..j] {
                 self.cache[n.index as usize % CACHE_SLOTS] = Some(**n);
@@ -469,6 +551,7 @@ impl Storage for DiskStorage {
 
     fn write_data(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.writable()?;
+        self.unsynced_data = widen(self.unsynced_data.take(), offset, data.len());
         match &mut self.data {
             Data::File(f) => f.write_all_at(data, offset),
             Data::Blocks(_) => Err(io::Error::other("this store is addressed by block")),
@@ -484,6 +567,7 @@ impl Storage for DiskStorage {
 
     fn write_block(&mut self, index: u64, offset: u64, data: &[u8]) -> io::Result<()> {
         self.writable()?;
+        self.unsynced_data = widen(self.unsynced_data.take(), offset, data.len());
         match &mut self.data {
             Data::File(f) => f.write_all_at(data, offset),
             Data::Blocks(b) => b.write(index, data),
@@ -531,28 +615,13 @@ impl Storage for DiskStorage {
         if self.frozen.is_some() || !self.dirty {
             return Ok(()); // nothing written, nothing to sync
         }
-        if !self.dir_synced {
-            self.root.sync()?;
-            self.dir_synced = true;
+        if let Err(e) = self.flush_all() {
+            self.rewrite = true;
+            return Err(e);
         }
-        match &mut self.data {
-            Data::File(f) => f.sync_data()?,
-            Data::Blocks(b) => b.sync()?,
-        }
-        self.tree.sync_data()?;
-        self.bitfield.sync_data()?;
-        self.copy_synced_bits()?;
-        if let Some(h) = self.newest.clone()
-            && (self.seq > self.durable_seq || self.legacy)
-        {
-            header::write_slot(&*self.header, self.next_durable, self.seq, &h)?;
-            self.next_durable = if self.next_durable == DURABLE {
-                DURABLE + 1
-            } else {
-                DURABLE
-            };
-        }
-        self.header.sync_data()?;
+        self.rewrite = false;
+        self.unsynced_data = None;
+        self.unsynced_tree = None;
         self.durable_seq = self.seq;
         self.legacy = false;
         self.dirty = false;

@@ -180,14 +180,14 @@ impl Dir for SimDir {
 
     fn sync(&self) -> io::Result<()> {
         let mut st = self.state()?;
-        st.flush_check(&self.path_of(""))?;
+        st.flush_check(&self.path_of(""), None)?;
         st.sync_dir(self.ino);
         Ok(())
     }
 
     fn sync_fs(&self) -> io::Result<()> {
         let mut st = self.state()?;
-        st.flush_check(&self.path_of(""))?;
+        st.flush_check(&self.path_of(""), None)?;
         st.sync_everything();
         Ok(())
     }
@@ -372,13 +372,13 @@ impl FileIo for SimFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut st = self.state()?;
-        st.flush_check(&self.path)?;
+        st.flush_check(&self.path, Some(self.ino))?;
         st.sync_file(self.ino, false)
     }
 
     fn sync_all(&self) -> io::Result<()> {
         let mut st = self.state()?;
-        st.flush_check(&self.path)?;
+        st.flush_check(&self.path, Some(self.ino))?;
         st.sync_file(self.ino, true)
     }
 }
