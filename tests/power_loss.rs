@@ -589,3 +589,58 @@ fn a_retried_flush_after_a_failed_one_makes_the_announced_blocks_durable() {
         assert_eq!(&f.get(i as u64).unwrap(), b, "block {i}");
     }
 }
+
+/// A drive's metadata names content blocks: with `sync_before(content, meta)` the metadata
+/// feed is synced and announced only after the content feed is durable, and held while the
+/// content feed's flush fails.
+#[test]
+fn metadata_waits_for_its_content_to_be_durable() {
+    let disk = SimDisk::new();
+    for d in ["meta", "content"] {
+        disk.root().create_dir(d, 0o700).unwrap();
+    }
+    disk.root().sync().unwrap();
+    let (mk, ck) = (
+        SigningKey::from_bytes(&[17u8; 32]),
+        SigningKey::from_bytes(&[18u8; 32]),
+    );
+    let (mpk, cpk) = (mk.verifying_key().to_bytes(), ck.verifying_key().to_bytes());
+    let mut r = Replicator::new(Config::default());
+    // The drive's order: metadata first (feed 0), then content (feed 1).
+    let meta = r.add_feed(Feed::create(store(&disk, "meta"), mk).unwrap(), false);
+    let content = r.add_feed(Feed::create(store(&disk, "content"), ck).unwrap(), false);
+    r.sync_before(content, meta);
+    open_from(&mut r, 7, b"s", &mpk, 10);
+    r.handle_message(
+        7,
+        Message::Open(Open {
+            channel: 11,
+            discovery_key: crypto::discovery_key(&cpk),
+            capability: crypto::capability(&cpk, b"s", true),
+        }),
+    );
+    drain(&mut r);
+    r.append(content, &[vec![1u8; 5000]]).unwrap();
+    r.append(meta, &[b"Put a -> content block 0".to_vec()])
+        .unwrap();
+    disk.fail_next_syncs(1);
+    let out = sent(&drain(&mut r));
+    assert_eq!(
+        announced_length(&out),
+        None,
+        "with the content flush failed, nothing is announced: {out:?}"
+    );
+    r.handle_tick(1);
+    let statuses: Vec<u32> = sent(&drain(&mut r))
+        .iter()
+        .filter_map(|m| match m {
+            Message::Status(s) => Some(s.channel),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![content as u32, meta as u32],
+        "content announced (durable) before the metadata naming it"
+    );
+}
