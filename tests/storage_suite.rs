@@ -503,3 +503,27 @@ fn a_bit_set_since_the_last_sync_without_its_block_is_cleared_on_open() {
     assert!(!r.has(4), "and the clearing persisted");
     r.verify_all().unwrap();
 }
+
+#[test]
+fn both_commit_slots_torn_falls_back_to_the_durable_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[8u8; 32]);
+    let mut f = Feed::create(DiskStorage::open(dir.path()).unwrap(), key.clone()).unwrap();
+    f.append_batch(&[b"a", b"b"]).unwrap();
+    f.sync().unwrap();
+    drop(f);
+    let path = dir.path().join("header");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 1;
+    bytes[256 + 10] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    // Not mistaken for an empty store (which `create` would overwrite) ...
+    assert!(matches!(
+        Feed::create(DiskStorage::open(dir.path()).unwrap(), key),
+        Err(feedsync::core::FeedError::AlreadyExists)
+    ));
+    // ... and opened from the durable copy.
+    let mut f = Feed::open(DiskStorage::open(dir.path()).unwrap()).unwrap();
+    assert_eq!(f.len(), 2);
+    f.verify_all().unwrap();
+}

@@ -228,7 +228,7 @@ impl DiskStorage {
         store.seq = slots.max_seq();
         store.durable_seq = slots.durable.as_ref().map_or(0, |(s, _)| *s);
         store.next_durable = slots.next_durable;
-        store.newest = slots.commits.first().map(|(_, h)| h.clone());
+        store.newest = (slots.commits.first().or(slots.durable.as_ref())).map(|(_, h)| h.clone());
         if store.legacy {
             // The copy of the bitfield starts as the bitfield itself: nothing to re-check.
             let bits = store.bitfield.read_all()?;
@@ -282,7 +282,8 @@ impl DiskStorage {
         };
         let slots = store.slots()?;
         store.seq = slots.max_seq();
-        store.frozen = Some(slots.commits.first().map(|(_, h)| h.clone()));
+        store.frozen =
+            Some((slots.commits.first().or(slots.durable.as_ref())).map(|(_, h)| h.clone()));
         Ok(store)
     }
 
