@@ -376,7 +376,7 @@ impl<S: Storage> Replicator<S> {
                 .or_insert_with(|| Channel::new(max_runs));
             ch.length = ch.length.max(s.length);
         }
-        self.check_own_history(peer, feed, &s);
+        self.check_own_history(feed, &s);
         let slot = &mut self.feeds[feed];
         slot.best_length = slot.best_length.max(s.length);
         slot.proved = true;

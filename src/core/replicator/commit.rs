@@ -14,7 +14,7 @@
 //! disk that acknowledged a flush it did not make). Appending to that feed stops for good and
 //! [`Event::LostHistory`] names it.
 
-use super::{Event, FeedId, PeerId, Replicator, StorageFailure};
+use super::{Event, FeedId, Replicator, StorageFailure};
 use crate::core::error::FeedError;
 use crate::core::storage::Storage;
 use feedsync_protocol::Status;
@@ -121,10 +121,9 @@ impl<S: Storage> Replicator<S> {
         Ok(())
     }
 
-    /// A verified status from `peer` for `feed`: if we write `feed`, does it prove history we
-    /// no longer hold?
-    pub(super) fn check_own_history(&mut self, peer: PeerId, feed: FeedId, s: &Status) {
-        let _ = peer;
+    /// A verified status for `feed`: if we write `feed`, does it prove history we no longer
+    /// hold? (The peer is right, not hostile: the signature is ours.)
+    pub(super) fn check_own_history(&mut self, feed: FeedId, s: &Status) {
         let slot = &mut self.feeds[feed];
         if !slot.feed.is_writable() || slot.lost_history {
             return;
