@@ -27,13 +27,15 @@ fn open(store: &Path) -> Result<Feed<DiskStorage>, CliError> {
 pub fn create(store: &Path) -> Result<(), CliError> {
     let storage =
         DiskStorage::open(store).map_err(|e| runtime(format!("{}: {e}", store.display())))?;
-    let feed = Feed::create(storage, crypto::generate_key()).map_err(|e| match e {
+    let mut feed = Feed::create(storage, crypto::generate_key()).map_err(|e| match e {
         FeedError::AlreadyExists => usage(format!(
             "{}: already holds a feed; give an empty or new directory",
             store.display()
         )),
         e => runtime(format!("{}: {e}", store.display())),
     })?;
+    // The key printed names a feed that exists on disk, power cut or not.
+    feed.sync()?;
     println!("{}", hex(&feed.public_key()));
     Ok(())
 }
