@@ -67,6 +67,31 @@ fn run(drive: Drive, options: AppOptions, peers: Vec<SocketAddr>, once: bool) ->
     Running { node, events, addr }
 }
 
+/// An address on loopback nothing listens on (bound, then closed): dials to it fail at once.
+fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Waits until the node's loop has run for at least `span`, by the node's own clock: it redials
+/// a dead peer after the delay each `DialFailed` names, counted in loop ticks, so the sum of the
+/// delays between the failures seen is time the loop really ran (no sleep in the test).
+fn loop_ran_for(events: &Receiver<NodeEvent>, span: Duration) {
+    let mut ran = Duration::ZERO;
+    let mut last: Option<Duration> = None;
+    let deadline = Instant::now() + span * 10 + Duration::from_secs(20);
+    while ran < span {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(NodeEvent::DialFailed { retry_in, .. }) => {
+                ran += last.replace(retry_in).unwrap_or_default();
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the node stopped redialling after {ran:?}: {e}"),
+        }
+    }
+}
+
 fn quiet() -> AppOptions {
     AppOptions {
         follow: false,
@@ -238,18 +263,14 @@ fn a_symlink_is_reported_once_and_idle_sends_no_progress() {
         progress: Some(Duration::from_millis(10)),
         ..AppOptions::default()
     };
-    let s = run(Drive::share(&root).unwrap(), options, vec![], false);
-    // Wait until status.json has been rewritten a few times: many rescans ran meanwhile.
-    let status = root.join(".feedsync/status.json");
-    let mut seen = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seen.len() < 4 {
-        assert!(Instant::now() < deadline, "status.json not rewritten");
-        if let Ok(m) = fs::metadata(&status) {
-            seen.insert(m.modified().unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let s = run(
+        Drive::share(&root).unwrap(),
+        options,
+        vec![dead_addr()],
+        false,
+    );
+    // Let the loop run for seconds (dozens of rescans), timed by the node's own dial retries.
+    loop_ran_for(&s.node.events, Duration::from_millis(2500));
     s.node.shutdown().unwrap();
     let events: Vec<DriveEvent> = s.events.try_iter().collect();
     let skips = events
@@ -262,6 +283,44 @@ fn a_symlink_is_reported_once_and_idle_sends_no_progress() {
         .filter(|e| matches!(e, DriveEvent::Progress(_)))
         .count();
     assert_eq!(progress, 1, "idle: only the first figures: {events:?}");
+}
+
+#[test]
+fn an_idle_node_does_not_rewrite_status_json() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("share");
+    fs::create_dir(&root).unwrap();
+    write(&root, "f", b"hello", 1_000);
+    let s = run(
+        Drive::share(&root).unwrap(),
+        quiet(),
+        vec![dead_addr()],
+        false,
+    );
+    let status = root.join(".feedsync/status.json");
+    // Wait on content: the figures after the first scan.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        assert!(
+            Instant::now() < deadline,
+            "status.json never said files_total 1"
+        );
+        if let Ok(text) = fs::read_to_string(&status)
+            && text.contains("\"files_total\": 1")
+        {
+            break fs::metadata(&status).unwrap().ino();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    loop_ran_for(&s.node.events, Duration::from_millis(2500));
+    // Every write replaces the file (a new inode): the same inode means no write at all.
+    assert_eq!(
+        fs::metadata(&status).unwrap().ino(),
+        first,
+        "status.json rewritten while nothing changed"
+    );
+    s.node.shutdown().unwrap();
 }
 
 #[test]
@@ -291,22 +350,10 @@ fn a_clone_is_done_only_after_a_peer_proved_the_newest_version() {
     s.node.shutdown().unwrap();
 
     // Again, with every block in hand but no peer: never done (it cannot know it is current).
-    let c = run(Drive::open(&dst).unwrap(), quiet(), vec![], true);
-    let status = dst.join(".feedsync/status.json");
-    let first = fs::metadata(&status).unwrap().modified().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    // Two status rewrites = the loop ran its completion check for over a second.
-    let mut rewrites = 0;
-    let mut last = first;
-    while rewrites < 2 {
-        assert!(Instant::now() < deadline, "status.json not rewritten");
-        let m = fs::metadata(&status).unwrap().modified().unwrap();
-        if m != last {
-            rewrites += 1;
-            last = m;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The only peer is an address nobody listens on: it never proves anything.
+    let c = run(Drive::open(&dst).unwrap(), quiet(), vec![dead_addr()], true);
+    // The loop ran its completion check for well over a second (timed by its dial retries).
+    loop_ran_for(&c.node.events, Duration::from_millis(2500));
     assert!(
         !c.node.events.try_iter().any(|e| e == NodeEvent::Complete),
         "a clone that heard from no peer called itself complete"

@@ -64,6 +64,9 @@ pub(super) struct Base {
     /// Since when published files wait for a `syncfs`.
     pub dirty_since: Option<Instant>,
     last_status: Instant,
+    /// The bytes `status.json` was last written with: an unchanged status is not written
+    /// again (an idle node would otherwise rewrite and fsync it every second, forever).
+    last_status_json: Option<Vec<u8>>,
     pub stats: Stats,
     last_received: u64,
     rate: u64,
@@ -91,6 +94,7 @@ impl Base {
             options,
             dirty_since: None,
             last_status: Instant::now() - Duration::from_secs(10),
+            last_status_json: None,
             stats: Stats::default(),
             last_received: 0,
             rate: 0,
@@ -139,14 +143,21 @@ impl Base {
         };
     }
 
-    /// Refreshes the figures and rewrites `status.json` (for `feedsync status` and the daemon).
+    /// Refreshes the figures and rewrites `status.json` (for `feedsync status` and the daemon)
+    /// if they changed since it was last written. Each write is a flush of a file and of the
+    /// state directory: an idle node must not pay that (nor wear the disk) every second.
     pub fn write_status(&mut self, r: &Replicator<DiskStorage>, role: &'static str, version: u64) {
         self.refresh_stats(r, role, version);
-        if let Ok(json) = serde_json::to_vec_pretty(&self.stats) {
-            let path = self.state_dir.join("status.json");
-            if let Err(e) = crate::util::write_atomic(&path, &json) {
-                self.problem(DriveProblem::io(&path, &e));
-            }
+        let Ok(json) = serde_json::to_vec_pretty(&self.stats) else {
+            return;
+        };
+        if self.last_status_json.as_ref() == Some(&json) {
+            return;
+        }
+        let path = self.state_dir.join("status.json");
+        match crate::util::write_atomic(&path, &json) {
+            Ok(()) => self.last_status_json = Some(json),
+            Err(e) => self.problem(DriveProblem::io(&path, &e)),
         }
     }
 
