@@ -9,11 +9,13 @@ use crate::drive::layout::{self, Shared};
 use crate::drive::reader::Reader;
 use crate::drive::record::{BLOCK_SIZE, Limits, State};
 use crate::drive::writer::Writer;
+use crate::fsio::Dir;
 use crate::storage::DiskStorage;
 use crate::sync::{App, Waker};
 use std::fs;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How a [`DriveApp`] behaves.
@@ -53,6 +55,12 @@ impl Default for AppOptions {
 pub(super) struct Base {
     pub root: PathBuf,
     pub state_dir: PathBuf,
+    /// The folder's handle: the importer (and the layout) resolve every path beneath it.
+    pub root_dir: Arc<dyn Dir>,
+    /// The state directory's handle, checked to be ours when the drive opened: state files
+    /// (`status.json`, `applied`) are written through it, never by path, so a `.feedsync`
+    /// renamed away and replaced by another user's redirects nothing.
+    pub state_handle: Arc<dyn Dir>,
     pub layout: Shared,
     pub meta: FeedId,
     /// The content feed (a fresh clone learns its key from metadata block 0).
@@ -77,6 +85,8 @@ impl Base {
     pub fn new(
         root: PathBuf,
         state_dir: PathBuf,
+        root_dir: Arc<dyn Dir>,
+        state_handle: Arc<dyn Dir>,
         layout: Shared,
         meta: FeedId,
         content: Option<FeedId>,
@@ -87,6 +97,8 @@ impl Base {
             reporter: Reporter::new(options.events.clone(), options.progress),
             root,
             state_dir,
+            root_dir,
+            state_handle,
             layout,
             meta,
             content,
@@ -154,11 +166,17 @@ impl Base {
         if self.last_status_json.as_ref() == Some(&json) {
             return;
         }
-        let path = self.state_dir.join("status.json");
-        match crate::util::write_atomic(&path, &json) {
+        match self.write_state_file("status.json", &json) {
             Ok(()) => self.last_status_json = Some(json),
-            Err(e) => self.problem(DriveProblem::io(&path, &e)),
+            Err(e) => self.problem(DriveProblem::io(&self.state_dir.join("status.json"), &e)),
         }
+    }
+
+    /// Replaces the state file `name` with `bytes`, atomically and durably, through the state
+    /// directory's handle (never by path: see `dirs.rs`). Readable by all (mode 0644): `status`
+    /// and `log` run as other users too; nothing secret goes through here.
+    pub fn write_state_file(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        self.state_handle.write_atomic(name, bytes, 0o644)
     }
 
     /// Whether a second passed since the last [`Base::each_second`].

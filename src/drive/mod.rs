@@ -29,6 +29,7 @@
 //! - [`log`]: a drive's history for `feedsync log`.
 
 mod app;
+mod dirs;
 pub mod event;
 pub mod import;
 pub mod layout;
@@ -46,14 +47,15 @@ pub use record::Limits;
 
 use crate::core::Feed;
 use crate::core::replicator::FeedId;
+use crate::fsio::{Dir, Kind};
 use crate::storage::DiskStorage;
 use ed25519_dalek::SigningKey;
 use layout::{FolderBlocks, Shared};
 use record::{BLOCK_SIZE, Entry, Record, State};
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The state directory inside a shared folder; never imported, never written by a record.
 pub const STATE_DIR: &str = ".feedsync";
@@ -89,6 +91,18 @@ pub enum DriveError {
         path: PathBuf,
         /// The URL of the drive it holds.
         url: String,
+    },
+    /// The state directory is not ours alone: a symlink, not a directory, owned by another
+    /// user, or writable by group or others (whoever can write it could redirect our writes).
+    #[error(
+        "{}: not using it as the state directory: {why}; it must be a directory owned by the user feedsync runs as and writable by no one else (fix its owner and mode, or move it away)",
+        path.display()
+    )]
+    UnsafeState {
+        /// The state directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
     },
     /// [`Drive::discard`] on the writer: its state holds the only copy of the secret key.
     #[error("{} is shared from here (it holds the writer's key); not discarding it", .0.display())]
@@ -143,18 +157,18 @@ fn existing_folder(root: &Path) -> Result<PathBuf, DriveError> {
     Ok(abs)
 }
 
-/// Makes the state directory, readable by the owner only (the writer's key is in it).
-fn make_state_dir(state_dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(state_dir)?;
-    fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700))
-}
-
 /// An opened drive, before it runs.
 pub struct Drive {
     /// The folder.
     pub root: PathBuf,
-    /// `root/.feedsync`.
+    /// `root/.feedsync` (for messages and the stores; see `dirs.rs`).
     pub state_dir: PathBuf,
+    /// The folder, opened once: everything read from it is resolved beneath this handle.
+    pub root_dir: Arc<dyn Dir>,
+    /// The state directory, opened once through `root_dir` and checked to be ours alone
+    /// (a directory owned by our uid, writable by no one else): state files are written
+    /// through it, so a `.feedsync` replaced later redirects nothing.
+    pub state_handle: Arc<dyn Dir>,
     /// The metadata feed.
     pub meta: Feed<DiskStorage>,
     /// The content feed (a fresh clone learns its key from metadata block 0).
@@ -172,10 +186,15 @@ impl Drive {
     pub fn share(root: &Path) -> Result<Self, DriveError> {
         let root = existing_folder(root)?;
         let state_dir = root.join(STATE_DIR);
-        if state_dir.join("meta").join("header").exists() {
-            return Self::open(&root);
+        let root_dir = dirs::open_folder(&root)?;
+        if root_dir.metadata(STATE_DIR)?.is_some() {
+            // Checked before anything in it is believed (a planted `meta/header`, say).
+            let state = dirs::open_state(&*root_dir, &root, false)?;
+            if state.metadata("meta/header")?.is_some() {
+                return Self::open(&root);
+            }
         }
-        make_state_dir(&state_dir)?;
+        let state_handle = dirs::open_state(&*root_dir, &root, true)?;
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
         let key = SigningKey::from_bytes(&seed);
@@ -197,9 +216,12 @@ impl Drive {
             Record::now(),
         ]))?;
         meta.sync()?;
+        dirs::check_unmoved(&*state_handle, &root)?;
         Ok(Self {
             root,
             state_dir,
+            root_dir,
+            state_handle,
             meta,
             content: Some(content),
             layout,
@@ -246,12 +268,16 @@ impl Drive {
             drop(d);
             fs::remove_dir_all(&state_dir)?;
         }
-        make_state_dir(&state_dir)?;
+        let root_dir = dirs::open_folder(&root)?;
+        let state_handle = dirs::open_state(&*root_dir, &root, true)?;
         let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), false);
         let meta = Feed::create_replica(DiskStorage::open(state_dir.join("meta"))?, key)?;
+        dirs::check_unmoved(&*state_handle, &root)?;
         Ok(Self {
             root,
             state_dir,
+            root_dir,
+            state_handle,
             meta,
             content: None,
             layout,
@@ -264,13 +290,15 @@ impl Drive {
     pub fn open(root: &Path) -> Result<Self, DriveError> {
         let root = existing_folder(root)?;
         let state_dir = root.join(STATE_DIR);
-        if !state_dir.join("meta").join("header").exists() {
+        let root_dir = dirs::open_folder(&root)?;
+        let state_handle = dirs::open_state(&*root_dir, &root, false)?;
+        if state_handle.metadata("meta/header")?.is_none() {
             return Err(DriveError::NotADrive(root));
         }
         let meta = Feed::open(DiskStorage::open(state_dir.join("meta"))?)?;
         let writer = meta.is_writable();
         let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), writer);
-        let content = if state_dir.join("content").join("header").exists() {
+        let content = if state_handle.metadata("content/header")?.is_some() {
             Some(Feed::open(DiskStorage::open_with_blocks(
                 state_dir.join("content"),
                 Box::new(FolderBlocks(layout.clone())),
@@ -278,9 +306,12 @@ impl Drive {
         } else {
             None
         };
+        dirs::check_unmoved(&*state_handle, &root)?;
         Ok(Self {
             root,
             state_dir,
+            root_dir,
+            state_handle,
             meta,
             content,
             layout,
@@ -365,11 +396,16 @@ impl Drive {
         let (mut files_done, mut bytes_done) = (0, 0);
         for (path, e) in &full.entries {
             if let Entry::File(info) = e
-                && fs::symlink_metadata(self.root.join(path)).is_ok_and(|m| {
-                    m.is_file()
-                        && m.len() == info.size
-                        && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
-                })
+                && self
+                    .root_dir
+                    .metadata(path)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| {
+                        m.kind == Kind::File
+                            && m.len == info.size
+                            && import::stamp_time(m.mtime) == (info.mtime_secs, info.mtime_nanos)
+                    })
             {
                 files_done += 1;
                 bytes_done += info.size;
@@ -440,11 +476,11 @@ impl Drive {
                     continue;
                 }
                 if let Entry::File(info) = e {
-                    let on_disk = fs::symlink_metadata(self.root.join(path)).ok();
+                    let on_disk = self.root_dir.metadata(path).ok().flatten();
                     let matches = on_disk.is_some_and(|m| {
-                        m.is_file()
-                            && m.len() == info.size
-                            && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
+                        m.kind == Kind::File
+                            && m.len == info.size
+                            && import::stamp_time(m.mtime) == (info.mtime_secs, info.mtime_nanos)
                     });
                     if matches || self.writer {
                         l.add_live(path.clone(), info.clone());
@@ -460,6 +496,8 @@ impl Drive {
         let base = app::Base::new(
             self.root,
             self.state_dir,
+            self.root_dir,
+            self.state_handle,
             self.layout,
             first,
             content,
