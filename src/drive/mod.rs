@@ -333,10 +333,16 @@ impl Drive {
             meta,
             content,
             created_root,
+            state_handle,
             ..
         } = self;
         // Close the stores (and their locks) before removing them.
         drop((meta, content));
+        // Removed by path: only if the name still leads to the directory we opened (another
+        // user's directory swapped in meanwhile is theirs, not ours to delete).
+        if fs::symlink_metadata(&state_dir).is_ok() {
+            dirs::check_unmoved(&*state_handle, &root)?;
+        }
         match fs::remove_dir_all(&state_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
