@@ -14,7 +14,7 @@ use crate::core::replicator::Replicator;
 use crate::drive::STATE_DIR;
 use crate::drive::import::read::stamp_time;
 use crate::drive::record::{Entry, Record, State, check_path};
-use crate::fsio::{Dir, Kind, join};
+use crate::fsio::{Dir, Kind, OpenHow, join};
 use crate::storage::DiskStorage;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use std::collections::{BTreeSet, HashMap};
@@ -23,6 +23,9 @@ use std::path::PathBuf;
 /// Directories deeper than this are not entered (each level holds a descriptor while the walk
 /// is below it); they are reported as skipped.
 const MAX_DEPTH: usize = 256;
+
+/// The largest `.feedsyncignore` read.
+const MAX_RULES: u64 = 1 << 20;
 
 /// Whether a name is never imported: our state directory (or a nested drive's, its secret key
 /// among it), and temporary files a reader keeps next to their destination
@@ -50,7 +53,7 @@ impl Rules {
         if self.0.contains_key(rel) {
             return Ok(());
         }
-        let (rules, result) = match dir.read_file(IGNORE_FILE) {
+        let (rules, result) = match read_rules(dir) {
             Ok(None) => (None, Ok(())),
             Ok(Some(bytes)) => {
                 // Matched against paths relative to the rule file's directory.
@@ -116,6 +119,23 @@ impl Rules {
         let m = g.matched(below, is_dir);
         (!m.is_none()).then(|| m.is_ignore())
     }
+}
+
+/// The bytes of `dir`'s rule file, if it has one: a regular file (opened like every other,
+/// see [`Dir::open`]) of at most [`MAX_RULES`] bytes; anything bigger is another user's way to
+/// make every scan allocate without bound.
+fn read_rules(dir: &dyn Dir) -> std::io::Result<Option<Vec<u8>>> {
+    let f = match dir.open(IGNORE_FILE, OpenHow::READ) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if f.metadata()?.len > MAX_RULES {
+        return Err(std::io::Error::other(format!(
+            "{IGNORE_FILE} is over {MAX_RULES} bytes (not read)"
+        )));
+    }
+    f.read_all().map(Some)
 }
 
 /// What a full scan gathers while it walks.
