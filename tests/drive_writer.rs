@@ -434,3 +434,91 @@ fn errors_name_the_path_and_the_fix_and_discard_leaves_nothing() {
     );
     assert!(shared.join(".feedsync/meta/secret_key").exists());
 }
+
+/// The system calls of a real `feedsync share` (under `strace`) that write or flush the feed
+/// stores, in order: `(call, path)`.
+fn store_calls(trace: &str) -> Vec<(String, String)> {
+    trace
+        .lines()
+        .filter_map(|l| {
+            // `PID call(FD</path>, ...) = N`
+            let rest = l.split_once(' ')?.1.trim_start();
+            let (call, args) = rest.split_once('(')?;
+            let path = args.split_once('<')?.1.split_once('>')?.0;
+            path.contains("/.feedsync/")
+                .then(|| (call.to_string(), path.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_content_feed_is_durable_before_records_name_its_blocks() {
+    use common::{BIN, Proc};
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: needs strace to see the order of writes and flushes");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("share");
+    fs::create_dir(&root).unwrap();
+    write(&root, "f", &bytes(3, 2 * B + 5), 1_000);
+    let trace = tmp.path().join("trace");
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args([
+        "-f",
+        "-qq",
+        "-y",
+        "-e",
+        "trace=pwrite64,write,fdatasync,fsync",
+        "-o",
+    ])
+    .arg(&trace)
+    .arg(BIN)
+    .args(["share", root.to_str().unwrap()])
+    .args(["--listen", "127.0.0.1:0", "--no-discovery"]);
+    let mut p = Proc::spawn(cmd);
+    common::wait_until(Duration::from_secs(60), "the first scan's version", || {
+        p.stderr_has("version 2:")
+    });
+    // Stop the traced node itself (strace's only child); strace then exits with it.
+    let strace = p.pid();
+    let children = fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap();
+    let node: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let ok = std::process::Command::new("kill")
+        .arg(node.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    p.wait_exit(Duration::from_secs(30));
+    let calls = store_calls(&fs::read_to_string(&trace).unwrap());
+    // The first record naming content blocks: the first metadata write after content was
+    // written. Between the last content write before it and it, the content feed's tree and
+    // header must have been flushed.
+    let first_content = calls
+        .iter()
+        .position(|(c, p)| c.starts_with("pwrite") && p.ends_with("/content/tree"))
+        .expect("content was appended");
+    let record = first_content
+        + calls[first_content..]
+            .iter()
+            .position(|(c, p)| c.starts_with("pwrite") && p.contains("/meta/"))
+            .expect("a record was appended");
+    let last_content_write = calls[..record]
+        .iter()
+        .rposition(|(c, p)| c.starts_with("pwrite") && p.contains("/content/"))
+        .unwrap();
+    for file in ["tree", "header"] {
+        assert!(
+            calls[last_content_write..record]
+                .iter()
+                .any(|(c, p)| c.ends_with("sync") && p.ends_with(&format!("/content/{file}"))),
+            "content/{file} not flushed before the record naming its blocks: {:?}",
+            &calls[first_content..=record]
+        );
+    }
+}
