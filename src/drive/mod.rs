@@ -6,8 +6,12 @@
 //! DIR/.feedsync/content/   the content feed's store, without a data file: blocks are in DIR
 //! DIR/.feedsync/tmp/       files being reassembled (reader), renamed into place when verified
 //! DIR/.feedsync/applied    the version the folder was last brought to (reader)
-//! DIR/.feedsync/status.json  progress, rewritten while a node runs (for `feedsync status`)
+//! DIR/.feedsync/status.json  progress, rewritten when it changes (for `feedsync status`)
 //! ```
+//!
+//! The folder and `.feedsync` are opened once, as directory handles, when a drive opens
+//! ([`Drive::root_dir`], [`Drive::state_handle`]); `.feedsync` is used only if it is a directory
+//! owned by us that no one else can write. Why, and what it stops: `dirs.rs`.
 //!
 //! The [`DriveApp`] rides on the synchronizer loop ([`crate::sync::App`]): a writer scans the
 //! folder at start, then on change notifications (notify, debounced) and periodically as a
