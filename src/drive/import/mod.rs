@@ -4,9 +4,9 @@
 //! open resolved beneath the folder, no symlink followed, honouring `.feedsyncignore` in
 //! gitignore syntax; the state directory and readers' temporary files are never entered or
 //! read), skips files whose size, mtime and mode match the current record, and hashes the rest
-//! in [`BLOCK_SIZE`] blocks. A block whose leaf hash the
-//! drive already holds is referenced, not appended: a rename, a copy, or a large file changed in
-//! a few places sends only the blocks that are new. New blocks are appended in batches (one
+//! in [`BLOCK_SIZE`] blocks. A block whose leaf hash the drive already holds is referenced, not
+//! appended: a rename, a copy, or a large file changed in a few places sends only the blocks
+//! that are new. New blocks are appended in batches (one
 //! signature per batch), then the records, so a reader never sees a record before its blocks.
 //! Blocks no current file references any more are given up (`unhave`).
 //!
