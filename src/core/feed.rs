@@ -15,6 +15,8 @@ use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use feedsync_protocol::{MAX_BLOCK_LEN, MAX_FEED_LENGTH, MAX_PROOF_NODES, Node, Upgrade};
 use std::collections::{BTreeMap, BTreeSet};
 
+mod open;
+
 /// A proof for a range of blocks: the nodes (leaves first, then uncles), and, when the proof is
 /// relative to a tree newer than the requester's, the roots and signature of that tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,79 +128,6 @@ impl<S: Storage> Feed<S> {
         }
     }
 
-    /// Opens an existing feed, checking that the stored signed tree verifies. Anything written
-    /// after the last committed header (an append cut short by a crash) is ignored.
-    pub fn open(mut storage: S) -> Result<Self, FeedError> {
-        let header = storage.header()?.ok_or(FeedError::NotFound)?;
-        if header.length > MAX_FEED_LENGTH {
-            return Err(FeedError::Corrupt(format!(
-                "stored length {} is over the limit",
-                header.length
-            )));
-        }
-        let public_key = VerifyingKey::from_bytes(&header.public_key)
-            .map_err(|_| FeedError::Corrupt("stored public key is invalid".into()))?;
-        let signing_key = match storage.secret_key()? {
-            Some(seed) => {
-                let key = SigningKey::from_bytes(&seed);
-                if key.verifying_key() != public_key {
-                    return Err(FeedError::Corrupt(
-                        "secret key does not belong to this feed".into(),
-                    ));
-                }
-                Some(key)
-            }
-            None => None,
-        };
-        let mut roots = Vec::new();
-        for index in flat::full_roots(header.length) {
-            let node = storage
-                .node(index)?
-                .ok_or_else(|| FeedError::Corrupt(format!("root node {index} is missing")))?;
-            roots.push(node);
-        }
-        let byte_length: u64 = roots.iter().map(|r| r.size).sum();
-        if byte_length != header.byte_length {
-            return Err(FeedError::Corrupt(
-                "byte length disagrees with the roots".into(),
-            ));
-        }
-        let signature = header.signature.map(|s| Signature::from_bytes(&s));
-        match &signature {
-            Some(sig)
-                if !crypto::verify(&public_key, &crypto::tree_hash(&roots), header.length, sig) =>
-            {
-                return Err(FeedError::Corrupt(
-                    "stored signature does not verify".into(),
-                ));
-            }
-            None if header.length > 0 => {
-                return Err(FeedError::Corrupt(
-                    "non-empty feed without a signature".into(),
-                ));
-            }
-            _ => {}
-        }
-        let mut bitfield = storage.bitfield()?;
-        // Bits past the committed length belong to an append or commit that never finished.
-        // Clear them on disk too, or a later upgrade past them would bring them back.
-        let stored_bits = bitfield.extent();
-        if bitfield.first_set(header.length).is_some() {
-            bitfield.truncate(header.length);
-            storage.write_bitfield(&bitfield, header.length..stored_bits)?;
-        }
-        Ok(Self {
-            storage,
-            public_key,
-            signing_key,
-            length: header.length,
-            byte_length,
-            roots,
-            signature,
-            bitfield,
-        })
-    }
-
     /// The feed's public key.
     pub fn public_key(&self) -> [u8; 32] {
         self.public_key.to_bytes()
@@ -248,6 +177,28 @@ impl<S: Storage> Feed<S> {
     pub fn signed_tree(&self) -> Option<(u64, Hash, [u8; 64])> {
         let sig = self.signature?;
         Some((self.length, crypto::tree_hash(&self.roots), sig.to_bytes()))
+    }
+
+    /// The tree hash of our tree at `length` (at most ours): what our signature at that
+    /// length covered. For telling whether a peer's signed status is our own history.
+    pub fn tree_hash_at(&mut self, length: u64) -> Result<Hash, FeedError> {
+        if length > self.length {
+            return Err(FeedError::OutOfRange {
+                start: 0,
+                end: length,
+                length: self.length,
+            });
+        }
+        let mut roots = Vec::new();
+        for index in flat::full_roots(length) {
+            roots.push(self.node(index)?);
+        }
+        Ok(crypto::tree_hash(&roots))
+    }
+
+    /// Whether block bytes are kept by the store itself (see [`Storage::holds_data`]).
+    pub fn holds_data(&self) -> bool {
+        self.storage.holds_data()
     }
 
     /// Checks a peer's status claim `(length, tree hash, signature)` against the public key.

@@ -43,4 +43,4 @@ pub use rangeset::RangeSet;
 pub use replicator::{
     Action, BanReason, Config, Event, FeedId, Footprint, PeerId, Replicator, StorageFailure,
 };
-pub use storage::{Header, MemoryStorage, Storage};
+pub use storage::{Header, HeaderCandidates, MemoryStorage, Storage};

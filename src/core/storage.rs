@@ -10,6 +10,13 @@
 //! atomic (old or new header, never a mix) and must have finished every earlier write when a
 //! call returns (in the page cache suffices for surviving a killed process; [`Storage::sync`]
 //! adds survival of power loss).
+//!
+//! Power loss: after a cut, any subset of what was written since the last [`Storage::sync`] may
+//! be on disk, in any order. So a store offers several headers to open from
+//! ([`Storage::header_candidates`]: the newest commits, then the one the last sync made
+//! durable), and the bitfield as of the last sync ([`Storage::synced_bitfield`]); the feed
+//! accepts a commit newer than the durable one only if what it covers checks out, and re-checks
+//! the bits set since the sync (see `Feed::open`).
 
 use crate::core::bitfield::Bitfield;
 use feedsync_protocol::Node;
@@ -29,12 +36,36 @@ pub struct Header {
     pub signature: Option<[u8; 64]>,
 }
 
+/// The headers a store can be opened from (see [`Storage::header_candidates`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderCandidates {
+    /// Most preferred first; the last is the durable one when there is one.
+    pub headers: Vec<Header>,
+    /// The length the last [`Storage::sync`] made durable (0: none).
+    pub durable_length: u64,
+}
+
 /// Where a feed keeps its state.
 pub trait Storage {
     /// The header, or `None` for a store that has never been written.
     fn header(&mut self) -> io::Result<Option<Header>>;
     /// Replaces the header atomically.
     fn write_header(&mut self, header: &Header) -> io::Result<()>;
+    /// The headers to try on open, most preferred first, and the durable length. A store
+    /// that never loses a write (memory) offers just its header, all of it durable.
+    fn header_candidates(&mut self) -> io::Result<HeaderCandidates> {
+        let headers: Vec<Header> = self.header()?.into_iter().collect();
+        let durable_length = headers.first().map_or(0, |h| h.length);
+        Ok(HeaderCandidates {
+            headers,
+            durable_length,
+        })
+    }
+    /// Open fell back to `header` (a newer commit did not check out): make it the current one,
+    /// so the rejected commit is not found again.
+    fn adopt_header(&mut self, header: &Header) -> io::Result<()> {
+        self.write_header(header)
+    }
     /// The writer's secret key seed, if this store holds one.
     fn secret_key(&mut self) -> io::Result<Option<[u8; 32]>>;
     /// Stores the writer's secret key seed (readable only by its owner on disk).
@@ -59,8 +90,18 @@ pub trait Storage {
         let _ = index;
         self.write_data(offset, data)
     }
+    /// Whether block bytes are kept by the store itself (a data file, memory) rather than
+    /// somewhere another layer checks (a shared folder's files).
+    fn holds_data(&self) -> bool {
+        true
+    }
     /// The persisted set of blocks held.
     fn bitfield(&mut self) -> io::Result<Bitfield>;
+    /// The bitfield as of the last [`Storage::sync`]: bits set since then may be on disk while
+    /// their block or leaf is not, and are re-checked on open. `None`: every bit is durable.
+    fn synced_bitfield(&mut self) -> io::Result<Option<Bitfield>> {
+        Ok(None)
+    }
     /// Persists `bitfield`; only blocks in `changed` differ from what was last written.
     fn write_bitfield(
         &mut self,

@@ -1,15 +1,20 @@
 //! A feed store as a directory of plain files.
 //!
 //! ```text
-//! DIR/header      two 256-byte slots, written alternately; each carries a sequence number and
-//!                 a BLAKE3 checksum, and the valid slot with the higher sequence wins
-//! DIR/tree        40 bytes per node at `index * 40`: hash (32) || size (u64 LE); all-zero = absent
-//! DIR/bitfield    one bit per block held (block i = bit i%8 of byte i/8)
-//! DIR/data        the content bytes, at their feed byte offset (absent when the blocks live
-//!                 elsewhere: see [`BlockData`])
-//! DIR/secret_key  the writer's 32-byte ed25519 seed, mode 0600 (writers only)
-//! DIR/lock        held with an exclusive lock while the store is open for writing
+//! DIR/header           four 256-byte slots (see `header.rs`): two commit slots written
+//!                      alternately, two "durable" slots written by `sync` after everything they
+//!                      cover was flushed; each carries a sequence number and a BLAKE3 checksum
+//! DIR/tree             40 bytes per node at `index * 40`: hash (32) || size (u64 LE); all-zero = absent
+//! DIR/bitfield         one bit per block held (block i = bit i%8 of byte i/8)
+//! DIR/bitfield.synced  the bitfield as of the last `sync` (only the changed bytes are copied)
+//! DIR/data             the content bytes, at their feed byte offset (absent when the blocks live
+//!                      elsewhere: see [`BlockData`])
+//! DIR/secret_key       the writer's 32-byte ed25519 seed, mode 0600 (writers only)
+//! DIR/lock             held with an exclusive lock while the store is open for writing by path
 //! ```
+//!
+//! All IO goes through a directory handle ([`crate::fsio::Dir`]): the real one in production,
+//! the simulated disk of [`crate::fsio::SimDisk`] in the power-loss tests.
 //!
 //! [`DiskStorage::open_read_only`] opens a store another process may be writing (`feedsync log`
 //! on a served folder): it takes no lock, writes nothing, and sees the commit that was newest
@@ -20,24 +25,32 @@
 //! Why this shape: fixed offsets mean no index structures to keep consistent, sparse replicas
 //! cost only the blocks they hold (unwritten regions are file holes), and the alternating
 //! header turns every append into "write the new bytes, then flip one small record", which a
-//! crash cannot tear: a torn slot fails its checksum and the other slot still holds the
-//! previous commit. Every write has completed in the page cache when a call returns, so a
-//! killed process loses nothing it was told is stored; [`Storage::sync`] adds fsync for power loss.
+//! killed process cannot tear: a torn slot fails its checksum and the other slot still holds
+//! the previous commit. Every write has completed in the page cache when a call returns, so a
+//! killed process loses nothing it was told is stored.
+//!
+//! Power loss is different: the disk may keep any subset of the writes since the last flush,
+//! so a commit slot can land while the tree nodes or blocks it covers do not. Hence the durable
+//! slots: [`Storage::sync`] flushes data, tree and bitfield (and copies the bitfield), and only
+//! then writes and flushes a durable slot, so the durable slot never names anything that is not
+//! on disk. On open the feed tries the newer commits first and accepts one only if what it
+//! covers checks out (see `Feed::open`), else falls back to the durable one; bits set since the
+//! last sync (the bitfield against its synced copy) are re-checked. A clean open (everything
+//! synced at shutdown) re-checks nothing. A length is announced only once it is durable (the
+//! replicator syncs before it speaks), so a fallback never takes back an announced length.
 
+use super::header::{self, DURABLE, Slots};
 use crate::core::bitfield::Bitfield;
-use crate::core::storage::{Header, Storage};
+use crate::core::storage::{Header, HeaderCandidates, Storage};
+use crate::fsio::{Dir, FileIo, OpenHow, RealDir};
 use feedsync_protocol::Node;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const NODE_SIZE: u64 = 40;
-const SLOT_SIZE: usize = 256;
-const SLOT_BODY: usize = SLOT_SIZE - 32;
-const MAGIC: &[u8; 8] = b"FEEDSYNC";
-const FORMAT_VERSION: u32 = 1;
 
 /// Where a store keeps block bytes when they are not in its own data file: a shared folder's
 /// content feed keeps them in the folder's files, so the bytes exist once on disk.
@@ -52,25 +65,44 @@ pub trait BlockData: Send + std::fmt::Debug {
 
 #[derive(Debug)]
 enum Data {
-    File(File),
+    File(Box<dyn FileIo>),
     Blocks(Box<dyn BlockData>),
 }
 
 /// A feed store in a directory. See the module docs for the layout.
 #[derive(Debug)]
 pub struct DiskStorage {
-    dir: PathBuf,
-    header: File,
-    tree: File,
-    bitfield: File,
+    /// The store's directory; every file is reached through it.
+    root: Arc<dyn Dir>,
+    /// What to call the store in messages.
+    name: PathBuf,
+    header: Box<dyn FileIo>,
+    tree: Box<dyn FileIo>,
+    bitfield: Box<dyn FileIo>,
+    /// The bitfield as of the last `sync` (see the module docs).
+    synced_bits: Option<Box<dyn FileIo>>,
     data: Data,
-    /// The exclusive lock (`None` when read-only).
+    /// The exclusive lock (`None` when read-only or opened on a directory handle).
     _lock: Option<File>,
     /// Read-only: the header as it was at open, served for the whole life of the store so
     /// every read sees one commit (the writer may commit meanwhile).
     frozen: Option<Option<Header>>,
     /// Sequence number of the newest valid header slot (0: none yet).
     seq: u64,
+    /// Sequence number of the header the newest durable slot holds (0: none).
+    durable_seq: u64,
+    /// The durable slot the next `sync` writes.
+    next_durable: u64,
+    /// The newest commit, as last written or read.
+    newest: Option<Header>,
+    /// Something was written since the last `sync`.
+    dirty: bool,
+    /// The directory's entries (our files) are durable.
+    dir_synced: bool,
+    /// Bytes of the bitfield file changed since the last `sync`.
+    unsynced_bits: Option<Range<u64>>,
+    /// A store from before the durable slots: its newest commit is taken as durable once.
+    legacy: bool,
     /// Direct-mapped write-through cache of tree nodes known to be on disk (slot = index mod
     /// size). Verifying consecutive blocks touches the same uncles and parents over and over;
     /// the cache turns those repeated 40-byte reads and rewrites into no syscall at all.
@@ -89,20 +121,48 @@ fn open_rw(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Creates `dir` (and missing parents) and makes the new entry durable in its parent.
+fn create_store_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        RealDir::open_path(parent)?.sync()?;
+    }
+    Ok(())
+}
+
 impl DiskStorage {
     /// Opens (creating if needed) the store in `dir`. Fails if another process has it open.
     pub fn open(dir: impl AsRef<Path>) -> io::Result<Self> {
-        Self::open_inner(dir.as_ref(), None)
+        Self::open_path(dir.as_ref(), None)
     }
 
     /// Opens the store in `dir` with its block bytes kept by `blocks` instead of a data file.
     pub fn open_with_blocks(dir: impl AsRef<Path>, blocks: Box<dyn BlockData>) -> io::Result<Self> {
-        Self::open_inner(dir.as_ref(), Some(blocks))
+        Self::open_path(dir.as_ref(), Some(blocks))
     }
 
-    fn open_inner(dir: &Path, blocks: Option<Box<dyn BlockData>>) -> io::Result<Self> {
-        let dir = dir.to_path_buf();
-        fs::create_dir_all(&dir)?;
+    /// Opens (creating its files if needed) the store in the directory `dir`. Takes no lock:
+    /// the caller owns the directory (a drive's state directory is locked by the drive; a test
+    /// hands in a simulated disk). All IO goes through `dir`, so the store can be tested for
+    /// power loss on [`crate::fsio::SimDisk`].
+    pub fn open_in(dir: Arc<dyn Dir>) -> io::Result<Self> {
+        Self::open_dir(dir, PathBuf::from("<feed store>"), None, None)
+    }
+
+    /// [`DiskStorage::open_in`] with the block bytes kept by `blocks`.
+    pub fn open_with_blocks_in(dir: Arc<dyn Dir>, blocks: Box<dyn BlockData>) -> io::Result<Self> {
+        Self::open_dir(dir, PathBuf::from("<feed store>"), Some(blocks), None)
+    }
+
+    /// The path wrappers: create the directory, take the exclusive lock (an flock on
+    /// `DIR/lock`, so a second `feedsync` on the same store fails at once instead of
+    /// interleaving commits; a path is what a lock is taken on, hence here and not in
+    /// `open_in`), then open through a directory handle.
+    fn open_path(dir: &Path, blocks: Option<Box<dyn BlockData>>) -> io::Result<Self> {
+        create_store_dir(dir)?;
         let lock = open_rw(&dir.join("lock"))?;
         lock.try_lock().map_err(|_| {
             io::Error::new(
@@ -110,21 +170,58 @@ impl DiskStorage {
                 format!("feed store {} is in use by another process", dir.display()),
             )
         })?;
+        let root: Arc<dyn Dir> = Arc::new(RealDir::open_path(dir)?);
+        Self::open_dir(root, dir.to_path_buf(), blocks, Some(lock))
+    }
+
+    fn open_dir(
+        root: Arc<dyn Dir>,
+        name: PathBuf,
+        blocks: Option<Box<dyn BlockData>>,
+        lock: Option<File>,
+    ) -> io::Result<Self> {
+        let existed = root.metadata("header")?.is_some();
+        let had_synced_bits = root.metadata("bitfield.synced")?.is_some();
+        let open = |n: &str| root.open(n, OpenHow::CREATE);
         let mut store = Self {
-            header: open_rw(&dir.join("header"))?,
-            tree: open_rw(&dir.join("tree"))?,
-            bitfield: open_rw(&dir.join("bitfield"))?,
+            header: open("header")?,
+            tree: open("tree")?,
+            bitfield: open("bitfield")?,
+            synced_bits: Some(open("bitfield.synced")?),
             data: match blocks {
                 Some(b) => Data::Blocks(b),
-                None => Data::File(open_rw(&dir.join("data"))?),
+                None => Data::File(open("data")?),
             },
-            _lock: Some(lock),
+            _lock: lock,
             frozen: None,
-            dir,
+            root,
+            name,
             seq: 0,
+            durable_seq: 0,
+            next_durable: DURABLE,
+            newest: None,
+            dirty: !existed,
+            dir_synced: false,
+            unsynced_bits: None,
+            legacy: false,
             cache: vec![None; CACHE_SLOTS],
         };
-        store.seq = store.newest_slot()?.map_or(0, |(seq, _)| seq);
+        let slots = store.slots()?;
+        // A store written before the durable slots existed: its newest commit is what the old
+        // code trusted; keep trusting it (once synced, the durable slots take over).
+        store.legacy = existed && !had_synced_bits && slots.durable.is_none();
+        store.seq = slots.max_seq();
+        store.durable_seq = slots.durable.as_ref().map_or(0, |(s, _)| *s);
+        store.next_durable = slots.next_durable;
+        store.newest = slots.commits.first().map(|(_, h)| h.clone());
+        if store.legacy {
+            // The copy of the bitfield starts as the bitfield itself: nothing to re-check.
+            let bits = store.bitfield.read_all()?;
+            if let Some(f) = &store.synced_bits {
+                f.write_all_at(&bits, 0)?;
+            }
+            store.dirty = true;
+        }
         Ok(store)
     }
 
@@ -133,32 +230,42 @@ impl DiskStorage {
     /// the secret key is not read (a feed opened on it cannot append), and the header is the
     /// newest valid slot at open, kept for the store's life. Blocks must be in its data file.
     pub fn open_read_only(dir: impl AsRef<Path>) -> io::Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
-        let open = |name: &str| File::open(dir.join(name));
-        let header = open("header")?;
+        let name = dir.as_ref().to_path_buf();
+        let root: Arc<dyn Dir> = Arc::new(RealDir::open_path(&name)?);
+        let open = |n: &str| root.open(n, OpenHow::READ);
+        let data = match open("data") {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(io::Error::new(
+                    ErrorKind::NotFound,
+                    format!("{} has no data file to read blocks from", name.display()),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         let mut store = Self {
-            header,
+            header: open("header")?,
             tree: open("tree")?,
             bitfield: open("bitfield")?,
-            data: Data::File(match open("data") {
-                Ok(f) => f,
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    return Err(io::Error::new(
-                        ErrorKind::NotFound,
-                        format!("{} has no data file to read blocks from", dir.display()),
-                    ));
-                }
-                Err(e) => return Err(e),
-            }),
+            synced_bits: None,
+            data: Data::File(data),
             _lock: None,
             frozen: None,
-            dir,
+            root,
+            name,
             seq: 0,
+            durable_seq: 0,
+            next_durable: DURABLE,
+            newest: None,
+            dirty: false,
+            dir_synced: true,
+            unsynced_bits: None,
+            legacy: false,
             cache: vec![None; CACHE_SLOTS],
         };
-        let newest = store.newest_slot()?;
-        store.seq = newest.as_ref().map_or(0, |(seq, _)| *seq);
-        store.frozen = Some(newest.map(|(_, h)| h));
+        let slots = store.slots()?;
+        store.seq = slots.max_seq();
+        store.frozen = Some(slots.commits.first().map(|(_, h)| h.clone()));
         Ok(store)
     }
 
@@ -167,76 +274,50 @@ impl DiskStorage {
         self.frozen.is_some()
     }
 
-    fn writable(&self) -> io::Result<()> {
+    fn writable(&mut self) -> io::Result<()> {
         if self.frozen.is_some() {
             return Err(io::Error::new(
                 ErrorKind::PermissionDenied,
-                format!("feed store {} is open read-only", self.dir.display()),
+                format!("feed store {} is open read-only", self.name.display()),
             ));
         }
+        self.dirty = true;
         Ok(())
     }
 
-    /// The store's directory.
+    /// The store's directory as it was named (for messages).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.name
     }
 
-    fn read_slot(&self, slot: u64) -> io::Result<Option<(u64, Header)>> {
-        let mut buf = [0u8; SLOT_SIZE];
-        match self.header.read_exact_at(&mut buf, slot * SLOT_SIZE as u64) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        if &buf[..8] != MAGIC || blake3::hash(&buf[..SLOT_BODY]).as_bytes() != &buf[SLOT_BODY..] {
-            return Ok(None);
-        }
-        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
-        let version = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+    /// All header slots; an error if the file has bytes but no valid slot.
+    fn slots(&self) -> io::Result<Slots> {
+        let slots = Slots::read(&*self.header)?;
+        if slots.commits.is_empty() && slots.durable.is_none() && self.header.metadata()?.len > 0 {
             return Err(io::Error::new(
                 ErrorKind::InvalidData,
-                format!("feed store format {version} is not supported (expected {FORMAT_VERSION})"),
+                format!("every header slot in {} is corrupt", self.name.display()),
             ));
         }
-        let seq = u64_at(12);
-        let mut public_key = [0u8; 32];
-        public_key.copy_from_slice(&buf[20..52]);
-        let signature = (buf[68] == 1).then(|| {
-            let mut s = [0u8; 64];
-            s.copy_from_slice(&buf[69..133]);
-            s
-        });
-        Ok(Some((
-            seq,
-            Header {
-                public_key,
-                length: u64_at(52),
-                byte_length: u64_at(60),
-                signature,
-            },
-        )))
+        Ok(slots)
     }
 
-    fn newest_slot(&self) -> io::Result<Option<(u64, Header)>> {
-        let a = self.read_slot(0)?;
-        let b = self.read_slot(1)?;
-        let newest = match (a, b) {
-            (Some(a), Some(b)) => Some(if a.0 >= b.0 { a } else { b }),
-            (a, b) => a.or(b),
+    /// Copies the bitfield bytes changed since the last sync into the synced copy.
+    fn copy_synced_bits(&mut self) -> io::Result<()> {
+        let (Some(range), Some(copy)) = (self.unsynced_bits.clone(), &self.synced_bits) else {
+            return Ok(());
         };
-        if newest.is_none() && self.header.metadata()?.len() > 0 {
-            return Err(io::Error::new(
-                ErrorKind::InvalidData,
-                format!("both header slots in {} are corrupt", self.dir.display()),
-            ));
+        let len = self.bitfield.metadata()?.len;
+        let end = range.end.min(len);
+        if range.start < end {
+            let mut buf = vec![0u8; (end - range.start) as usize];
+            self.bitfield.read_exact_at(&mut buf, range.start)?;
+            copy.write_all_at(&buf, range.start)?;
         }
-        Ok(newest)
-    }
-
-    fn secret_path(&self) -> PathBuf {
-        self.dir.join("secret_key")
+        copy.sync_data()?;
+        // Only now: a failed copy is retried by the next sync.
+        self.unsynced_bits = None;
+        Ok(())
     }
 }
 
@@ -245,28 +326,47 @@ impl Storage for DiskStorage {
         if let Some(frozen) = &self.frozen {
             return Ok(frozen.clone());
         }
-        Ok(self.newest_slot()?.map(|(_, h)| h))
+        Ok(self.newest.clone())
+    }
+
+    fn header_candidates(&mut self) -> io::Result<HeaderCandidates> {
+        if let Some(frozen) = &self.frozen {
+            let headers: Vec<Header> = frozen.iter().cloned().collect();
+            let durable_length = headers.first().map_or(0, |h| h.length);
+            return Ok(HeaderCandidates {
+                headers,
+                durable_length,
+            });
+        }
+        let slots = self.slots()?;
+        let headers = slots.candidates();
+        let durable_length = match (&slots.durable, self.legacy) {
+            (_, true) => headers.first().map_or(0, |h| h.length),
+            (Some((_, h)), false) => h.length,
+            (None, false) => 0,
+        };
+        Ok(HeaderCandidates {
+            headers,
+            durable_length,
+        })
+    }
+
+    fn adopt_header(&mut self, h: &Header) -> io::Result<()> {
+        if let Some(frozen) = &mut self.frozen {
+            *frozen = Some(h.clone());
+            return Ok(());
+        }
+        // Into both commit slots: the rejected newer commit must not be found again.
+        self.write_header(h)?;
+        self.write_header(h)
     }
 
     fn write_header(&mut self, h: &Header) -> io::Result<()> {
         self.writable()?;
         let seq = self.seq + 1;
-        let mut buf = [0u8; SLOT_SIZE];
-        buf[..8].copy_from_slice(MAGIC);
-        buf[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        buf[12..20].copy_from_slice(&seq.to_le_bytes());
-        buf[20..52].copy_from_slice(&h.public_key);
-        buf[52..60].copy_from_slice(&h.length.to_le_bytes());
-        buf[60..68].copy_from_slice(&h.byte_length.to_le_bytes());
-        if let Some(sig) = &h.signature {
-            buf[68] = 1;
-            buf[69..133].copy_from_slice(sig);
-        }
-        let sum = blake3::hash(&buf[..SLOT_BODY]);
-        buf[SLOT_BODY..].copy_from_slice(sum.as_bytes());
-        self.header
-            .write_all_at(&buf, (seq % 2) * SLOT_SIZE as u64)?;
+        header::write_slot(&*self.header, seq % 2, seq, h)?;
         self.seq = seq;
+        self.newest = Some(h.clone());
         Ok(())
     }
 
@@ -274,15 +374,14 @@ impl Storage for DiskStorage {
         if self.frozen.is_some() {
             return Ok(None); // a reader beside the writer never signs
         }
-        match fs::read(self.secret_path()) {
-            Ok(bytes) => {
+        match self.root.read_file("secret_key")? {
+            Some(bytes) => {
                 let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
                     io::Error::new(ErrorKind::InvalidData, "secret key file is not 32 bytes")
                 })?;
                 Ok(Some(seed))
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            None => Ok(None),
         }
     }
 
@@ -290,7 +389,7 @@ impl Storage for DiskStorage {
         self.writable()?;
         // Mode 0600 from the start (never world-readable, not even briefly), durable, and
         // renamed into place so a crash leaves either no key or the whole key.
-        crate::util::write_atomic_with_mode(&self.secret_path(), seed, 0o600)
+        self.root.write_atomic("secret_key", seed, 0o600)
     }
 
     fn node(&mut self, index: u64) -> io::Result<Option<Node>> {
@@ -390,8 +489,12 @@ impl Storage for DiskStorage {
         }
     }
 
+    fn holds_data(&self) -> bool {
+        matches!(self.data, Data::File(_))
+    }
+
     fn bitfield(&mut self) -> io::Result<Bitfield> {
-        let mut bits = Bitfield::from_bytes(&fs::read(self.dir.join("bitfield"))?);
+        let mut bits = Bitfield::from_bytes(&self.bitfield.read_all()?);
         if let Some(frozen) = &self.frozen {
             // Bits past the frozen commit belong to the writer's next one.
             bits.truncate(frozen.as_ref().map_or(0, |h| h.length));
@@ -399,18 +502,37 @@ impl Storage for DiskStorage {
         Ok(bits)
     }
 
+    fn synced_bitfield(&mut self) -> io::Result<Option<Bitfield>> {
+        match &self.synced_bits {
+            Some(f) => Ok(Some(Bitfield::from_bytes(&f.read_all()?))),
+            None => Ok(None), // read-only: it sees one commit and changes nothing
+        }
+    }
+
     fn write_bitfield(&mut self, bitfield: &Bitfield, changed: Range<u64>) -> io::Result<()> {
         self.writable()?;
+        let bytes = changed.start / 8..changed.end.div_ceil(8);
         // Only allocated pages can hold set bits; the rest is zeros on disk already.
-        for (at, bytes) in bitfield.byte_chunks(changed.start / 8..changed.end.div_ceil(8)) {
-            self.bitfield.write_all_at(bytes, at)?;
+        for (at, chunk) in bitfield.byte_chunks(bytes.clone()) {
+            self.bitfield.write_all_at(chunk, at)?;
         }
+        self.unsynced_bits = Some(match self.unsynced_bits.take() {
+            Some(r) => r.start.min(bytes.start)..r.end.max(bytes.end),
+            None => bytes,
+        });
         Ok(())
     }
 
+    /// Flushes in the order that makes the durable header true when it lands: the directory
+    /// entries (first time), block data, tree, bitfield and its synced copy, and only then the
+    /// durable header slot, flushed last. Nothing written since the last sync: no flush at all.
     fn sync(&mut self) -> io::Result<()> {
-        if self.frozen.is_some() {
+        if self.frozen.is_some() || !self.dirty {
             return Ok(()); // nothing written, nothing to sync
+        }
+        if !self.dir_synced {
+            self.root.sync()?;
+            self.dir_synced = true;
         }
         match &mut self.data {
             Data::File(f) => f.sync_data()?,
@@ -418,6 +540,21 @@ impl Storage for DiskStorage {
         }
         self.tree.sync_data()?;
         self.bitfield.sync_data()?;
-        self.header.sync_data()
+        self.copy_synced_bits()?;
+        if let Some(h) = self.newest.clone()
+            && (self.seq > self.durable_seq || self.legacy)
+        {
+            header::write_slot(&*self.header, self.next_durable, self.seq, &h)?;
+            self.next_durable = if self.next_durable == DURABLE {
+                DURABLE + 1
+            } else {
+                DURABLE
+            };
+        }
+        self.header.sync_data()?;
+        self.durable_seq = self.seq;
+        self.legacy = false;
+        self.dirty = false;
+        Ok(())
     }
 }

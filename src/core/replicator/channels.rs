@@ -55,7 +55,8 @@ impl<S: Storage> Replicator<S> {
 
     // Local changes, announced to every peer of the feed at once.
 
-    /// Appends blocks to a feed we write, and tells every peer at once.
+    /// Appends blocks to a feed we write. Peers hear of them once they are durable: the next
+    /// [`Replicator::commit`] (run before any message leaves) syncs and announces them.
     pub fn append<B: AsRef<[u8]>>(&mut self, feed: FeedId, blocks: &[B]) -> Result<u64, FeedError> {
         self.append_inner(feed, blocks, None)
     }
@@ -77,17 +78,17 @@ impl<S: Storage> Replicator<S> {
         blocks: &[B],
         leaves: Option<&[crate::core::crypto::Hash]>,
     ) -> Result<u64, FeedError> {
-        let start = self.feeds[feed].feed.len();
+        self.check_appendable(feed)?;
         let length = match leaves {
             Some(l) => self.feeds[feed].feed.append_batch_hashed(blocks, l)?,
             None => self.feeds[feed].feed.append_batch(blocks)?,
         };
-        self.feeds[feed].best_length = length;
-        // Every peer hears the new status before the blocks it covers.
-        if let Some(status) = self.status(feed) {
-            self.broadcast(feed, None, status);
+        let slot = &mut self.feeds[feed];
+        slot.best_length = length;
+        if !blocks.is_empty() {
+            slot.dirty = true;
+            self.dirty_any = true;
         }
-        self.broadcast(feed, None, Self::have(feed, start..length));
         Ok(length)
     }
 
@@ -113,9 +114,14 @@ impl<S: Storage> Replicator<S> {
             .collect()
     }
 
-    /// Our signed status of `feed`, if it has one.
+    /// Our signed status of `feed`, if it has one: for a feed we write, the durable one.
     pub(super) fn status(&self, feed: FeedId) -> Option<Message> {
-        let (length, tree_hash, signature) = self.feeds[feed].feed.signed_tree()?;
+        let slot = &self.feeds[feed];
+        let (length, tree_hash, signature) = if slot.feed.is_writable() {
+            slot.durable?
+        } else {
+            slot.feed.signed_tree()?
+        };
         Some(Message::Status(Status {
             channel: feed as u32,
             length,
@@ -167,7 +173,19 @@ impl<S: Storage> Replicator<S> {
         }
         // As many `Have`s as the frame limit needs: a fragmented bitfield must not become one
         // message every encoder and receiver refuses.
-        for blocks in self.feeds[feed].feed.bitfield().to_block_sets() {
+        let bitfield = self.feeds[feed].feed.bitfield();
+        let revealable = self.revealable(feed);
+        let clamped;
+        let bitfield = if bitfield.first_set(revealable).is_some() {
+            // Appends not yet durable are not ours to mention (rare: commit runs first).
+            let mut b = bitfield.clone();
+            b.truncate(revealable);
+            clamped = b;
+            &clamped
+        } else {
+            bitfield
+        };
+        for blocks in bitfield.to_block_sets() {
             let have = Message::Have(Have {
                 channel: feed as u32,
                 blocks,
@@ -358,6 +376,7 @@ impl<S: Storage> Replicator<S> {
                 .or_insert_with(|| Channel::new(max_runs));
             ch.length = ch.length.max(s.length);
         }
+        self.check_own_history(peer, feed, &s);
         let slot = &mut self.feeds[feed];
         slot.best_length = slot.best_length.max(s.length);
         slot.proved = true;

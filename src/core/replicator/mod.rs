@@ -45,7 +45,8 @@
 //!   delivers). Having requests pending is not part of either rule.
 //! - **Misbehaviour**: a peer whose data fails verification is dropped and banned for the
 //!   session; a peer that breaks the protocol is dropped. Unsolicited or duplicate data is ignored.
-//! - **Live**: local appends are announced at once (status + have); peers announcing a longer
+//! - **Live**: local appends are announced once durable (status + have; see `commit.rs`: one
+//!   flush covers every append since the last message, before anything leaves); peers announcing a longer
 //!   signed length are asked for an upgrade, then for the new blocks.
 //! - **Loss**: status, have and unanswered opens are re-sent every `announce_interval` ticks, so a
 //!   lost message delays but never stalls replication.
@@ -66,6 +67,7 @@
 //!   and [`Footprint`], the count of entries held (what the hostile simulation budgets).
 
 mod channels;
+mod commit;
 mod config;
 mod congestion;
 mod limits;
@@ -159,6 +161,18 @@ pub enum Event {
         /// The block.
         index: u64,
     },
+    /// A peer proved, with our own signature, a history of `feed` (which we write) that we no
+    /// longer hold: a longer signed length, or a different tree at a length we hold. The disk
+    /// lost announced appends (it acknowledged a flush it did not make). Appending to `feed` is
+    /// refused from now on: signing again at those lengths would fork every replica.
+    LostHistory {
+        /// The feed.
+        feed: FeedId,
+        /// Our length.
+        ours: u64,
+        /// The length the peer proved.
+        theirs: u64,
+    },
     /// Verified blocks `index..index + count` of `feed` were handed to `peer`'s connection
     /// (the serving side's count: what a peer fetched, as seen by the one who sent it).
     Uploaded {
@@ -239,6 +253,17 @@ struct FeedSlot<S: Storage> {
     want: Option<Bitfield>,
     /// Fetch in order (overrides [`Config::ordered`] for this feed).
     ordered: bool,
+    /// A feed we write: appends not yet durable, so not yet announced.
+    dirty: bool,
+    /// A feed we write: the length, and the signed tree at it, that the last successful
+    /// [`Replicator::commit`] made durable. Nothing beyond it is ever said to a peer.
+    durable: Option<(u64, crate::core::crypto::Hash, [u8; 64])>,
+    /// The last sync of this feed failed (reported once until one succeeds).
+    sync_failed: bool,
+    /// Feeds that must be durable before this one is synced ([`Replicator::sync_before`]).
+    sync_after: Vec<FeedId>,
+    /// A peer proved history we lost: appending is refused (see [`Event::LostHistory`]).
+    lost_history: bool,
 }
 
 /// One connected peer.
@@ -293,6 +318,10 @@ pub struct Replicator<S: Storage> {
     schedule_passes: u64,
     /// Some feed has `unhave` blocks waiting to be announced.
     unhave_pending: bool,
+    /// Some feed we write has appends waiting for [`Replicator::commit`].
+    dirty_any: bool,
+    /// A sync failed: the next attempt waits for this tick (no flush storm per message).
+    commit_retry_at: u64,
 }
 
 /// SplitMix64: a tiny deterministic mixer for tie-breaks and jitter.
@@ -320,16 +349,22 @@ impl<S: Storage> Replicator<S> {
             last_soon_plan: None,
             schedule_passes: 0,
             unhave_pending: false,
+            dirty_any: false,
+            commit_retry_at: 0,
         }
     }
 
     /// Adds a feed to replicate. With `download`, every block of the newest signed length is
-    /// fetched (a writer never downloads its own feed).
+    /// fetched (a writer never downloads its own feed). A feed we write is announced only
+    /// after the first [`Replicator::commit`] made what it holds durable (its store may hold
+    /// appends of a killed process that never reached the disk).
     pub fn add_feed(&mut self, feed: Feed<S>, download: bool) -> FeedId {
         let id = self.feeds.len();
         let discovery_key = feed.discovery_key();
-        let download = download && !feed.is_writable();
+        let writable = feed.is_writable();
+        let download = download && !writable;
         let best_length = feed.len();
+        self.dirty_any |= writable;
         self.feeds.push(FeedSlot {
             feed,
             discovery_key,
@@ -343,6 +378,11 @@ impl<S: Storage> Replicator<S> {
             cursor: None,
             want: None,
             ordered: self.config.ordered,
+            dirty: writable,
+            durable: None,
+            sync_failed: false,
+            sync_after: Vec::new(),
+            lost_history: false,
         });
         self.open_new_feed(id);
         id
@@ -429,11 +469,14 @@ impl<S: Storage> Replicator<S> {
 
     /// Whether actions are waiting to be polled.
     pub fn has_actions(&self) -> bool {
-        !self.actions.is_empty() || self.unhave_pending
+        !self.actions.is_empty() || self.unhave_pending || self.commit_due()
     }
 
-    /// The next thing to do, if any. Call until `None` after every input.
+    /// The next thing to do, if any. Call until `None` after every input. Feeds we write are
+    /// committed first ([`Replicator::commit`]): whatever this returns reveals only durable
+    /// lengths and blocks.
     pub fn poll_action(&mut self) -> Option<Action> {
+        self.commit();
         self.flush_unhaves();
         self.actions.pop_front()
     }
@@ -446,6 +489,7 @@ impl<S: Storage> Replicator<S> {
     /// or tick. Blocks handed out are reported as [`Event::Uploaded`] through
     /// [`Replicator::poll_action`].
     pub fn poll_upload(&mut self, peer: PeerId) -> Option<Vec<Message>> {
+        self.commit();
         let pos = self.next_in_queue(peer)?;
         self.serve_queued(peer, pos)
     }

@@ -8,7 +8,7 @@
 //! `MAX_DATA_BYTES`), so the driver's byte budget applies to every piece, however large the
 //! request. Production and the simulator both drive this one path.
 
-use super::{Event, FeedId, MAX_QUEUED_REQUESTS, PeerId, Replicator};
+use super::{Event, FeedId, MAX_QUEUED_REQUESTS, PeerId, Replicator, StorageFailure};
 use crate::core::error::FeedError;
 use crate::core::feed::Proof;
 use crate::core::storage::Storage;
@@ -96,12 +96,36 @@ impl<S: Storage> Replicator<S> {
         r.count > 0 && self.feeds[feed].uploaded.count_range(r.index..end) < u64::from(r.count)
     }
 
+    /// A block of a feed we replicate no longer matches its verified leaf (the disk lost or
+    /// garbled it): give it up, so that it is never offered again and is fetched anew. Only
+    /// where the store holds the bytes itself: blocks kept in a shared folder's files belong to
+    /// the user, and the drive decides what a changed file means (it may be a local edit).
+    fn forget_changed(&mut self, feed: FeedId, index: u64) {
+        let slot = &self.feeds[feed];
+        if slot.feed.is_writable() || !slot.feed.holds_data() {
+            return;
+        }
+        match self.forget(feed, index..index + 1) {
+            Ok(()) => self.schedule_blocks(feed),
+            Err(e) => self.event(Event::StorageError {
+                feed,
+                error: StorageFailure::from(&e),
+            }),
+        }
+    }
+
     /// Answers the next piece of one request: a Data message of at most `MAX_DATA_BYTES` of
     /// blocks (or NoData), and what remains of the request.
     fn serve(&mut self, feed: FeedId, r: &Request) -> (Message, Option<Request>) {
         let channel = feed as u32;
-        let slot = &mut self.feeds[feed];
         let end = r.index.saturating_add(u64::from(r.count));
+        // A feed we write whose last appends are not durable (their sync failed): nothing past
+        // the durable length leaves, neither blocks nor a newer signed tree.
+        let revealable = self.revealable(feed);
+        if self.feeds[feed].feed.len() > revealable && (r.upgrade || end > revealable) {
+            return (Message::NoData(NoData { channel, id: r.id }), None);
+        }
+        let slot = &mut self.feeds[feed];
         let mut blocks = Vec::new();
         let mut bytes = 0usize;
         let mut changed = None;
@@ -123,6 +147,7 @@ impl<S: Storage> Replicator<S> {
         }
         if let Some(index) = changed {
             self.event(Event::DataChanged { feed, index });
+            self.forget_changed(feed, index);
         }
         let slot = &mut self.feeds[feed];
         let count = blocks.len() as u64;
