@@ -496,9 +496,11 @@ fn the_content_feed_is_durable_before_records_name_its_blocks() {
     assert!(ok);
     p.wait_exit(Duration::from_secs(30));
     let calls = store_calls(&fs::read_to_string(&trace).unwrap());
-    // The first record naming content blocks: the first metadata write after content was
-    // written. Between the last content write before it and it, the content feed's tree and
-    // header must have been flushed.
+    // The first flush of the metadata feed's header after content was appended makes the
+    // records naming those blocks durable. Between the last write to the content feed's tree
+    // before it (the last append) and it, the content feed's tree and header must have been
+    // flushed.
+    let flush = |c: &str| c == "fsync" || c == "fdatasync";
     let first_content = calls
         .iter()
         .position(|(c, p)| c.starts_with("pwrite") && p.ends_with("/content/tree"))
@@ -506,18 +508,18 @@ fn the_content_feed_is_durable_before_records_name_its_blocks() {
     let record = first_content
         + calls[first_content..]
             .iter()
-            .position(|(c, p)| c.starts_with("pwrite") && p.contains("/meta/"))
-            .expect("a record was appended");
+            .position(|(c, p)| flush(c) && p.ends_with("/meta/header"))
+            .expect("the records were flushed");
     let last_content_write = calls[..record]
         .iter()
-        .rposition(|(c, p)| c.starts_with("pwrite") && p.contains("/content/"))
+        .rposition(|(c, p)| c.starts_with("pwrite") && p.ends_with("/content/tree"))
         .unwrap();
     for file in ["tree", "header"] {
         assert!(
             calls[last_content_write..record]
                 .iter()
-                .any(|(c, p)| c.ends_with("sync") && p.ends_with(&format!("/content/{file}"))),
-            "content/{file} not flushed before the record naming its blocks: {:?}",
+                .any(|(c, p)| flush(c) && p.ends_with(&format!("/content/{file}"))),
+            "content/{file} not flushed before the records naming its blocks: {:?}",
             &calls[first_content..=record]
         );
     }

@@ -79,8 +79,6 @@ pub struct Importer {
     pending: Vec<Vec<u8>>,
     /// Leaf hashes of `pending`, computed once for both the dedup lookup and the tree.
     leaves: Vec<crypto::Hash>,
-    /// Content feed length last made durable (see [`Importer::commit`]).
-    synced_len: u64,
     /// Device and inode of a directory never imported whatever its name: our state directory,
     /// which anyone who can write the folder's root can rename to a name we would import (and
     /// the writer's secret key is in it).
@@ -104,6 +102,11 @@ impl Importer {
         root: Arc<dyn Dir>,
         root_path: PathBuf,
     ) -> Result<Self, FeedError> {
+        // Records name content blocks: the content feed must be durable before any record
+        // naming its blocks is (after a power cut, records pointing at content that rolled
+        // back would be a signed lie, and the writer would re-append different blocks at
+        // indices clones already trust). The replicator's group commit keeps that order.
+        replicator.sync_before(content, meta);
         let mut dedup = HashMap::new();
         let blocks: BTreeSet<u64> = {
             let l = layout::lock(&layout);
@@ -124,7 +127,6 @@ impl Importer {
             dedup,
             pending: Vec::new(),
             leaves: Vec::new(),
-            synced_len: u64::MAX,
             kept_out: None,
             rules: walk::Rules::default(),
             forced: BTreeSet::new(),
@@ -357,17 +359,6 @@ impl Importer {
             b.insert(0, time.clone());
         }
         let blocks: Vec<Vec<u8>> = batches.iter().map(|b| encode(b)).collect();
-        // Records reference content blocks: the content feed must be durable before a record
-        // naming its blocks can be (after a power cut, metadata pointing at content blocks
-        // that rolled back would be a signed lie; the writer would then re-append different
-        // blocks at indices clones already trust). One flush per commit, only if content grew.
-        // TODO(integrator, issue #11): use engineer A's replicator-level ordering call (branch
-        // i11-a) here instead, so the flush is shared with the announce group commit.
-        let content_len = r.feed(self.content).len();
-        if content_len != self.synced_len {
-            r.feed_mut(self.content).sync()?;
-            self.synced_len = content_len;
-        }
         r.append(self.meta, &blocks)?;
         let mut orphans = BTreeSet::new();
         {
