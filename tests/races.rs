@@ -361,3 +361,17 @@ fn a_state_directory_replaced_while_the_drive_runs_redirects_no_write() {
     assert_eq!(paths, BTreeSet::from([&"f".to_string(), &"g".to_string()]));
     drop(events);
 }
+
+#[test]
+fn a_drive_open_elsewhere_is_refused_while_its_stores_are_in_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("share");
+    fs::create_dir(&root).unwrap();
+    let first = Drive::share(&root).unwrap();
+    // The stores are opened through the state directory's handle; their locks still exclude
+    // a second user of the same folder.
+    let e = Drive::open(&root).err().unwrap().to_string();
+    assert!(e.contains("in use by another process"), "{e}");
+    drop(first);
+    Drive::open(&root).unwrap();
+}

@@ -9,7 +9,7 @@ use crate::drive::layout::{self, Shared};
 use crate::drive::reader::Reader;
 use crate::drive::record::{BLOCK_SIZE, Limits, State};
 use crate::drive::writer::Writer;
-use crate::fsio::Dir;
+use crate::fsio::{Dir, FileIo};
 use crate::storage::DiskStorage;
 use crate::sync::{App, Waker};
 use std::fs;
@@ -61,6 +61,9 @@ pub(super) struct Base {
     /// (`status.json`, `applied`) are written through it, never by path, so a `.feedsync`
     /// renamed away and replaced by another user's redirects nothing.
     pub state_handle: Arc<dyn Dir>,
+    /// The feed stores' locks: held while the drive runs (a second `feedsync` on the folder
+    /// fails at once).
+    pub locks: Vec<Box<dyn FileIo>>,
     pub layout: Shared,
     pub meta: FeedId,
     /// The content feed (a fresh clone learns its key from metadata block 0).
@@ -99,6 +102,7 @@ impl Base {
             state_dir,
             root_dir,
             state_handle,
+            locks: Vec::new(),
             layout,
             meta,
             content,

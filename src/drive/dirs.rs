@@ -17,14 +17,15 @@
 //! anything in it. The handle is kept and state files are written relative to it: renaming
 //! `.feedsync` away and planting another one later does not redirect a single write.
 //!
-//! TODO(integrator, issue #11): the feed stores are still opened by path
-//! (`DiskStorage::open(state_dir.join("meta"))`), right after the verification; switch them to
-//! `DiskStorage::open_in` / `open_with_blocks_in` on `state.open_dir("meta")` /
-//! `open_dir("content")` once engineer A's branch (i11-a) is merged. Until then
-//! [`check_unmoved`] refuses a state directory that was swapped while the stores opened.
+//! The feed stores are opened through the state handle too ([`open_store`]); each is locked
+//! with an `flock` on its `lock` file (the same lock the path-based opens take), so a second
+//! `feedsync` on the folder fails at once. [`Drive::clone_into`](crate::drive::Drive) still
+//! opens its metadata store by path (TODO(integrator): its owner switches it to
+//! [`open_store`]); [`check_unmoved`] refuses a state directory swapped meanwhile.
 
 use crate::drive::{DriveError, STATE_DIR};
-use crate::fsio::{Dir, Kind, RealDir};
+use crate::fsio::{Dir, FileIo, Kind, OpenHow, RealDir};
+use crate::storage::{BlockData, DiskStorage};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -104,4 +105,44 @@ pub(crate) fn check_unmoved(state: &dyn Dir, root: &Path) -> Result<(), DriveErr
         });
     }
     Ok(())
+}
+
+/// A feed store opened beneath the state directory: the store, and the lock that must be held
+/// as long as it is used.
+pub(crate) type Store = (DiskStorage, Box<dyn FileIo>);
+
+/// Opens (with `create`: makes, mode 0700, if missing) the feed store `name` beneath the state
+/// directory `state` (`root` for messages), its block bytes kept by `blocks` if given, and
+/// locks it against a second process.
+pub(crate) fn open_store(
+    state: &dyn Dir,
+    root: &Path,
+    name: &str,
+    create: bool,
+    blocks: Option<Box<dyn BlockData>>,
+) -> Result<Store, DriveError> {
+    if create {
+        match state.create_dir(name, 0o700) {
+            // The new entry durable in the state directory, as a path-based open makes it.
+            Ok(()) => state.sync()?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let dir: Arc<dyn Dir> = Arc::from(state.open_dir(name)?);
+    let lock = dir.open("lock", OpenHow::CREATE)?;
+    lock.try_lock().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "feed store {} is in use by another process",
+                root.join(STATE_DIR).join(name).display()
+            ),
+        )
+    })?;
+    let store = match blocks {
+        Some(b) => DiskStorage::open_with_blocks_in(dir, b)?,
+        None => DiskStorage::open_in(dir)?,
+    };
+    Ok((store, lock))
 }

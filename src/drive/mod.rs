@@ -51,7 +51,7 @@ pub use record::Limits;
 
 use crate::core::Feed;
 use crate::core::replicator::FeedId;
-use crate::fsio::{Dir, Kind};
+use crate::fsio::{Dir, FileIo, Kind};
 use crate::storage::DiskStorage;
 use ed25519_dalek::SigningKey;
 use layout::{FolderBlocks, Shared};
@@ -173,6 +173,8 @@ pub struct Drive {
     /// (a directory owned by our uid, writable by no one else): state files are written
     /// through it, so a `.feedsync` replaced later redirects nothing.
     pub state_handle: Arc<dyn Dir>,
+    /// The feed stores' locks, held as long as the stores are used (then by the app).
+    locks: Vec<Box<dyn FileIo>>,
     /// The metadata feed.
     pub meta: Feed<DiskStorage>,
     /// The content feed (a fresh clone learns its key from metadata block 0).
@@ -204,14 +206,12 @@ impl Drive {
         let key = SigningKey::from_bytes(&seed);
         let ckey = content_key(&seed);
         let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), true);
-        let mut meta = Feed::create(DiskStorage::open(state_dir.join("meta"))?, key)?;
-        let content = Feed::create(
-            DiskStorage::open_with_blocks(
-                state_dir.join("content"),
-                Box::new(FolderBlocks(layout.clone())),
-            )?,
-            ckey.clone(),
-        )?;
+        let (meta_store, meta_lock) = dirs::open_store(&*state_handle, &root, "meta", true, None)?;
+        let mut meta = Feed::create(meta_store, key)?;
+        let blocks = Box::new(FolderBlocks(layout.clone()));
+        let (content_store, content_lock) =
+            dirs::open_store(&*state_handle, &root, "content", true, Some(blocks))?;
+        let content = Feed::create(content_store, ckey.clone())?;
         meta.append(&record::encode(&[
             Record::Init {
                 content_key: ckey.verifying_key().to_bytes(),
@@ -220,12 +220,12 @@ impl Drive {
             Record::now(),
         ]))?;
         meta.sync()?;
-        dirs::check_unmoved(&*state_handle, &root)?;
         Ok(Self {
             root,
             state_dir,
             root_dir,
             state_handle,
+            locks: vec![meta_lock, content_lock],
             meta,
             content: Some(content),
             layout,
@@ -282,6 +282,7 @@ impl Drive {
             state_dir,
             root_dir,
             state_handle,
+            locks: Vec::new(),
             meta,
             content: None,
             layout,
@@ -299,23 +300,26 @@ impl Drive {
         if state_handle.metadata("meta/header")?.is_none() {
             return Err(DriveError::NotADrive(root));
         }
-        let meta = Feed::open(DiskStorage::open(state_dir.join("meta"))?)?;
+        let (meta_store, meta_lock) = dirs::open_store(&*state_handle, &root, "meta", false, None)?;
+        let meta = Feed::open(meta_store)?;
         let writer = meta.is_writable();
         let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), writer);
+        let mut locks = vec![meta_lock];
         let content = if state_handle.metadata("content/header")?.is_some() {
-            Some(Feed::open(DiskStorage::open_with_blocks(
-                state_dir.join("content"),
-                Box::new(FolderBlocks(layout.clone())),
-            )?)?)
+            let blocks = Box::new(FolderBlocks(layout.clone()));
+            let (store, lock) =
+                dirs::open_store(&*state_handle, &root, "content", false, Some(blocks))?;
+            locks.push(lock);
+            Some(Feed::open(store)?)
         } else {
             None
         };
-        dirs::check_unmoved(&*state_handle, &root)?;
         Ok(Self {
             root,
             state_dir,
             root_dir,
             state_handle,
+            locks,
             meta,
             content,
             layout,
@@ -503,7 +507,7 @@ impl Drive {
         if let Some(c) = self.content {
             feeds.push((c, !self.writer));
         }
-        let base = app::Base::new(
+        let mut base = app::Base::new(
             self.root,
             self.state_dir,
             self.root_dir,
@@ -514,6 +518,7 @@ impl Drive {
             full,
             options,
         );
+        base.locks = self.locks;
         let app = if self.writer {
             DriveApp::writer(base)
         } else {

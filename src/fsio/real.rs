@@ -352,6 +352,14 @@ impl FileIo for RealFile {
     fn sync_all(&self) -> io::Result<()> {
         self.0.sync_all()
     }
+    fn try_lock(&self) -> io::Result<()> {
+        self.0.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => {
+                io::Error::new(ErrorKind::WouldBlock, "in use by another process (locked)")
+            }
+            std::fs::TryLockError::Error(e) => e,
+        })
+    }
 }
 
 #[cfg(test)]
