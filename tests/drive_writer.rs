@@ -67,6 +67,31 @@ fn run(drive: Drive, options: AppOptions, peers: Vec<SocketAddr>, once: bool) ->
     Running { node, events, addr }
 }
 
+/// An address on loopback nothing listens on (bound, then closed): dials to it fail at once.
+fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Waits until the node's loop has run for at least `span`, by the node's own clock: it redials
+/// a dead peer after the delay each `DialFailed` names, counted in loop ticks, so the sum of the
+/// delays between the failures seen is time the loop really ran (no sleep in the test).
+fn loop_ran_for(events: &Receiver<NodeEvent>, span: Duration) {
+    let mut ran = Duration::ZERO;
+    let mut last: Option<Duration> = None;
+    let deadline = Instant::now() + span * 10 + Duration::from_secs(20);
+    while ran < span {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(NodeEvent::DialFailed { retry_in, .. }) => {
+                ran += last.replace(retry_in).unwrap_or_default();
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the node stopped redialling after {ran:?}: {e}"),
+        }
+    }
+}
+
 fn quiet() -> AppOptions {
     AppOptions {
         follow: false,
@@ -238,18 +263,14 @@ fn a_symlink_is_reported_once_and_idle_sends_no_progress() {
         progress: Some(Duration::from_millis(10)),
         ..AppOptions::default()
     };
-    let s = run(Drive::share(&root).unwrap(), options, vec![], false);
-    // Wait until status.json has been rewritten a few times: many rescans ran meanwhile.
-    let status = root.join(".feedsync/status.json");
-    let mut seen = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seen.len() < 4 {
-        assert!(Instant::now() < deadline, "status.json not rewritten");
-        if let Ok(m) = fs::metadata(&status) {
-            seen.insert(m.modified().unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let s = run(
+        Drive::share(&root).unwrap(),
+        options,
+        vec![dead_addr()],
+        false,
+    );
+    // Let the loop run for seconds (dozens of rescans), timed by the node's own dial retries.
+    loop_ran_for(&s.node.events, Duration::from_millis(2500));
     s.node.shutdown().unwrap();
     let events: Vec<DriveEvent> = s.events.try_iter().collect();
     let skips = events
@@ -262,6 +283,44 @@ fn a_symlink_is_reported_once_and_idle_sends_no_progress() {
         .filter(|e| matches!(e, DriveEvent::Progress(_)))
         .count();
     assert_eq!(progress, 1, "idle: only the first figures: {events:?}");
+}
+
+#[test]
+fn an_idle_node_does_not_rewrite_status_json() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("share");
+    fs::create_dir(&root).unwrap();
+    write(&root, "f", b"hello", 1_000);
+    let s = run(
+        Drive::share(&root).unwrap(),
+        quiet(),
+        vec![dead_addr()],
+        false,
+    );
+    let status = root.join(".feedsync/status.json");
+    // Wait on content: the figures after the first scan.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        assert!(
+            Instant::now() < deadline,
+            "status.json never said files_total 1"
+        );
+        if let Ok(text) = fs::read_to_string(&status)
+            && text.contains("\"files_total\": 1")
+        {
+            break fs::metadata(&status).unwrap().ino();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    loop_ran_for(&s.node.events, Duration::from_millis(2500));
+    // Every write replaces the file (a new inode): the same inode means no write at all.
+    assert_eq!(
+        fs::metadata(&status).unwrap().ino(),
+        first,
+        "status.json rewritten while nothing changed"
+    );
+    s.node.shutdown().unwrap();
 }
 
 #[test]
@@ -291,22 +350,10 @@ fn a_clone_is_done_only_after_a_peer_proved_the_newest_version() {
     s.node.shutdown().unwrap();
 
     // Again, with every block in hand but no peer: never done (it cannot know it is current).
-    let c = run(Drive::open(&dst).unwrap(), quiet(), vec![], true);
-    let status = dst.join(".feedsync/status.json");
-    let first = fs::metadata(&status).unwrap().modified().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    // Two status rewrites = the loop ran its completion check for over a second.
-    let mut rewrites = 0;
-    let mut last = first;
-    while rewrites < 2 {
-        assert!(Instant::now() < deadline, "status.json not rewritten");
-        let m = fs::metadata(&status).unwrap().modified().unwrap();
-        if m != last {
-            rewrites += 1;
-            last = m;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The only peer is an address nobody listens on: it never proves anything.
+    let c = run(Drive::open(&dst).unwrap(), quiet(), vec![dead_addr()], true);
+    // The loop ran its completion check for well over a second (timed by its dial retries).
+    loop_ran_for(&c.node.events, Duration::from_millis(2500));
     assert!(
         !c.node.events.try_iter().any(|e| e == NodeEvent::Complete),
         "a clone that heard from no peer called itself complete"
@@ -386,4 +433,94 @@ fn errors_name_the_path_and_the_fix_and_discard_leaves_nothing() {
         "{text}"
     );
     assert!(shared.join(".feedsync/meta/secret_key").exists());
+}
+
+/// The system calls of a real `feedsync share` (under `strace`) that write or flush the feed
+/// stores, in order: `(call, path)`.
+fn store_calls(trace: &str) -> Vec<(String, String)> {
+    trace
+        .lines()
+        .filter_map(|l| {
+            // `PID call(FD</path>, ...) = N`
+            let rest = l.split_once(' ')?.1.trim_start();
+            let (call, args) = rest.split_once('(')?;
+            let path = args.split_once('<')?.1.split_once('>')?.0;
+            path.contains("/.feedsync/")
+                .then(|| (call.to_string(), path.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_content_feed_is_durable_before_records_name_its_blocks() {
+    use common::{BIN, Proc};
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: needs strace to see the order of writes and flushes");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("share");
+    fs::create_dir(&root).unwrap();
+    write(&root, "f", &bytes(3, 2 * B + 5), 1_000);
+    let trace = tmp.path().join("trace");
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args([
+        "-f",
+        "-qq",
+        "-y",
+        "-e",
+        "trace=pwrite64,write,fdatasync,fsync",
+        "-o",
+    ])
+    .arg(&trace)
+    .arg(BIN)
+    .args(["share", root.to_str().unwrap()])
+    .args(["--listen", "127.0.0.1:0", "--no-discovery"]);
+    let mut p = Proc::spawn(cmd);
+    common::wait_until(Duration::from_secs(60), "the first scan's version", || {
+        p.stderr_has("version 2:")
+    });
+    // Stop the traced node itself (strace's only child); strace then exits with it.
+    let strace = p.pid();
+    let children = fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap();
+    let node: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let ok = std::process::Command::new("kill")
+        .arg(node.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    p.wait_exit(Duration::from_secs(30));
+    let calls = store_calls(&fs::read_to_string(&trace).unwrap());
+    // The first flush of the metadata feed's header after content was appended makes the
+    // records naming those blocks durable. Between the last write to the content feed's tree
+    // before it (the last append) and it, the content feed's tree and header must have been
+    // flushed.
+    let flush = |c: &str| c == "fsync" || c == "fdatasync";
+    let first_content = calls
+        .iter()
+        .position(|(c, p)| c.starts_with("pwrite") && p.ends_with("/content/tree"))
+        .expect("content was appended");
+    let record = first_content
+        + calls[first_content..]
+            .iter()
+            .position(|(c, p)| flush(c) && p.ends_with("/meta/header"))
+            .expect("the records were flushed");
+    let last_content_write = calls[..record]
+        .iter()
+        .rposition(|(c, p)| c.starts_with("pwrite") && p.ends_with("/content/tree"))
+        .unwrap();
+    for file in ["tree", "header"] {
+        assert!(
+            calls[last_content_write..record]
+                .iter()
+                .any(|(c, p)| flush(c) && p.ends_with(&format!("/content/{file}"))),
+            "content/{file} not flushed before the records naming its blocks: {:?}",
+            &calls[first_content..=record]
+        );
+    }
 }

@@ -9,11 +9,13 @@ use crate::drive::layout::{self, Shared};
 use crate::drive::reader::Reader;
 use crate::drive::record::{BLOCK_SIZE, Limits, State};
 use crate::drive::writer::Writer;
+use crate::fsio::{Dir, FileIo};
 use crate::storage::DiskStorage;
 use crate::sync::{App, Waker};
 use std::fs;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How a [`DriveApp`] behaves.
@@ -53,6 +55,15 @@ impl Default for AppOptions {
 pub(super) struct Base {
     pub root: PathBuf,
     pub state_dir: PathBuf,
+    /// The folder's handle: the importer (and the layout) resolve every path beneath it.
+    pub root_dir: Arc<dyn Dir>,
+    /// The state directory's handle, checked to be ours when the drive opened: state files
+    /// (`status.json`, `applied`) are written through it, never by path, so a `.feedsync`
+    /// renamed away and replaced by another user's redirects nothing.
+    pub state_handle: Arc<dyn Dir>,
+    /// The feed stores' locks: held while the drive runs (a second `feedsync` on the folder
+    /// fails at once).
+    pub locks: Vec<Box<dyn FileIo>>,
     pub layout: Shared,
     pub meta: FeedId,
     /// The content feed (a fresh clone learns its key from metadata block 0).
@@ -64,6 +75,9 @@ pub(super) struct Base {
     /// Since when published files wait for a `syncfs`.
     pub dirty_since: Option<Instant>,
     last_status: Instant,
+    /// The bytes `status.json` was last written with: an unchanged status is not written
+    /// again (an idle node would otherwise rewrite and fsync it every second, forever).
+    last_status_json: Option<Vec<u8>>,
     pub stats: Stats,
     last_received: u64,
     rate: u64,
@@ -74,6 +88,8 @@ impl Base {
     pub fn new(
         root: PathBuf,
         state_dir: PathBuf,
+        root_dir: Arc<dyn Dir>,
+        state_handle: Arc<dyn Dir>,
         layout: Shared,
         meta: FeedId,
         content: Option<FeedId>,
@@ -84,6 +100,9 @@ impl Base {
             reporter: Reporter::new(options.events.clone(), options.progress),
             root,
             state_dir,
+            root_dir,
+            state_handle,
+            locks: Vec::new(),
             layout,
             meta,
             content,
@@ -91,6 +110,7 @@ impl Base {
             options,
             dirty_since: None,
             last_status: Instant::now() - Duration::from_secs(10),
+            last_status_json: None,
             stats: Stats::default(),
             last_received: 0,
             rate: 0,
@@ -139,15 +159,28 @@ impl Base {
         };
     }
 
-    /// Refreshes the figures and rewrites `status.json` (for `feedsync status` and the daemon).
+    /// Refreshes the figures and rewrites `status.json` (for `feedsync status` and the daemon)
+    /// if they changed since it was last written. Each write is a flush of a file and of the
+    /// state directory: an idle node must not pay that (nor wear the disk) every second.
     pub fn write_status(&mut self, r: &Replicator<DiskStorage>, role: &'static str, version: u64) {
         self.refresh_stats(r, role, version);
-        if let Ok(json) = serde_json::to_vec_pretty(&self.stats) {
-            let path = self.state_dir.join("status.json");
-            if let Err(e) = crate::util::write_atomic(&path, &json) {
-                self.problem(DriveProblem::io(&path, &e));
-            }
+        let Ok(json) = serde_json::to_vec_pretty(&self.stats) else {
+            return;
+        };
+        if self.last_status_json.as_ref() == Some(&json) {
+            return;
         }
+        match self.write_state_file("status.json", &json) {
+            Ok(()) => self.last_status_json = Some(json),
+            Err(e) => self.problem(DriveProblem::io(&self.state_dir.join("status.json"), &e)),
+        }
+    }
+
+    /// Replaces the state file `name` with `bytes`, atomically and durably, through the state
+    /// directory's handle (never by path: see `dirs.rs`). Readable by all (mode 0644): `status`
+    /// and `log` run as other users too; nothing secret goes through here.
+    pub fn write_state_file(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        self.state_handle.write_atomic(name, bytes, 0o644)
     }
 
     /// Whether a second passed since the last [`Base::each_second`].

@@ -6,8 +6,12 @@
 //! DIR/.feedsync/content/   the content feed's store, without a data file: blocks are in DIR
 //! DIR/.feedsync/tmp/       files being reassembled (reader), renamed into place when verified
 //! DIR/.feedsync/applied    the version the folder was last brought to (reader)
-//! DIR/.feedsync/status.json  progress, rewritten while a node runs (for `feedsync status`)
+//! DIR/.feedsync/status.json  progress, rewritten when it changes (for `feedsync status`)
 //! ```
+//!
+//! The folder and `.feedsync` are opened once, as directory handles, when a drive opens
+//! ([`Drive::root_dir`], [`Drive::state_handle`]); `.feedsync` is used only if it is a directory
+//! owned by us that no one else can write. Why, and what it stops: `dirs.rs`.
 //!
 //! The [`DriveApp`] rides on the synchronizer loop ([`crate::sync::App`]): a writer scans the
 //! folder at start, then on change notifications (notify, debounced) and periodically as a
@@ -29,6 +33,7 @@
 //! - [`log`]: a drive's history for `feedsync log`.
 
 mod app;
+mod dirs;
 pub mod event;
 pub mod import;
 pub mod layout;
@@ -46,14 +51,15 @@ pub use record::Limits;
 
 use crate::core::Feed;
 use crate::core::replicator::FeedId;
+use crate::fsio::{Dir, FileIo, Kind};
 use crate::storage::DiskStorage;
 use ed25519_dalek::SigningKey;
 use layout::{FolderBlocks, Shared};
 use record::{BLOCK_SIZE, Entry, Record, State};
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The state directory inside a shared folder; never imported, never written by a record.
 pub const STATE_DIR: &str = ".feedsync";
@@ -89,6 +95,18 @@ pub enum DriveError {
         path: PathBuf,
         /// The URL of the drive it holds.
         url: String,
+    },
+    /// The state directory is not ours alone: a symlink, not a directory, owned by another
+    /// user, or writable by group or others (whoever can write it could redirect our writes).
+    #[error(
+        "{}: not using it as the state directory: {why}; it must be a directory owned by the user feedsync runs as and writable by no one else (fix its owner and mode, or move it away)",
+        path.display()
+    )]
+    UnsafeState {
+        /// The state directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
     },
     /// [`Drive::discard`] on the writer: its state holds the only copy of the secret key.
     #[error("{} is shared from here (it holds the writer's key); not discarding it", .0.display())]
@@ -143,18 +161,20 @@ fn existing_folder(root: &Path) -> Result<PathBuf, DriveError> {
     Ok(abs)
 }
 
-/// Makes the state directory, readable by the owner only (the writer's key is in it).
-fn make_state_dir(state_dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(state_dir)?;
-    fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700))
-}
-
 /// An opened drive, before it runs.
 pub struct Drive {
     /// The folder.
     pub root: PathBuf,
-    /// `root/.feedsync`.
+    /// `root/.feedsync` (for messages and the stores; see `dirs.rs`).
     pub state_dir: PathBuf,
+    /// The folder, opened once: everything read from it is resolved beneath this handle.
+    pub root_dir: Arc<dyn Dir>,
+    /// The state directory, opened once through `root_dir` and checked to be ours alone
+    /// (a directory owned by our uid, writable by no one else): state files are written
+    /// through it, so a `.feedsync` replaced later redirects nothing.
+    pub state_handle: Arc<dyn Dir>,
+    /// The feed stores' locks, held as long as the stores are used (then by the app).
+    locks: Vec<Box<dyn FileIo>>,
     /// The metadata feed.
     pub meta: Feed<DiskStorage>,
     /// The content feed (a fresh clone learns its key from metadata block 0).
@@ -172,23 +192,26 @@ impl Drive {
     pub fn share(root: &Path) -> Result<Self, DriveError> {
         let root = existing_folder(root)?;
         let state_dir = root.join(STATE_DIR);
-        if state_dir.join("meta").join("header").exists() {
-            return Self::open(&root);
+        let root_dir = dirs::open_folder(&root)?;
+        if root_dir.metadata(STATE_DIR)?.is_some() {
+            // Checked before anything in it is believed (a planted `meta/header`, say).
+            let state = dirs::open_state(&*root_dir, &root, false)?;
+            if state.metadata("meta/header")?.is_some() {
+                return Self::open(&root);
+            }
         }
-        make_state_dir(&state_dir)?;
+        let state_handle = dirs::open_state(&*root_dir, &root, true)?;
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
         let key = SigningKey::from_bytes(&seed);
         let ckey = content_key(&seed);
         let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), true);
-        let mut meta = Feed::create(DiskStorage::open(state_dir.join("meta"))?, key)?;
-        let content = Feed::create(
-            DiskStorage::open_with_blocks(
-                state_dir.join("content"),
-                Box::new(FolderBlocks(layout.clone())),
-            )?,
-            ckey.clone(),
-        )?;
+        let (meta_store, meta_lock) = dirs::open_store(&*state_handle, &root, "meta", true, None)?;
+        let mut meta = Feed::create(meta_store, key)?;
+        let blocks = Box::new(FolderBlocks(layout.clone()));
+        let (content_store, content_lock) =
+            dirs::open_store(&*state_handle, &root, "content", true, Some(blocks))?;
+        let content = Feed::create(content_store, ckey.clone())?;
         meta.append(&record::encode(&[
             Record::Init {
                 content_key: ckey.verifying_key().to_bytes(),
@@ -200,6 +223,9 @@ impl Drive {
         Ok(Self {
             root,
             state_dir,
+            root_dir,
+            state_handle,
+            locks: vec![meta_lock, content_lock],
             meta,
             content: Some(content),
             layout,
@@ -246,12 +272,17 @@ impl Drive {
             drop(d);
             fs::remove_dir_all(&state_dir)?;
         }
-        make_state_dir(&state_dir)?;
+        let root_dir = dirs::open_folder(&root)?;
+        let state_handle = dirs::open_state(&*root_dir, &root, true)?;
         let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), false);
         let meta = Feed::create_replica(DiskStorage::open(state_dir.join("meta"))?, key)?;
+        dirs::check_unmoved(&*state_handle, &root)?;
         Ok(Self {
             root,
             state_dir,
+            root_dir,
+            state_handle,
+            locks: Vec::new(),
             meta,
             content: None,
             layout,
@@ -264,23 +295,31 @@ impl Drive {
     pub fn open(root: &Path) -> Result<Self, DriveError> {
         let root = existing_folder(root)?;
         let state_dir = root.join(STATE_DIR);
-        if !state_dir.join("meta").join("header").exists() {
+        let root_dir = dirs::open_folder(&root)?;
+        let state_handle = dirs::open_state(&*root_dir, &root, false)?;
+        if state_handle.metadata("meta/header")?.is_none() {
             return Err(DriveError::NotADrive(root));
         }
-        let meta = Feed::open(DiskStorage::open(state_dir.join("meta"))?)?;
+        let (meta_store, meta_lock) = dirs::open_store(&*state_handle, &root, "meta", false, None)?;
+        let meta = Feed::open(meta_store)?;
         let writer = meta.is_writable();
         let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), writer);
-        let content = if state_dir.join("content").join("header").exists() {
-            Some(Feed::open(DiskStorage::open_with_blocks(
-                state_dir.join("content"),
-                Box::new(FolderBlocks(layout.clone())),
-            )?)?)
+        let mut locks = vec![meta_lock];
+        let content = if state_handle.metadata("content/header")?.is_some() {
+            let blocks = Box::new(FolderBlocks(layout.clone()));
+            let (store, lock) =
+                dirs::open_store(&*state_handle, &root, "content", false, Some(blocks))?;
+            locks.push(lock);
+            Some(Feed::open(store)?)
         } else {
             None
         };
         Ok(Self {
             root,
             state_dir,
+            root_dir,
+            state_handle,
+            locks,
             meta,
             content,
             layout,
@@ -302,10 +341,16 @@ impl Drive {
             meta,
             content,
             created_root,
+            state_handle,
             ..
         } = self;
         // Close the stores (and their locks) before removing them.
         drop((meta, content));
+        // Removed by path: only if the name still leads to the directory we opened (another
+        // user's directory swapped in meanwhile is theirs, not ours to delete).
+        if fs::symlink_metadata(&state_dir).is_ok() {
+            dirs::check_unmoved(&*state_handle, &root)?;
+        }
         match fs::remove_dir_all(&state_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -365,11 +410,16 @@ impl Drive {
         let (mut files_done, mut bytes_done) = (0, 0);
         for (path, e) in &full.entries {
             if let Entry::File(info) = e
-                && fs::symlink_metadata(self.root.join(path)).is_ok_and(|m| {
-                    m.is_file()
-                        && m.len() == info.size
-                        && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
-                })
+                && self
+                    .root_dir
+                    .metadata(path)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| {
+                        m.kind == Kind::File
+                            && m.len == info.size
+                            && import::stamp_time(m.mtime) == (info.mtime_secs, info.mtime_nanos)
+                    })
             {
                 files_done += 1;
                 bytes_done += info.size;
@@ -440,11 +490,11 @@ impl Drive {
                     continue;
                 }
                 if let Entry::File(info) = e {
-                    let on_disk = fs::symlink_metadata(self.root.join(path)).ok();
+                    let on_disk = self.root_dir.metadata(path).ok().flatten();
                     let matches = on_disk.is_some_and(|m| {
-                        m.is_file()
-                            && m.len() == info.size
-                            && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
+                        m.kind == Kind::File
+                            && m.len == info.size
+                            && import::stamp_time(m.mtime) == (info.mtime_secs, info.mtime_nanos)
                     });
                     if matches || self.writer {
                         l.add_live(path.clone(), info.clone());
@@ -457,15 +507,18 @@ impl Drive {
         if let Some(c) = self.content {
             feeds.push((c, !self.writer));
         }
-        let base = app::Base::new(
+        let mut base = app::Base::new(
             self.root,
             self.state_dir,
+            self.root_dir,
+            self.state_handle,
             self.layout,
             first,
             content,
             full,
             options,
         );
+        base.locks = self.locks;
         let app = if self.writer {
             DriveApp::writer(base)
         } else {

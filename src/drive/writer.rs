@@ -6,10 +6,9 @@
 //! tick after the debounce time (a burst of writes makes one scan).
 
 use crate::core::replicator::{Event, Replicator};
-use crate::drive::STATE_DIR;
 use crate::drive::app::Base;
 use crate::drive::event::DriveProblem;
-use crate::drive::import::Importer;
+use crate::drive::import::{Importer, is_ours};
 use crate::drive::layout;
 use crate::storage::DiskStorage;
 use crate::sync::Waker;
@@ -55,8 +54,20 @@ impl Writer {
     pub fn start(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         // Invariant: `Drive::into_app_at` builds a writer only with its content feed.
         let content = b.content.expect("a writer opens its content feed");
-        match Importer::new(r, b.meta, content, b.layout.clone()) {
-            Ok(i) => self.importer = Some(i),
+        match Importer::new(
+            r,
+            b.meta,
+            content,
+            b.layout.clone(),
+            b.root_dir.clone(),
+            b.root.clone(),
+        ) {
+            // Without knowing its state directory, a scan could import it (key and all) from
+            // under another name: no importer then.
+            Ok(mut i) => match i.keep_out(&*b.state_handle) {
+                Ok(()) => self.importer = Some(i),
+                Err(e) => b.problem(DriveProblem::io(&b.state_dir, &e)),
+            },
             Err(e) => b.problem(DriveProblem::Scan {
                 folder: b.root.clone(),
                 error: e.to_string(),
@@ -118,10 +129,12 @@ impl Writer {
                 let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
                 match ev {
                     Ok(ev) => {
-                        // Ours, or a nested drive's (judged below the root only).
+                        // Ours, or a nested drive's (judged below the root only), or a
+                        // reader's temporary file: never imported, so no reason to scan.
                         let is_state = |p: &PathBuf| {
                             p.strip_prefix(&state_root).map_or(true, |rel| {
-                                rel.components().any(|c| c.as_os_str() == STATE_DIR)
+                                rel.components()
+                                    .any(|c| c.as_os_str().to_str().is_some_and(is_ours))
                             })
                         };
                         if matches!(ev.kind, notify::EventKind::Access(_))

@@ -129,6 +129,13 @@ pub trait FileIo: Send + Sync + fmt::Debug {
     /// Makes the file's bytes and all its metadata (mode, mtime) durable.
     fn sync_all(&self) -> io::Result<()>;
 
+    /// Takes an exclusive advisory lock (`flock`) held as long as this handle lives; fails at
+    /// once with `WouldBlock` if another open file holds it (a second `feedsync` on the same
+    /// store). The simulated disk runs one process: nothing to exclude, so the default is yes.
+    fn try_lock(&self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {

@@ -225,6 +225,16 @@ impl Dir for RealDir {
         if rel.is_empty() {
             return self.self_metadata().map(Some);
         }
+        if !rel.contains('/') {
+            // A name in this directory: `fstatat` on the handle itself, no parent to open (the
+            // importer stats every file this way; one syscall instead of three).
+            check_rel(rel)?;
+            return match rustix::fs::statat(&self.fd, rel, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => Ok(Some(meta_of(&st))),
+                Err(rustix::io::Errno::NOENT) => Ok(None),
+                Err(e) => Err(self.err(rel, e.into())),
+            };
+        }
         let (p, name) = match self.parent_of(rel) {
             Ok(x) => x,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -341,6 +351,14 @@ impl FileIo for RealFile {
     }
     fn sync_all(&self) -> io::Result<()> {
         self.0.sync_all()
+    }
+    fn try_lock(&self) -> io::Result<()> {
+        self.0.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => {
+                io::Error::new(ErrorKind::WouldBlock, "in use by another process (locked)")
+            }
+            std::fs::TryLockError::Error(e) => e,
+        })
     }
 }
 

@@ -1,31 +1,36 @@
 //! Writer side: scanning the folder into records and content blocks.
 //!
-//! A scan walks the folder (honouring `.feedsyncignore`, gitignore syntax, through the `ignore`
-//! crate; the state directory is never entered), skips files whose size, mtime and mode match
-//! the current record, and hashes the rest in [`BLOCK_SIZE`] blocks. A block whose leaf hash the
-//! drive already holds is referenced, not appended: a rename, a copy, or a large file changed in
-//! a few places sends only the blocks that are new. New blocks are appended in batches (one
+//! A scan walks the folder through its directory handle (`walk.rs`: every directory, stat and
+//! open resolved beneath the folder, no symlink followed, honouring `.feedsyncignore` in
+//! gitignore syntax; the state directory and readers' temporary files are never entered or
+//! read), skips files whose size, mtime and mode match the current record, and hashes the rest
+//! in [`BLOCK_SIZE`] blocks. A block whose leaf hash the drive already holds is referenced, not
+//! appended: a rename, a copy, or a large file changed in a few places sends only the blocks
+//! that are new. New blocks are appended in batches (one
 //! signature per batch), then the records, so a reader never sees a record before its blocks.
 //! Blocks no current file references any more are given up (`unhave`).
 //!
-//! `read.rs` reads and hashes one file (on two cores for a big one).
+//! `walk.rs` walks the folder; `read.rs` reads and hashes one file (on two cores for a big
+//! one).
 
 use crate::core::replicator::{FeedId, Replicator};
 use crate::core::{FeedError, crypto};
-use crate::drive::STATE_DIR;
 use crate::drive::event::Counts;
 use crate::drive::layout::{self, Shared};
 use crate::drive::log;
 mod read;
+mod walk;
 
-pub use read::stamp;
+pub use read::{stamp, stamp_time};
+pub use walk::is_ours;
 
 use crate::drive::record::{BLOCK_SIZE, Entry, MAX_BATCH_BYTES, Record, State, check_path, encode};
+use crate::fsio::{Dir, Kind};
 use crate::storage::DiskStorage;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The name of the ignore file, in any directory of the folder.
 pub const IGNORE_FILE: &str = ".feedsyncignore";
@@ -65,13 +70,21 @@ pub struct Importer {
     meta: FeedId,
     content: FeedId,
     layout: Shared,
+    /// The folder's handle: everything is listed, stat-ed and opened beneath it.
+    root: Arc<dyn Dir>,
+    /// The folder's path: to turn change notifications into relative paths, and for messages.
+    root_path: PathBuf,
     /// Leaf hash -> a held content block with those bytes.
     dedup: HashMap<[u8; 32], u64>,
     pending: Vec<Vec<u8>>,
     /// Leaf hashes of `pending`, computed once for both the dedup lookup and the tree.
     leaves: Vec<crypto::Hash>,
-    /// Parsed ignore files by directory, for targeted scans (cleared by every full scan).
-    ignores: HashMap<std::path::PathBuf, ignore::gitignore::Gitignore>,
+    /// Device and inode of a directory never imported whatever its name: our state directory,
+    /// which anyone who can write the folder's root can rename to a name we would import (and
+    /// the writer's secret key is in it).
+    kept_out: Option<(u64, u64)>,
+    /// Parsed ignore files by directory (cleared by every full scan).
+    rules: walk::Rules,
     /// Paths to re-read on the next scan even if size and mtime look unchanged: serving found
     /// bytes in them that no longer match their hash.
     forced: BTreeSet<String>,
@@ -79,13 +92,21 @@ pub struct Importer {
 
 impl Importer {
     /// An importer for the drive in `replicator` (`meta` and `content` feeds), whose current
-    /// files are registered in `layout`. Builds the dedup index from the held blocks.
+    /// files are registered in `layout`, for the folder open as `root` (at `root_path`). Builds
+    /// the dedup index from the held blocks.
     pub fn new(
         replicator: &mut Replicator<DiskStorage>,
         meta: FeedId,
         content: FeedId,
         layout: Shared,
+        root: Arc<dyn Dir>,
+        root_path: PathBuf,
     ) -> Result<Self, FeedError> {
+        // Records name content blocks: the content feed must be durable before any record
+        // naming its blocks is (after a power cut, records pointing at content that rolled
+        // back would be a signed lie, and the writer would re-append different blocks at
+        // indices clones already trust). The replicator's group commit keeps that order.
+        replicator.sync_before(content, meta);
         let mut dedup = HashMap::new();
         let blocks: BTreeSet<u64> = {
             let l = layout::lock(&layout);
@@ -101,10 +122,13 @@ impl Importer {
             meta,
             content,
             layout,
+            root,
+            root_path,
             dedup,
             pending: Vec::new(),
             leaves: Vec::new(),
-            ignores: HashMap::new(),
+            kept_out: None,
+            rules: walk::Rules::default(),
             forced: BTreeSet::new(),
         })
     }
@@ -125,110 +149,23 @@ impl Importer {
         r: &mut Replicator<DiskStorage>,
         state: &mut State,
     ) -> Result<ScanReport, ScanError> {
-        let root = layout::lock(&self.layout).root().to_path_buf();
-        self.ignores.clear();
-        let mut report = ScanReport::default();
-        let mut records = Vec::new();
-        let mut seen = BTreeSet::new();
+        self.rules.clear();
         let start_len = r.feed(self.content).len();
-        let walker = ignore::WalkBuilder::new(&root)
-            .standard_filters(false)
-            .add_custom_ignore_filename(IGNORE_FILE)
-            .follow_links(false)
-            .sort_by_file_name(|a, b| a.cmp(b))
-            // Our state, and that of any drive nested inside (its secret key among it).
-            .filter_entry(|e| e.file_name() != STATE_DIR)
-            .build();
-        for entry in walker {
-            // One unreadable directory or bad ignore file must not stop the rest of the folder.
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    report.skipped.push((root.clone(), e.to_string()));
-                    continue;
-                }
-            };
-            if entry.depth() == 0 {
-                continue;
-            }
-            let Ok(rel) = entry.path().strip_prefix(&root) else {
-                continue;
-            };
-            let Some(rel) = rel.to_str().map(str::to_string) else {
-                report
-                    .unshared
-                    .push((entry.path().to_path_buf(), "name is not UTF-8".into()));
-                continue;
-            };
-            if check_path(&rel).is_err() {
-                report
-                    .unshared
-                    .push((entry.path().to_path_buf(), "unusable name".into()));
-                continue;
-            }
-            let Some(ft) = entry.file_type() else {
-                continue;
-            };
-            if ft.is_dir() {
-                seen.insert(rel.clone());
-                if state.entries.get(&rel) != Some(&Entry::Dir) {
-                    records.push(Record::Put {
-                        path: rel,
-                        entry: Entry::Dir,
-                    });
-                    report.dirs += 1;
-                }
-                continue;
-            }
-            if !ft.is_file() {
-                report.unshared.push((
-                    entry.path().to_path_buf(),
-                    "not a regular file or directory".into(),
-                ));
-                continue;
-            }
-            let Ok(meta) = entry.metadata() else {
-                continue; // vanished since the walk listed it
-            };
-            let (secs, nanos) = stamp(&meta);
-            let executable = meta.permissions().mode() & 0o100 != 0;
-            if let Some(Entry::File(f)) = state.entries.get(&rel)
-                && f.size == meta.len()
-                && f.mtime_secs == secs
-                && f.mtime_nanos == nanos
-                && f.executable == executable
-                && !self.forced.contains(&rel)
-            {
-                seen.insert(rel);
-                continue;
-            }
-            let imported = match self.import_file(r, entry.path(), &rel, executable) {
-                Err(ScanError::Read(_, e)) => {
-                    report
-                        .skipped
-                        .push((entry.path().to_path_buf(), e.to_string()));
-                    seen.insert(rel);
-                    continue;
-                }
-                other => other?,
-            };
-            match imported {
-                Some(info) => {
-                    seen.insert(rel.clone());
-                    report.files += 1;
-                    report.bytes += info.size;
-                    records.push(Record::Put {
-                        path: rel,
-                        entry: Entry::File(info),
-                    });
-                }
-                None => {
-                    report.unstable += 1;
-                    // Keep the previous record until the file settles.
-                    seen.insert(rel);
-                }
-            }
-        }
+        let root = self.root.clone();
+        let mut w = walk::Walk {
+            state,
+            report: ScanReport::default(),
+            records: Vec::new(),
+            seen: BTreeSet::new(),
+            root: self.root_path.clone(),
+        };
+        self.visit(r, &mut w, &*root, "", 0)?;
+        let walk::Walk {
+            mut report,
+            mut records,
+            seen,
+            ..
+        } = w;
         self.flush(r)?;
         report.new_blocks = r.feed(self.content).len() - start_len;
         // Removals: recorded paths not seen (children of a removed directory go with it).
@@ -256,6 +193,13 @@ impl Importer {
         Ok(report)
     }
 
+    /// Never imports the directory `dir` (the drive's state directory), under any name.
+    pub fn keep_out(&mut self, dir: &dyn Dir) -> io::Result<()> {
+        let m = dir.self_metadata()?;
+        self.kept_out = Some((m.dev, m.ino));
+        Ok(())
+    }
+
     /// Makes the next scan re-read `rel` whatever its size and mtime say.
     pub fn force(&mut self, rel: String) {
         self.forced.insert(rel);
@@ -272,37 +216,48 @@ impl Importer {
         state: &mut State,
         paths: &BTreeSet<std::path::PathBuf>,
     ) -> Result<Option<ScanReport>, ScanError> {
-        let root = layout::lock(&self.layout).root().to_path_buf();
         let mut report = ScanReport::default();
         let mut records = Vec::new();
         let start_len = r.feed(self.content).len();
         for abs in paths {
-            let Ok(rel_path) = abs.strip_prefix(&root) else {
+            let Ok(rel_path) = abs.strip_prefix(&self.root_path) else {
                 continue;
             };
-            if rel_path.components().any(|c| c.as_os_str() == STATE_DIR) {
-                continue; // any drive's state
-            }
             let Some(rel) = rel_path.to_str().map(str::to_string) else {
                 return Ok(None);
             };
+            if rel.split('/').any(is_ours) {
+                continue; // any drive's state, a reader's temporary file
+            }
             if rel.is_empty() || check_path(&rel).is_err() {
                 return Ok(None);
             }
-            if rel_path.file_name().is_some_and(|n| n == IGNORE_FILE) {
+            let (parent, name) = match rel.rsplit_once('/') {
+                Some((p, n)) => (p, n),
+                None => ("", rel.as_str()),
+            };
+            if name == IGNORE_FILE {
                 return Ok(None); // the rules changed: everything may be in or out now
             }
             // The parent must be a recorded directory (or the root).
-            if let Some(parent) = rel.rsplit_once('/').map(|(p, _)| p)
-                && state.entries.get(parent) != Some(&Entry::Dir)
-            {
+            if !parent.is_empty() && state.entries.get(parent) != Some(&Entry::Dir) {
                 return Ok(None);
             }
-            if self.ignored(&root, rel_path) {
+            // Listed, stat-ed and opened through the parent's handle (see `walk.rs`): a
+            // parent swapped for a symlink is refused here.
+            let dir = match self.root.open_dir(parent) {
+                Ok(d) => d,
+                Err(_) => return Ok(None), // the parent changed: a full scan sorts it out
+            };
+            let meta = match dir.metadata(name) {
+                Ok(m) => m,
+                Err(e) => return Err(ScanError::Read(rel, e)),
+            };
+            if self.ignored(&rel, meta.is_some_and(|m| m.kind == Kind::Dir)) {
                 continue;
             }
-            match std::fs::symlink_metadata(abs) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => match state.entries.get(&rel) {
+            match meta {
+                None => match state.entries.get(&rel) {
                     Some(Entry::File(_)) => {
                         records.push(Record::Remove { path: rel });
                         report.removed += 1;
@@ -310,13 +265,12 @@ impl Importer {
                     Some(Entry::Dir) => return Ok(None),
                     None => {}
                 },
-                Err(e) => return Err(ScanError::Read(rel, e)),
-                Ok(meta) if meta.is_file() => {
-                    let (secs, nanos) = stamp(&meta);
-                    let executable = meta.permissions().mode() & 0o100 != 0;
+                Some(meta) if meta.kind == Kind::File => {
+                    let (secs, nanos) = stamp_time(meta.mtime);
+                    let executable = meta.mode & 0o100 != 0;
                     match state.entries.get(&rel) {
                         Some(Entry::File(f))
-                            if f.size == meta.len()
+                            if f.size == meta.len
                                 && f.mtime_secs == secs
                                 && f.mtime_nanos == nanos
                                 && f.executable == executable
@@ -327,7 +281,7 @@ impl Importer {
                         Some(Entry::Dir) => return Ok(None),
                         _ => {}
                     }
-                    let imported = match self.import_file(r, abs, &rel, executable) {
+                    let imported = match self.import_file(r, &*dir, name, &rel, &meta) {
                         Err(ScanError::Read(_, e)) => {
                             report.skipped.push((abs.clone(), e.to_string()));
                             continue;
@@ -346,12 +300,12 @@ impl Importer {
                         None => report.unstable += 1,
                     }
                 }
-                Ok(meta) if meta.is_dir() => {
+                Some(meta) if meta.kind == Kind::Dir => {
                     if state.entries.get(&rel) != Some(&Entry::Dir) {
                         return Ok(None);
                     }
                 }
-                Ok(_) => {} // symlinks and specials are not shared
+                Some(_) => {} // symlinks and specials are not shared
             }
         }
         self.flush(r)?;
@@ -360,28 +314,20 @@ impl Importer {
         Ok(Some(report))
     }
 
-    /// Whether `rel` is excluded by a `.feedsyncignore` in the root or any directory above it.
-    fn ignored(&mut self, root: &Path, rel: &Path) -> bool {
-        let mut dir = root.to_path_buf();
-        let mut ancestors = vec![dir.clone()];
-        if let Some(parent) = rel.parent() {
-            for c in parent.components() {
-                dir.push(c);
-                ancestors.push(dir.clone());
-            }
-        }
-        for d in ancestors {
-            let m = self.ignores.entry(d.clone()).or_insert_with(|| {
-                let (g, _) = ignore::gitignore::Gitignore::new(d.join(IGNORE_FILE));
-                g
-            });
-            if m.matched_path_or_any_parents(root.join(rel), false)
-                .is_ignore()
-            {
+    /// Whether `rel` (named by a change notification) is excluded by a `.feedsyncignore`, or
+    /// lies in a directory that is. Rule files that cannot be read count as empty (the full
+    /// scan reports them).
+    fn ignored(&mut self, rel: &str, is_dir: bool) -> bool {
+        let _ = self.rules.load_above(&*self.root, rel);
+        let mut end = 0;
+        while let Some(k) = rel[end..].find('/') {
+            end += k;
+            if self.rules.ignored(&rel[..end], true) {
                 return true;
             }
+            end += 1;
         }
-        false
+        self.rules.ignored(rel, is_dir)
     }
 
     /// Appends `records` as metadata blocks (each with the time, for `log`), applies them to

@@ -5,11 +5,10 @@ use super::{APPEND_BATCH, CHUNK, Importer, PIPELINE_MIN, ScanError};
 use crate::core::crypto;
 use crate::core::replicator::Replicator;
 use crate::drive::record::{BLOCK_SIZE, Extent, FileInfo};
+use crate::fsio::{Dir, FileIo, Kind, Meta, OpenHow};
 use crate::storage::DiskStorage;
-use std::fs::File;
-use std::io::{self, Read};
-use std::path::Path;
-use std::time::UNIX_EPOCH;
+use std::io;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 impl Importer {
     /// Leaf-hashes a chunk read from a file (a whole number of blocks, but for the last),
@@ -46,22 +45,39 @@ impl Importer {
         Ok(())
     }
 
-    /// Hashes one file into blocks; `None` if it changed while being read.
+    /// Hashes one file into blocks; `None` if it changed while being read, or is not the file
+    /// the scan saw (`seen`: another inode, size or mtime, or no longer a regular file).
+    ///
+    /// The file is opened by `name` beneath `dir` (the handle of the directory the scan
+    /// listed), so no symlink anywhere can redirect the open out of the folder, a FIFO is
+    /// refused without blocking, and `fstat` of the open file must match what the scan saw:
+    /// what is read is the file that was checked, not what a path names a moment later.
     pub(super) fn import_file(
         &mut self,
         r: &mut Replicator<DiskStorage>,
-        path: &Path,
+        dir: &dyn Dir,
+        name: &str,
         rel: &str,
-        executable: bool,
+        seen: &Meta,
     ) -> Result<Option<FileInfo>, ScanError> {
         let io_err = |e: io::Error| ScanError::Read(rel.to_string(), e);
-        let Some(mut file) = open_regular(path).map_err(io_err)? else {
-            // Gone, or no longer a regular file: the next scan looks at it again.
-            return Ok(None);
+        let file = match dir.open(name, OpenHow::READ) {
+            Ok(f) => f,
+            Err(e) => {
+                // Gone, swapped for a link or a FIFO: the next scan looks at it again. Still
+                // the regular file the scan saw: a real read error.
+                return match dir.metadata(name) {
+                    Ok(Some(m)) if same_file(&m, seen) => Err(io_err(e)),
+                    _ => Ok(None),
+                };
+            }
         };
         let before = file.metadata().map_err(io_err)?;
+        if !same_file(&before, seen) {
+            return Ok(None);
+        }
         let mut extents: Vec<Extent> = Vec::new();
-        let (size, whole) = if before.len() >= PIPELINE_MIN {
+        let (size, whole) = if before.len >= PIPELINE_MIN {
             // Big file: one thread reads and computes the whole-file hash while this one
             // computes leaf hashes, deduplicates and appends: the two halves of the work run
             // on two cores, with three chunk buffers going round (no allocation per chunk).
@@ -70,12 +86,13 @@ impl Importer {
             for _ in 0..3 {
                 empty_tx.send(vec![0u8; CHUNK]).expect("room for three");
             }
+            let file = &*file;
             std::thread::scope(|s| {
                 let reader = s.spawn(move || -> io::Result<(u64, blake3::Hasher)> {
                     let mut whole = blake3::Hasher::new();
                     let mut size = 0u64;
                     for mut buf in empty_rx.iter() {
-                        let n = read_full(&mut file, &mut buf)?;
+                        let n = read_full(file, &mut buf, size)?;
                         whole.update(&buf[..n]);
                         size += n as u64;
                         if full_tx.send((buf, n)).is_err() || n < CHUNK {
@@ -99,9 +116,9 @@ impl Importer {
         } else {
             let mut whole = blake3::Hasher::new();
             let mut size = 0u64;
-            let mut chunk = vec![0u8; (before.len() as usize).clamp(1, CHUNK)];
+            let mut chunk = vec![0u8; (before.len as usize).clamp(1, CHUNK)];
             loop {
-                let n = read_full(&mut file, &mut chunk).map_err(io_err)?;
+                let n = read_full(&*file, &mut chunk, size).map_err(io_err)?;
                 if n == 0 {
                     break;
                 }
@@ -114,18 +131,20 @@ impl Importer {
             }
             (size, whole)
         };
-        let after = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None), // deleted meanwhile
-            Err(e) => return Err(io_err(e)),
-        };
-        if after.len() != size || stamp(&after) != stamp(&before) || before.len() != size {
+        let after = file.metadata().map_err(io_err)?;
+        if after.len != size || after.mtime != before.mtime || before.len != size {
             return Ok(None);
         }
-        let (mtime_secs, mtime_nanos) = stamp(&before);
+        // Still at its name (not deleted or replaced meanwhile): otherwise the record would
+        // describe a file that is no longer there.
+        match dir.metadata(name) {
+            Ok(Some(m)) if m.dev == before.dev && m.ino == before.ino => {}
+            _ => return Ok(None),
+        }
+        let (mtime_secs, mtime_nanos) = stamp_time(before.mtime);
         Ok(Some(FileInfo {
             size,
-            executable,
+            executable: before.mode & 0o100 != 0,
             mtime_secs,
             mtime_nanos,
             hash: *whole.finalize().as_bytes(),
@@ -134,11 +153,20 @@ impl Importer {
     }
 }
 
-/// Reads until `buf` is full or the file ends.
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+/// Whether `m` is the regular file `seen` described: same inode, size and mtime.
+pub(super) fn same_file(m: &Meta, seen: &Meta) -> bool {
+    m.kind == Kind::File
+        && m.dev == seen.dev
+        && m.ino == seen.ino
+        && m.len == seen.len
+        && m.mtime == seen.mtime
+}
+
+/// Reads from `offset` until `buf` is full or the file ends.
+fn read_full(file: &dyn FileIo, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
-        match file.read(&mut buf[n..]) {
+        match file.read_at(&mut buf[n..], offset + n as u64) {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -150,83 +178,20 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 
 /// A file's mtime as (seconds, nanoseconds) since the epoch.
 pub fn stamp(meta: &std::fs::Metadata) -> (i64, u32) {
-    match meta.modified() {
-        Ok(t) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-            Err(e) => {
-                let d = e.duration();
-                if d.subsec_nanos() == 0 {
-                    (-(d.as_secs() as i64), 0)
-                } else {
-                    (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
-                }
+    meta.modified().map_or((0, 0), stamp_time)
+}
+
+/// A time as (seconds, nanoseconds) since the epoch (the nanoseconds always forward).
+pub fn stamp_time(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
             }
-        },
-        Err(_) => (0, 0),
-    }
-}
-
-/// Opens `path` for import only if it is still a regular file. Another local user can swap a
-/// checked file for a symlink (we would share whatever it points to: a key, say) or a FIFO (the
-/// open would block the scan and the node's loop) between the walk and the open: the open
-/// refuses to follow a link and does not wait for a writer, and the opened file is checked.
-/// `None`: gone, a link, or not a regular file.
-pub(crate) fn open_regular(path: &Path) -> io::Result<Option<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(flags.bits() as i32)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        // ELOOP: the last component is a symlink now.
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
-            return Ok(None);
         }
-        Err(e) => return Err(e),
-    };
-    if !file.metadata()?.is_file() {
-        return Ok(None);
-    }
-    Ok(Some(file))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::open_regular;
-    use std::time::Duration;
-
-    /// Runs `open_regular` on another thread: a blocking open must not hang the test.
-    fn opened(path: &std::path::Path) -> Option<bool> {
-        let path = path.to_path_buf();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(open_regular(&path).unwrap().is_some());
-        });
-        rx.recv_timeout(Duration::from_secs(5)).ok()
-    }
-
-    #[test]
-    fn only_regular_files_are_opened_never_links_or_fifos() {
-        let dir = tempfile::tempdir().unwrap();
-        let outside = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(dir.path().join("plain"), b"x").unwrap();
-        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
-        let fifo = dir.path().join("fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
-        assert_eq!(opened(&dir.path().join("plain")), Some(true));
-        assert_eq!(
-            opened(&dir.path().join("link")),
-            Some(false),
-            "followed a link"
-        );
-        assert_eq!(opened(&fifo), Some(false), "a FIFO blocked or was opened");
-        assert_eq!(opened(&dir.path().join("gone")), Some(false));
     }
 }
