@@ -332,6 +332,12 @@ impl Drive {
     /// the first version it refuses (a record that does not decode or is unsafe, a version
     /// over `limits`): a signed but hostile version is stored like any other, and must not
     /// keep the folder from opening; the running reader refuses it again and says why.
+    ///
+    /// A replica's block that no longer reads back as verified (its bytes changed on disk:
+    /// `DataChanged`; a tree node lost: `MissingNode`) stops the replay there too, and the
+    /// block is forgotten, so the replicator fetches it again from a peer: a damaged block
+    /// costs one download, never the folder. The writer's own store has nobody to fetch from,
+    /// so there the error is returned.
     pub fn replay_with(
         meta: &mut Feed<DiskStorage>,
         upto: u64,
@@ -342,7 +348,14 @@ impl Drive {
             if !meta.has(i) {
                 break;
             }
-            let block = meta.get(i)?;
+            let block = match meta.get(i) {
+                Ok(block) => block,
+                Err(e) if meta.is_writable() => return Err(e.into()),
+                Err(_) => {
+                    meta.forget(i..i + 1)?;
+                    break;
+                }
+            };
             let Ok(recs) = record::decode(i, &block) else {
                 break;
             };

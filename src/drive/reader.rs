@@ -184,12 +184,18 @@ impl Reader {
             let block = match feed.get(i) {
                 Ok(block) => block,
                 Err(e) => {
+                    // Damaged on disk (it was verified when stored): given up, so the
+                    // replicator fetches it again, and applied when it comes back.
+                    let forgot = r.forget(b.meta, i..i + 1);
                     b.problem(DriveProblem::Storage {
                         folder: b.root.clone(),
                         what: format!("reading version {}", i + 1),
-                        error: e.to_string(),
+                        error: match forgot {
+                            Ok(()) => format!("{e}; fetching it again"),
+                            Err(f) => format!("{e}; cannot give it up either: {f}"),
+                        },
                     });
-                    return;
+                    break;
                 }
             };
             let checked = match record::decode(i, &block) {
