@@ -203,7 +203,7 @@ mod tests {
     fn file(tag: u8, size: u64) -> Entry {
         Entry::File(FileInfo {
             size,
-            executable: false,
+            mode: 0o644,
             mtime_secs: 0,
             mtime_nanos: 0,
             hash: [tag; 32],

@@ -29,10 +29,14 @@
 //! - [`log`]: a drive's history for `feedsync log`.
 
 mod app;
+pub mod conflict;
 pub mod event;
+mod guard;
 pub mod import;
 pub mod layout;
+pub mod ledger;
 pub mod log;
+pub mod perms;
 mod reader;
 pub mod reconcile;
 pub mod record;
@@ -70,6 +74,15 @@ pub enum DriveError {
         #[source]
         error: io::Error,
     },
+    /// A clone into a folder that already holds files (other than this drive's own state):
+    /// refused unless the user asks to adopt them ([`Drive::clone_adopting`]), since a
+    /// writer's record must never land on a file the user has (`clone URL ~` and a record
+    /// `.ssh/authorized_keys`).
+    #[error(
+        "{} is not empty; clone into a new or empty folder, or pass --adopt to sync into it (identical files are kept, others renamed to conflict copies)",
+        .0.display()
+    )]
+    NotEmpty(PathBuf),
     /// A folder was expected and a file (or something else) is there.
     #[error("{} is a file, not a folder; give a folder (a new path is created for a clone)", .0.display())]
     NotAFolder(PathBuf),
@@ -209,10 +222,24 @@ impl Drive {
     }
 
     /// Prepares `root` to clone the drive `key` (or resumes a clone of it already there).
-    /// The folder is created if missing. A store left by an earlier clone that never received
-    /// a verified block (a wrong URL, say) is replaced; one that holds another drive's data is
-    /// refused ([`DriveError::OtherDrive`]).
+    /// The folder is created if missing; an existing one must be empty but for this drive's
+    /// own state ([`DriveError::NotEmpty`]; see [`Drive::clone_adopting`]). A store left by an
+    /// earlier clone that never received a verified block (a wrong URL, say) is replaced; one
+    /// that holds another drive's data is refused ([`DriveError::OtherDrive`]).
     pub fn clone_into(root: &Path, key: [u8; 32]) -> Result<Self, DriveError> {
+        Self::clone_with(root, key, false)
+    }
+
+    /// [`Drive::clone_into`] a folder that may already hold files (`clone --adopt`): a file
+    /// identical to the drive's (same size and whole-file hash) is kept as is and not fetched;
+    /// any other file at a path the drive writes is first renamed to a conflict copy
+    /// (`NAME.sync-conflict-YYYYMMDD-HHMMSS.EXT`) and reported; files the drive does not name
+    /// are left alone.
+    pub fn clone_adopting(root: &Path, key: [u8; 32]) -> Result<Self, DriveError> {
+        Self::clone_with(root, key, true)
+    }
+
+    fn clone_with(root: &Path, key: [u8; 32], adopt: bool) -> Result<Self, DriveError> {
         let created_root = match fs::symlink_metadata(root) {
             Ok(m) if m.is_dir() => false,
             Ok(m) if m.file_type().is_symlink() && root.is_dir() => false,
@@ -245,6 +272,9 @@ impl Drive {
             // Nothing verified was ever stored: a clone of a key nobody served. Start over.
             drop(d);
             fs::remove_dir_all(&state_dir)?;
+        }
+        if !adopt && has_files(&root, &state_dir)? {
+            return Err(DriveError::NotEmpty(root));
         }
         make_state_dir(&state_dir)?;
         let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), false);
@@ -369,10 +399,15 @@ impl Drive {
     /// Progress figures computed from the stores, for a folder no node is running on.
     pub fn offline_stats(mut self) -> Result<Stats, DriveError> {
         let full = Self::replay(&mut self.meta, u64::MAX)?;
+        let ledger = if self.writer {
+            ledger::Ledger::default()
+        } else {
+            ledger::Ledger::load(&self.state_dir)?
+        };
         let applied = if self.writer {
             full.version
         } else {
-            read_applied(&self.state_dir)
+            ledger.applied
         };
         let (files_total, bytes_total) = full.totals();
         let (mut files_done, mut bytes_done) = (0, 0);
@@ -401,6 +436,7 @@ impl Drive {
             received: 0,
             rate: 0,
             errors: Vec::new(),
+            on_disk: ledger.on_disk,
         })
     }
 
@@ -488,9 +524,19 @@ impl Drive {
     }
 }
 
+/// Whether `root` holds anything but `state_dir` (a leftover state directory of a clone that
+/// never got a verified block does not count).
+fn has_files(root: &Path, state_dir: &Path) -> io::Result<bool> {
+    for e in fs::read_dir(root)? {
+        if e?.path() != state_dir {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The version a reader's folder was last brought to completely (from its ledger; a ledger
+/// that cannot be read counts as none: the reader then checks every file by hash).
 fn read_applied(state_dir: &Path) -> u64 {
-    fs::read_to_string(state_dir.join("applied"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    ledger::Ledger::load(state_dir).map_or(0, |l| l.applied)
 }

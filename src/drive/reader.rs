@@ -4,23 +4,29 @@
 //! publish each file when complete.
 //!
 //! Order of an update: new files become pending and reuse local blocks *before* removed files
-//! are deleted (so a rename reuses the old file's bytes), then removals (only of files that
-//! still look as we wrote them), then directories, then publishes. After a batch of
-//! publishes, one `syncfs`, then the version reached is recorded in `.feedsync/applied`.
+//! are deleted (so a rename reuses the old file's bytes), then removals, then directories, then
+//! publishes. After a batch of publishes, one `syncfs`, then the reader's [`Ledger`] (what it
+//! wrote, and the version reached) is rewritten in `.feedsync/ledger`.
+//!
+//! Whatever replaces or deletes something on disk asks [`guard`] first, which answers from the
+//! ledger alone: a file this reader did not write, or that changed since it wrote it, is never
+//! overwritten (it becomes a conflict copy) nor deleted (it is kept and reported). A local file
+//! already identical (size and whole-file hash) to one to fetch is taken as is.
 
 use crate::core::Feed;
 use crate::core::bitfield::Bitfield;
 use crate::core::replicator::{Event, FeedId, Replicator};
 use crate::drive::app::Base;
 use crate::drive::event::{Counts, DriveEvent, DriveProblem};
+use crate::drive::guard::{self, Cleared, Removed};
 use crate::drive::layout::{self, FolderBlocks, PublishError};
+use crate::drive::ledger::Ledger;
+use crate::drive::log;
 use crate::drive::reconcile::{self, Local};
 use crate::drive::record::{self, BLOCK_SIZE, Entry, State};
-use crate::drive::{import, log};
 use crate::storage::DiskStorage;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io;
 use std::time::{Duration, Instant};
 
 /// See the module docs.
@@ -37,6 +43,10 @@ pub(super) struct Reader {
     /// block it lacks, since when): such files are reconciled again when the content feed
     /// grows.
     waiting: Option<(String, u64, Instant)>,
+    /// What this reader wrote (see [`crate::drive::ledger`]); loaded at start.
+    ledger: Ledger,
+    /// The ledger changed since it was last written.
+    ledger_dirty: bool,
 }
 
 impl Reader {
@@ -46,6 +56,8 @@ impl Reader {
             complete_at: None,
             over_budget: false,
             waiting: None,
+            ledger: Ledger::default(),
+            ledger_dirty: false,
         }
     }
 
@@ -55,6 +67,22 @@ impl Reader {
     }
 
     pub fn start(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        self.ledger = match Ledger::load(&b.state_dir) {
+            Ok(l) => l,
+            Err(e) => {
+                // Nothing counts as ours then: files are kept or moved aside, never lost.
+                b.problem(DriveProblem::io(&b.state_dir, &e));
+                Ledger::default()
+            }
+        };
+        let orphans = guard::check_in_place(b, &mut self.ledger, &self.previous);
+        if let Some(c) = b.content {
+            for x in orphans {
+                let _ = r.forget(c, x..x + 1);
+            }
+        }
+        self.ledger_dirty = true;
+        b.stats.on_disk = self.ledger.on_disk.clone();
         // Metadata held from an earlier run: bring the folder up to it.
         if let Some(c) = b.content {
             r.set_ordered(c, true);
@@ -280,6 +308,7 @@ impl Reader {
             reconcile::plan(
                 &self.previous.entries,
                 &b.state.entries,
+                &self.ledger,
                 &local,
                 content_len,
                 |x| held.get(x),
@@ -308,7 +337,18 @@ impl Reader {
         for (path, _) in &plan.waiting {
             drop_stale_pending(b, path, &mut orphans);
         }
+        self.ledger_dirty = true;
         for f in plan.fetch {
+            if guard::in_place(&b.root, &mut self.ledger, &f.path, &f.info) {
+                // Already here, byte for byte (an adopted folder, a restart after a kill):
+                // taken as is, neither fetched nor rewritten.
+                let mut l = layout::lock(&b.layout);
+                if let Some(old) = l.slot_at(&f.path) {
+                    orphans.extend(l.remove(old));
+                }
+                l.add_live(f.path, f.info);
+                continue;
+            }
             let blocks = f.info.blocks();
             if blocks > budget && layout::lock(&b.layout).pending_count() > 0 {
                 self.over_budget = true;
@@ -319,42 +359,39 @@ impl Reader {
             let id = layout::lock(&b.layout).add_pending(f.path, f.info);
             fill_from_local(b, r, content, id, &f.reuse);
         }
-        // 2. Removals: only what we put there.
-        {
-            let mut l = layout::lock(&b.layout);
-            for rm in &plan.remove {
+        // 2. Removals: only what this reader wrote and nobody changed since.
+        for rm in &plan.remove {
+            {
+                let mut l = layout::lock(&b.layout);
                 if let Some(id) = l.slot_at(&rm.path) {
                     orphans.extend(l.remove(id));
                 }
-                let p = b.root.join(&rm.path);
-                if let Ok(m) = fs::symlink_metadata(&p)
-                    && m.is_file()
-                    && rm.ours.iter().any(|info| {
-                        m.len() == info.size
-                            && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
-                    })
-                {
-                    let _ = fs::remove_file(&p);
-                }
+            }
+            match guard::remove(&b.root, &mut self.ledger, &rm.path) {
+                Ok(Removed::Gone) => {}
+                Ok(Removed::Kept) => b.problem(DriveProblem::KeptLocal {
+                    folder: b.root.clone(),
+                    path: rm.path.clone(),
+                }),
+                Err(e) => b.problem(DriveProblem::io(&b.root.join(&rm.path), &e)),
             }
         }
         for d in &plan.remove_dirs {
-            let _ = fs::remove_dir(b.root.join(d)); // only if empty
+            guard::remove_dir(&b.root, &mut self.ledger, d);
         }
         // 3. Directories.
         for d in &plan.make_dirs {
             match layout::safe_target(&b.root, d) {
-                Ok(p) => {
-                    if !p.is_dir()
-                        && let Err(e) = fs::create_dir(&p)
-                        && e.kind() != io::ErrorKind::AlreadyExists
-                    {
-                        b.problem(DriveProblem::io(&p, &e));
-                    }
-                }
+                Ok(p) => match guard::make_dir(&b.root, &mut self.ledger, d, &p) {
+                    Ok(cleared) => conflict_reported(b, d, cleared),
+                    Err(e) => b.problem(DriveProblem::io(&p, &e)),
+                },
                 Err(e) => b.problem(publish_problem(b, e)),
             }
         }
+        b.stats.on_disk = self.ledger.on_disk.clone();
+        // The ledger changed: written with the next durable point.
+        b.dirty_since.get_or_insert_with(Instant::now);
         if !orphans.is_empty() {
             let l = layout::lock(&b.layout);
             let orphans: Vec<u64> = orphans.into_iter().filter(|x| !l.is_owned(*x)).collect();
@@ -375,22 +412,49 @@ impl Reader {
         }
         let mut problems = Vec::new();
         let mut orphans = Vec::new();
+        let mut moved = Vec::new();
         for id in ready {
+            let Some((path, info)) = l.slot(id).map(|s| (s.path.clone(), s.info.clone())) else {
+                continue;
+            };
+            // Nothing is renamed over a file this reader did not write.
+            match guard::clear(&b.root, &mut self.ledger, &path, Some(&info)) {
+                Ok(cleared) => moved.push((path.clone(), cleared)),
+                Err(error) => {
+                    let why = format!("cannot move the local file aside: {error}");
+                    self.ledger.on_disk.unpublished(&path, why);
+                    problems.push(PublishError::Io { path, error });
+                    continue;
+                }
+            }
             match l.publish(id) {
-                Ok(o) => orphans.extend(o),
+                Ok(o) => {
+                    orphans.extend(o);
+                    if let Ok(m) = fs::symlink_metadata(b.root.join(&path)) {
+                        self.ledger.wrote(&path, &m, info.hash);
+                    }
+                }
                 Err(PublishError::Gone | PublishError::Incomplete) => {}
                 Err(e @ PublishError::HashMismatch(_)) => {
                     problems.push(e);
                     l.reset_pending(id);
                 }
-                Err(e) => problems.push(e),
+                Err(e) => {
+                    self.ledger.on_disk.unpublished(&path, e.to_string());
+                    problems.push(e);
+                }
             }
         }
         drop(l);
+        self.ledger_dirty = true;
+        for (path, cleared) in moved {
+            conflict_reported(b, &path, cleared);
+        }
         for e in problems {
             let p = publish_problem(b, e);
             b.problem(p);
         }
+        b.stats.on_disk = self.ledger.on_disk.clone();
         if let Some(content) = b.content {
             for x in orphans {
                 let _ = r.forget(content, x..x + 1);
@@ -405,13 +469,31 @@ impl Reader {
         b.sync_folder();
         if settled(b) && !self.deferred() && r.feed(b.meta).len() == b.state.version {
             self.previous = b.state.clone();
-            let path = b.state_dir.join("applied");
-            if let Err(e) =
-                crate::util::write_atomic(&path, self.previous.version.to_string().as_bytes())
-            {
-                b.problem(DriveProblem::io(&path, &e));
+            if self.ledger.applied != self.previous.version {
+                self.ledger.applied = self.previous.version;
+                self.ledger_dirty = true;
             }
         }
+        if self.ledger_dirty {
+            // After the sync above: no entry is durable before the file it describes.
+            self.ledger.on_disk.prune(&b.root);
+            b.stats.on_disk = self.ledger.on_disk.clone();
+            match self.ledger.save(&b.state_dir) {
+                Ok(()) => self.ledger_dirty = false,
+                Err(e) => b.problem(DriveProblem::io(&b.state_dir.join("ledger"), &e)),
+            }
+        }
+    }
+}
+
+/// Reports a local file moved aside to a conflict copy.
+fn conflict_reported(b: &mut Base, path: &str, cleared: Cleared) {
+    if let Cleared::MovedAside(copy) = cleared {
+        b.problem(DriveProblem::Conflict {
+            folder: b.root.clone(),
+            path: path.to_string(),
+            copy,
+        });
     }
 }
 

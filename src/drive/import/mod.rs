@@ -191,18 +191,18 @@ impl Importer {
                 continue; // vanished since the walk listed it
             };
             let (secs, nanos) = stamp(&meta);
-            let executable = meta.permissions().mode() & 0o100 != 0;
+            let mode = meta.permissions().mode() & 0o777;
             if let Some(Entry::File(f)) = state.entries.get(&rel)
                 && f.size == meta.len()
                 && f.mtime_secs == secs
                 && f.mtime_nanos == nanos
-                && f.executable == executable
+                && f.mode == mode
                 && !self.forced.contains(&rel)
             {
                 seen.insert(rel);
                 continue;
             }
-            let imported = match self.import_file(r, entry.path(), &rel, executable) {
+            let imported = match self.import_file(r, entry.path(), &rel, mode) {
                 Err(ScanError::Read(_, e)) => {
                     report
                         .skipped
@@ -313,13 +313,13 @@ impl Importer {
                 Err(e) => return Err(ScanError::Read(rel, e)),
                 Ok(meta) if meta.is_file() => {
                     let (secs, nanos) = stamp(&meta);
-                    let executable = meta.permissions().mode() & 0o100 != 0;
+                    let mode = meta.permissions().mode() & 0o777;
                     match state.entries.get(&rel) {
                         Some(Entry::File(f))
                             if f.size == meta.len()
                                 && f.mtime_secs == secs
                                 && f.mtime_nanos == nanos
-                                && f.executable == executable
+                                && f.mode == mode
                                 && !self.forced.contains(&rel) =>
                         {
                             continue;
@@ -327,7 +327,7 @@ impl Importer {
                         Some(Entry::Dir) => return Ok(None),
                         _ => {}
                     }
-                    let imported = match self.import_file(r, abs, &rel, executable) {
+                    let imported = match self.import_file(r, abs, &rel, mode) {
                         Err(ScanError::Read(_, e)) => {
                             report.skipped.push((abs.clone(), e.to_string()));
                             continue;

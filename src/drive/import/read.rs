@@ -52,7 +52,7 @@ impl Importer {
         r: &mut Replicator<DiskStorage>,
         path: &Path,
         rel: &str,
-        executable: bool,
+        mode: u32,
     ) -> Result<Option<FileInfo>, ScanError> {
         let io_err = |e: io::Error| ScanError::Read(rel.to_string(), e);
         let Some(mut file) = open_regular(path).map_err(io_err)? else {
@@ -125,7 +125,7 @@ impl Importer {
         let (mtime_secs, mtime_nanos) = stamp(&before);
         Ok(Some(FileInfo {
             size,
-            executable,
+            mode,
             mtime_secs,
             mtime_nanos,
             hash: *whole.finalize().as_bytes(),
