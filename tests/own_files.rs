@@ -102,3 +102,244 @@ fn a_metadata_block_damaged_on_disk_is_fetched_again() {
     let out = run(&["feed", "verify", data.parent().unwrap().to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// The local files in `dir` whose name marks them as conflict copies of `name`.
+fn conflict_copies(dir: &Path, stem: &str) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{stem}.sync-conflict-")))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn clone_refuses_a_non_empty_folder_unless_asked_to_adopt() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, home) = (t.path().join("src"), t.path().join("home"));
+    fs::create_dir_all(src.join(".ssh")).unwrap();
+    fs::write(src.join(".ssh/authorized_keys"), b"ssh-ed25519 WRITER").unwrap();
+    fs::write(src.join("same.txt"), b"the same bytes").unwrap();
+    fs::write(src.join("differs.txt"), b"the shared version").unwrap();
+    let (_s, url, addr) = share(&src);
+    // The user's home: a key of their own, an identical file (another mtime), a different one.
+    fs::create_dir_all(home.join(".ssh")).unwrap();
+    fs::write(home.join(".ssh/authorized_keys"), b"ssh-ed25519 MINE").unwrap();
+    fs::write(home.join("same.txt"), b"the same bytes").unwrap();
+    fs::write(home.join("differs.txt"), b"my own version!!").unwrap();
+    fs::write(home.join("mine.txt"), b"not in the share").unwrap();
+    let before = common::tree(&home, &[]).unwrap();
+    let same_ino =
+        std::os::unix::fs::MetadataExt::ino(&fs::metadata(home.join("same.txt")).unwrap());
+
+    // Refused, in one line naming the folder and the flag; nothing touched.
+    let out = clone_once(&url, &home, &addr, &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(home.to_str().unwrap()) && err.contains("--adopt"),
+        "{err}"
+    );
+    assert_eq!(
+        common::tree(&home, &[]).unwrap(),
+        before,
+        "a refused clone changed files"
+    );
+    assert!(!home.join(".feedsync").exists());
+
+    // Adopted: the identical file is kept as is, the others are kept as conflict copies.
+    let out = clone_once(&url, &home, &addr, &["--adopt"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        fs::read(home.join(".ssh/authorized_keys")).unwrap(),
+        b"ssh-ed25519 WRITER"
+    );
+    let keys = conflict_copies(&home.join(".ssh"), "authorized_keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(fs::read(&keys[0]).unwrap(), b"ssh-ed25519 MINE");
+    assert_eq!(
+        fs::read(home.join("differs.txt")).unwrap(),
+        b"the shared version"
+    );
+    let differs = conflict_copies(&home, "differs");
+    assert_eq!(differs.len(), 1, "{differs:?}");
+    assert!(
+        differs[0].to_str().unwrap().ends_with(".txt"),
+        "the extension stays last: {differs:?}"
+    );
+    assert_eq!(fs::read(&differs[0]).unwrap(), b"my own version!!");
+    let same = fs::metadata(home.join("same.txt")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&same),
+        same_ino,
+        "an identical file was rewritten"
+    );
+    assert_eq!(
+        before[Path::new("same.txt")],
+        common::tree(&home, &[]).unwrap()[Path::new("same.txt")]
+    );
+    assert_eq!(
+        fs::read(home.join("mine.txt")).unwrap(),
+        b"not in the share"
+    );
+    // Both conflicts are reported by status.
+    let st = status(&home);
+    let conflicts = st["conflicts"].as_array().cloned().unwrap_or_default();
+    let paths: Vec<&str> = conflicts
+        .iter()
+        .filter_map(|c| c["path"].as_str())
+        .collect();
+    assert_eq!(paths.len(), 2, "{st}");
+    assert!(
+        paths.contains(&".ssh/authorized_keys") && paths.contains(&"differs.txt"),
+        "{st}"
+    );
+}
+
+#[test]
+fn a_local_edit_is_never_overwritten_nor_deleted_and_status_says_so() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("notes.md"), b"version 1").unwrap();
+    fs::write(src.join("gone.txt"), b"soon removed").unwrap();
+    fs::write(src.join("plain.txt"), b"untouched here").unwrap();
+    let (_s, url, addr) = share(&src);
+    let d = dst.to_str().unwrap();
+    let _c = Proc::feedsync(&["clone", &url, d, "--peer", &addr, "--no-discovery"]);
+    wait_until(Duration::from_secs(60), "the first clone", || {
+        common::same_tree(&src, &dst, &[])
+    });
+    // The user edits two cloned files; the writer then changes one and removes the other,
+    // and changes a third the user did not touch.
+    fs::write(dst.join("notes.md"), b"my notes, edited here").unwrap();
+    fs::write(dst.join("gone.txt"), b"edited here too").unwrap();
+    let v = version_of(&src);
+    fs::write(src.join("notes.md"), b"version 2 from the writer").unwrap();
+    fs::remove_file(src.join("gone.txt")).unwrap();
+    fs::write(src.join("plain.txt"), b"changed by the writer").unwrap();
+    wait_for_import(&src, v);
+    wait_until(Duration::from_secs(60), "the writer's versions", || {
+        fs::read(dst.join("notes.md")).is_ok_and(|b| b == b"version 2 from the writer")
+            && fs::read(dst.join("plain.txt")).is_ok_and(|b| b == b"changed by the writer")
+    });
+    // The edit is kept as a conflict copy; the edited file the writer removed stays.
+    let copies = conflict_copies(&dst, "notes");
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(fs::read(&copies[0]).unwrap(), b"my notes, edited here");
+    assert!(copies[0].to_str().unwrap().ends_with(".md"), "{copies:?}");
+    assert_eq!(fs::read(dst.join("gone.txt")).unwrap(), b"edited here too");
+    // status (from the running node's report) says what differs on disk.
+    wait_until(Duration::from_secs(30), "status to list both", || {
+        let st = status(&dst);
+        let conflict = st["conflicts"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["path"] == "notes.md"));
+        let kept = st["kept"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "gone.txt"));
+        conflict && kept
+    });
+    let out = run(&["status", d]);
+    let shown = text(&out.stdout);
+    assert!(shown.contains("conflict: notes.md"), "{shown}");
+    assert!(shown.contains("kept:     gone.txt"), "{shown}");
+}
+
+/// The permission bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn permission_bits_cross_within_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    for (name, mode) in [("private", 0o600), ("group.sh", 0o750), ("public", 0o644)] {
+        let p = src.join(name);
+        fs::write(&p, name.as_bytes()).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let (_s, url, addr) = share(&src);
+    // With a umask that takes nothing away, the writer's bits arrive as they are.
+    let open = t.path().join("open");
+    let out = clone_once(&url, &open, &addr, &["--umask", "000"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        mode_of(&open.join("private")),
+        0o600,
+        "a private file arrived readable"
+    );
+    assert_eq!(mode_of(&open.join("group.sh")), 0o750);
+    assert_eq!(mode_of(&open.join("public")), 0o644);
+    // By default, the process umask (the test's, usually 022) applies: private stays private.
+    let plain = t.path().join("plain");
+    let out = clone_once(&url, &plain, &addr, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        mode_of(&plain.join("private")),
+        0o600,
+        "a private file arrived readable"
+    );
+    assert_eq!(mode_of(&plain.join("group.sh")) & 0o700, 0o700);
+    // With --umask 077 nothing is readable by others.
+    let tight = t.path().join("tight");
+    let out = clone_once(&url, &tight, &addr, &["--umask", "077"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(mode_of(&tight.join("public")), 0o600);
+    assert_eq!(mode_of(&tight.join("group.sh")), 0o700);
+    // A malformed umask is a usage error naming the value.
+    let out = clone_once(&url, &t.path().join("bad"), &addr, &["--umask", "999"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("999"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn what_the_clone_wrote_is_removed_even_when_its_version_record_lags() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir_all(src.join("doomed")).unwrap();
+    fs::write(src.join("doomed/f.txt"), common::bytes(7, 758)).unwrap();
+    fs::write(src.join("stays.txt"), b"stays").unwrap();
+    let (_s, url, addr) = share(&src);
+    let out = clone_once(&url, &dst, &addr, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dst.join("doomed/f.txt").exists());
+    // A clone killed after publishing but before recording the version it reached: its record
+    // still names the first version, which had none of these files.
+    let state = dst.join(".feedsync");
+    fs::write(state.join("applied"), b"1").unwrap();
+    let mut ledger = feedsync::drive::ledger::Ledger::load(&state).unwrap();
+    ledger.applied = 1;
+    ledger.save(&state).unwrap();
+    // The writer changes the file (a version the clone will skip), then removes it and its
+    // directory.
+    let v = version_of(&src);
+    fs::write(src.join("doomed/f.txt"), common::bytes(8, 900)).unwrap();
+    let v = wait_for_import(&src, v);
+    fs::remove_dir_all(src.join("doomed")).unwrap();
+    wait_for_import(&src, v);
+    let out = sync_once(&dst, &addr);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !dst.join("doomed").exists(),
+        "a file (or the directory) this clone wrote and the writer removed was kept"
+    );
+    assert_same_tree(&src, &dst, &[]);
+    let st = status(&dst);
+    assert_eq!(st["version"], st["latest_version"], "{st}");
+    assert!(st["kept"].as_array().is_none_or(|k| k.is_empty()), "{st}");
+    assert!(
+        st["conflicts"].as_array().is_none_or(|c| c.is_empty()),
+        "{st}"
+    );
+}

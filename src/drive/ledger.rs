@@ -23,20 +23,26 @@
 //! ([`crate::util::write_atomic`]) after the folder was synced: an entry is never durable
 //! before the file it describes. It also holds the version the folder was last brought to
 //! completely (what `.feedsync/applied` held before; that file is still read when no ledger
-//! exists). A reader killed between a publish and the next ledger write finds the file
-//! unrecorded; at start it takes a file identical (size and hash) to the record of its path as
-//! its own, so the window costs a hash, never a conflict.
+//! exists). Between two ledger writes, what the reader is about to write is appended to a
+//! journal first (`.feedsync/ledger.journal`, one small `write` per file, emptied when the
+//! ledger is written): a reader killed after a rename but before the next ledger write finds
+//! the intent at start, and takes the file as its own if it holds exactly the bytes it meant to
+//! write. A lost journal (power loss) costs at worst a conflict copy of the reader's own file,
+//! never a byte of the user's.
 
 use crate::drive::record::FileInfo;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The file in the state directory.
 pub const LEDGER_FILE: &str = "ledger";
+
+/// The journal of intents beside it.
+pub const JOURNAL_FILE: &str = "ledger.journal";
 
 /// Entries kept per list of differences (more only repeat the kind; the oldest go first).
 const MAX_DIFFERENCES: usize = 1000;
@@ -240,6 +246,120 @@ impl Ledger {
     }
 }
 
+/// What the reader is about to write, noted in the [`Journal`] before it does.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Intent {
+    /// A file with this content is about to be renamed to `path`.
+    File {
+        /// The drive's path.
+        path: String,
+        /// Its whole-file hash.
+        hash: [u8; 32],
+    },
+    /// The directory `path` is about to be made.
+    Dir {
+        /// The drive's path.
+        path: String,
+    },
+}
+
+/// Longest journal entry read back (a path is at most 4 KiB).
+const MAX_INTENT: usize = 8 * 1024;
+
+/// The append-only journal of intents (see the module docs).
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: Option<fs::File>,
+}
+
+impl Journal {
+    /// The journal of the state directory `state_dir` (opened at the first note).
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join(JOURNAL_FILE),
+            file: None,
+        }
+    }
+
+    /// Appends `intent`: one `write` (a kill leaves at worst a torn last entry, ignored).
+    pub fn note(&mut self, intent: &Intent) -> io::Result<()> {
+        if self.file.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            self.file = Some(f);
+        }
+        let body = postcard::to_stdvec(intent).map_err(io::Error::other)?;
+        let mut entry = (body.len() as u32).to_le_bytes().to_vec();
+        entry.extend(body);
+        match &mut self.file {
+            Some(f) => f.write_all(&entry),
+            None => Ok(()),
+        }
+    }
+
+    /// Empties the journal: the ledger now holds everything it said.
+    pub fn clear(&mut self) -> io::Result<()> {
+        match &self.file {
+            Some(f) => f.set_len(0),
+            None => match fs::remove_file(&self.path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// The intents noted since the ledger was last written (a torn or foreign tail ends it).
+    pub fn read(state_dir: &Path) -> Vec<Intent> {
+        let Ok(bytes) = fs::read(state_dir.join(JOURNAL_FILE)) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut rest = &bytes[..];
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let len = u32::from_le_bytes(*len) as usize;
+            if len > MAX_INTENT || tail.len() < len {
+                break;
+            }
+            let Ok(intent) = postcard::from_bytes(&tail[..len]) else {
+                break;
+            };
+            out.push(intent);
+            rest = &tail[len..];
+        }
+        out
+    }
+}
+
+impl Ledger {
+    /// Takes as ours what the journal says was about to be written and is there now: a file
+    /// holding exactly the intended bytes, a directory that exists.
+    pub fn replay(&mut self, root: &Path, intents: Vec<Intent>) {
+        for intent in intents {
+            match intent {
+                Intent::File { path, hash } => {
+                    let target = root.join(&path);
+                    if let Ok(m) = fs::symlink_metadata(&target)
+                        && m.is_file()
+                        && hash_of(&target) == Some(hash)
+                    {
+                        self.wrote(&path, &m, hash);
+                    }
+                }
+                Intent::Dir { path } => {
+                    if fs::symlink_metadata(root.join(&path)).is_ok_and(|m| m.is_dir()) {
+                        self.dirs.insert(path);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The version recorded by a clone made before the ledger existed (0: none).
 fn legacy_applied(state_dir: &Path) -> u64 {
     fs::read_to_string(state_dir.join("applied"))
@@ -318,6 +438,35 @@ mod tests {
         assert!(!l.is_ours(dir.path(), "f", &fs::symlink_metadata(&f).unwrap()));
         // A path never written: not ours.
         assert!(!l.is_ours(dir.path(), "g", &fs::symlink_metadata(&f).unwrap()));
+    }
+
+    #[test]
+    fn intents_of_a_killed_reader_are_taken_only_where_the_bytes_are_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut j = Journal::new(root);
+        let hash = *blake3::hash(b"meant").as_bytes();
+        for path in ["done", "never renamed", "changed since"] {
+            j.note(&Intent::File {
+                path: path.into(),
+                hash,
+            })
+            .unwrap();
+        }
+        j.note(&Intent::Dir { path: "d".into() }).unwrap();
+        fs::write(root.join("done"), b"meant").unwrap();
+        fs::write(root.join("changed since"), b"other").unwrap();
+        fs::create_dir(root.join("d")).unwrap();
+        // A torn last entry (killed mid-write) is ignored.
+        let mut torn = fs::read(root.join(JOURNAL_FILE)).unwrap();
+        torn.extend([200, 0, 0, 0, 1, 2]);
+        fs::write(root.join(JOURNAL_FILE), torn).unwrap();
+        let mut l = Ledger::default();
+        l.replay(root, Journal::read(root));
+        assert_eq!(l.files.keys().collect::<Vec<_>>(), ["done"]);
+        assert_eq!(l.dirs.iter().collect::<Vec<_>>(), ["d"]);
+        j.clear().unwrap();
+        assert!(Journal::read(root).is_empty());
     }
 
     #[test]

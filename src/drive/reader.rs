@@ -20,7 +20,7 @@ use crate::drive::app::Base;
 use crate::drive::event::{Counts, DriveEvent, DriveProblem};
 use crate::drive::guard::{self, Cleared, Removed};
 use crate::drive::layout::{self, FolderBlocks, PublishError};
-use crate::drive::ledger::Ledger;
+use crate::drive::ledger::{Intent, Journal, Ledger};
 use crate::drive::log;
 use crate::drive::reconcile::{self, Local};
 use crate::drive::record::{self, BLOCK_SIZE, Entry, State};
@@ -47,6 +47,8 @@ pub(super) struct Reader {
     ledger: Ledger,
     /// The ledger changed since it was last written.
     ledger_dirty: bool,
+    /// Intents noted since the ledger was last written (opened at start).
+    journal: Option<Journal>,
 }
 
 impl Reader {
@@ -58,6 +60,7 @@ impl Reader {
             waiting: None,
             ledger: Ledger::default(),
             ledger_dirty: false,
+            journal: None,
         }
     }
 
@@ -75,6 +78,9 @@ impl Reader {
                 Ledger::default()
             }
         };
+        // What a killed run was about to write and did.
+        self.ledger.replay(&b.root, Journal::read(&b.state_dir));
+        self.journal = Some(Journal::new(&b.state_dir));
         let orphans = guard::check_in_place(b, &mut self.ledger, &self.previous);
         if let Some(c) = b.content {
             for x in orphans {
@@ -381,12 +387,19 @@ impl Reader {
         }
         // 3. Directories.
         for d in &plan.make_dirs {
-            match layout::safe_target(&b.root, d) {
-                Ok(p) => match guard::make_dir(&b.root, &mut self.ledger, d, &p) {
-                    Ok(cleared) => conflict_reported(b, d, cleared),
-                    Err(e) => b.problem(DriveProblem::io(&p, &e)),
-                },
-                Err(e) => b.problem(publish_problem(b, e)),
+            let p = match layout::safe_target(&b.root, d) {
+                Ok(p) => p,
+                Err(e) => {
+                    b.problem(publish_problem(b, e));
+                    continue;
+                }
+            };
+            if !p.is_dir() {
+                self.note(b, Intent::Dir { path: d.clone() });
+            }
+            match guard::make_dir(&b.root, &mut self.ledger, d, &p) {
+                Ok(cleared) => conflict_reported(b, d, cleared),
+                Err(e) => b.problem(DriveProblem::io(&p, &e)),
             }
         }
         b.stats.on_disk = self.ledger.on_disk.clone();
@@ -413,6 +426,7 @@ impl Reader {
         let mut problems = Vec::new();
         let mut orphans = Vec::new();
         let mut moved = Vec::new();
+        let mut journal_error = None;
         for id in ready {
             let Some((path, info)) = l.slot(id).map(|s| (s.path.clone(), s.info.clone())) else {
                 continue;
@@ -426,6 +440,13 @@ impl Reader {
                     problems.push(PublishError::Io { path, error });
                     continue;
                 }
+            }
+            let intent = Intent::File {
+                path: path.clone(),
+                hash: info.hash,
+            };
+            if let Some(Err(e)) = self.journal.as_mut().map(|j| j.note(&intent)) {
+                journal_error = Some(e);
             }
             match l.publish(id) {
                 Ok(o) => {
@@ -447,6 +468,9 @@ impl Reader {
         }
         drop(l);
         self.ledger_dirty = true;
+        if let Some(e) = journal_error {
+            b.problem(DriveProblem::io(&b.state_dir, &e));
+        }
         for (path, cleared) in moved {
             conflict_reported(b, &path, cleared);
         }
@@ -479,9 +503,23 @@ impl Reader {
             self.ledger.on_disk.prune(&b.root);
             b.stats.on_disk = self.ledger.on_disk.clone();
             match self.ledger.save(&b.state_dir) {
-                Ok(()) => self.ledger_dirty = false,
+                Ok(()) => {
+                    self.ledger_dirty = false;
+                    if let Some(Err(e)) = self.journal.as_mut().map(Journal::clear) {
+                        b.problem(DriveProblem::io(&b.state_dir, &e));
+                    }
+                }
                 Err(e) => b.problem(DriveProblem::io(&b.state_dir.join("ledger"), &e)),
             }
+        }
+    }
+}
+
+impl Reader {
+    /// Notes in the journal what is about to be written (see [`crate::drive::ledger`]).
+    fn note(&mut self, b: &mut Base, intent: Intent) {
+        if let Some(Err(e)) = self.journal.as_mut().map(|j| j.note(&intent)) {
+            b.problem(DriveProblem::io(&b.state_dir, &e));
         }
     }
 }
