@@ -343,3 +343,168 @@ fn what_the_clone_wrote_is_removed_even_when_its_version_record_lags() {
         "{st}"
     );
 }
+
+/// The churning side of the soak test: a model of what it created, so each operation picks a
+/// target that exists.
+struct Churn {
+    root: std::path::PathBuf,
+    rng: common::Rng,
+    dirs: Vec<String>,
+    files: Vec<String>,
+    next: u64,
+}
+
+impl Churn {
+    fn pick(&mut self, n: usize) -> usize {
+        (self.rng.next() % n as u64) as usize
+    }
+
+    /// Content for a file: mostly small, sometimes across a block boundary.
+    fn content(&mut self) -> Vec<u8> {
+        let len = match self.rng.next() % 10 {
+            0 => 65_536 + (self.rng.next() % 8_000) as usize,
+            1 => 0,
+            _ => (self.rng.next() % 3_000) as usize,
+        };
+        self.next += 1;
+        common::bytes(self.rng.next() ^ self.next, len)
+    }
+
+    fn new_path(&mut self) -> String {
+        self.next += 1;
+        let ext = ["txt", "md", "bin", ""][self.pick(4)];
+        let name = if ext.is_empty() {
+            format!("f{}", self.next)
+        } else {
+            format!("f{}.{ext}", self.next)
+        };
+        match self.pick(self.dirs.len() + 1) {
+            0 => name,
+            i => format!("{}/{name}", self.dirs[i - 1]),
+        }
+    }
+
+    /// One random operation.
+    fn step(&mut self) {
+        let r = self.rng.next() % 100;
+        match r {
+            0..25 => {
+                let p = self.new_path();
+                let c = self.content();
+                fs::write(self.root.join(&p), c).unwrap();
+                self.files.push(p);
+            }
+            25..45 if !self.files.is_empty() => {
+                let i = self.pick(self.files.len());
+                let c = self.content();
+                fs::write(self.root.join(&self.files[i]), c).unwrap();
+            }
+            45..60 if !self.files.is_empty() => {
+                use std::io::Write;
+                let i = self.pick(self.files.len());
+                let c = self.content();
+                let mut f = fs::OpenOptions::new()
+                    .append(true)
+                    .open(self.root.join(&self.files[i]))
+                    .unwrap();
+                f.write_all(&c[..c.len().min(2_000)]).unwrap();
+            }
+            60..75 if !self.files.is_empty() => {
+                let i = self.pick(self.files.len());
+                let to = self.new_path();
+                fs::rename(self.root.join(&self.files[i]), self.root.join(&to)).unwrap();
+                self.files[i] = to;
+            }
+            75..90 if !self.files.is_empty() => {
+                let i = self.pick(self.files.len());
+                let p = self.files.swap_remove(i);
+                fs::remove_file(self.root.join(p)).unwrap();
+            }
+            90..96 if self.dirs.len() < 12 => {
+                self.next += 1;
+                let d = match self.pick(self.dirs.len() + 1) {
+                    i if i > 0 && !self.dirs[i - 1].contains('/') => {
+                        format!("{}/d{}", self.dirs[i - 1], self.next)
+                    }
+                    _ => format!("d{}", self.next),
+                };
+                fs::create_dir(self.root.join(&d)).unwrap();
+                self.dirs.push(d);
+            }
+            96.. if !self.dirs.is_empty() => {
+                let i = self.pick(self.dirs.len());
+                let d = self.dirs.swap_remove(i);
+                let under = format!("{d}/");
+                fs::remove_dir_all(self.root.join(&d)).unwrap();
+                self.dirs.retain(|x| !x.starts_with(&under));
+                self.files.retain(|f| !f.starts_with(&under));
+            }
+            _ => {
+                let p = self.new_path();
+                fs::write(self.root.join(&p), b"").unwrap();
+                self.files.push(p);
+            }
+        }
+    }
+}
+
+/// A live clone while the shared folder takes a few thousand seeded creates, overwrites,
+/// appends, renames, deletes and directory removals: at the end both trees are the same, and
+/// the clone's status says complete with nothing kept, moved aside or missing. Seed printed;
+/// `FEEDSYNC_SEED=N` replays it; `FEEDSYNC_CHURN_OPS` changes the number of operations.
+#[test]
+fn a_live_clone_under_churn_ends_identical_and_complete() {
+    let (rng, _seed) = common::Rng::from_env_or_clock("churn");
+    let ops: usize = std::env::var("FEEDSYNC_CHURN_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_500);
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    let mut churn = Churn {
+        root: src.clone(),
+        rng,
+        dirs: Vec::new(),
+        files: Vec::new(),
+        next: 0,
+    };
+    for _ in 0..40 {
+        churn.step();
+    }
+    let (_s, url, addr) = share(&src);
+    let d = dst.to_str().unwrap();
+    let _c = Proc::feedsync(&["clone", &url, d, "--peer", &addr, "--no-discovery"]);
+    for i in 0..ops {
+        churn.step();
+        if i % 12 == 0 {
+            // Paced so the writer commits many versions and the clone sees some, skips others.
+            let pause = 2 + churn.rng.next() % 20;
+            std::thread::sleep(Duration::from_millis(pause));
+        }
+    }
+    wait_until(Duration::from_secs(90), "identical trees", || {
+        common::same_tree(&src, &dst, &[])
+    });
+    assert_same_tree(&src, &dst, &[]);
+    // The clone says it is complete, and that nothing differs on disk.
+    wait_until(
+        Duration::from_secs(30),
+        "the clone's status to say complete",
+        || {
+            let (w, r) = (status(&src), status(&dst));
+            r["version"] == w["version"]
+                && r["latest_version"] == w["version"]
+                && r["files_done"] == r["files_total"]
+        },
+    );
+    let st = status(&dst);
+    for k in ["conflicts", "kept", "unpublished"] {
+        assert!(
+            st[k].as_array().is_none_or(|a| a.is_empty()),
+            "{k} on a clone nobody touched: {st}"
+        );
+    }
+    assert!(st["errors"].as_array().is_none_or(|a| a.is_empty()), "{st}");
+    assert_same_tree(&src, &dst, &[]);
+}
