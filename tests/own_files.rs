@@ -200,6 +200,8 @@ fn clone_refuses_a_non_empty_folder_unless_asked_to_adopt() {
         paths.contains(&".ssh/authorized_keys") && paths.contains(&"differs.txt"),
         "{st}"
     );
+    // Complete, the adopted file included (its mtime is the user's, not the record's).
+    assert_eq!(st["files_done"], st["files_total"], "{st}");
 }
 
 #[test]

@@ -412,11 +412,17 @@ impl Drive {
         let (files_total, bytes_total) = full.totals();
         let (mut files_done, mut bytes_done) = (0, 0);
         for (path, e) in &full.entries {
+            // In place: as recorded, or (a reader's) written or adopted here with this content
+            // and untouched since, whatever its mtime.
             if let Entry::File(info) = e
                 && fs::symlink_metadata(self.root.join(path)).is_ok_and(|m| {
                     m.is_file()
                         && m.len() == info.size
-                        && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
+                        && (import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
+                            || ledger
+                                .files
+                                .get(path)
+                                .is_some_and(|w| w.hash == info.hash && w.unchanged(&m)))
                 })
             {
                 files_done += 1;
