@@ -236,6 +236,38 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_takes_the_place_of_a_file_only_after_the_file_is_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut l = Ledger::default();
+        // The user's file where the writer now has a directory: moved aside first.
+        fs::write(root.join("x"), b"user's").unwrap();
+        let Cleared::MovedAside(copy) = make_dir(root, &mut l, "x", &root.join("x")).unwrap()
+        else {
+            panic!("the user's file was not moved aside");
+        };
+        assert!(root.join("x").is_dir());
+        assert_eq!(fs::read(root.join(copy)).unwrap(), b"user's");
+        assert!(l.dirs.contains("x"));
+        // A file this reader wrote there: simply replaced.
+        fs::write(root.join("y"), b"ours").unwrap();
+        l.wrote(
+            "y",
+            &fs::symlink_metadata(root.join("y")).unwrap(),
+            *blake3::hash(b"ours").as_bytes(),
+        );
+        assert_eq!(
+            make_dir(root, &mut l, "y", &root.join("y")).unwrap(),
+            Cleared::Free
+        );
+        assert!(root.join("y").is_dir() && !l.files.contains_key("y"));
+        // A directory already there is not claimed as made here.
+        fs::create_dir(root.join("z")).unwrap();
+        make_dir(root, &mut l, "z", &root.join("z")).unwrap();
+        assert!(!l.dirs.contains("z"));
+    }
+
+    #[test]
     fn only_our_unchanged_files_and_empty_directories_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
