@@ -510,3 +510,40 @@ fn a_live_clone_under_churn_ends_identical_and_complete() {
     assert!(st["errors"].as_array().is_none_or(|a| a.is_empty()), "{st}");
     assert_same_tree(&src, &dst, &[]);
 }
+
+#[test]
+fn a_path_that_cannot_be_published_is_listed_by_status_and_the_rest_arrives() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("x"), b"a file in the share").unwrap();
+    fs::write(src.join("y"), b"another").unwrap();
+    // The user has a folder (with a file of theirs) where the share has the file x.
+    fs::create_dir_all(dst.join("x")).unwrap();
+    fs::write(dst.join("x/mine"), b"mine").unwrap();
+    let (_s, url, addr) = share(&src);
+    let d = dst.to_str().unwrap();
+    let _c = Proc::feedsync(&[
+        "clone",
+        &url,
+        d,
+        "--peer",
+        &addr,
+        "--no-discovery",
+        "--adopt",
+    ]);
+    wait_until(
+        Duration::from_secs(60),
+        "status to list x as missing",
+        || {
+            dst.join("y").exists()
+                && status(&dst)["unpublished"]
+                    .as_array()
+                    .is_some_and(|u| u.iter().any(|u| u["path"] == "x"))
+        },
+    );
+    assert_eq!(fs::read(dst.join("x/mine")).unwrap(), b"mine");
+    assert_eq!(fs::read(dst.join("y")).unwrap(), b"another");
+    let shown = text(&run(&["status", d]).stdout);
+    assert!(shown.contains("missing:  x ("), "{shown}");
+}
