@@ -9,7 +9,9 @@
 //! Variants are only ever added at the end of [`Record`] (postcard encodes the variant index,
 //! so the indices of those before never change). [`Record::Time`] (index 3) was added after
 //! the first release: versions written before carry no time, and a reader built before it
-//! refuses versions that carry one.
+//! refuses versions that carry one. [`FileInfo::mode`] replaced a one-byte `executable` flag
+//! (#11: a private `0600` file arrived world-readable): a drive written before decodes with
+//! mode 0 or 1 and must be shared again from a current writer.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
