@@ -547,3 +547,66 @@ fn a_path_that_cannot_be_published_is_listed_by_status_and_the_rest_arrives() {
     let shown = text(&run(&["status", d]).stdout);
     assert!(shown.contains("missing:  x ("), "{shown}");
 }
+
+/// The churn again, with the clone killed (SIGKILL) at seeded moments and restarted: what it
+/// published just before a kill is still known as its own (the ledger's journal), so the end
+/// is the same: identical trees, nothing kept or moved aside.
+#[test]
+fn a_clone_killed_under_churn_ends_identical_without_conflicts() {
+    let (rng, _seed) = common::Rng::from_env_or_clock("churn with kills");
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    let mut churn = Churn {
+        root: src.clone(),
+        rng,
+        dirs: Vec::new(),
+        files: Vec::new(),
+        next: 0,
+    };
+    for _ in 0..40 {
+        churn.step();
+    }
+    let (_s, url, addr) = share(&src);
+    let d = dst.to_str().unwrap();
+    let mut c = Proc::feedsync(&["clone", &url, d, "--peer", &addr, "--no-discovery"]);
+    // Wait for the clone to hold something before the first kill (a clone killed before it
+    // fetched anything starts over, which is not what this tests).
+    wait_until(Duration::from_secs(30), "the clone to start", || {
+        dst.join(".feedsync/meta/header").exists()
+    });
+    let mut kills = 0;
+    for i in 0..1_500 {
+        churn.step();
+        if i % 12 == 0 {
+            let pause = 2 + churn.rng.next() % 20;
+            std::thread::sleep(Duration::from_millis(pause));
+        }
+        if churn.rng.next().is_multiple_of(250) {
+            kills += 1;
+            c.kill();
+            c = Proc::feedsync(&["sync", d, "--peer", &addr, "--no-discovery"]);
+        }
+    }
+    eprintln!("killed the clone {kills} times");
+    wait_until(Duration::from_secs(90), "identical trees", || {
+        common::same_tree(&src, &dst, &[])
+    });
+    wait_until(
+        Duration::from_secs(30),
+        "the clone's status to say complete",
+        || {
+            let (w, r) = (status(&src), status(&dst));
+            r["version"] == w["version"] && r["files_done"] == r["files_total"]
+        },
+    );
+    let st = status(&dst);
+    for k in ["conflicts", "kept", "unpublished"] {
+        assert!(
+            st[k].as_array().is_none_or(|a| a.is_empty()),
+            "{k} on a clone nobody touched: {st}"
+        );
+    }
+    assert_same_tree(&src, &dst, &[]);
+    drop(c);
+}
