@@ -5,7 +5,8 @@
 //! DIR/.feedsync/meta/      the metadata feed's store (records; the writer's secret key)
 //! DIR/.feedsync/content/   the content feed's store, without a data file: blocks are in DIR
 //! DIR/.feedsync/tmp/       files being reassembled (reader), renamed into place when verified
-//! DIR/.feedsync/applied    the version the folder was last brought to (reader)
+//! DIR/.feedsync/ledger     what the reader wrote, and the version the folder was last
+//!                          brought to (reader; see [`ledger`]), with its journal
 //! DIR/.feedsync/status.json  progress, rewritten while a node runs (for `feedsync status`)
 //! ```
 //!
@@ -24,7 +25,9 @@
 //!   publish); the content feed's block storage.
 //! - [`reconcile`]: the reader's pure plan from one version to another.
 //! - `app.rs`: [`DriveApp`] on the loop (what both roles share), [`Drives`] for the daemon.
-//! - `writer.rs` / `reader.rs`: the two sides of a running drive.
+//! - `writer.rs` / `reader/`: the two sides of a running drive.
+//! - [`ledger`], `guard.rs`, [`conflict`]: what a reader wrote, the checks before it replaces
+//!   or deletes anything on disk, conflict copies; [`perms`]: permission bits and the umask.
 //! - [`event`]: [`DriveEvent`], [`DriveProblem`], [`Stats`].
 //! - [`log`]: a drive's history for `feedsync log`.
 
