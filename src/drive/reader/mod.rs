@@ -51,6 +51,8 @@ pub(super) struct Reader {
     ledger_dirty: bool,
     /// Intents noted since the ledger was last written (opened at start).
     journal: Option<Journal>,
+    /// When the ledger was last written.
+    ledger_saved: Option<Instant>,
 }
 
 impl Reader {
@@ -63,6 +65,7 @@ impl Reader {
             ledger: Ledger::default(),
             ledger_dirty: false,
             journal: None,
+            ledger_saved: None,
         }
     }
 
@@ -203,6 +206,7 @@ impl Reader {
 
     pub fn shutdown(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         self.publish_ready(b, r);
+        self.ledger_saved = None; // written now, settled or not
         self.make_durable(b, r);
         // `--once` stops as soon as the loop sees the job done, maybe before a tick said so.
         self.report_complete(b, r);
@@ -500,7 +504,14 @@ impl Reader {
                 self.ledger_dirty = true;
             }
         }
-        if self.ledger_dirty {
+        // While files still arrive the ledger is rewritten at most every LEDGER_EVERY (the
+        // journal covers a kill in between); once settled, at once.
+        let due = settled(b)
+            || self
+                .ledger_saved
+                .is_none_or(|t| t.elapsed() >= LEDGER_EVERY);
+        if self.ledger_dirty && due {
+            self.ledger_saved = Some(Instant::now());
             // After the sync above: no entry is durable before the file it describes.
             self.ledger.on_disk.prune(&b.root);
             b.stats.on_disk = self.ledger.on_disk.clone();
@@ -536,6 +547,10 @@ fn conflict_reported(b: &mut Base, path: &str, cleared: Cleared) {
         });
     }
 }
+
+/// While files still arrive, the ledger is rewritten at most this often: a bulk clone of many
+/// small files would otherwise rewrite it (all of it) every 200 ms.
+const LEDGER_EVERY: Duration = Duration::from_secs(2);
 
 /// How long a file waits for content the writer has not signed before that is reported.
 const WAIT_REPORT: Duration = Duration::from_secs(3);
