@@ -346,6 +346,16 @@ fn what_the_clone_wrote_is_removed_even_when_its_version_record_lags() {
     );
 }
 
+/// Waits (within `limit`) until both trees are the same; if they never are, fails showing
+/// what differs.
+fn wait_same_tree(src: &Path, dst: &Path, limit: Duration) {
+    let t = std::time::Instant::now();
+    while !common::same_tree(src, dst, &[]) && t.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_same_tree(src, dst, &[]);
+}
+
 /// The churning side of the soak test: a model of what it created, so each operation picks a
 /// target that exists.
 struct Churn {
@@ -485,9 +495,7 @@ fn a_live_clone_under_churn_ends_identical_and_complete() {
             std::thread::sleep(Duration::from_millis(pause));
         }
     }
-    wait_until(Duration::from_secs(90), "identical trees", || {
-        common::same_tree(&src, &dst, &[])
-    });
+    wait_same_tree(&src, &dst, Duration::from_secs(90));
     assert_same_tree(&src, &dst, &[]);
     // The clone says it is complete, and that nothing differs on disk.
     wait_until(
@@ -589,9 +597,7 @@ fn a_clone_killed_under_churn_ends_identical_without_conflicts() {
         }
     }
     eprintln!("killed the clone {kills} times");
-    wait_until(Duration::from_secs(90), "identical trees", || {
-        common::same_tree(&src, &dst, &[])
-    });
+    wait_same_tree(&src, &dst, Duration::from_secs(90));
     wait_until(
         Duration::from_secs(30),
         "the clone's status to say complete",
