@@ -408,11 +408,26 @@ fn errors_name_the_path_and_the_fix_and_discard_leaves_nothing() {
     Drive::clone_into(&dir, k3).unwrap().discard().unwrap();
     assert!(!dir.join(".feedsync").exists());
 
-    // A folder that already existed keeps its files; only the state goes.
+    // A folder that already existed keeps its files; only the state goes. Cloning into it
+    // needs the user's word (its files are theirs): refused without, naming the folder.
     let kept = tmp.path().join("kept");
     fs::create_dir(&kept).unwrap();
     fs::write(kept.join("mine"), b"x").unwrap();
-    Drive::clone_into(&kept, key(4)).unwrap().discard().unwrap();
+    let e = Drive::clone_into(&kept, key(4)).err().unwrap();
+    assert!(matches!(e, DriveError::NotEmpty(_)), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&kept.display().to_string()) && text.contains("--adopt"),
+        "{text}"
+    );
+    assert!(
+        !kept.join(".feedsync").exists(),
+        "a refused clone leaves no state"
+    );
+    Drive::clone_adopting(&kept, key(4))
+        .unwrap()
+        .discard()
+        .unwrap();
     assert!(kept.join("mine").exists());
     assert!(!kept.join(".feedsync").exists());
 

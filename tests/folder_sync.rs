@@ -229,7 +229,7 @@ fn hostile_writer(
 fn empty_file() -> feedsync::drive::record::Entry {
     feedsync::drive::record::Entry::File(feedsync::drive::record::FileInfo {
         size: 0,
-        executable: false,
+        mode: 0o644,
         mtime_secs: 0,
         mtime_nanos: 0,
         hash: *blake3::hash(b"").as_bytes(),
@@ -294,7 +294,16 @@ fn traversal_records_are_refused_and_nothing_escapes() {
             entry: empty_file(),
         }],
     );
-    let c = clone(&url, &dst, &addr, false);
+    // The folder holds the symlink already: cloning into it takes --adopt.
+    let c = Proc::feedsync(&[
+        "clone",
+        &url,
+        dst.to_str().unwrap(),
+        "--peer",
+        &addr,
+        "--no-discovery",
+        "--adopt",
+    ]);
     wait_until(Duration::from_secs(30), "the symlink refusal", || {
         c.stderr_has("a parent directory is a symlink")
     });

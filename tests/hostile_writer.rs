@@ -178,7 +178,7 @@ impl RssWatch {
 fn file(size: u64, extents: Vec<Extent>) -> Entry {
     Entry::File(FileInfo {
         size,
-        executable: false,
+        mode: 0o644,
         mtime_secs: 0,
         mtime_nanos: 0,
         hash: [0; 32],
@@ -196,7 +196,7 @@ fn put(path: &str, entry: Entry) -> Record {
 fn empty() -> Entry {
     Entry::File(FileInfo {
         size: 0,
-        executable: false,
+        mode: 0o644,
         mtime_secs: 0,
         mtime_nanos: 0,
         hash: *blake3::hash(b"").as_bytes(),

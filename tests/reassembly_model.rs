@@ -55,7 +55,7 @@ fn info(pool: &Pool, spec: &Spec) -> (FileInfo, Vec<u8>) {
     }
     let info = FileInfo {
         size: content.len() as u64,
-        executable: false,
+        mode: 0o644,
         mtime_secs: 1_700_000_000,
         mtime_nanos: 0,
         hash: *blake3::hash(&content).as_bytes(),

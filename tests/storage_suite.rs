@@ -273,7 +273,7 @@ fn folder_backend() {
         let count = w.len() - start;
         let info = FileInfo {
             size: data.len() as u64,
-            executable: false,
+            mode: 0o644,
             mtime_secs: 1_700_000_000,
             mtime_nanos: 0,
             hash: *blake3::hash(data).as_bytes(),

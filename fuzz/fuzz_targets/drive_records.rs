@@ -58,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
             {
                 // Checked files: their block count and block walk are consistent and cheap to
                 // start (the walk is lazy; take a bounded prefix).
+                assert_eq!(f.mode & !0o777, 0, "a mode beyond the permission bits");
                 let _ = f.blocks();
                 let _ = f.block_at().take(1024).count();
             }

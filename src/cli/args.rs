@@ -32,8 +32,15 @@ pub enum Command {
     Clone {
         /// feedsync://<key> as printed by `share`.
         url: String,
-        /// Where to put it (created if missing).
+        /// Where to put it (created if missing; an existing folder must be empty, see --adopt).
         dir: PathBuf,
+        /// Clone into a folder that already holds files: identical files are kept as they are,
+        /// a differing file is renamed to NAME.sync-conflict-YYYYMMDD-HHMMSS.EXT before the
+        /// shared one takes its place, files the share does not have are left alone.
+        #[arg(long)]
+        adopt: bool,
+        #[command(flatten)]
+        perms: PermArgs,
         #[command(flatten)]
         net: NetArgs,
         #[command(flatten)]
@@ -43,6 +50,8 @@ pub enum Command {
     Sync {
         /// The folder.
         dir: PathBuf,
+        #[command(flatten)]
+        perms: PermArgs,
         #[command(flatten)]
         net: NetArgs,
         #[command(flatten)]
@@ -119,6 +128,24 @@ pub struct NetArgs {
     /// Print `fetched FEED INDEX COUNT` for every verified range stored (for tests).
     #[arg(long, hide = true)]
     pub report_fetches: bool,
+}
+
+/// Permission bits of the files a clone writes.
+#[derive(clap::Args, Clone, Copy)]
+pub struct PermArgs {
+    /// Files get the writer's permission bits less this mask (octal, e.g. 077 for files only
+    /// you can read); default: this process's umask.
+    #[arg(long, value_name = "OCTAL", value_parser = parse_umask)]
+    pub umask: Option<u32>,
+}
+
+/// An octal umask: 1 to 4 octal digits, at most 0777 once the special bits are dropped.
+fn parse_umask(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(v) if !digits.is_empty() && digits.len() <= 4 && v <= 0o7777 => Ok(v & 0o777),
+        _ => Err(format!("{text:?} is not an octal umask such as 022 or 077")),
+    }
 }
 
 /// `--once` and how long it waits for a peer.

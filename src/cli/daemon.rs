@@ -35,8 +35,14 @@ pub fn status(json: bool, state: Option<PathBuf>) -> Result<(), CliError> {
     }
     let v = serde_json::to_value(&reply)?;
     for f in v["folders"].as_array().cloned().unwrap_or_default() {
+        // What differs on disk (a reader's), only when something does: `status DIR` lists it.
+        let count = |k: &str| f[k].as_array().map_or(0, Vec::len);
+        let differs = match (count("conflicts"), count("kept"), count("unpublished")) {
+            (0, 0, 0) => String::new(),
+            (c, k, u) => format!("  on disk: {c} conflict copies, {k} kept, {u} missing"),
+        };
         println!(
-            "{}  {}  version {}/{}  files {}/{}  bytes {}/{}  peers {}",
+            "{}  {}  version {}/{}  files {}/{}  bytes {}/{}  peers {}{differs}",
             f["path"].as_str().unwrap_or(""),
             f["role"].as_str().unwrap_or("starting"),
             f["version"],

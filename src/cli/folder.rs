@@ -5,7 +5,7 @@
 //! failed dial is reported when it first fails and then at most every 30 s, "nothing yet"
 //! lines back off from 10 s to a minute, and off a terminal nothing is printed per tick.
 
-use crate::cli::args::{NetArgs, OnceArgs};
+use crate::cli::args::{NetArgs, OnceArgs, PermArgs};
 use crate::cli::error::{CliError, runtime, usage};
 use crate::cli::render::{Reporter, bytes};
 use crossbeam_channel::select;
@@ -50,8 +50,27 @@ pub fn share(dir: &Path, net: &NetArgs) -> Result<(), CliError> {
     run(drive, dir, net, None, false).and_then(Ran::result)
 }
 
-/// `feedsync clone URL DIR`.
-pub fn clone(url: &str, dir: &Path, net: &NetArgs, once: OnceArgs) -> Result<(), CliError> {
+/// `--umask`: set for the whole process (before any thread starts), and used for every file
+/// published.
+pub fn set_umask(perms: PermArgs) -> Result<(), CliError> {
+    match perms.umask {
+        Some(mask) => feedsync::drive::perms::set_umask(mask).map_err(|old| {
+            runtime(format!(
+                "--umask {mask:03o}: the umask is already fixed at {old:03o}"
+            ))
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `feedsync clone URL DIR [--adopt]`.
+pub fn clone(
+    url: &str,
+    dir: &Path,
+    adopt: bool,
+    net: &NetArgs,
+    once: OnceArgs,
+) -> Result<(), CliError> {
     let key = feedsync::drive::parse_url(url)
         .map_err(|e| usage(format!("{e}; give the URL that `share` printed")))?;
     if dir.exists() && !dir.is_dir() {
@@ -60,7 +79,15 @@ pub fn clone(url: &str, dir: &Path, net: &NetArgs, once: OnceArgs) -> Result<(),
             dir.display()
         )));
     }
-    let drive = Drive::clone_into(dir, key)?;
+    let drive = if adopt {
+        Drive::clone_adopting(dir, key)?
+    } else {
+        Drive::clone_into(dir, key).map_err(|e| match e {
+            // The user's to fix in the command: another folder, or --adopt.
+            e @ feedsync::drive::DriveError::NotEmpty(_) => usage(e.to_string()),
+            e => e.into(),
+        })?
+    };
     let outcome = run(drive, dir, net, once.limit(), true);
     finish_clone(dir, outcome)
 }

@@ -31,10 +31,23 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Clone {
             url,
             dir,
+            adopt,
+            perms,
             net,
             once,
-        } => folder::clone(&url, &dir, &net, once),
-        Command::Sync { dir, net, once } => folder::sync(&dir, &net, once),
+        } => {
+            folder::set_umask(perms)?;
+            folder::clone(&url, &dir, adopt, &net, once)
+        }
+        Command::Sync {
+            dir,
+            perms,
+            net,
+            once,
+        } => {
+            folder::set_umask(perms)?;
+            folder::sync(&dir, &net, once)
+        }
         Command::Status {
             dir: Some(dir),
             json,

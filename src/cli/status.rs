@@ -54,6 +54,26 @@ pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
             println!("error:    {}", e.as_str().unwrap_or(""));
         }
     }
+    // What differs on disk from the share (a reader's), one line per path.
+    let s = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string()
+    };
+    for c in g("conflicts").as_array().into_iter().flatten() {
+        println!(
+            "conflict: {} (your version is kept as {})",
+            s(c, "path"),
+            s(c, "copy")
+        );
+    }
+    for k in g("kept").as_array().into_iter().flatten() {
+        println!(
+            "kept:     {} (removed from the share, changed here; no longer synced)",
+            k.as_str().unwrap_or("")
+        );
+    }
+    for u in g("unpublished").as_array().into_iter().flatten() {
+        println!("missing:  {} ({})", s(u, "path"), s(u, "why"));
+    }
     Ok(())
 }
 

@@ -156,6 +156,7 @@ impl Base {
             received: self.stats.received,
             rate: self.rate,
             errors: self.reporter.kept().to_vec(),
+            on_disk: std::mem::take(&mut self.stats.on_disk),
         };
     }
 

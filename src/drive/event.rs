@@ -174,6 +174,33 @@ pub enum DriveProblem {
         /// Why.
         error: String,
     },
+    /// A local file was in the way of the writer's version (made here, or changed here since
+    /// this reader wrote it): it was renamed to a conflict copy, never overwritten, and the
+    /// writer's version took its path.
+    #[error(
+        "{}: {path}: changed here; your version is kept as {copy}, the shared one is at {path}",
+        folder.display()
+    )]
+    Conflict {
+        /// The folder.
+        folder: PathBuf,
+        /// The drive's path.
+        path: String,
+        /// Where the local file is now (relative to the folder).
+        copy: String,
+    },
+    /// The writer removed a path whose local file this reader did not write (or that changed
+    /// here since): the file is kept in place, and no longer synced.
+    #[error(
+        "{}: {path}: removed from the share but changed here; kept, no longer synced",
+        folder.display()
+    )]
+    KeptLocal {
+        /// The folder.
+        folder: PathBuf,
+        /// The drive's path.
+        path: String,
+    },
     /// A scan of the folder failed as a whole.
     #[error("{}: scanning: {error}", folder.display())]
     Scan {
@@ -185,6 +212,12 @@ pub enum DriveProblem {
 }
 
 impl DriveProblem {
+    /// Whether this problem is about the user's own files (a conflict copy, a kept file):
+    /// `status` lists those apart, as differences on disk.
+    pub fn is_on_disk(&self) -> bool {
+        matches!(self, Self::Conflict { .. } | Self::KeptLocal { .. })
+    }
+
     /// A file-system error at `path`, told apart when it means the disk is full.
     pub fn io(path: &Path, e: &io::Error) -> Self {
         if e.kind() == io::ErrorKind::StorageFull {
@@ -246,6 +279,10 @@ pub struct Stats {
     pub rate: u64,
     /// Problems that need a person (unsafe paths, hash mismatches, disk errors).
     pub errors: Vec<String>,
+    /// Reader: what differs on disk from the drive (conflict copies made, local files kept,
+    /// paths not published), at the top level of `status.json`.
+    #[serde(flatten)]
+    pub on_disk: crate::drive::ledger::OnDisk,
 }
 
 impl Stats {
@@ -308,7 +345,8 @@ impl Reporter {
         if !self.seen.insert(text.clone()) {
             return;
         }
-        if self.kept.len() < MAX_KEPT {
+        // Conflicts and kept files are listed in `status` as differences on disk.
+        if self.kept.len() < MAX_KEPT && !p.is_on_disk() {
             self.kept.push(text);
         }
         self.send(DriveEvent::Problem(p));

@@ -5,7 +5,8 @@
 //! DIR/.feedsync/meta/      the metadata feed's store (records; the writer's secret key)
 //! DIR/.feedsync/content/   the content feed's store, without a data file: blocks are in DIR
 //! DIR/.feedsync/tmp/       files being reassembled (reader), renamed into place when verified
-//! DIR/.feedsync/applied    the version the folder was last brought to (reader)
+//! DIR/.feedsync/ledger     what the reader wrote, and the version the folder was last
+//!                          brought to (reader; see [`ledger`]), with its journal
 //! DIR/.feedsync/status.json  progress, rewritten when it changes (for `feedsync status`)
 //! ```
 //!
@@ -28,16 +29,22 @@
 //!   publish); the content feed's block storage.
 //! - [`reconcile`]: the reader's pure plan from one version to another.
 //! - `app.rs`: [`DriveApp`] on the loop (what both roles share), [`Drives`] for the daemon.
-//! - `writer.rs` / `reader.rs`: the two sides of a running drive.
+//! - `writer.rs` / `reader/`: the two sides of a running drive.
+//! - [`ledger`], `guard.rs`, [`conflict`]: what a reader wrote, the checks before it replaces
+//!   or deletes anything on disk, conflict copies; [`perms`]: permission bits and the umask.
 //! - [`event`]: [`DriveEvent`], [`DriveProblem`], [`Stats`].
 //! - [`log`]: a drive's history for `feedsync log`.
 
 mod app;
+pub mod conflict;
 mod dirs;
 pub mod event;
+mod guard;
 pub mod import;
 pub mod layout;
+pub mod ledger;
 pub mod log;
+pub mod perms;
 mod reader;
 pub mod reconcile;
 pub mod record;
@@ -76,6 +83,15 @@ pub enum DriveError {
         #[source]
         error: io::Error,
     },
+    /// A clone into a folder that already holds files (other than this drive's own state):
+    /// refused unless the user asks to adopt them ([`Drive::clone_adopting`]), since a
+    /// writer's record must never land on a file the user has (`clone URL ~` and a record
+    /// `.ssh/authorized_keys`).
+    #[error(
+        "{} is not empty; clone into a new or empty folder, or pass --adopt to sync into it (identical files are kept, others renamed to conflict copies)",
+        .0.display()
+    )]
+    NotEmpty(PathBuf),
     /// A folder was expected and a file (or something else) is there.
     #[error("{} is a file, not a folder; give a folder (a new path is created for a clone)", .0.display())]
     NotAFolder(PathBuf),
@@ -235,10 +251,24 @@ impl Drive {
     }
 
     /// Prepares `root` to clone the drive `key` (or resumes a clone of it already there).
-    /// The folder is created if missing. A store left by an earlier clone that never received
-    /// a verified block (a wrong URL, say) is replaced; one that holds another drive's data is
-    /// refused ([`DriveError::OtherDrive`]).
+    /// The folder is created if missing; an existing one must be empty but for this drive's
+    /// own state ([`DriveError::NotEmpty`]; see [`Drive::clone_adopting`]). A store left by an
+    /// earlier clone that never received a verified block (a wrong URL, say) is replaced; one
+    /// that holds another drive's data is refused ([`DriveError::OtherDrive`]).
     pub fn clone_into(root: &Path, key: [u8; 32]) -> Result<Self, DriveError> {
+        Self::clone_with(root, key, false)
+    }
+
+    /// [`Drive::clone_into`] a folder that may already hold files (`clone --adopt`): a file
+    /// identical to the drive's (same size and whole-file hash) is kept as is and not fetched;
+    /// any other file at a path the drive writes is first renamed to a conflict copy
+    /// (`NAME.sync-conflict-YYYYMMDD-HHMMSS.EXT`) and reported; files the drive does not name
+    /// are left alone.
+    pub fn clone_adopting(root: &Path, key: [u8; 32]) -> Result<Self, DriveError> {
+        Self::clone_with(root, key, true)
+    }
+
+    fn clone_with(root: &Path, key: [u8; 32], adopt: bool) -> Result<Self, DriveError> {
         let created_root = match fs::symlink_metadata(root) {
             Ok(m) if m.is_dir() => false,
             Ok(m) if m.file_type().is_symlink() && root.is_dir() => false,
@@ -271,6 +301,9 @@ impl Drive {
             // Nothing verified was ever stored: a clone of a key nobody served. Start over.
             drop(d);
             fs::remove_dir_all(&state_dir)?;
+        }
+        if !adopt && has_files(&root, &state_dir)? {
+            return Err(DriveError::NotEmpty(root));
         }
         let root_dir = dirs::open_folder(&root)?;
         let state_handle = dirs::open_state(&*root_dir, &root, true)?;
@@ -377,6 +410,12 @@ impl Drive {
     /// the first version it refuses (a record that does not decode or is unsafe, a version
     /// over `limits`): a signed but hostile version is stored like any other, and must not
     /// keep the folder from opening; the running reader refuses it again and says why.
+    ///
+    /// A replica's block that no longer reads back as verified (its bytes changed on disk:
+    /// `DataChanged`; a tree node lost: `MissingNode`) stops the replay there too, and the
+    /// block is forgotten, so the replicator fetches it again from a peer: a damaged block
+    /// costs one download, never the folder. The writer's own store has nobody to fetch from,
+    /// so there the error is returned.
     pub fn replay_with(
         meta: &mut Feed<DiskStorage>,
         upto: u64,
@@ -387,7 +426,14 @@ impl Drive {
             if !meta.has(i) {
                 break;
             }
-            let block = meta.get(i)?;
+            let block = match meta.get(i) {
+                Ok(block) => block,
+                Err(e) if meta.is_writable() => return Err(e.into()),
+                Err(_) => {
+                    meta.forget(i..i + 1)?;
+                    break;
+                }
+            };
             let Ok(recs) = record::decode(i, &block) else {
                 break;
             };
@@ -401,25 +447,31 @@ impl Drive {
     /// Progress figures computed from the stores, for a folder no node is running on.
     pub fn offline_stats(mut self) -> Result<Stats, DriveError> {
         let full = Self::replay(&mut self.meta, u64::MAX)?;
+        let ledger = if self.writer {
+            ledger::Ledger::default()
+        } else {
+            ledger::Ledger::load(&self.state_dir)?
+        };
         let applied = if self.writer {
             full.version
         } else {
-            read_applied(&self.state_dir)
+            ledger.applied
         };
         let (files_total, bytes_total) = full.totals();
         let (mut files_done, mut bytes_done) = (0, 0);
         for (path, e) in &full.entries {
+            // In place: as recorded, or (a reader's) written or adopted here with this content
+            // and untouched since, whatever its mtime.
             if let Entry::File(info) = e
-                && self
-                    .root_dir
-                    .metadata(path)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|m| {
-                        m.kind == Kind::File
-                            && m.len == info.size
-                            && import::stamp_time(m.mtime) == (info.mtime_secs, info.mtime_nanos)
-                    })
+                && fs::symlink_metadata(self.root.join(path)).is_ok_and(|m| {
+                    m.is_file()
+                        && m.len() == info.size
+                        && (import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
+                            || ledger
+                                .files
+                                .get(path)
+                                .is_some_and(|w| w.hash == info.hash && w.unchanged(&m)))
+                })
             {
                 files_done += 1;
                 bytes_done += info.size;
@@ -438,6 +490,7 @@ impl Drive {
             received: 0,
             rate: 0,
             errors: Vec::new(),
+            on_disk: ledger.on_disk,
         })
     }
 
@@ -528,9 +581,19 @@ impl Drive {
     }
 }
 
+/// Whether `root` holds anything but `state_dir` (a leftover state directory of a clone that
+/// never got a verified block does not count).
+fn has_files(root: &Path, state_dir: &Path) -> io::Result<bool> {
+    for e in fs::read_dir(root)? {
+        if e?.path() != state_dir {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The version a reader's folder was last brought to completely (from its ledger; a ledger
+/// that cannot be read counts as none: the reader then checks every file by hash).
 fn read_applied(state_dir: &Path) -> u64 {
-    fs::read_to_string(state_dir.join("applied"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    ledger::Ledger::load(state_dir).map_or(0, |l| l.applied)
 }

@@ -1,8 +1,15 @@
 //! The reader's reconcile step as a pure function: from the version the folder is at, the
-//! version to reach, and what this node holds, to a [`Plan`] of file-system work. No files are
-//! touched here; `reader.rs` carries the plan out in its order (fetch and reuse, then removals,
-//! then directories), which is what makes a rename reuse the old file's bytes.
+//! version to reach, what this reader wrote (its [`Ledger`]) and what this node holds, to a
+//! [`Plan`] of file-system work. No files are touched here; `reader.rs` carries the plan out in
+//! its order (fetch and reuse, then removals, then directories), which is what makes a rename
+//! reuse the old file's bytes.
+//!
+//! What to remove comes from the ledger, not from the versions in between: a reader that
+//! skipped versions never saw the record of what it last wrote at a path, but its ledger did.
+//! Whether a file removed is still ours to delete is decided when the plan is carried out,
+//! against the file on disk.
 
+use crate::drive::ledger::Ledger;
 use crate::drive::record::{Entry, FileInfo};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -27,14 +34,12 @@ pub struct Fetch {
     pub reuse: Vec<u64>,
 }
 
-/// A file to remove.
+/// A file to remove: deleted only if the ledger says this reader wrote it and nobody changed
+/// it since; otherwise it is left in place and reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removal {
     /// Its path.
     pub path: String,
-    /// The versions this node may have put there: the file on disk is deleted only if its
-    /// size and mtime match one (a file the user changed is left alone).
-    pub ours: Vec<FileInfo>,
 }
 
 /// What to do to bring the folder from one version to another.
@@ -45,7 +50,8 @@ pub struct Plan {
     /// Files that go (not those replaced by a newer version: the old file stays readable
     /// until the new one is renamed over it).
     pub remove: Vec<Removal>,
-    /// Directories that go, deepest first (each removed only if empty).
+    /// Directories this reader made that the target no longer has, deepest first (each
+    /// removed only if empty).
     pub remove_dirs: Vec<String>,
     /// Every directory of the target, parents first (made if missing).
     pub make_dirs: Vec<String>,
@@ -55,34 +61,35 @@ pub struct Plan {
     pub waiting: Vec<(String, u64)>,
 }
 
-/// Plans the way from `previous` (the version the folder is at) to `target`, given the files
-/// the layout knows (`local`: path -> its current slot) and the content blocks held (`held`).
-/// Files of versions in between that `target` no longer has are removed too: without that a
-/// clone would wait for them forever. A file reaching past `content_len` (the content feed's
-/// verified length) waits: a record's block numbers are trusted only as far as the signed
-/// content goes.
+/// Plans the way from `previous` (the version the folder is at) to `target`, given what this
+/// reader wrote (`ledger`), the files the layout knows (`local`: path -> its current slot) and
+/// the content blocks held (`held`). Files of versions in between that `target` no longer has
+/// are removed too: without that a clone would wait for them forever. A file reaching past
+/// `content_len` (the content feed's verified length) waits: a record's block numbers are
+/// trusted only as far as the signed content goes.
 pub fn plan(
     previous: &BTreeMap<String, Entry>,
     target: &BTreeMap<String, Entry>,
+    ledger: &Ledger,
     local: &BTreeMap<String, Local>,
     content_len: u64,
     held: impl Fn(u64) -> bool,
 ) -> Plan {
     let mut gone: Vec<(String, FileInfo)> = Vec::new();
-    let mut remove_dirs = Vec::new();
     for (path, old) in previous {
         if target.get(path) == Some(old) {
             continue;
         }
-        match old {
-            Entry::File(info) => gone.push((path.clone(), info.clone())),
-            Entry::Dir => {
-                if !matches!(target.get(path), Some(Entry::Dir)) {
-                    remove_dirs.push(path.clone());
-                }
-            }
+        if let Entry::File(info) = old {
+            gone.push((path.clone(), info.clone()));
         }
     }
+    let mut remove_dirs: Vec<String> = ledger
+        .dirs
+        .iter()
+        .filter(|d| !matches!(target.get(*d), Some(Entry::Dir)))
+        .cloned()
+        .collect();
     for (path, l) in local {
         let wanted = matches!(target.get(path), Some(Entry::File(i)) if *i == l.info);
         // Already in `gone` exactly when the loop above put it there (one lookup, not a scan
@@ -124,17 +131,16 @@ pub fn plan(
             reuse: reuse.into_iter().collect(),
         });
     }
-    let remove = gone
+    // Every file this reader wrote that the target has no file at, whatever the versions in
+    // between said.
+    let no_file = |path: &String| !matches!(target.get(path), Some(Entry::File(_)));
+    let mut remove: BTreeSet<String> = gone
         .into_iter()
-        .filter(|(path, _)| !matches!(target.get(path), Some(Entry::File(_))))
-        .map(|(path, info)| {
-            let mut ours = vec![info];
-            if let Some(l) = local.get(&path).filter(|l| l.in_place) {
-                ours.push(l.info.clone());
-            }
-            Removal { path, ours }
-        })
+        .map(|(path, _)| path)
+        .filter(no_file)
         .collect();
+    remove.extend(ledger.files.keys().filter(|p| no_file(p)).cloned());
+    let remove = remove.into_iter().map(|path| Removal { path }).collect();
     remove_dirs.sort_by_key(|d| std::cmp::Reverse(d.len()));
     Plan {
         fetch,
@@ -153,7 +159,7 @@ mod tests {
     fn file(start: u64, count: u64, tag: u8) -> FileInfo {
         FileInfo {
             size: count * crate::drive::record::BLOCK_SIZE as u64,
-            executable: false,
+            mode: 0o644,
             mtime_secs: i64::from(tag),
             mtime_nanos: 0,
             hash: [tag; 32],
@@ -189,7 +195,14 @@ mod tests {
         let a = file(0, 3, 1);
         let prev = map(&[("a", Entry::File(a.clone()))]);
         let next = map(&[("b", Entry::File(a.clone()))]);
-        let p = plan(&prev, &next, &in_place(&prev), u64::MAX, |b| b < 3);
+        let p = plan(
+            &prev,
+            &next,
+            &Ledger::default(),
+            &in_place(&prev),
+            u64::MAX,
+            |b| b < 3,
+        );
         assert_eq!(
             p.fetch,
             vec![Fetch {
@@ -198,13 +211,7 @@ mod tests {
                 reuse: vec![0, 1, 2]
             }]
         );
-        assert_eq!(
-            p.remove,
-            vec![Removal {
-                path: "a".into(),
-                ours: vec![a.clone(), a]
-            }]
-        );
+        assert_eq!(p.remove, vec![Removal { path: "a".into() }]);
     }
 
     #[test]
@@ -214,7 +221,14 @@ mod tests {
         let b2 = file(3, 1, 3);
         let prev = map(&[("a", Entry::File(a.clone())), ("b", Entry::File(b))]);
         let next = map(&[("a", Entry::File(a)), ("b", Entry::File(b2.clone()))]);
-        let p = plan(&prev, &next, &in_place(&prev), u64::MAX, |b| b < 3);
+        let p = plan(
+            &prev,
+            &next,
+            &Ledger::default(),
+            &in_place(&prev),
+            u64::MAX,
+            |b| b < 3,
+        );
         assert_eq!(
             p.fetch,
             vec![Fetch {
@@ -234,7 +248,21 @@ mod tests {
             ("d/e/f", Entry::Dir),
         ]);
         let next = map(&[("x", Entry::Dir), ("x/y", Entry::Dir)]);
-        let p = plan(&prev, &next, &BTreeMap::new(), u64::MAX, |_| false);
+        // Only directories this reader made go.
+        let p = plan(
+            &prev,
+            &next,
+            &Ledger::default(),
+            &BTreeMap::new(),
+            u64::MAX,
+            |_| false,
+        );
+        assert!(p.remove_dirs.is_empty(), "not made here: left alone");
+        let made = Ledger {
+            dirs: ["d", "d/e", "d/e/f", "x"].map(String::from).into(),
+            ..Ledger::default()
+        };
+        let p = plan(&prev, &next, &made, &BTreeMap::new(), u64::MAX, |_| false);
         assert_eq!(p.remove_dirs, vec!["d/e/f", "d/e", "d"]);
         assert_eq!(p.make_dirs, vec!["x", "x/y"]);
     }
@@ -251,17 +279,15 @@ mod tests {
                 in_place: false,
             },
         )]);
-        let p = plan(&BTreeMap::new(), &BTreeMap::new(), &local, u64::MAX, |_| {
-            true
-        });
-        assert_eq!(
-            p.remove,
-            vec![Removal {
-                path: "m".into(),
-                ours: vec![mid]
-            }],
-            "a pending file is not taken as ours to delete twice"
+        let p = plan(
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &Ledger::default(),
+            &local,
+            u64::MAX,
+            |_| true,
         );
+        assert_eq!(p.remove, vec![Removal { path: "m".into() }]);
         assert!(p.fetch.is_empty());
     }
 
@@ -276,7 +302,14 @@ mod tests {
                 in_place: false,
             },
         )]);
-        let p = plan(&BTreeMap::new(), &next, &local, u64::MAX, |_| false);
+        let p = plan(
+            &BTreeMap::new(),
+            &next,
+            &Ledger::default(),
+            &local,
+            u64::MAX,
+            |_| false,
+        );
         assert_eq!(p, Plan::default());
     }
 
@@ -286,11 +319,25 @@ mod tests {
         let far = file((1 << 48) - 1, 1, 1);
         let near = file(0, 2, 2);
         let next = map(&[("far", Entry::File(far)), ("near", Entry::File(near))]);
-        let p = plan(&BTreeMap::new(), &next, &BTreeMap::new(), 4, |_| false);
+        let p = plan(
+            &BTreeMap::new(),
+            &next,
+            &Ledger::default(),
+            &BTreeMap::new(),
+            4,
+            |_| false,
+        );
         assert_eq!(p.waiting, vec![("far".to_string(), (1 << 48) - 1)]);
         assert_eq!(p.fetch.len(), 1);
         assert_eq!(p.fetch[0].path, "near");
-        let p = plan(&BTreeMap::new(), &next, &BTreeMap::new(), 1, |_| false);
+        let p = plan(
+            &BTreeMap::new(),
+            &next,
+            &Ledger::default(),
+            &BTreeMap::new(),
+            1,
+            |_| false,
+        );
         assert_eq!(p.waiting.len(), 2, "near reaches block 1 of a feed 1 long");
     }
 
@@ -300,9 +347,65 @@ mod tests {
         f.extents = vec![Extent { start: 4, count: 1 }, Extent { start: 4, count: 1 }];
         f.size *= 2;
         let next = map(&[("z", Entry::File(f))]);
-        let p = plan(&BTreeMap::new(), &next, &BTreeMap::new(), u64::MAX, |_| {
-            true
-        });
+        let p = plan(
+            &BTreeMap::new(),
+            &next,
+            &Ledger::default(),
+            &BTreeMap::new(),
+            u64::MAX,
+            |_| true,
+        );
         assert_eq!(p.fetch[0].reuse, vec![4]);
+    }
+}
+
+#[cfg(test)]
+mod ledger_tests {
+    use super::*;
+    use crate::drive::ledger::Written;
+
+    fn written(tag: u8) -> Written {
+        Written {
+            size: 1,
+            mtime: (i64::from(tag), 0),
+            ctime: (0, 0),
+            mode: 0o644,
+            ino: u64::from(tag),
+            dev: 1,
+            hash: [tag; 32],
+        }
+    }
+
+    #[test]
+    fn what_this_reader_wrote_is_removed_whatever_versions_it_skipped() {
+        // Published at version N (the folder's version stayed older: nothing in `previous`),
+        // changed by the writer at N+2 (never seen here), removed at N+3: the target has
+        // nothing there, and the ledger says this reader wrote it.
+        let ledger = Ledger {
+            files: [("f".to_string(), written(1))].into(),
+            dirs: ["d".to_string()].into(),
+            ..Ledger::default()
+        };
+        let p = plan(
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &ledger,
+            &BTreeMap::new(),
+            u64::MAX,
+            |_| false,
+        );
+        assert_eq!(p.remove, vec![Removal { path: "f".into() }]);
+        assert_eq!(p.remove_dirs, vec!["d"]);
+        // Still a file in the target: replaced by publishing, not removed.
+        let target = BTreeMap::from([("f".to_string(), crate::drive::record::test_file(1))]);
+        let p = plan(
+            &BTreeMap::new(),
+            &target,
+            &ledger,
+            &BTreeMap::new(),
+            u64::MAX,
+            |_| false,
+        );
+        assert!(p.remove.is_empty());
     }
 }

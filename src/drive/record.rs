@@ -9,7 +9,9 @@
 //! Variants are only ever added at the end of [`Record`] (postcard encodes the variant index,
 //! so the indices of those before never change). [`Record::Time`] (index 3) was added after
 //! the first release: versions written before carry no time, and a reader built before it
-//! refuses versions that carry one.
+//! refuses versions that carry one. [`FileInfo::mode`] replaced a one-byte `executable` flag
+//! (#11: a private `0600` file arrived world-readable): a drive written before decodes with
+//! mode 0 or 1 and must be shared again from a current writer.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -85,8 +87,9 @@ pub enum Entry {
 pub struct FileInfo {
     /// Length in bytes.
     pub size: u64,
-    /// Owner-executable bit.
-    pub executable: bool,
+    /// The writer's permission bits (`0o777` at most: no set-id or sticky bit ever crosses);
+    /// a reader applies them less its umask.
+    pub mode: u32,
     /// Modification time: seconds since the epoch.
     pub mtime_secs: i64,
     /// Modification time: nanoseconds.
@@ -117,9 +120,13 @@ impl FileInfo {
         self.extents.iter().flat_map(|e| e.start..e.start + e.count)
     }
 
-    /// Checks that the extents describe exactly `size` bytes and stay within sane bounds, and
-    /// that the modification time is one a file system can hold.
+    /// Checks that the extents describe exactly `size` bytes and stay within sane bounds, that
+    /// the modification time is one a file system can hold, and that the mode holds permission
+    /// bits only.
     pub fn check(&self) -> Result<(), RecordError> {
+        if self.mode & !0o777 != 0 {
+            return Err(RecordError::BadMode(self.mode));
+        }
         if self.mtime_nanos >= 1_000_000_000
             || self.mtime_secs.unsigned_abs() > MAX_MTIME_SECS as u64
         {
@@ -195,6 +202,9 @@ pub enum RecordError {
         /// The file that is one of its parents.
         file: String,
     },
+    /// A mode with bits beyond `0o777` (set-user-id, set-group-id, sticky, file type).
+    #[error("a file mode of {0:#o} has bits beyond the permission bits 0o777")]
+    BadMode(u32),
     /// The version would take the folder over one of its [`Limits`].
     #[error("{what} {value} is over the limit of {limit}")]
     Limit {
@@ -300,7 +310,7 @@ pub fn decode(index: u64, block: &[u8]) -> Result<Vec<Record>, RecordError> {
 pub(crate) fn test_file(size: u64) -> Entry {
     Entry::File(FileInfo {
         size,
-        executable: false,
+        mode: 0o644,
         mtime_secs: 0,
         mtime_nanos: 0,
         hash: [0; 32],
@@ -375,6 +385,29 @@ mod tests {
         };
         (f.mtime_secs, f.mtime_nanos) = (-1_700_000_000, 999_999_999);
         f.check().unwrap();
+    }
+
+    #[test]
+    fn modes_beyond_the_permission_bits_are_refused_at_decode() {
+        for mode in [0o4755, 0o2755, 0o1777, 0o100644, u32::MAX] {
+            let Entry::File(mut f) = file(0) else {
+                unreachable!()
+            };
+            f.mode = mode;
+            assert_eq!(f.check(), Err(RecordError::BadMode(mode)));
+            let block = encode(&[Record::Put {
+                path: "x".into(),
+                entry: Entry::File(f),
+            }]);
+            assert!(decode(1, &block).is_err(), "{mode:o} accepted");
+        }
+        for mode in [0, 0o600, 0o750, 0o777] {
+            let Entry::File(mut f) = file(0) else {
+                unreachable!()
+            };
+            f.mode = mode;
+            f.check().unwrap();
+        }
     }
 
     #[test]

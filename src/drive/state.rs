@@ -252,7 +252,7 @@ mod tests {
         let mut s = State::default();
         let file = Entry::File(FileInfo {
             size: 0,
-            executable: false,
+            mode: 0o644,
             mtime_secs: 0,
             mtime_nanos: 0,
             hash: [0; 32],

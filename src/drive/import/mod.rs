@@ -267,13 +267,13 @@ impl Importer {
                 },
                 Some(meta) if meta.kind == Kind::File => {
                     let (secs, nanos) = stamp_time(meta.mtime);
-                    let executable = meta.mode & 0o100 != 0;
+                    let mode = meta.mode & 0o777;
                     match state.entries.get(&rel) {
                         Some(Entry::File(f))
                             if f.size == meta.len
                                 && f.mtime_secs == secs
                                 && f.mtime_nanos == nanos
-                                && f.executable == executable
+                                && f.mode == mode
                                 && !self.forced.contains(&rel) =>
                         {
                             continue;

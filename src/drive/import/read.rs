@@ -144,7 +144,7 @@ impl Importer {
         let (mtime_secs, mtime_nanos) = stamp_time(before.mtime);
         Ok(Some(FileInfo {
             size,
-            executable: before.mode & 0o100 != 0,
+            mode: before.mode & 0o777,
             mtime_secs,
             mtime_nanos,
             hash: *whole.finalize().as_bytes(),

@@ -277,12 +277,12 @@ impl Importer {
             }
         };
         let (secs, nanos) = stamp_time(meta.mtime);
-        let executable = meta.mode & 0o100 != 0;
+        let mode = meta.mode & 0o777;
         if let Some(Entry::File(f)) = w.state.entries.get(&path)
             && f.size == meta.len
             && f.mtime_secs == secs
             && f.mtime_nanos == nanos
-            && f.executable == executable
+            && f.mode == mode
             && !self.forced.contains(&path)
         {
             w.seen.insert(path);

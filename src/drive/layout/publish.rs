@@ -59,7 +59,7 @@ impl Layout {
         {
             // The handle the blocks were written through (created here for an empty file).
             let f = self.handle(id, true, true).map_err(io_err)?;
-            let mode = if info.executable { 0o755 } else { 0o644 };
+            let mode = crate::drive::perms::file_mode(info.mode);
             f.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(io_err)?;
             f.set_modified(mtime(&info)).map_err(io_err)?;

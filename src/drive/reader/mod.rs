@@ -4,24 +4,32 @@
 //! publish each file when complete.
 //!
 //! Order of an update: new files become pending and reuse local blocks *before* removed files
-//! are deleted (so a rename reuses the old file's bytes), then removals (only of files that
-//! still look as we wrote them), then directories, then publishes. After a batch of
-//! publishes, one `syncfs`, then the version reached is recorded in `.feedsync/applied`.
+//! are deleted (so a rename reuses the old file's bytes), then removals, then directories, then
+//! publishes. After a batch of publishes, one `syncfs`, then the reader's [`Ledger`] (what it
+//! wrote, and the version reached) is rewritten in `.feedsync/ledger`.
+//!
+//! Whatever replaces or deletes something on disk asks [`guard`] first, which answers from the
+//! ledger alone: a file this reader did not write, or that changed since it wrote it, is never
+//! overwritten (it becomes a conflict copy) nor deleted (it is kept and reported). A local file
+//! already identical (size and whole-file hash) to one to fetch is taken as is.
 
 use crate::core::Feed;
-use crate::core::bitfield::Bitfield;
-use crate::core::replicator::{Event, FeedId, Replicator};
+use crate::core::replicator::{Event, Replicator};
 use crate::drive::app::Base;
 use crate::drive::event::{Counts, DriveEvent, DriveProblem};
+use crate::drive::guard::{self, Cleared, Removed};
 use crate::drive::layout::{self, FolderBlocks, PublishError};
+use crate::drive::ledger::{Intent, Journal, Ledger};
+use crate::drive::log;
 use crate::drive::reconcile::{self, Local};
 use crate::drive::record::{self, BLOCK_SIZE, Entry, State};
-use crate::drive::{import, log};
 use crate::storage::DiskStorage;
+use fetch::{drop_stale_pending, fill_from_local, update_want};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io;
 use std::time::{Duration, Instant};
+
+mod fetch;
 
 /// See the module docs.
 pub(super) struct Reader {
@@ -37,6 +45,14 @@ pub(super) struct Reader {
     /// block it lacks, since when): such files are reconciled again when the content feed
     /// grows.
     waiting: Option<(String, u64, Instant)>,
+    /// What this reader wrote (see [`crate::drive::ledger`]); loaded at start.
+    ledger: Ledger,
+    /// The ledger changed since it was last written.
+    ledger_dirty: bool,
+    /// Intents noted since the ledger was last written (opened at start).
+    journal: Option<Journal>,
+    /// When the ledger was last written.
+    ledger_saved: Option<Instant>,
 }
 
 impl Reader {
@@ -46,6 +62,10 @@ impl Reader {
             complete_at: None,
             over_budget: false,
             waiting: None,
+            ledger: Ledger::default(),
+            ledger_dirty: false,
+            journal: None,
+            ledger_saved: None,
         }
     }
 
@@ -55,6 +75,25 @@ impl Reader {
     }
 
     pub fn start(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        self.ledger = match Ledger::load(&b.state_dir) {
+            Ok(l) => l,
+            Err(e) => {
+                // Nothing counts as ours then: files are kept or moved aside, never lost.
+                b.problem(DriveProblem::io(&b.state_dir, &e));
+                Ledger::default()
+            }
+        };
+        // What a killed run was about to write and did.
+        self.ledger.replay(&b.root, Journal::read(&b.state_dir));
+        self.journal = Some(Journal::new(&b.state_dir));
+        let orphans = guard::check_in_place(b, &mut self.ledger, &self.previous);
+        if let Some(c) = b.content {
+            for x in orphans {
+                let _ = r.forget(c, x..x + 1);
+            }
+        }
+        self.ledger_dirty = true;
+        b.stats.on_disk = self.ledger.on_disk.clone();
         // Metadata held from an earlier run: bring the folder up to it.
         if let Some(c) = b.content {
             r.set_ordered(c, true);
@@ -167,6 +206,7 @@ impl Reader {
 
     pub fn shutdown(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         self.publish_ready(b, r);
+        self.ledger_saved = None; // written now, settled or not
         self.make_durable(b, r);
         // `--once` stops as soon as the loop sees the job done, maybe before a tick said so.
         self.report_complete(b, r);
@@ -184,12 +224,18 @@ impl Reader {
             let block = match feed.get(i) {
                 Ok(block) => block,
                 Err(e) => {
+                    // Damaged on disk (it was verified when stored): given up, so the
+                    // replicator fetches it again, and applied when it comes back.
+                    let forgot = r.forget(b.meta, i..i + 1);
                     b.problem(DriveProblem::Storage {
                         folder: b.root.clone(),
                         what: format!("reading version {}", i + 1),
-                        error: e.to_string(),
+                        error: match forgot {
+                            Ok(()) => format!("{e}; fetching it again"),
+                            Err(f) => format!("{e}; cannot give it up either: {f}"),
+                        },
                     });
-                    return;
+                    break;
                 }
             };
             let checked = match record::decode(i, &block) {
@@ -274,6 +320,7 @@ impl Reader {
             reconcile::plan(
                 &self.previous.entries,
                 &b.state.entries,
+                &self.ledger,
                 &local,
                 content_len,
                 |x| held.get(x),
@@ -302,7 +349,18 @@ impl Reader {
         for (path, _) in &plan.waiting {
             drop_stale_pending(b, path, &mut orphans);
         }
+        self.ledger_dirty = true;
         for f in plan.fetch {
+            if guard::in_place(&b.root, &mut self.ledger, &f.path, &f.info) {
+                // Already here, byte for byte (an adopted folder, a restart after a kill):
+                // taken as is, neither fetched nor rewritten.
+                let mut l = layout::lock(&b.layout);
+                if let Some(old) = l.slot_at(&f.path) {
+                    orphans.extend(l.remove(old));
+                }
+                l.add_live(f.path, f.info);
+                continue;
+            }
             let blocks = f.info.blocks();
             if blocks > budget && layout::lock(&b.layout).pending_count() > 0 {
                 self.over_budget = true;
@@ -313,42 +371,46 @@ impl Reader {
             let id = layout::lock(&b.layout).add_pending(f.path, f.info);
             fill_from_local(b, r, content, id, &f.reuse);
         }
-        // 2. Removals: only what we put there.
-        {
-            let mut l = layout::lock(&b.layout);
-            for rm in &plan.remove {
+        // 2. Removals: only what this reader wrote and nobody changed since.
+        for rm in &plan.remove {
+            {
+                let mut l = layout::lock(&b.layout);
                 if let Some(id) = l.slot_at(&rm.path) {
                     orphans.extend(l.remove(id));
                 }
-                let p = b.root.join(&rm.path);
-                if let Ok(m) = fs::symlink_metadata(&p)
-                    && m.is_file()
-                    && rm.ours.iter().any(|info| {
-                        m.len() == info.size
-                            && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
-                    })
-                {
-                    let _ = fs::remove_file(&p);
-                }
+            }
+            match guard::remove(&b.root, &mut self.ledger, &rm.path) {
+                Ok(Removed::Gone) => {}
+                Ok(Removed::Kept) => b.problem(DriveProblem::KeptLocal {
+                    folder: b.root.clone(),
+                    path: rm.path.clone(),
+                }),
+                Err(e) => b.problem(DriveProblem::io(&b.root.join(&rm.path), &e)),
             }
         }
         for d in &plan.remove_dirs {
-            let _ = fs::remove_dir(b.root.join(d)); // only if empty
+            guard::remove_dir(&b.root, &mut self.ledger, d);
         }
         // 3. Directories.
         for d in &plan.make_dirs {
-            match layout::safe_target(&b.root, d) {
-                Ok(p) => {
-                    if !p.is_dir()
-                        && let Err(e) = fs::create_dir(&p)
-                        && e.kind() != io::ErrorKind::AlreadyExists
-                    {
-                        b.problem(DriveProblem::io(&p, &e));
-                    }
+            let p = match layout::safe_target(&b.root, d) {
+                Ok(p) => p,
+                Err(e) => {
+                    b.problem(publish_problem(b, e));
+                    continue;
                 }
-                Err(e) => b.problem(publish_problem(b, e)),
+            };
+            if !p.is_dir() {
+                self.note(b, Intent::Dir { path: d.clone() });
+            }
+            match guard::make_dir(&b.root, &mut self.ledger, d, &p) {
+                Ok(cleared) => conflict_reported(b, d, cleared),
+                Err(e) => b.problem(DriveProblem::io(&p, &e)),
             }
         }
+        b.stats.on_disk = self.ledger.on_disk.clone();
+        // The ledger changed: written with the next durable point.
+        b.dirty_since.get_or_insert_with(Instant::now);
         if !orphans.is_empty() {
             let l = layout::lock(&b.layout);
             let orphans: Vec<u64> = orphans.into_iter().filter(|x| !l.is_owned(*x)).collect();
@@ -369,22 +431,60 @@ impl Reader {
         }
         let mut problems = Vec::new();
         let mut orphans = Vec::new();
+        let mut moved = Vec::new();
+        let mut journal_error = None;
         for id in ready {
+            let Some((path, info)) = l.slot(id).map(|s| (s.path.clone(), s.info.clone())) else {
+                continue;
+            };
+            // Nothing is renamed over a file this reader did not write.
+            match guard::clear(&b.root, &mut self.ledger, &path, Some(&info)) {
+                Ok(cleared) => moved.push((path.clone(), cleared)),
+                Err(error) => {
+                    let why = format!("cannot move the local file aside: {error}");
+                    self.ledger.on_disk.unpublished(&path, why);
+                    problems.push(PublishError::Io { path, error });
+                    continue;
+                }
+            }
+            let intent = Intent::File {
+                path: path.clone(),
+                hash: info.hash,
+            };
+            if let Some(Err(e)) = self.journal.as_mut().map(|j| j.note(&intent)) {
+                journal_error = Some(e);
+            }
             match l.publish(id) {
-                Ok(o) => orphans.extend(o),
+                Ok(o) => {
+                    orphans.extend(o);
+                    if let Ok(m) = fs::symlink_metadata(b.root.join(&path)) {
+                        self.ledger.wrote(&path, &m, info.hash);
+                    }
+                }
                 Err(PublishError::Gone | PublishError::Incomplete) => {}
                 Err(e @ PublishError::HashMismatch(_)) => {
                     problems.push(e);
                     l.reset_pending(id);
                 }
-                Err(e) => problems.push(e),
+                Err(e) => {
+                    self.ledger.on_disk.unpublished(&path, e.to_string());
+                    problems.push(e);
+                }
             }
         }
         drop(l);
+        self.ledger_dirty = true;
+        if let Some(e) = journal_error {
+            b.problem(DriveProblem::io(&b.state_dir, &e));
+        }
+        for (path, cleared) in moved {
+            conflict_reported(b, &path, cleared);
+        }
         for e in problems {
             let p = publish_problem(b, e);
             b.problem(p);
         }
+        b.stats.on_disk = self.ledger.on_disk.clone();
         if let Some(content) = b.content {
             for x in orphans {
                 let _ = r.forget(content, x..x + 1);
@@ -399,15 +499,58 @@ impl Reader {
         b.sync_folder();
         if settled(b) && !self.deferred() && r.feed(b.meta).len() == b.state.version {
             self.previous = b.state.clone();
-            let path = b.state_dir.join("applied");
-            if let Err(e) =
-                crate::util::write_atomic(&path, self.previous.version.to_string().as_bytes())
-            {
-                b.problem(DriveProblem::io(&path, &e));
+            if self.ledger.applied != self.previous.version {
+                self.ledger.applied = self.previous.version;
+                self.ledger_dirty = true;
+            }
+        }
+        // While files still arrive the ledger is rewritten at most every LEDGER_EVERY (the
+        // journal covers a kill in between); once settled, at once.
+        let due = settled(b)
+            || self
+                .ledger_saved
+                .is_none_or(|t| t.elapsed() >= LEDGER_EVERY);
+        if self.ledger_dirty && due {
+            self.ledger_saved = Some(Instant::now());
+            // After the sync above: no entry is durable before the file it describes.
+            self.ledger.on_disk.prune(&b.root);
+            b.stats.on_disk = self.ledger.on_disk.clone();
+            match self.ledger.save(&b.state_dir) {
+                Ok(()) => {
+                    self.ledger_dirty = false;
+                    if let Some(Err(e)) = self.journal.as_mut().map(Journal::clear) {
+                        b.problem(DriveProblem::io(&b.state_dir, &e));
+                    }
+                }
+                Err(e) => b.problem(DriveProblem::io(&b.state_dir.join("ledger"), &e)),
             }
         }
     }
 }
+
+impl Reader {
+    /// Notes in the journal what is about to be written (see [`crate::drive::ledger`]).
+    fn note(&mut self, b: &mut Base, intent: Intent) {
+        if let Some(Err(e)) = self.journal.as_mut().map(|j| j.note(&intent)) {
+            b.problem(DriveProblem::io(&b.state_dir, &e));
+        }
+    }
+}
+
+/// Reports a local file moved aside to a conflict copy.
+fn conflict_reported(b: &mut Base, path: &str, cleared: Cleared) {
+    if let Cleared::MovedAside(copy) = cleared {
+        b.problem(DriveProblem::Conflict {
+            folder: b.root.clone(),
+            path: path.to_string(),
+            copy,
+        });
+    }
+}
+
+/// While files still arrive, the ledger is rewritten at most this often: a bulk clone of many
+/// small files would otherwise rewrite it (all of it) every 200 ms.
+const LEDGER_EVERY: Duration = Duration::from_secs(2);
 
 /// How long a file waits for content the writer has not signed before that is reported.
 const WAIT_REPORT: Duration = Duration::from_secs(3);
@@ -430,17 +573,6 @@ fn content_key_free(
         }
     }
     Ok(())
-}
-
-/// A file of an older version still being fetched at `path`, when the newest version's file
-/// there is not taken on yet: it is no longer wanted.
-fn drop_stale_pending(b: &Base, path: &str, orphans: &mut BTreeSet<u64>) {
-    let mut l = layout::lock(&b.layout);
-    if let Some(id) = l.slot_at(path)
-        && l.slot(id).is_some_and(|s| s.pending.is_some())
-    {
-        orphans.extend(l.remove(id));
-    }
 }
 
 /// No file pending.
@@ -466,77 +598,4 @@ fn publish_problem(b: &Base, e: PublishError) -> DriveProblem {
             error: e.to_string(),
         },
     }
-}
-
-/// Copies into pending slot `id` the blocks of `reuse` (held by this node), checking each
-/// against its verified leaf hash: first the slot's own temporary file (a restart's work),
-/// then any other file holding it.
-fn fill_from_local(
-    b: &mut Base,
-    r: &mut Replicator<DiskStorage>,
-    content: FeedId,
-    id: u32,
-    reuse: &[u64],
-) {
-    let mut buf = vec![0u8; BLOCK_SIZE];
-    for &x in reuse {
-        if !r.feed(content).has(x) {
-            continue; // given up meanwhile (found changed while filling another file)
-        }
-        let Ok(leaf) = r.feed_mut(content).leaf_hash(x) else {
-            continue;
-        };
-        let Ok((_, size)) = r.feed_mut(content).block_span(x) else {
-            continue;
-        };
-        let buf = &mut buf[..size as usize];
-        let mut l = layout::lock(&b.layout);
-        if l.read_pending(id, x, buf).is_ok() && crate::core::crypto::leaf_hash(buf) == leaf {
-            // Found at its first position; written again at every position (a kill may have
-            // come between them).
-            let written = l.write_pending(id, x, buf);
-            let temp = l
-                .slot(id)
-                .and_then(|s| s.pending.as_ref())
-                .map(|p| p.temp.clone());
-            drop(l);
-            if let Err(e) = written {
-                b.problem(DriveProblem::io(&temp.unwrap_or_default(), &e));
-            }
-            continue;
-        }
-        drop(l);
-        match r.feed_mut(content).get(x) {
-            Ok(data) => {
-                let mut fb = FolderBlocks(b.layout.clone());
-                if let Err(e) = crate::storage::BlockData::write(&mut fb, x, &data) {
-                    b.problem(DriveProblem::io(&b.root, &e));
-                }
-            }
-            Err(_) => {
-                // Held on paper, gone in fact (a file changed here): fetch it again.
-                let _ = r.forget(content, x..x + 1);
-            }
-        }
-    }
-}
-
-/// Downloads exactly the blocks pending files still need. The set is dense (one bit per
-/// block up to the highest wanted), so it is built only within the content feed's verified
-/// length: pending files never reach past it (see `reconcile`), and this keeps it so.
-fn update_want(b: &Base, r: &mut Replicator<DiskStorage>) {
-    let Some(content) = b.content else { return };
-    let len = r.feed(content).len();
-    let mut want = Bitfield::new();
-    {
-        let l = layout::lock(&b.layout);
-        for (id, s) in l.slots() {
-            if s.pending.is_some() {
-                for x in l.pending_wants(id) {
-                    want.set_range(x.start.min(len)..x.end.min(len), true);
-                }
-            }
-        }
-    }
-    r.set_want(content, Some(want));
 }

@@ -1,0 +1,164 @@
+//! Conflict copies: a local file that is in the way of the writer's version is renamed aside,
+//! never overwritten, under the name Syncthing users already know:
+//! `NAME.sync-conflict-YYYYMMDD-HHMMSS.EXT` (UTC; the extension stays last so the copy still
+//! opens with the same program; a name without extension gets none, and a leading dot is not
+//! an extension). If that name is taken, `-1`, `-2`, ... is added after the time. The rename
+//! refuses to replace anything (`RENAME_NOREPLACE`, or a hard link where the file system lacks
+//! it), so a conflict copy never destroys another file either.
+
+use std::io;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Attempts at a free name before giving up.
+const MAX_TRIES: u32 = 1000;
+
+/// The conflict copy's file name for `name` at `at`; `n > 0` picks the n-th alternative.
+pub fn conflict_name(name: &str, at: SystemTime, n: u32) -> String {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 && i + 1 < name.len() => (&name[..i], Some(&name[i + 1..])),
+        _ => (name, None),
+    };
+    let secs = at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
+    let t = secs.rem_euclid(86_400);
+    let mut out = format!(
+        "{stem}.sync-conflict-{y:04}{mo:02}{d:02}-{:02}{:02}{:02}",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    );
+    if n > 0 {
+        out.push_str(&format!("-{n}"));
+    }
+    if let Some(ext) = ext {
+        out.push('.');
+        out.push_str(ext);
+    }
+    out
+}
+
+/// Renames the entry at `root/rel` (a file or a symlink, never followed) to a fresh conflict
+/// name beside it; returns the copy's path relative to `root`.
+pub fn move_aside(root: &Path, rel: &str, at: SystemTime) -> io::Result<String> {
+    let (dir, name) = match rel.rsplit_once('/') {
+        Some((d, n)) => (Some(d), n),
+        None => (None, rel),
+    };
+    let from = root.join(rel);
+    for n in 0..MAX_TRIES {
+        let copy_name = conflict_name(name, at, n);
+        let copy = match dir {
+            Some(d) => format!("{d}/{copy_name}"),
+            None => copy_name,
+        };
+        match rename_noreplace(&from, &root.join(&copy)) {
+            Ok(()) => return Ok(copy),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("no free conflict name for {rel} after {MAX_TRIES} tries"),
+    ))
+}
+
+/// `rename(from, to)` that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            // No RENAME_NOREPLACE here: a hard link cannot replace either; then the old name
+            // goes. A kill in between leaves both names, never neither.
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// (year, month, day) of the day `days` after 1970-01-01 in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn names_keep_the_extension_last() {
+        // 2026-12-02 10:50:07 UTC.
+        let t = at(1_796_208_607);
+        assert_eq!(
+            conflict_name("report.pdf", t, 0),
+            "report.sync-conflict-20261202-105007.pdf"
+        );
+        assert_eq!(
+            conflict_name("a.tar.gz", t, 0),
+            "a.tar.sync-conflict-20261202-105007.gz"
+        );
+        assert_eq!(
+            conflict_name("Makefile", t, 0),
+            "Makefile.sync-conflict-20261202-105007"
+        );
+        assert_eq!(
+            conflict_name(".bashrc", t, 0),
+            ".bashrc.sync-conflict-20261202-105007"
+        );
+        assert_eq!(
+            conflict_name("x.", t, 2),
+            "x..sync-conflict-20261202-105007-2"
+        );
+        assert_eq!(
+            conflict_name("e", at(0), 0),
+            "e.sync-conflict-19700101-000000"
+        );
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+
+    #[test]
+    fn moving_aside_never_replaces_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/f.txt"), b"mine").unwrap();
+        let t = at(1_796_208_607);
+        // The first name is taken already.
+        let taken = root.join("d").join(conflict_name("f.txt", t, 0));
+        std::fs::write(&taken, b"older copy").unwrap();
+        let copy = move_aside(root, "d/f.txt", t).unwrap();
+        assert_eq!(copy, format!("d/{}", conflict_name("f.txt", t, 1)));
+        assert_eq!(std::fs::read(root.join(&copy)).unwrap(), b"mine");
+        assert_eq!(std::fs::read(&taken).unwrap(), b"older copy");
+        assert!(!root.join("d/f.txt").exists());
+        // A symlink is moved as a link, not followed.
+        std::os::unix::fs::symlink("/etc/hostname", root.join("l")).unwrap();
+        let copy = move_aside(root, "l", t).unwrap();
+        assert!(
+            std::fs::symlink_metadata(root.join(copy))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! The reader's guard over the user's own files: every step that would replace or delete
+//! something on disk asks here first, and the answer comes from the reader's [`Ledger`] (what
+//! it wrote), never from the drive's versions.
+//!
+//! - Replacing (publishing a file, making a directory where a file is): the file in the way is
+//!   replaced only if this reader wrote it and nobody changed it since, or if it already holds
+//!   exactly the bytes to publish. Anything else is renamed to a conflict copy first
+//!   ([`conflict::move_aside`]), and reported.
+//! - Removing (the writer removed a path): the file goes only if it is ours and unchanged;
+//!   otherwise it stays in place, is no longer synced, and is reported as kept.
+//! - Directories: only those this reader made are removed, and only when empty.
+//!
+//! Races with a user writing to the same file in the instant between the check and the rename
+//! remain possible; closing them needs the directory-descriptor IO of the publish path.
+
+use crate::drive::app::Base;
+use crate::drive::conflict;
+use crate::drive::layout::{self, SlotId};
+use crate::drive::ledger::{self, Ledger};
+use crate::drive::record::{Entry, FileInfo, State};
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::SystemTime;
+
+/// What was in the way of a path to write.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cleared {
+    /// Nothing, or a file this reader wrote (unchanged), or the very bytes to write.
+    Free,
+    /// A local file, now at this conflict copy (relative to the folder).
+    MovedAside(String),
+}
+
+/// Makes `root/path` free for the file `info` (`None`: for a directory): see the module docs.
+/// A directory in the way is left to the caller (an empty one is replaced, a full one is not).
+pub fn clear(
+    root: &Path,
+    ledger: &mut Ledger,
+    path: &str,
+    info: Option<&FileInfo>,
+) -> io::Result<Cleared> {
+    let target = root.join(path);
+    let m = match fs::symlink_metadata(&target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            ledger.files.remove(path);
+            return Ok(Cleared::Free);
+        }
+        Err(e) => return Err(e),
+    };
+    if m.is_dir() {
+        return Ok(Cleared::Free);
+    }
+    if ledger.is_ours(root, path, &m) || info.is_some_and(|i| ledger::identical(&target, &m, i)) {
+        return Ok(Cleared::Free);
+    }
+    let copy = conflict::move_aside(root, path, SystemTime::now())?;
+    ledger.files.remove(path);
+    ledger.on_disk.conflict(path, &copy);
+    Ok(Cleared::MovedAside(copy))
+}
+
+/// What became of a file the writer removed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Removed {
+    /// Deleted (ours, unchanged), or not there at all.
+    Gone,
+    /// Not ours (made here, or changed since this reader wrote it): left in place.
+    Kept,
+}
+
+/// Removes `root/path` if this reader wrote it and nobody changed it since.
+pub fn remove(root: &Path, ledger: &mut Ledger, path: &str) -> io::Result<Removed> {
+    let target = root.join(path);
+    let result = match fs::symlink_metadata(&target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Removed::Gone),
+        Err(e) => Err(e),
+        // A directory there now is not the file the writer removed.
+        Ok(m) if m.is_dir() => Ok(Removed::Gone),
+        Ok(m) if ledger.is_ours(root, path, &m) => match fs::remove_file(&target) {
+            Ok(()) => Ok(Removed::Gone),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Removed::Gone),
+            Err(e) => return Err(e),
+        },
+        Ok(_) => {
+            ledger.on_disk.keep(path);
+            Ok(Removed::Kept)
+        }
+    };
+    ledger.files.remove(path);
+    result
+}
+
+/// Removes the directory `root/dir` if this reader made it and it is empty; it stays in the
+/// ledger while something (a kept file) is in it, to go once that is gone.
+pub fn remove_dir(root: &Path, ledger: &mut Ledger, dir: &str) {
+    if !ledger.dirs.contains(dir) {
+        return;
+    }
+    match fs::remove_dir(root.join(dir)) {
+        Ok(()) => {
+            ledger.dirs.remove(dir);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            ledger.dirs.remove(dir);
+        }
+        Err(_) => {} // not empty (or not a directory any more): left alone
+    }
+}
+
+/// Makes the directory `target` (`root/dir`, its parents already safe), moving a local file in
+/// the way aside first; recorded as made here only if this call made it.
+pub fn make_dir(root: &Path, ledger: &mut Ledger, dir: &str, target: &Path) -> io::Result<Cleared> {
+    if fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
+        return Ok(Cleared::Free);
+    }
+    let cleared = match fs::symlink_metadata(target) {
+        Ok(m) if ledger.is_ours(root, dir, &m) => {
+            // A file this reader wrote where the writer now has a directory.
+            fs::remove_file(target)?;
+            ledger.files.remove(dir);
+            Cleared::Free
+        }
+        _ => clear(root, ledger, dir, None)?,
+    };
+    match fs::create_dir(target) {
+        Ok(()) => {
+            ledger.dirs.insert(dir.to_string());
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    Ok(cleared)
+}
+
+/// At start, the layout took files in place by size and mtime (`Drive::into_app`). Only those
+/// this reader wrote (unchanged, with this content) or that hash to their record stay in place;
+/// the others are fetched again (and the local file is moved aside when the fetched one is
+/// published). Returns the content blocks no file holds any more. A clone from before the
+/// ledger existed also takes the directories of the version it reached as its own.
+pub(super) fn check_in_place(b: &Base, ledger: &mut Ledger, previous: &State) -> Vec<u64> {
+    let legacy = !b.state_dir.join(ledger::LEDGER_FILE).exists();
+    let mut l = layout::lock(&b.layout);
+    let live: Vec<(SlotId, String, FileInfo)> = l
+        .slots()
+        .filter(|(_, s)| s.pending.is_none())
+        .map(|(id, s)| (id, s.path.clone(), s.info.clone()))
+        .collect();
+    let mut orphans = Vec::new();
+    for (id, path, info) in live {
+        if !in_place(&b.root, ledger, &path, &info) {
+            orphans.extend(l.remove(id));
+        }
+    }
+    orphans.retain(|x| !l.is_owned(*x));
+    if legacy {
+        for (path, e) in &previous.entries {
+            if matches!(e, Entry::Dir) && b.root.join(path).is_dir() {
+                ledger.dirs.insert(path.clone());
+            }
+        }
+    }
+    orphans
+}
+
+/// Whether `root/path` holds exactly `info`: this reader wrote it with that content and nobody
+/// changed it since (no hashing), or it hashes to `info` (then it is recorded as ours: replacing
+/// or removing it later loses nothing).
+pub(super) fn in_place(root: &Path, ledger: &mut Ledger, path: &str, info: &FileInfo) -> bool {
+    let target = root.join(path);
+    let Ok(m) = fs::symlink_metadata(&target) else {
+        return false;
+    };
+    if !m.is_file() || m.len() != info.size {
+        return false;
+    }
+    if let Some(w) = ledger.files.get(path)
+        && w.unchanged(&m)
+    {
+        return w.hash == info.hash;
+    }
+    if ledger::identical(&target, &m, info) {
+        ledger.wrote(path, &m, info.hash);
+        return true;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info_of(bytes: &[u8]) -> FileInfo {
+        FileInfo {
+            size: bytes.len() as u64,
+            mode: 0o644,
+            mtime_secs: 0,
+            mtime_nanos: 0,
+            hash: *blake3::hash(bytes).as_bytes(),
+            extents: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_local_file_in_the_way_is_moved_aside_ours_and_identical_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut l = Ledger::default();
+        // Nothing there.
+        assert_eq!(clear(root, &mut l, "a", None).unwrap(), Cleared::Free);
+        // Written here, unchanged: free.
+        fs::write(root.join("a"), b"ours").unwrap();
+        l.wrote(
+            "a",
+            &fs::symlink_metadata(root.join("a")).unwrap(),
+            *blake3::hash(b"ours").as_bytes(),
+        );
+        assert_eq!(clear(root, &mut l, "a", None).unwrap(), Cleared::Free);
+        // The same bytes as the file to publish (an adopted folder): free.
+        fs::write(root.join("b"), b"same").unwrap();
+        let same = info_of(b"same");
+        assert_eq!(
+            clear(root, &mut l, "b", Some(&same)).unwrap(),
+            Cleared::Free
+        );
+        // Changed here since: moved aside, kept whole.
+        fs::write(root.join("a"), b"edited here").unwrap();
+        let Cleared::MovedAside(copy) = clear(root, &mut l, "a", Some(&same)).unwrap() else {
+            panic!("an edited file was not moved aside");
+        };
+        assert!(copy.starts_with("a.sync-conflict-"), "{copy}");
+        assert_eq!(fs::read(root.join(&copy)).unwrap(), b"edited here");
+        assert!(!root.join("a").exists());
+        assert_eq!(l.on_disk.conflicts.len(), 1);
+    }
+
+    #[test]
+    fn a_directory_takes_the_place_of_a_file_only_after_the_file_is_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut l = Ledger::default();
+        // The user's file where the writer now has a directory: moved aside first.
+        fs::write(root.join("x"), b"user's").unwrap();
+        let Cleared::MovedAside(copy) = make_dir(root, &mut l, "x", &root.join("x")).unwrap()
+        else {
+            panic!("the user's file was not moved aside");
+        };
+        assert!(root.join("x").is_dir());
+        assert_eq!(fs::read(root.join(copy)).unwrap(), b"user's");
+        assert!(l.dirs.contains("x"));
+        // A file this reader wrote there: simply replaced.
+        fs::write(root.join("y"), b"ours").unwrap();
+        l.wrote(
+            "y",
+            &fs::symlink_metadata(root.join("y")).unwrap(),
+            *blake3::hash(b"ours").as_bytes(),
+        );
+        assert_eq!(
+            make_dir(root, &mut l, "y", &root.join("y")).unwrap(),
+            Cleared::Free
+        );
+        assert!(root.join("y").is_dir() && !l.files.contains_key("y"));
+        // A directory already there is not claimed as made here.
+        fs::create_dir(root.join("z")).unwrap();
+        make_dir(root, &mut l, "z", &root.join("z")).unwrap();
+        assert!(!l.dirs.contains("z"));
+    }
+
+    #[test]
+    fn only_our_unchanged_files_and_empty_directories_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut l = Ledger::default();
+        fs::create_dir(root.join("d")).unwrap();
+        l.dirs.insert("d".into());
+        for (name, bytes) in [("d/ours", &b"x"[..]), ("d/edited", b"y")] {
+            fs::write(root.join(name), bytes).unwrap();
+            l.wrote(
+                name,
+                &fs::symlink_metadata(root.join(name)).unwrap(),
+                *blake3::hash(bytes).as_bytes(),
+            );
+        }
+        fs::write(root.join("d/edited"), b"z").unwrap();
+        fs::write(root.join("mine"), b"never synced").unwrap();
+        assert_eq!(remove(root, &mut l, "d/ours").unwrap(), Removed::Gone);
+        assert_eq!(remove(root, &mut l, "d/edited").unwrap(), Removed::Kept);
+        assert_eq!(remove(root, &mut l, "mine").unwrap(), Removed::Kept);
+        assert!(!root.join("d/ours").exists());
+        assert_eq!(fs::read(root.join("d/edited")).unwrap(), b"z");
+        assert_eq!(fs::read(root.join("mine")).unwrap(), b"never synced");
+        assert_eq!(l.on_disk.kept, vec!["d/edited", "mine"]);
+        // The directory still holds a kept file: it stays, and goes once that is gone.
+        remove_dir(root, &mut l, "d");
+        assert!(root.join("d").is_dir());
+        fs::remove_file(root.join("d/edited")).unwrap();
+        remove_dir(root, &mut l, "d");
+        assert!(!root.join("d").exists());
+        // A directory not made here is never removed, empty or not.
+        fs::create_dir(root.join("theirs")).unwrap();
+        remove_dir(root, &mut l, "theirs");
+        assert!(root.join("theirs").is_dir());
+    }
+}
