@@ -180,7 +180,7 @@ impl Drive {
         getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
         let key = SigningKey::from_bytes(&seed);
         let ckey = content_key(&seed);
-        let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), true);
+        let layout = layout::Layout::open(&root, true)?;
         let mut meta = Feed::create(DiskStorage::open(state_dir.join("meta"))?, key)?;
         let content = Feed::create(
             DiskStorage::open_with_blocks(
@@ -247,7 +247,7 @@ impl Drive {
             fs::remove_dir_all(&state_dir)?;
         }
         make_state_dir(&state_dir)?;
-        let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), false);
+        let layout = layout::Layout::open(&root, false)?;
         let meta = Feed::create_replica(DiskStorage::open(state_dir.join("meta"))?, key)?;
         Ok(Self {
             root,
@@ -269,7 +269,7 @@ impl Drive {
         }
         let meta = Feed::open(DiskStorage::open(state_dir.join("meta"))?)?;
         let writer = meta.is_writable();
-        let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), writer);
+        let layout = layout::Layout::open(&root, writer)?;
         let content = if state_dir.join("content").join("header").exists() {
             Some(Feed::open(DiskStorage::open_with_blocks(
                 state_dir.join("content"),
@@ -429,29 +429,10 @@ impl Drive {
         } else {
             Self::replay_with(&mut self.meta, applied, &limits)?
         };
-        {
-            // Files in place: as the newest version has them (a clone killed after publishing
-            // but before recording the version it reached), or as the previous one left them.
-            // Size and mtime identify them, as the writer's scan does; every block read from
-            // them is checked against its leaf hash before it is served or reused.
-            let mut l = layout::lock(&self.layout);
-            for (path, e) in full.entries.iter().chain(&previous.entries) {
-                if l.slot_at(path).is_some() {
-                    continue;
-                }
-                if let Entry::File(info) = e {
-                    let on_disk = fs::symlink_metadata(self.root.join(path)).ok();
-                    let matches = on_disk.is_some_and(|m| {
-                        m.is_file()
-                            && m.len() == info.size
-                            && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
-                    });
-                    if matches || self.writer {
-                        l.add_live(path.clone(), info.clone());
-                    }
-                }
-            }
-        }
+        // Files in place: as the newest version has them (a clone stopped after publishing
+        // but before recording the version it reached: checked by hash), or as the applied one
+        // left them. See `layout::Layout::adopt_in_place`.
+        layout::lock(&self.layout).adopt_in_place(&full, &previous, self.writer);
         let mut feeds = vec![(self.meta, !self.writer)];
         let content = self.content.is_some().then_some(first + 1);
         if let Some(c) = self.content {

@@ -14,13 +14,11 @@ use crate::core::replicator::{Event, FeedId, Replicator};
 use crate::drive::app::Base;
 use crate::drive::event::{Counts, DriveEvent, DriveProblem};
 use crate::drive::layout::{self, FolderBlocks, PublishError};
+use crate::drive::log;
 use crate::drive::reconcile::{self, Local};
 use crate::drive::record::{self, BLOCK_SIZE, Entry, State};
-use crate::drive::{import, log};
 use crate::storage::DiskStorage;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::io;
 use std::time::{Duration, Instant};
 
 /// See the module docs.
@@ -92,7 +90,8 @@ impl Reader {
         if b.dirty_since
             .is_some_and(|t| now.duration_since(t) >= Duration::from_millis(200))
         {
-            self.make_durable(b, r);
+            // A failure is reported inside; the next tick tries again.
+            let _ = self.make_durable(b, r);
         }
         if self.over_budget && settled(b) {
             // The files taken on are done: the next ones.
@@ -107,9 +106,11 @@ impl Reader {
     }
 
     /// Once per version reached: made durable, then [`DriveEvent::Complete`].
-    fn report_complete(&mut self, b: &mut Base, r: &Replicator<DiskStorage>) {
-        if self.complete_at != Some(b.state.version) && self.is_done(b, r) {
-            self.make_durable(b, r);
+    fn report_complete(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        if self.complete_at != Some(b.state.version)
+            && self.is_done(b, r)
+            && self.make_durable(b, r)
+        {
             self.complete_at = Some(b.state.version);
             b.reporter.send(DriveEvent::Complete {
                 version: b.state.version,
@@ -167,7 +168,7 @@ impl Reader {
 
     pub fn shutdown(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         self.publish_ready(b, r);
-        self.make_durable(b, r);
+        let _ = self.make_durable(b, r); // a failure is reported inside
         // `--once` stops as soon as the loop sees the job done, maybe before a tick said so.
         self.report_complete(b, r);
     }
@@ -320,33 +321,19 @@ impl Reader {
                 if let Some(id) = l.slot_at(&rm.path) {
                     orphans.extend(l.remove(id));
                 }
-                let p = b.root.join(&rm.path);
-                if let Ok(m) = fs::symlink_metadata(&p)
-                    && m.is_file()
-                    && rm.ours.iter().any(|info| {
-                        m.len() == info.size
-                            && import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
-                    })
-                {
-                    let _ = fs::remove_file(&p);
-                }
+                // Through the root handle: no symlink swapped in can redirect it.
+                let _ = l.remove_if_ours(&rm.path, &rm.ours);
             }
         }
         for d in &plan.remove_dirs {
-            let _ = fs::remove_dir(b.root.join(d)); // only if empty
+            let _ = layout::lock(&b.layout).remove_empty_dir(d); // only if empty
         }
         // 3. Directories.
         for d in &plan.make_dirs {
-            match layout::safe_target(&b.root, d) {
-                Ok(p) => {
-                    if !p.is_dir()
-                        && let Err(e) = fs::create_dir(&p)
-                        && e.kind() != io::ErrorKind::AlreadyExists
-                    {
-                        b.problem(DriveProblem::io(&p, &e));
-                    }
-                }
-                Err(e) => b.problem(publish_problem(b, e)),
+            let made = layout::lock(&b.layout).make_dir(d);
+            if let Err(e) = made {
+                let p = publish_problem(b, e);
+                b.problem(p);
             }
         }
         if !orphans.is_empty() {
@@ -361,18 +348,16 @@ impl Reader {
         update_want(b, r);
     }
 
+    /// Stages every complete file, and publishes the staged ones as a batch: one flush, then
+    /// the renames (see `layout::publish`: bytes durable before the rename that shows them).
+    /// While other files are still arriving the flush waits for company, up to [`FLUSH_AFTER`]
+    /// or [`FLUSH_FILES`]; when nothing else is coming it is done at once.
     fn publish_ready(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         let mut l = layout::lock(&b.layout);
-        let ready = l.take_ready();
-        if ready.is_empty() {
-            return;
-        }
         let mut problems = Vec::new();
-        let mut orphans = Vec::new();
-        for id in ready {
-            match l.publish(id) {
-                Ok(o) => orphans.extend(o),
-                Err(PublishError::Gone | PublishError::Incomplete) => {}
+        for id in l.take_ready() {
+            match l.stage(id) {
+                Ok(()) | Err(PublishError::Gone | PublishError::Incomplete) => {}
                 Err(e @ PublishError::HashMismatch(_)) => {
                     problems.push(e);
                     l.reset_pending(id);
@@ -380,8 +365,54 @@ impl Reader {
                 Err(e) => problems.push(e),
             }
         }
+        let staged = l.staged().len();
+        let due = staged > 0
+            && (l.all_staged()
+                || staged >= FLUSH_FILES
+                || l.staged_since().is_some_and(|t| t.elapsed() >= FLUSH_AFTER));
         drop(l);
         for e in problems {
+            let p = publish_problem(b, e);
+            b.problem(p);
+        }
+        if staged > 0 {
+            // `make_durable` (on the tick) flushes what is still staged then.
+            b.dirty_since.get_or_insert_with(Instant::now);
+        }
+        if due {
+            self.flush_staged(b, r);
+        }
+    }
+
+    /// Flushes the folder and renames the staged files into place. A failed flush is reported
+    /// and the staged files are fetched again (their bytes may be lost, and no later flush
+    /// would say so). Whether the flush succeeded (or there was nothing to flush).
+    fn flush_staged(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) -> bool {
+        let mut l = layout::lock(&b.layout);
+        if l.staged().is_empty() {
+            return true;
+        }
+        if let Err(e) = l.flush() {
+            let n = l.staged().len();
+            let lost = l.discard_staged();
+            drop(l);
+            b.problem(DriveProblem::Io {
+                path: b.root.clone(),
+                error: format!(
+                    "flushing the folder to disk failed ({e}): {n} files not published, fetched again"
+                ),
+            });
+            if let Some(content) = b.content {
+                for x in lost {
+                    let _ = r.forget(content, x..x + 1);
+                }
+            }
+            update_want(b, r);
+            return false;
+        }
+        let (orphans, failed) = l.commit_staged();
+        drop(l);
+        for e in failed {
             let p = publish_problem(b, e);
             b.problem(p);
         }
@@ -391,12 +422,17 @@ impl Reader {
             }
         }
         b.dirty_since.get_or_insert_with(Instant::now);
+        true
     }
 
-    /// Syncs the filesystem (one call for a batch of published files) and records the
-    /// version the folder is at.
-    fn make_durable(&mut self, b: &mut Base, r: &Replicator<DiskStorage>) {
-        b.sync_folder();
+    /// Publishes what is staged, makes the folder durable (one `syncfs`: the renames' directory
+    /// entries too), and only then records the version the folder is at. Any flush failure is
+    /// reported and the version is not recorded.
+    /// Whether the folder is durable (both flushes succeeded).
+    fn make_durable(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) -> bool {
+        if !self.flush_staged(b, r) || b.sync_folder().is_err() {
+            return false;
+        }
         if settled(b) && !self.deferred() && r.feed(b.meta).len() == b.state.version {
             self.previous = b.state.clone();
             let path = b.state_dir.join("applied");
@@ -405,9 +441,27 @@ impl Reader {
             {
                 b.problem(DriveProblem::io(&path, &e));
             }
+            // Nothing pending: any temporary file left in the folder's directories is from an
+            // earlier run, for a version no longer wanted (once per run: it lists directories).
+            let dirs: Vec<&str> = std::iter::once("")
+                .chain(
+                    b.state
+                        .entries
+                        .iter()
+                        .filter_map(|(p, e)| matches!(e, Entry::Dir).then_some(p.as_str())),
+                )
+                .collect();
+            layout::lock(&b.layout).sweep_temps_once(dirs);
         }
+        true
     }
 }
+
+/// Staged files wait at most this long for others to share their flush.
+const FLUSH_AFTER: Duration = Duration::from_millis(100);
+
+/// Staged files flushed together at most (more are flushed at once).
+const FLUSH_FILES: usize = 4096;
 
 /// How long a file waits for content the writer has not signed before that is reported.
 const WAIT_REPORT: Duration = Duration::from_secs(3);
