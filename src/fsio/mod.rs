@@ -23,8 +23,10 @@
 //! The empty path names the directory itself where that makes sense (`open_dir("")`).
 
 mod real;
+pub mod sim;
 
 pub use real::{RealDir, RealFile};
+pub use sim::{SimDisk, SimEntry};
 
 use std::fmt;
 use std::io::{self, ErrorKind};
