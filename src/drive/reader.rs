@@ -21,6 +21,8 @@ use crate::storage::DiskStorage;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+mod durable;
+
 /// See the module docs.
 pub(super) struct Reader {
     /// What the folder holds now: the version last applied.
@@ -347,121 +349,7 @@ impl Reader {
         self.publish_ready(b, r);
         update_want(b, r);
     }
-
-    /// Stages every complete file, and publishes the staged ones as a batch: one flush, then
-    /// the renames (see `layout::publish`: bytes durable before the rename that shows them).
-    /// While other files are still arriving the flush waits for company, up to [`FLUSH_AFTER`]
-    /// or [`FLUSH_FILES`]; when nothing else is coming it is done at once.
-    fn publish_ready(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
-        let mut l = layout::lock(&b.layout);
-        let mut problems = Vec::new();
-        for id in l.take_ready() {
-            match l.stage(id) {
-                Ok(()) | Err(PublishError::Gone | PublishError::Incomplete) => {}
-                Err(e @ PublishError::HashMismatch(_)) => {
-                    problems.push(e);
-                    l.reset_pending(id);
-                }
-                Err(e) => problems.push(e),
-            }
-        }
-        let staged = l.staged().len();
-        let due = staged > 0
-            && (l.all_staged()
-                || staged >= FLUSH_FILES
-                || l.staged_since().is_some_and(|t| t.elapsed() >= FLUSH_AFTER));
-        drop(l);
-        for e in problems {
-            let p = publish_problem(b, e);
-            b.problem(p);
-        }
-        if staged > 0 {
-            // `make_durable` (on the tick) flushes what is still staged then.
-            b.dirty_since.get_or_insert_with(Instant::now);
-        }
-        if due {
-            self.flush_staged(b, r);
-        }
-    }
-
-    /// Flushes the folder and renames the staged files into place. A failed flush is reported
-    /// and the staged files are fetched again (their bytes may be lost, and no later flush
-    /// would say so). Whether the flush succeeded (or there was nothing to flush).
-    fn flush_staged(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) -> bool {
-        let mut l = layout::lock(&b.layout);
-        if l.staged().is_empty() {
-            return true;
-        }
-        if let Err(e) = l.flush() {
-            let n = l.staged().len();
-            let lost = l.discard_staged();
-            drop(l);
-            b.problem(DriveProblem::Io {
-                path: b.root.clone(),
-                error: format!(
-                    "flushing the folder to disk failed ({e}): {n} files not published, fetched again"
-                ),
-            });
-            if let Some(content) = b.content {
-                for x in lost {
-                    let _ = r.forget(content, x..x + 1);
-                }
-            }
-            update_want(b, r);
-            return false;
-        }
-        let (orphans, failed) = l.commit_staged();
-        drop(l);
-        for e in failed {
-            let p = publish_problem(b, e);
-            b.problem(p);
-        }
-        if let Some(content) = b.content {
-            for x in orphans {
-                let _ = r.forget(content, x..x + 1);
-            }
-        }
-        b.dirty_since.get_or_insert_with(Instant::now);
-        true
-    }
-
-    /// Publishes what is staged, makes the folder durable (one `syncfs`: the renames' directory
-    /// entries too), and only then records the version the folder is at. Any flush failure is
-    /// reported and the version is not recorded.
-    /// Whether the folder is durable (both flushes succeeded).
-    fn make_durable(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) -> bool {
-        if !self.flush_staged(b, r) || b.sync_folder().is_err() {
-            return false;
-        }
-        if settled(b) && !self.deferred() && r.feed(b.meta).len() == b.state.version {
-            self.previous = b.state.clone();
-            let path = b.state_dir.join("applied");
-            if let Err(e) =
-                crate::util::write_atomic(&path, self.previous.version.to_string().as_bytes())
-            {
-                b.problem(DriveProblem::io(&path, &e));
-            }
-            // Nothing pending: any temporary file left in the folder's directories is from an
-            // earlier run, for a version no longer wanted (once per run: it lists directories).
-            let dirs: Vec<&str> = std::iter::once("")
-                .chain(
-                    b.state
-                        .entries
-                        .iter()
-                        .filter_map(|(p, e)| matches!(e, Entry::Dir).then_some(p.as_str())),
-                )
-                .collect();
-            layout::lock(&b.layout).sweep_temps_once(dirs);
-        }
-        true
-    }
 }
-
-/// Staged files wait at most this long for others to share their flush.
-const FLUSH_AFTER: Duration = Duration::from_millis(100);
-
-/// Staged files flushed together at most (more are flushed at once).
-const FLUSH_FILES: usize = 4096;
 
 /// How long a file waits for content the writer has not signed before that is reported.
 const WAIT_REPORT: Duration = Duration::from_secs(3);
