@@ -457,3 +457,44 @@ fn a_newer_file_with_right_size_and_mtime_but_zeros_is_fetched_again() {
     );
     share.kill();
 }
+
+// ---------------------------------------------------------------------------------------
+// Stale temporary files.
+
+#[test]
+fn stale_temporary_files_are_swept_and_the_current_one_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    fs::create_dir_all(root.join("d")).unwrap();
+    fs::create_dir_all(root.join(".feedsync/tmp")).unwrap();
+    let (layout, _) = pending_under(root, 1, 9);
+    let content = bytes(21, 700);
+    let mut l = layout::lock(&layout);
+    // A partial file of a version still wanted: found again by name, kept.
+    let id = l.add_pending("d/keep".into(), file_info(&content, 50));
+    l.write_pending(id, 50, &content).unwrap();
+    let current = l.slot(id).unwrap().pending.as_ref().unwrap().temp.clone();
+    // Left by an earlier run for versions no longer wanted.
+    let stale = [
+        root.join("d/.old.feedsync-0123456789abcdef"),
+        root.join(".gone.txt.feedsync-fedcba9876543210"),
+        root.join(".feedsync/tmp/0123456789abcdef0123456789abcdef.part"),
+    ];
+    for p in &stale {
+        fs::write(p, b"stale").unwrap();
+    }
+    // Not ours by name: left alone.
+    let user = [root.join("d/.notes.feedsync-draft"), root.join("d/.hidden")];
+    for p in &user {
+        fs::write(p, b"user").unwrap();
+    }
+    assert_eq!(l.sweep_temps_once(["", "d", "sub"]), stale.len());
+    assert_eq!(l.sweep_temps_once(["", "d", "sub"]), 0, "once per run");
+    drop(l);
+    for p in &stale {
+        assert!(!p.exists(), "{} left", p.display());
+    }
+    for p in user.iter().chain([&current]) {
+        assert!(p.exists(), "{} removed", p.display());
+    }
+}
