@@ -498,3 +498,144 @@ fn stale_temporary_files_are_swept_and_the_current_one_kept() {
         assert!(p.exists(), "{} removed", p.display());
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// A running clone whose flushes fail.
+
+/// The real folder handle, with `sync_fs` failing while `fail` is set (a write-back error).
+#[derive(Debug)]
+struct FailingFlush {
+    real: RealDir,
+    fail: Arc<AtomicBool>,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Dir for FailingFlush {
+    fn open(&self, rel: &str, how: OpenHow) -> io::Result<Box<dyn feedsync::fsio::FileIo>> {
+        self.real.open(rel, how)
+    }
+    fn open_dir(&self, rel: &str) -> io::Result<Box<dyn Dir>> {
+        self.real.open_dir(rel)
+    }
+    fn create_dir(&self, rel: &str, mode: u32) -> io::Result<()> {
+        self.real.create_dir(rel, mode)
+    }
+    fn metadata(&self, rel: &str) -> io::Result<Option<feedsync::fsio::Meta>> {
+        self.real.metadata(rel)
+    }
+    fn self_metadata(&self) -> io::Result<feedsync::fsio::Meta> {
+        self.real.self_metadata()
+    }
+    fn read_dir(&self, rel: &str) -> io::Result<Vec<(String, feedsync::fsio::Kind)>> {
+        self.real.read_dir(rel)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.real.rename(from, to)
+    }
+    fn rename_noreplace(&self, from: &str, to: &str) -> io::Result<()> {
+        self.real.rename_noreplace(from, to)
+    }
+    fn remove_file(&self, rel: &str) -> io::Result<()> {
+        self.real.remove_file(rel)
+    }
+    fn remove_dir(&self, rel: &str) -> io::Result<()> {
+        self.real.remove_dir(rel)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.real.sync()
+    }
+    fn sync_fs(&self) -> io::Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
+        self.real.sync_fs()
+    }
+}
+
+#[test]
+fn a_failed_flush_is_reported_and_the_version_not_recorded() {
+    use feedsync::drive::{AppOptions, Drive, DriveEvent};
+    use feedsync::sync::NodeConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let dst = tmp.path().join("dst");
+    fs::create_dir_all(src.join("a")).unwrap();
+    for k in 0..5u64 {
+        fs::write(src.join(format!("a/f{k}")), bytes(30 + k, 10_000)).unwrap();
+    }
+    let (mut share, url, addr) = common::share(&src);
+    let key = feedsync::drive::parse_url(&url).unwrap();
+    let drive = Drive::clone_into(&dst, key).unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    layout::lock(&drive.layout).set_dir(Arc::new(FailingFlush {
+        real: RealDir::open_path(&dst).unwrap(),
+        fail: fail.clone(),
+        failed: failed.clone(),
+    }));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let options = AppOptions {
+        events: Some(tx),
+        ..AppOptions::default()
+    };
+    let (feeds, app) = drive.into_app(options).unwrap();
+    let config = NodeConfig {
+        peers: vec![addr.parse().unwrap()],
+        ..NodeConfig::new()
+    };
+    let node = feedsync::sync::spawn_with(config, feeds, Some(Box::new(app))).unwrap();
+    let mut events = Vec::new();
+    let drain = |events: &mut Vec<DriveEvent>| events.extend(rx.try_iter());
+    // Until flushes failed a few times (or the clone wrongly calls itself done).
+    common::wait_until(Duration::from_secs(60), "flushes fail", || {
+        drain(&mut events);
+        failed.load(Ordering::SeqCst) >= 5
+            || events
+                .iter()
+                .any(|e| matches!(e, DriveEvent::Complete { .. }))
+    });
+    drain(&mut events);
+    let flush_problems = events
+        .iter()
+        .filter(|e| matches!(e, DriveEvent::Problem(p) if p.to_string().contains("flushing")))
+        .count();
+    assert!(flush_problems >= 1, "a failed flush was not reported");
+    assert!(
+        flush_problems <= 2,
+        "reported {flush_problems} times (once per kind of flush at most)"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, DriveEvent::Complete { .. })),
+        "complete without a successful flush"
+    );
+    assert!(
+        !dst.join(".feedsync/applied").exists(),
+        "a version was recorded although its flush failed"
+    );
+    for k in 0..5 {
+        assert!(
+            !dst.join(format!("a/f{k}")).exists(),
+            "a/f{k} published though its bytes were never flushed"
+        );
+    }
+    // The disk recovers: everything arrives and the version is recorded.
+    fail.store(false, Ordering::SeqCst);
+    common::wait_until(Duration::from_secs(60), "the version recorded", || {
+        drain(&mut events);
+        events
+            .iter()
+            .any(|e| matches!(e, DriveEvent::Complete { .. }))
+            && dst.join(".feedsync/applied").exists()
+    });
+    for k in 0..5u64 {
+        assert_eq!(
+            fs::read(dst.join(format!("a/f{k}"))).unwrap(),
+            bytes(30 + k, 10_000)
+        );
+    }
+    node.shutdown().unwrap();
+    share.kill();
+}

@@ -176,6 +176,12 @@ impl Layout {
         self.dir.clone()
     }
 
+    /// Replaces the folder root's handle (before the drive runs): a test wraps the real one to
+    /// inject flush failures into a running drive.
+    pub fn set_dir(&mut self, dir: Arc<dyn Dir>) {
+        self.dir = dir;
+    }
+
     /// Where temporary files are made (before any file is pending).
     pub fn set_temps(&mut self, temps: Temps) {
         self.temps = temps;

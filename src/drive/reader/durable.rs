@@ -57,13 +57,13 @@ impl Reader {
             return true;
         }
         if let Err(e) = l.flush() {
-            let n = l.staged().len();
             let lost = l.discard_staged();
             drop(l);
+            // Worded the same every time: reported once however often it recurs.
             b.problem(DriveProblem::Io {
                 path: b.root.clone(),
                 error: format!(
-                    "flushing the folder to disk failed ({e}): {n} files not published, fetched again"
+                    "flushing the folder to disk failed ({e}): files not published, fetched again"
                 ),
             });
             if let Some(content) = b.content {
