@@ -639,3 +639,32 @@ fn a_failed_flush_is_reported_and_the_version_not_recorded() {
     node.shutdown().unwrap();
     share.kill();
 }
+
+#[test]
+fn a_hard_link_planted_at_a_temporary_name_is_never_written_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("folder");
+    fs::create_dir_all(root.join("d")).unwrap();
+    let victim = tmp.path().join("victim");
+    fs::write(&victim, b"someone else's file").unwrap();
+    let content = bytes(40, 5000);
+    let layout = Layout::open(&root, false).unwrap();
+    let mut l = layout::lock(&layout);
+    let id = l.add_pending("d/x".into(), file_info(&content, 0));
+    let temp = l.slot(id).unwrap().pending.as_ref().unwrap().temp.clone();
+    // The name is predictable: a hard link to another file is planted there first.
+    fs::hard_link(&victim, &temp).unwrap();
+    l.write_pending(id, 0, &content).unwrap();
+    for id in l.take_ready() {
+        l.publish(id).unwrap();
+    }
+    drop(l);
+    assert!(
+        fs::read(&victim).unwrap() == b"someone else's file",
+        "written through a planted hard link"
+    );
+    assert!(
+        fs::read(root.join("d/x")).unwrap() == content,
+        "d/x is wrong"
+    );
+}

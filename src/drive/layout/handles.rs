@@ -93,9 +93,22 @@ impl Layout {
             };
             let f = self.dir.open(&rel, how)?;
             // The name is predictable: a file someone else put there (or a hard link to one
-            // of theirs) is never written into.
-            let m = f.metadata()?;
-            if m.nlink != 1 || m.uid != rustix::process::geteuid().as_raw() {
+            // of theirs) is never read or written. Its name is removed (which leaves the file
+            // it links to alone) and a fresh one made; what we had written there is lost, and
+            // the whole-file hash at staging sends the file back to be fetched.
+            let ours = |m: &crate::fsio::Meta| {
+                m.nlink == 1 && m.uid == rustix::process::geteuid().as_raw()
+            };
+            if ours(&f.metadata()?) {
+                return Ok(f);
+            }
+            drop(f);
+            if !write {
+                return Err(changed("a temporary file that is not ours is in the way"));
+            }
+            self.dir.remove_file(&rel)?;
+            let f = self.dir.open(&rel, OpenHow::CREATE_NEW)?;
+            if !ours(&f.metadata()?) {
                 return Err(changed("a temporary file that is not ours is in the way"));
             }
             return Ok(f);
