@@ -14,7 +14,12 @@
 //! (clones and `cp -a` alike): ext4's inode allocation slows down after mass deletions, which
 //! any disk in use has seen and a fresh benchmark directory has not.
 //!
-//! `cargo bench --bench folder [-- --only w1|w2|w3] [--churn N]`. Traffic stays on 127.0.0.1.
+//! `--only publish` times, without feedsync, ways to make 10,000 small files durable before
+//! their renames (per-file `fsync` against one `syncfs` per batch; temporary files beside
+//! their destination or in one directory).
+//!
+//! `cargo bench --bench folder [-- --only w1|w2|w3|publish] [--churn N]`. Traffic stays on
+//! 127.0.0.1.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -199,6 +204,57 @@ fn run(name: &str, src: &Path, bytes: u64, tmp: &Path, variants: Variants, churn
     println!("  cp -a + sync {:.3} s", cp.as_secs_f64());
 }
 
+/// How to make 10,000 files of 4 KiB (100 directories) durable before their renames, on this
+/// disk: `fsync` each temporary file then rename it, or one `syncfs` for all, the renames, and
+/// one more `syncfs` (what publish does); then the same with the temporary files in one
+/// directory. Each variant after `--churn N` deletions, like the clones.
+fn publish_strategies(tmp: &Path, churn_n: u64) {
+    use std::os::fd::AsFd;
+    println!("publish strategies (10,000 x 4 KiB, temps then rename):");
+    for (label, beside, per_file) in [
+        ("fsync each, beside", true, true),
+        ("syncfs per batch, beside", true, false),
+        ("fsync each, one temp dir", false, true),
+        ("syncfs per batch, one temp dir", false, false),
+    ] {
+        churn(tmp, churn_n);
+        let root = tmp.join("strategy");
+        fs::create_dir_all(root.join("tmp")).unwrap();
+        let data = [7u8; 4096];
+        let t = Instant::now();
+        let mut staged = Vec::new();
+        for d in 0..100 {
+            let dir = root.join(format!("d{d:03}"));
+            fs::create_dir_all(&dir).unwrap();
+            for f in 0..100 {
+                let temp = if beside {
+                    dir.join(format!(".f{f:03}.feedsync-0123456789abcdef"))
+                } else {
+                    root.join(format!("tmp/{d:03}{f:03}.part"))
+                };
+                let file = fs::File::create(&temp).unwrap();
+                std::io::Write::write_all(&mut &file, &data).unwrap();
+                if per_file {
+                    file.sync_all().unwrap();
+                    fs::rename(&temp, dir.join(format!("f{f:03}"))).unwrap();
+                } else {
+                    staged.push((temp, dir.join(format!("f{f:03}"))));
+                }
+            }
+        }
+        let dirfd = fs::File::open(&root).unwrap();
+        if !per_file {
+            rustix::fs::syncfs(dirfd.as_fd()).unwrap();
+            for (temp, dst) in staged {
+                fs::rename(temp, dst).unwrap();
+            }
+        }
+        rustix::fs::syncfs(dirfd.as_fd()).unwrap();
+        println!("  {label}: {:.3} s", t.elapsed().as_secs_f64());
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let only = args
@@ -228,6 +284,10 @@ fn main() {
         let _ = fs::remove_dir_all(tmp.path().join("W1 (1 GiB file)-cp"));
     }
     let w2 = tmp.path().join("w2");
+    if only.as_deref() == Some("publish") {
+        publish_strategies(tmp.path(), churn_n);
+        return;
+    }
     if want("w2") || want("w3") {
         for d in 0..100 {
             let dir = w2.join(format!("d{d:03}"));

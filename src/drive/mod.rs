@@ -4,7 +4,8 @@
 //! ```text
 //! DIR/.feedsync/meta/      the metadata feed's store (records; the writer's secret key)
 //! DIR/.feedsync/content/   the content feed's store, without a data file: blocks are in DIR
-//! DIR/.feedsync/tmp/       files being reassembled (reader), renamed into place when verified
+//! DIR/**/.NAME.feedsync-*  files being reassembled (reader), hidden beside their destination,
+//!                          renamed into place when verified and flushed (see `layout::publish`)
 //! DIR/.feedsync/applied    the version the folder was last brought to (reader)
 //! DIR/.feedsync/status.json  progress, rewritten while a node runs (for `feedsync status`)
 //! ```
