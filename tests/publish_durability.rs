@@ -668,3 +668,27 @@ fn a_hard_link_planted_at_a_temporary_name_is_never_written_through() {
         "d/x is wrong"
     );
 }
+
+#[test]
+fn a_record_named_like_a_temporary_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let content = bytes(50, 900);
+    let layout = Layout::open(root, false).unwrap();
+    let mut l = layout::lock(&layout);
+    // The temporary name of `f`'s download, as a record path of its own.
+    let id = l.add_pending("f".into(), file_info(&content, 0));
+    let temp = l.slot(id).unwrap().pending.as_ref().unwrap().temp.clone();
+    let name = temp.file_name().unwrap().to_str().unwrap().to_string();
+    let hostile = l.add_pending(name.clone(), file_info(&content, 1));
+    assert!(l.write_pending(hostile, 1, &content).is_err());
+    assert!(matches!(
+        l.stage(hostile),
+        Err(layout::PublishError::Incomplete | layout::PublishError::Unsafe { .. })
+    ));
+    l.write_pending(id, 0, &content).unwrap();
+    l.publish(id).unwrap();
+    drop(l);
+    assert!(fs::read(root.join("f")).unwrap() == content);
+    assert!(!root.join(&name).exists());
+}

@@ -82,6 +82,7 @@ impl Layout {
             let rel = p.temp_rel.clone();
             let path = slot.path.clone();
             if write {
+                super::publish::reserved(&path).map_err(|e| io::Error::other(e.to_string()))?;
                 self.make_temp_dir()?;
                 self.make_parents(&path)
                     .map_err(|e| io::Error::other(e.to_string()))?;

@@ -46,6 +46,7 @@ impl Layout {
                 p.hasher.clone().unwrap_or_default(),
             )
         };
+        reserved(&path)?;
         let blocks = info.blocks();
         let io_err = |error| PublishError::Io {
             path: path.clone(),
@@ -305,6 +306,19 @@ impl Layout {
     pub fn remove_empty_dir(&self, rel: &str) -> io::Result<()> {
         self.dir.remove_dir(rel)
     }
+}
+
+/// Refuses a record whose file name is one of our temporary names: publishing it would
+/// replace another file's partial download (an honest writer's scan never shares such names).
+pub(super) fn reserved(path: &str) -> Result<(), PublishError> {
+    let name = path.rsplit_once('/').map_or(path, |(_, n)| n);
+    if super::is_temp_name(name) {
+        return Err(PublishError::Unsafe {
+            path: path.to_string(),
+            why: "the name is reserved for temporary files",
+        });
+    }
+    Ok(())
 }
 
 /// A file's mtime as (seconds, nanoseconds) since the epoch, as records hold it.
