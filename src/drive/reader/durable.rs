@@ -91,8 +91,8 @@ impl Reader {
 
     /// Publishes what is staged, makes the folder durable (one `syncfs`: the renames' directory
     /// entries too), and only then records the version the folder is at. Any flush failure is
-    /// reported and the version is not recorded.
-    /// Whether the folder is durable (both flushes succeeded).
+    /// reported and the version is not recorded. Returns whether the folder is durable (both
+    /// flushes succeeded).
     pub(super) fn make_durable(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) -> bool {
         if !self.flush_staged(b, r) || b.sync_folder().is_err() {
             return false;
