@@ -183,27 +183,37 @@ impl Layout {
             path: path.clone(),
             error,
         };
-        self.make_parents(&path)?;
+        if self.temps != super::Temps::Beside {
+            // Beside its destination, the temporary file is in the parent already.
+            self.make_parents(&path)?;
+        }
         self.open.forget(id);
-        match self.dir.metadata(&path).map_err(io_err)? {
-            None => self.dir.rename_noreplace(&temp, &path).map_err(io_err)?,
-            Some(Meta {
-                kind: Kind::File, ..
-            }) => self.dir.rename(&temp, &path).map_err(io_err)?,
-            Some(Meta {
-                kind: Kind::Dir, ..
-            }) => {
-                // A directory where the file goes (the writer replaced it): it must be empty
-                // by now, the removals having been applied first.
-                self.dir.remove_dir(&path).map_err(io_err)?;
-                self.dir.rename_noreplace(&temp, &path).map_err(io_err)?;
+        // Most targets are new: one call. Otherwise what is there decides.
+        match self.dir.rename_noreplace(&temp, &path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                match self.dir.metadata(&path).map_err(io_err)? {
+                    None => self.dir.rename_noreplace(&temp, &path).map_err(io_err)?,
+                    Some(Meta {
+                        kind: Kind::File, ..
+                    }) => self.dir.rename(&temp, &path).map_err(io_err)?,
+                    Some(Meta {
+                        kind: Kind::Dir, ..
+                    }) => {
+                        // A directory where the file goes (the writer replaced it): it must
+                        // be empty by now, the removals having been applied first.
+                        self.dir.remove_dir(&path).map_err(io_err)?;
+                        self.dir.rename_noreplace(&temp, &path).map_err(io_err)?;
+                    }
+                    Some(_) => {
+                        return Err(PublishError::Unsafe {
+                            path,
+                            why: "something that is not a regular file is in the way",
+                        });
+                    }
+                }
             }
-            Some(_) => {
-                return Err(PublishError::Unsafe {
-                    path,
-                    why: "something that is not a regular file is in the way",
-                });
-            }
+            Err(e) => return Err(io_err(e)),
         }
         if let Some(slot) = self.slots.get_mut(&id)
             && slot.pending.take().is_some()
