@@ -115,21 +115,32 @@ impl Layout {
     /// (the files replaced) and the files that could not be published (they are staged again
     /// on the next attempt).
     pub fn commit_staged(&mut self) -> (Vec<u64>, Vec<PublishError>) {
-        self.staged_since = None;
         let mut orphans = Vec::new();
         let mut failed = Vec::new();
-        for id in std::mem::take(&mut self.staged) {
+        for id in self.take_staged() {
             match self.commit(id) {
                 Ok(o) => orphans.extend(o),
-                Err(e) => {
-                    if let Some(p) = self.slots.get_mut(&id).and_then(|s| s.pending.as_mut()) {
-                        p.staged = false;
-                    }
-                    failed.push(e);
-                }
+                Err(e) => failed.push(e),
             }
         }
         (orphans, failed)
+    }
+
+    /// The staged slots, taken to be committed one at a time with [`Layout::commit`] after a
+    /// successful [`Layout::flush`] (a caller with work to do around each rename). A slot
+    /// taken and not committed is given back with [`Layout::unstage`].
+    pub fn take_staged(&mut self) -> Vec<SlotId> {
+        self.staged_since = None;
+        std::mem::take(&mut self.staged)
+    }
+
+    /// A staged slot that will not be committed now: it is staged again (hash checked again)
+    /// on the next attempt.
+    pub fn unstage(&mut self, id: SlotId) {
+        self.staged.retain(|s| *s != id);
+        if let Some(p) = self.slots.get_mut(&id).and_then(|s| s.pending.as_mut()) {
+            p.staged = false;
+        }
     }
 
     /// Staged files whose flush failed: their bytes may not have reached the disk, and a later
@@ -169,8 +180,18 @@ impl Layout {
         }
     }
 
-    /// Renames staged slot `id` into place.
-    fn commit(&mut self, id: SlotId) -> Result<Vec<u64>, PublishError> {
+    /// Renames staged slot `id` into place (after a successful [`Layout::flush`]). Returns
+    /// the content blocks no file references any more (the file it replaced). On failure the
+    /// slot is unstaged ([`Layout::unstage`]) and tried again later.
+    pub fn commit(&mut self, id: SlotId) -> Result<Vec<u64>, PublishError> {
+        let r = self.rename_into_place(id);
+        if r.is_err() {
+            self.unstage(id);
+        }
+        r
+    }
+
+    fn rename_into_place(&mut self, id: SlotId) -> Result<Vec<u64>, PublishError> {
         let (path, temp) = {
             let slot = self.slots.get(&id).ok_or(PublishError::Gone)?;
             let p = slot.pending.as_ref().ok_or(PublishError::Gone)?;
