@@ -449,6 +449,9 @@ fn a_newer_file_with_right_size_and_mtime_but_zeros_is_fetched_again() {
         .unwrap()
         .set_modified(mtime)
         .unwrap();
+    // The version recorded: `applied` (and a reader ledger, where there is one, which falls
+    // back to `applied` when missing).
+    let _ = fs::remove_file(dst.join(".feedsync/ledger"));
     fs::write(dst.join(".feedsync/applied"), b"0").unwrap();
     run(&["sync", d, "--peer", &addr, "--once", "--no-discovery"]);
     assert!(
@@ -615,6 +618,11 @@ fn a_failed_flush_is_reported_and_the_version_not_recorded() {
         !dst.join(".feedsync/applied").exists(),
         "a version was recorded although its flush failed"
     );
+    assert_eq!(
+        status_version(&dst),
+        Some(0),
+        "the running reader counts a version as applied although its flush failed"
+    );
     for k in 0..5 {
         assert!(
             !dst.join(format!("a/f{k}")).exists(),
@@ -628,7 +636,7 @@ fn a_failed_flush_is_reported_and_the_version_not_recorded() {
         events
             .iter()
             .any(|e| matches!(e, DriveEvent::Complete { .. }))
-            && dst.join(".feedsync/applied").exists()
+            && status_version(&dst).is_some_and(|v| v > 0)
     });
     for k in 0..5u64 {
         assert_eq!(
@@ -636,8 +644,16 @@ fn a_failed_flush_is_reported_and_the_version_not_recorded() {
             bytes(30 + k, 10_000)
         );
     }
+    assert!(status_version(&dst).is_some_and(|v| v > 0));
     node.shutdown().unwrap();
     share.kill();
+}
+
+/// The version a running node says its folder is at (`status.json`, rewritten each second).
+fn status_version(dir: &Path) -> Option<u64> {
+    let bytes = fs::read(dir.join(".feedsync/status.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("version")?.as_u64()
 }
 
 #[test]
