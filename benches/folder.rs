@@ -14,6 +14,9 @@
 //! (clones and `cp -a` alike): ext4's inode allocation slows down after mass deletions, which
 //! any disk in use has seen and a fresh benchmark directory has not.
 //!
+//! `FEEDSYNC_BENCH_BEFORE=BINARY` adds a clone made by another build (the code before a
+//! change) to each workload, against the same share, in the same run.
+//!
 //! `--only publish` times, without feedsync, ways to make 10,000 small files durable before
 //! their renames (per-file `fsync` against one `syncfs` per batch; temporary files beside
 //! their destination or in one directory).
@@ -86,9 +89,9 @@ fn share(dir: &Path) -> Shared {
     }
 }
 
-fn clone_once(s: &Shared, dst: &Path, temps: Option<&str>) -> (Duration, u64) {
+fn clone_once(s: &Shared, dst: &Path, temps: Option<&str>, bin: &str) -> (Duration, u64) {
     let t = Instant::now();
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin);
     if let Some(v) = temps {
         cmd.env("FEEDSYNC_TEMPS", v);
     }
@@ -171,10 +174,17 @@ fn run(name: &str, src: &Path, bytes: u64, tmp: &Path, variants: Variants, churn
     let _ = Command::new("sync").status();
     let mut s = share(src);
     let mut clones = Vec::new();
-    for (k, (label, temps)) in variants.iter().enumerate() {
+    // `FEEDSYNC_BENCH_BEFORE=BINARY`: the same clone with another build (the code before a
+    // change), in the same run, against the same share.
+    let before = std::env::var("FEEDSYNC_BENCH_BEFORE").ok();
+    let runs = variants
+        .iter()
+        .map(|(label, temps)| (label.to_string(), *temps, BIN.to_string()))
+        .chain(before.map(|b| (format!("before: {b}"), None, b)));
+    for (k, (label, temps, bin)) in runs.enumerate() {
         churn(tmp, churn_n);
         let dst = tmp.join(format!("{name}-clone{k}"));
-        let (took, reader_peak) = clone_once(&s, &dst, *temps);
+        let (took, reader_peak) = clone_once(&s, &dst, temps, &bin);
         clones.push((label, took, reader_peak));
         let _ = fs::remove_dir_all(&dst);
     }
