@@ -8,7 +8,21 @@
 //! - W3: a live clone of W2; one 4 KiB file is rewritten in the source and the clock runs until
 //!   the clone's copy holds the new bytes. Median and max of 20 changes.
 //!
-//! `cargo bench --bench folder [-- --only w1|w2|w3]`. Traffic stays on 127.0.0.1.
+//! W2's clone runs twice in the same run: temporary files beside their destination (the
+//! default) and in `.feedsync/tmp` (`FEEDSYNC_TEMPS=state`), to keep the faster. `--churn N`
+//! creates and deletes N files of 4 KiB on the same file system before each W2 measurement
+//! (clones and `cp -a` alike): ext4's inode allocation slows down after mass deletions, which
+//! any disk in use has seen and a fresh benchmark directory has not.
+//!
+//! `FEEDSYNC_BENCH_BEFORE=BINARY` adds a clone made by another build (the code before a
+//! change) to each workload, against the same share, in the same run.
+//!
+//! `--only publish` times, without feedsync, ways to make 10,000 small files durable before
+//! their renames (per-file `fsync` against one `syncfs` per batch; temporary files beside
+//! their destination or in one directory).
+//!
+//! `cargo bench --bench folder [-- --only w1|w2|w3|publish] [--churn N]`. Traffic stays on
+//! 127.0.0.1.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -75,9 +89,13 @@ fn share(dir: &Path) -> Shared {
     }
 }
 
-fn clone_once(s: &Shared, dst: &Path) -> (Duration, u64) {
+fn clone_once(s: &Shared, dst: &Path, temps: Option<&str>, bin: &str) -> (Duration, u64) {
     let t = Instant::now();
-    let mut c = Command::new(BIN)
+    let mut cmd = Command::new(bin);
+    if let Some(v) = temps {
+        cmd.env("FEEDSYNC_TEMPS", v);
+    }
+    let mut c = cmd
         .args([
             "clone",
             &s.url,
@@ -132,33 +150,119 @@ fn random_file(path: &Path, seed: u64, len: usize) {
     fs::write(path, buf).unwrap();
 }
 
-fn run(name: &str, src: &Path, bytes: u64, tmp: &Path) {
+/// Creates and deletes `n` files of 4 KiB (100 per directory) under `tmp`, then syncs.
+fn churn(tmp: &Path, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let dir = tmp.join("churn");
+    for i in 0..n {
+        let d = dir.join(format!("c{:04}", i / 100));
+        if i % 100 == 0 {
+            fs::create_dir_all(&d).unwrap();
+        }
+        fs::write(d.join(format!("x{i}")), [0u8; 4096]).unwrap();
+    }
+    fs::remove_dir_all(&dir).unwrap();
+    let _ = Command::new("sync").status();
+}
+
+/// Clone variants: a label and the `FEEDSYNC_TEMPS` value (`None`: the default).
+type Variants<'a> = &'a [(&'a str, Option<&'a str>)];
+
+fn run(name: &str, src: &Path, bytes: u64, tmp: &Path, variants: Variants, churn_n: u64) {
     let _ = Command::new("sync").status();
     let mut s = share(src);
-    let dst = tmp.join(format!("{name}-clone"));
-    let (took, reader_peak) = clone_once(&s, &dst);
+    let mut clones = Vec::new();
+    // `FEEDSYNC_BENCH_BEFORE=BINARY`: the same clone with another build (the code before a
+    // change), in the same run, against the same share.
+    let before = std::env::var("FEEDSYNC_BENCH_BEFORE").ok();
+    let runs = variants
+        .iter()
+        .map(|(label, temps)| (label.to_string(), *temps, BIN.to_string()))
+        .chain(before.map(|b| (format!("before: {b}"), None, b)));
+    for (k, (label, temps, bin)) in runs.enumerate() {
+        churn(tmp, churn_n);
+        let dst = tmp.join(format!("{name}-clone{k}"));
+        let (took, reader_peak) = clone_once(&s, &dst, temps, &bin);
+        clones.push((label, took, reader_peak));
+        let _ = fs::remove_dir_all(&dst);
+    }
     let writer_peak = peak_rss_mib(s.child.id());
     let _ = s.child.kill();
     let _ = s.child.wait();
+    churn(tmp, churn_n);
     let cp = cp_a(src, &tmp.join(format!("{name}-cp")));
+    let _ = fs::remove_dir_all(tmp.join(format!("{name}-cp")));
     println!("{name}:");
     println!(
         "  import {:.3} s ({:.0} MB/s)",
         s.import.as_secs_f64(),
         bytes as f64 / s.import.as_secs_f64() / 1e6
     );
-    println!(
-        "  clone --once {:.3} s ({:.0} MB/s); share + clone {:.3} s",
-        took.as_secs_f64(),
-        bytes as f64 / took.as_secs_f64() / 1e6,
-        (s.import + took).as_secs_f64()
-    );
-    println!("  peak RSS: share {writer_peak} MiB, clone {reader_peak} MiB");
-    println!(
-        "  cp -a + sync {:.3} s; clone / cp = {:.2}x",
-        cp.as_secs_f64(),
-        took.as_secs_f64() / cp.as_secs_f64()
-    );
+    for (label, took, reader_peak) in clones {
+        println!(
+            "  clone --once ({label}) {:.3} s ({:.0} MB/s); share + clone {:.3} s; \
+             clone / cp = {:.2}x; peak RSS clone {reader_peak} MiB",
+            took.as_secs_f64(),
+            bytes as f64 / took.as_secs_f64() / 1e6,
+            (s.import + took).as_secs_f64(),
+            took.as_secs_f64() / cp.as_secs_f64()
+        );
+    }
+    println!("  peak RSS: share {writer_peak} MiB");
+    println!("  cp -a + sync {:.3} s", cp.as_secs_f64());
+}
+
+/// How to make 10,000 files of 4 KiB (100 directories) durable before their renames, on this
+/// disk: `fsync` each temporary file then rename it, or one `syncfs` for all, the renames, and
+/// one more `syncfs` (what publish does); then the same with the temporary files in one
+/// directory. Each variant after `--churn N` deletions, like the clones.
+fn publish_strategies(tmp: &Path, churn_n: u64) {
+    use std::os::fd::AsFd;
+    println!("publish strategies (10,000 x 4 KiB, temps then rename):");
+    for (label, beside, per_file) in [
+        ("fsync each, beside", true, true),
+        ("syncfs per batch, beside", true, false),
+        ("fsync each, one temp dir", false, true),
+        ("syncfs per batch, one temp dir", false, false),
+    ] {
+        churn(tmp, churn_n);
+        let root = tmp.join("strategy");
+        fs::create_dir_all(root.join("tmp")).unwrap();
+        let data = [7u8; 4096];
+        let t = Instant::now();
+        let mut staged = Vec::new();
+        for d in 0..100 {
+            let dir = root.join(format!("d{d:03}"));
+            fs::create_dir_all(&dir).unwrap();
+            for f in 0..100 {
+                let temp = if beside {
+                    dir.join(format!(".f{f:03}.feedsync-0123456789abcdef"))
+                } else {
+                    root.join(format!("tmp/{d:03}{f:03}.part"))
+                };
+                let file = fs::File::create(&temp).unwrap();
+                std::io::Write::write_all(&mut &file, &data).unwrap();
+                if per_file {
+                    file.sync_all().unwrap();
+                    fs::rename(&temp, dir.join(format!("f{f:03}"))).unwrap();
+                } else {
+                    staged.push((temp, dir.join(format!("f{f:03}"))));
+                }
+            }
+        }
+        let dirfd = fs::File::open(&root).unwrap();
+        if !per_file {
+            rustix::fs::syncfs(dirfd.as_fd()).unwrap();
+            for (temp, dst) in staged {
+                fs::rename(temp, dst).unwrap();
+            }
+        }
+        rustix::fs::syncfs(dirfd.as_fd()).unwrap();
+        println!("  {label}: {:.3} s", t.elapsed().as_secs_f64());
+        fs::remove_dir_all(&root).unwrap();
+    }
 }
 
 fn main() {
@@ -168,18 +272,32 @@ fn main() {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
     let want = |w: &str| only.as_deref().is_none_or(|o| o == w);
+    let churn_n: u64 = args
+        .iter()
+        .position(|a| a == "--churn")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(0);
+    let default: Variants = &[("default", None)];
+    let temps: Variants = &[
+        ("temps beside", None),
+        ("temps in .feedsync/tmp", Some("state")),
+    ];
     let tmp = tempfile::tempdir().unwrap();
 
     if want("w1") {
         let src = tmp.path().join("w1");
         fs::create_dir_all(&src).unwrap();
         random_file(&src.join("one.bin"), 1, 1 << 30);
-        run("W1 (1 GiB file)", &src, 1 << 30, tmp.path());
+        run("W1 (1 GiB file)", &src, 1 << 30, tmp.path(), default, 0);
         fs::remove_dir_all(&src).unwrap();
-        let _ = fs::remove_dir_all(tmp.path().join("W1 (1 GiB file)-clone"));
+
         let _ = fs::remove_dir_all(tmp.path().join("W1 (1 GiB file)-cp"));
     }
     let w2 = tmp.path().join("w2");
+    if only.as_deref() == Some("publish") {
+        publish_strategies(tmp.path(), churn_n);
+        return;
+    }
     if want("w2") || want("w3") {
         for d in 0..100 {
             let dir = w2.join(format!("d{d:03}"));
@@ -190,7 +308,14 @@ fn main() {
         }
     }
     if want("w2") {
-        run("W2 (10,000 x 4 KiB)", &w2, 10_000 * 4096, tmp.path());
+        run(
+            "W2 (10,000 x 4 KiB)",
+            &w2,
+            10_000 * 4096,
+            tmp.path(),
+            temps,
+            churn_n,
+        );
     }
     if want("w3") {
         let mut s = share(&w2);

@@ -9,7 +9,7 @@
 mod common;
 
 use common::bytes;
-use feedsync::drive::layout::{self, FolderBlocks, Layout, Shared};
+use feedsync::drive::layout::{self, FolderBlocks, Layout, Shared, Temps};
 use feedsync::drive::record::{BLOCK_SIZE, Extent, FileInfo};
 use feedsync::storage::BlockData;
 use proptest::prelude::*;
@@ -102,15 +102,13 @@ struct World<'a> {
     stored: BTreeSet<u64>,
     published: BTreeSet<String>,
     layout: Shared,
+    temps: Temps,
 }
 
 impl World<'_> {
     fn open(&mut self) {
-        self.layout = Layout::new(
-            self.root.to_path_buf(),
-            self.root.join(".feedsync/tmp"),
-            false,
-        );
+        self.layout = Layout::open(self.root, false).unwrap();
+        layout::lock(&self.layout).set_temps(self.temps.clone());
         for k in 0..self.known {
             self.register(k);
         }
@@ -178,7 +176,14 @@ impl World<'_> {
     }
 }
 
-fn run(seed: u64, early: Vec<Spec>, late: Vec<Spec>, order: Vec<u64>, steps: Vec<Step>) {
+fn run(
+    seed: u64,
+    temps: Temps,
+    early: Vec<Spec>,
+    late: Vec<Spec>,
+    order: Vec<u64>,
+    steps: Vec<Step>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let pool = Pool::new(seed);
     let mut files = Vec::new();
@@ -193,7 +198,8 @@ fn run(seed: u64, early: Vec<Spec>, late: Vec<Spec>, order: Vec<u64>, steps: Vec
         known: early.len(),
         stored: BTreeSet::new(),
         published: BTreeSet::new(),
-        layout: Layout::new(dir.path().into(), dir.path().join("x"), false),
+        layout: Layout::open(dir.path(), false).unwrap(),
+        temps,
     };
     w.open();
     let mut order = order.into_iter();
@@ -231,10 +237,7 @@ fn run(seed: u64, early: Vec<Spec>, late: Vec<Spec>, order: Vec<u64>, steps: Vec
         assert!(got == **content, "{path}: not the blocks in order");
     }
     assert_eq!(layout::lock(&w.layout).pending_count(), 0);
-    let tmp = dir.path().join(".feedsync/tmp");
-    let left: Vec<_> = fs::read_dir(&tmp)
-        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
-        .unwrap_or_default();
+    let left = temporaries(dir.path());
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }
 
@@ -249,7 +252,7 @@ proptest! {
         order in prop::collection::vec(0..(ZERO + 1 + TAILS.len()) as u64, 0..24),
         steps in prop::collection::vec(step_strategy(), 0..40),
     ) {
-        run(seed, early, late, order, steps);
+        run(seed, Temps::Beside, early, late, order, steps);
     }
 }
 
@@ -272,5 +275,40 @@ fn boundary_sizes_backwards_with_kills() {
         .iter()
         .flat_map(|_| [Step::Deliver, Step::Kill])
         .collect();
-    run(7, specs, vec![], order, steps);
+    run(
+        7,
+        Temps::Beside,
+        specs.clone(),
+        vec![],
+        order.clone(),
+        steps.clone(),
+    );
+    run(
+        7,
+        Temps::In(".feedsync/tmp".into()),
+        specs,
+        vec![],
+        order,
+        steps,
+    );
+}
+
+/// Temporary files anywhere under `root`: ours beside their destination, or any file in the
+/// state area's `tmp`.
+fn temporaries(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else if layout::is_temp_name(&name) || d.ends_with(".feedsync/tmp") {
+                out.push(e.path().display().to_string());
+            }
+        }
+    }
+    out
 }

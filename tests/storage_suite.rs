@@ -244,10 +244,9 @@ fn folder_backend() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("folder");
     std::fs::create_dir(&root).unwrap();
-    let tmp = root.join(".feedsync/tmp");
     let store_dir = root.join(".feedsync/content");
 
-    let raw = Layout::new(root.clone(), tmp.clone(), false);
+    let raw = Layout::open(&root, false).unwrap();
     contract(
         DiskStorage::open_with_blocks(dir.path().join("raw"), Box::new(FolderBlocks(raw))).unwrap(),
         false,
@@ -292,7 +291,7 @@ fn folder_backend() {
         "the files' blocks are the boundary sizes a content feed holds"
     );
 
-    let layout = Layout::new(root.clone(), tmp.clone(), false);
+    let layout = Layout::open(&root, false).unwrap();
     for (path, info) in &infos {
         layout::lock(&layout).add_pending(path.clone(), info.clone());
     }
@@ -331,7 +330,7 @@ fn folder_backend() {
     drop(layout);
 
     // Reopened: the blocks are read from the published files.
-    let layout = Layout::new(root.clone(), tmp, false);
+    let layout = Layout::open(&root, false).unwrap();
     for (path, info) in &infos {
         layout::lock(&layout).add_live(path.clone(), info.clone());
     }

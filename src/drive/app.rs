@@ -12,7 +12,6 @@ use crate::drive::writer::Writer;
 use crate::fsio::{Dir, FileIo};
 use crate::storage::DiskStorage;
 use crate::sync::{App, Waker};
-use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -122,12 +121,25 @@ impl Base {
         self.reporter.problem(p);
     }
 
-    /// Syncs the filesystem: one call for a batch of published files.
-    pub fn sync_folder(&mut self) {
-        if let Ok(f) = fs::File::open(&self.root) {
-            let _ = rustix::fs::syncfs(&f);
+    /// Makes the folder durable: one `syncfs` for a batch of published files, on the folder
+    /// root's handle the layout keeps open (a fresh descriptor would not see write-back errors
+    /// from before it was opened). A failure is reported (once) and returned: the caller must
+    /// not record a version as applied on it.
+    pub fn sync_folder(&mut self) -> io::Result<()> {
+        let dir = layout::lock(&self.layout).dir();
+        match dir.sync_fs() {
+            Ok(()) => {
+                self.dirty_since = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.problem(DriveProblem::Io {
+                    path: self.root.clone(),
+                    error: format!("flushing the folder to disk failed: {e}"),
+                });
+                Err(e)
+            }
         }
-        self.dirty_since = None;
     }
 
     fn refresh_stats(&mut self, r: &Replicator<DiskStorage>, role: &'static str, version: u64) {
@@ -299,7 +311,10 @@ impl App for DriveApp {
 
     fn shutdown(&mut self, r: &mut Replicator<DiskStorage>) -> io::Result<()> {
         match &mut self.side {
-            Side::Writer(_) => self.base.sync_folder(),
+            Side::Writer(_) => {
+                // Reported by `sync_folder`; the writer records nothing on it.
+                let _ = self.base.sync_folder();
+            }
             Side::Reader(rd) => rd.shutdown(&mut self.base, r),
         }
         let (role, version) = self.role();

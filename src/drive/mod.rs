@@ -4,7 +4,8 @@
 //! ```text
 //! DIR/.feedsync/meta/      the metadata feed's store (records; the writer's secret key)
 //! DIR/.feedsync/content/   the content feed's store, without a data file: blocks are in DIR
-//! DIR/.feedsync/tmp/       files being reassembled (reader), renamed into place when verified
+//! DIR/**/.NAME.feedsync-*  files being reassembled (reader), hidden beside their destination,
+//!                          renamed into place when verified and flushed (see `layout::publish`)
 //! DIR/.feedsync/ledger     what the reader wrote, and the version the folder was last
 //!                          brought to (reader; see [`ledger`]), with its journal
 //! DIR/.feedsync/status.json  progress, rewritten when it changes (for `feedsync status`)
@@ -58,7 +59,7 @@ pub use record::Limits;
 
 use crate::core::Feed;
 use crate::core::replicator::FeedId;
-use crate::fsio::{Dir, FileIo, Kind};
+use crate::fsio::{Dir, FileIo};
 use crate::storage::DiskStorage;
 use ed25519_dalek::SigningKey;
 use layout::{FolderBlocks, Shared};
@@ -221,7 +222,7 @@ impl Drive {
         getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
         let key = SigningKey::from_bytes(&seed);
         let ckey = content_key(&seed);
-        let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), true);
+        let layout = layout::Layout::new(root_dir.clone(), root.clone(), true);
         let (meta_store, meta_lock) = dirs::open_store(&*state_handle, &root, "meta", true, None)?;
         let mut meta = Feed::create(meta_store, key)?;
         let blocks = Box::new(FolderBlocks(layout.clone()));
@@ -307,7 +308,7 @@ impl Drive {
         }
         let root_dir = dirs::open_folder(&root)?;
         let state_handle = dirs::open_state(&*root_dir, &root, true)?;
-        let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), false);
+        let layout = layout::Layout::new(root_dir.clone(), root.clone(), false);
         let meta = Feed::create_replica(DiskStorage::open(state_dir.join("meta"))?, key)?;
         dirs::check_unmoved(&*state_handle, &root)?;
         Ok(Self {
@@ -336,7 +337,7 @@ impl Drive {
         let (meta_store, meta_lock) = dirs::open_store(&*state_handle, &root, "meta", false, None)?;
         let meta = Feed::open(meta_store)?;
         let writer = meta.is_writable();
-        let layout = layout::Layout::new(root.clone(), state_dir.join("tmp"), writer);
+        let layout = layout::Layout::new(root_dir.clone(), root.clone(), writer);
         let mut locks = vec![meta_lock];
         let content = if state_handle.metadata("content/header")?.is_some() {
             let blocks = Box::new(FolderBlocks(layout.clone()));
@@ -532,29 +533,10 @@ impl Drive {
         } else {
             Self::replay_with(&mut self.meta, applied, &limits)?
         };
-        {
-            // Files in place: as the newest version has them (a clone killed after publishing
-            // but before recording the version it reached), or as the previous one left them.
-            // Size and mtime identify them, as the writer's scan does; every block read from
-            // them is checked against its leaf hash before it is served or reused.
-            let mut l = layout::lock(&self.layout);
-            for (path, e) in full.entries.iter().chain(&previous.entries) {
-                if l.slot_at(path).is_some() {
-                    continue;
-                }
-                if let Entry::File(info) = e {
-                    let on_disk = self.root_dir.metadata(path).ok().flatten();
-                    let matches = on_disk.is_some_and(|m| {
-                        m.kind == Kind::File
-                            && m.len == info.size
-                            && import::stamp_time(m.mtime) == (info.mtime_secs, info.mtime_nanos)
-                    });
-                    if matches || self.writer {
-                        l.add_live(path.clone(), info.clone());
-                    }
-                }
-            }
-        }
+        // Files in place: as the newest version has them (a clone stopped after publishing
+        // but before recording the version it reached: checked by hash), or as the applied one
+        // left them. See `layout::Layout::adopt_in_place`.
+        layout::lock(&self.layout).adopt_in_place(&full, &previous, self.writer);
         let mut feeds = vec![(self.meta, !self.writer)];
         let content = self.content.is_some().then_some(first + 1);
         if let Some(c) = self.content {

@@ -6,14 +6,24 @@
 //! verified block straight into the file being reassembled.
 //!
 //! # Reassembly (reader side)
-//! A file still to be fetched is *pending*: its bytes go to a temporary file in the state area
-//! (`.feedsync/tmp`), each verified block written at its own position as it arrives (blocks come
-//! out of order from several peers). Per file it keeps a register (the next position to hash),
+//! A file still to be fetched is *pending*: its bytes go to a temporary file (hidden, next to
+//! its destination: see [`Temps`]), each verified block written at its own position as it
+//! arrives (blocks come out of order from several peers). Per file it keeps a register (the next position to hash),
 //! the set of positions written, and a counter of positions left. The whole-file hash advances
 //! in order through the register: a block arriving in order is hashed from memory, a run of
-//! early blocks is read back once the gap before it fills. When nothing is left, [`Layout::publish`]
-//! checks the whole-file hash, sets mode and mtime, and renames the file into place, which is
-//! atomic: a final path holds the old file or the complete, verified new one, never a part.
+//! early blocks is read back once the gap before it fills. When nothing is left, the file is
+//! *staged* ([`Layout::stage`]: whole-file hash checked, length, mode and mtime set), the file
+//! system is flushed once for a batch of staged files ([`Layout::flush`]), and only then is each
+//! renamed into place ([`Layout::commit_staged`]). The rename is atomic and comes after the
+//! bytes are durable: after a crash or a power cut a final path holds the old file or the
+//! complete, verified new one, never a part and never zeros.
+//!
+//! # Folder IO
+//! Every file and directory of the folder is reached through one directory handle for its root
+//! ([`Dir`], opened once and kept): nothing resolves a path from `/` again, no symlink planted
+//! by another local user can redirect a rename, a mkdir or a removal (`openat2` beneath the
+//! root, no symlinks), a FIFO planted where a file was is refused without blocking, and
+//! `syncfs` on the long-lived handle reports every write-back error since it was opened.
 //!
 //! Early blocks are written to their place instead of being held in memory: a block counted as
 //! stored in the feed's bitfield must survive a kill, and memory stays flat however far ahead the
@@ -23,25 +33,32 @@
 //! # Layout
 //! - this file: the block map ([`Layout`]): slots (files) and which content blocks each holds,
 //!   and [`FolderBlocks`], the content feed's [`BlockData`] on top of it.
-//! - `handles.rs`: the cache of open file handles.
+//! - `handles.rs`: the cache of open file handles (and the identity check of served files).
 //! - `reassembly.rs`: writing verified blocks into pending files, the in-order register.
-//! - `publish.rs`: the whole-file check and the atomic rename into place; safe target paths.
+//! - `publish.rs`: staging, the batched flush and the rename into place; parents, removals.
+//! - `temps.rs`: where temporary files live, their names, sweeping stale ones.
+//! - `adopt.rs`: files found in place when a node starts (checked by hash when newer than the
+//!   version recorded as applied).
 
+mod adopt;
 mod handles;
 mod publish;
 mod reassembly;
+mod temps;
 
-pub use publish::{PublishError, mtime, safe_target};
+pub use publish::{PublishError, mtime, stamp};
+pub use temps::{Temps, is_temp_name};
 
 use crate::core::bitfield::Bitfield;
 use crate::drive::record::FileInfo;
+use crate::fsio::{Dir, RealDir};
 use crate::storage::BlockData;
 use handles::Handles;
 use std::collections::{BTreeSet, HashMap};
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// A slot's identifier inside the layout.
 pub type SlotId = u32;
@@ -55,6 +72,9 @@ pub struct Slot {
     pub info: FileInfo,
     /// `Some` while the file is being fetched (boxed: most slots are complete files).
     pub pending: Option<Box<Pending>>,
+    /// Device and inode of the file in place, once known (published here, or pinned the first
+    /// time it is opened for serving): a different file at the path is not this one.
+    pub(super) ident: Option<(u64, u64)>,
 }
 
 /// Reassembly state of a file being fetched. Where each block goes is read from the file's
@@ -70,8 +90,12 @@ pub struct Pending {
     /// BLAKE3 state is ~2 KB, and a big tree has thousands of files waiting at once).
     pub(super) next: u64,
     pub(super) hasher: Option<Box<blake3::Hasher>>,
-    /// The temporary file.
+    /// The temporary file (full path, for messages).
     pub temp: PathBuf,
+    /// The temporary file, relative to the folder root (how it is reached).
+    pub(super) temp_rel: String,
+    /// Hash checked, length, mode and mtime set: waiting for the flush before its rename.
+    pub(super) staged: bool,
 }
 
 /// The shared layout: the content feed's storage and the drive logic both hold it.
@@ -80,8 +104,12 @@ pub type Shared = Arc<Mutex<Layout>>;
 /// See the module docs.
 #[derive(Debug)]
 pub struct Layout {
+    /// The folder's path, for messages only: every operation goes through `dir`.
     pub(super) root: PathBuf,
-    pub(super) tmp: PathBuf,
+    /// The folder root's handle, opened once (see the module docs).
+    pub(super) dir: Arc<dyn Dir>,
+    /// Where temporary files are made.
+    pub(super) temps: Temps,
     pub(super) writer: bool,
     pub(super) slots: HashMap<SlotId, Slot>,
     next_slot: SlotId,
@@ -95,6 +123,11 @@ pub struct Layout {
     pub(super) shadow: HashMap<SlotId, SlotId>,
     /// Number of pending slots (asked after every event: kept, not counted).
     pub(super) pending: usize,
+    /// Staged slots (see [`Layout::stage`]), in staging order, and since when the oldest waits.
+    pub(super) staged: Vec<SlotId>,
+    pub(super) staged_since: Option<Instant>,
+    /// Stale temporary files were swept in this run (see [`Layout::sweep_temps_once`]).
+    swept: bool,
 }
 
 /// Locks the shared layout. A panic while it was held leaves nothing half-updated that matters
@@ -104,12 +137,14 @@ pub fn lock(shared: &Shared) -> MutexGuard<'_, Layout> {
 }
 
 impl Layout {
-    /// An empty layout for the folder at `root`, with temporary files in `tmp`. A `writer`'s
-    /// blocks are in its files already when the feed appends them.
-    pub fn new(root: PathBuf, tmp: PathBuf, writer: bool) -> Shared {
+    /// An empty layout for the folder whose root handle is `dir` (`root` names it in
+    /// messages). A `writer`'s blocks are in its files already when the feed appends them.
+    /// Temporary files go next to their destination ([`Temps::default`]).
+    pub fn new(dir: Arc<dyn Dir>, root: PathBuf, writer: bool) -> Shared {
         Arc::new(Mutex::new(Self {
             root,
-            tmp,
+            dir,
+            temps: Temps::default(),
             writer,
             slots: HashMap::new(),
             next_slot: 0,
@@ -119,12 +154,37 @@ impl Layout {
             open: Handles::default(),
             shadow: HashMap::new(),
             pending: 0,
+            staged: Vec::new(),
+            staged_since: None,
+            swept: false,
         }))
+    }
+
+    /// [`Layout::new`] on the real folder at `root` (its handle opened here, once).
+    pub fn open(root: &Path, writer: bool) -> io::Result<Shared> {
+        let dir = RealDir::open_path(root)?;
+        Ok(Self::new(Arc::new(dir), root.to_path_buf(), writer))
     }
 
     /// The folder.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The folder root's handle: all folder IO goes through it (see the module docs).
+    pub fn dir(&self) -> Arc<dyn Dir> {
+        self.dir.clone()
+    }
+
+    /// Replaces the folder root's handle (before the drive runs): a test wraps the real one to
+    /// inject flush failures into a running drive.
+    pub fn set_dir(&mut self, dir: Arc<dyn Dir>) {
+        self.dir = dir;
+    }
+
+    /// Where temporary files are made (before any file is pending).
+    pub fn set_temps(&mut self, temps: Temps) {
+        self.temps = temps;
     }
 
     /// The slot at `path`, if any.
@@ -196,6 +256,7 @@ impl Layout {
                 path,
                 info,
                 pending: pending.map(Box::new),
+                ident: None,
             },
         );
         id
@@ -206,21 +267,28 @@ impl Layout {
         self.insert(path, info, None)
     }
 
+    /// Registers a complete file at its final path whose device and inode are known (the
+    /// importer's `fstat` of it): serving refuses any other file found there.
+    pub fn add_live_as(&mut self, path: String, info: FileInfo, dev: u64, ino: u64) -> SlotId {
+        let id = self.insert(path, info, None);
+        if let Some(s) = self.slots.get_mut(&id) {
+            s.ident = Some((dev, ino));
+        }
+        id
+    }
+
     /// Registers a file to fetch; its temporary file is named after its path and hash, so a
     /// restart finds the same one.
     pub fn add_pending(&mut self, path: String, info: FileInfo) -> SlotId {
-        let name = blake3::Hasher::new()
-            .update(path.as_bytes())
-            .update(&[0])
-            .update(&info.hash)
-            .finalize();
-        let temp = self.tmp.join(format!("{}.part", &name.to_hex()[..32]));
+        let temp_rel = self.temps.name_for(&path, &info);
         let pending = Pending {
             done: Bitfield::new(),
             left: info.blocks(),
             next: 0,
             hasher: None,
-            temp,
+            temp: self.root.join(&temp_rel),
+            temp_rel,
+            staged: false,
         };
         self.insert(path, info, Some(pending))
     }
@@ -232,7 +300,10 @@ impl Layout {
         };
         if let Some(p) = &slot.pending {
             self.pending -= 1;
-            let _ = fs::remove_file(&p.temp); // a version no longer wanted
+            let _ = self.dir.remove_file(&p.temp_rel); // a version no longer wanted
+            if p.staged {
+                self.staged.retain(|s| *s != id);
+            }
         }
         self.ready.remove(&id);
         self.open.forget(id);
@@ -288,12 +359,12 @@ impl Layout {
     }
 
     /// Pending slots with nothing left to write go back to the ready set (a publish that
-    /// failed on a full disk, say, is tried again).
+    /// failed on a full disk, say, is tried again). Staged ones wait for the flush instead.
     pub fn requeue_complete(&mut self) {
         let done: Vec<SlotId> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.pending.as_ref().is_some_and(|p| p.left == 0))
+            .filter(|(_, s)| s.pending.as_ref().is_some_and(|p| p.left == 0 && !p.staged))
             .map(|(id, _)| *id)
             .collect();
         self.ready.extend(done);

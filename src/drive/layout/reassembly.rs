@@ -4,9 +4,7 @@
 use super::{Layout, SlotId};
 use crate::core::bitfield::Bitfield;
 use crate::drive::record::BLOCK_SIZE;
-use std::fs;
 use std::io;
-use std::os::unix::fs::FileExt;
 
 impl Layout {
     /// Reads `buf.len()` bytes of position `pos` of a slot's file (temporary or final).
@@ -81,7 +79,7 @@ impl Layout {
             // A block of zeros past the end of the file is left as a hole: a sparse file stays
             // sparse, and costs no writes (the final length is set when publishing).
             let zero = data.iter().all(|&b| b == 0);
-            let len = if zero { f.metadata()?.len() } else { 0 };
+            let len = if zero { f.metadata()?.len } else { 0 };
             for &q in &todo {
                 let at = q * BLOCK_SIZE as u64;
                 if zero && at >= len {
@@ -90,6 +88,8 @@ impl Layout {
                 f.write_all_at(data, at)?;
             }
         }
+        // Invariant: the slot and its pending state were found above, and `handle` neither
+        // removes slots nor ends their pending state.
         let slot = self.slots.get_mut(&id).expect("checked above");
         let info = &slot.info;
         let p = slot.pending.as_mut().expect("checked above");
@@ -121,7 +121,11 @@ impl Layout {
         if let Some(slot) = self.slots.get_mut(&id)
             && let Some(p) = slot.pending.as_mut()
         {
-            let _ = fs::remove_file(&p.temp);
+            let _ = self.dir.remove_file(&p.temp_rel);
+            if p.staged {
+                p.staged = false;
+                self.staged.retain(|s| *s != id);
+            }
             p.done = Bitfield::new();
             p.left = slot.info.blocks();
             p.next = 0;

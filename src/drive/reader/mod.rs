@@ -26,9 +26,9 @@ use crate::drive::record::{self, BLOCK_SIZE, Entry, State};
 use crate::storage::DiskStorage;
 use fetch::{drop_stale_pending, fill_from_local, update_want};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::time::{Duration, Instant};
 
+mod durable;
 mod fetch;
 
 /// See the module docs.
@@ -131,7 +131,8 @@ impl Reader {
         if b.dirty_since
             .is_some_and(|t| now.duration_since(t) >= Duration::from_millis(200))
         {
-            self.make_durable(b, r);
+            // A failure is reported inside; the next tick tries again.
+            let _ = self.make_durable(b, r);
         }
         if self.over_budget && settled(b) {
             // The files taken on are done: the next ones.
@@ -146,9 +147,11 @@ impl Reader {
     }
 
     /// Once per version reached: made durable, then [`DriveEvent::Complete`].
-    fn report_complete(&mut self, b: &mut Base, r: &Replicator<DiskStorage>) {
-        if self.complete_at != Some(b.state.version) && self.is_done(b, r) {
-            self.make_durable(b, r);
+    fn report_complete(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        if self.complete_at != Some(b.state.version)
+            && self.is_done(b, r)
+            && self.make_durable(b, r)
+        {
             self.complete_at = Some(b.state.version);
             b.reporter.send(DriveEvent::Complete {
                 version: b.state.version,
@@ -207,7 +210,7 @@ impl Reader {
     pub fn shutdown(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         self.publish_ready(b, r);
         self.ledger_saved = None; // written now, settled or not
-        self.make_durable(b, r);
+        let _ = self.make_durable(b, r); // a failure is reported inside
         // `--once` stops as soon as the loop sees the job done, maybe before a tick said so.
         self.report_complete(b, r);
     }
@@ -393,13 +396,13 @@ impl Reader {
         }
         // 3. Directories.
         for d in &plan.make_dirs {
-            let p = match layout::safe_target(&b.root, d) {
-                Ok(p) => p,
-                Err(e) => {
-                    b.problem(publish_problem(b, e));
-                    continue;
-                }
-            };
+            // The parents through the root handle (no symlink on the way, made if missing).
+            let parents = layout::lock(&b.layout).make_parents(d);
+            if let Err(e) = parents {
+                b.problem(publish_problem(b, e));
+                continue;
+            }
+            let p = b.root.join(d);
             if !p.is_dir() {
                 self.note(b, Intent::Dir { path: d.clone() });
             }
@@ -421,110 +424,6 @@ impl Reader {
         }
         self.publish_ready(b, r);
         update_want(b, r);
-    }
-
-    fn publish_ready(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
-        let mut l = layout::lock(&b.layout);
-        let ready = l.take_ready();
-        if ready.is_empty() {
-            return;
-        }
-        let mut problems = Vec::new();
-        let mut orphans = Vec::new();
-        let mut moved = Vec::new();
-        let mut journal_error = None;
-        for id in ready {
-            let Some((path, info)) = l.slot(id).map(|s| (s.path.clone(), s.info.clone())) else {
-                continue;
-            };
-            // Nothing is renamed over a file this reader did not write.
-            match guard::clear(&b.root, &mut self.ledger, &path, Some(&info)) {
-                Ok(cleared) => moved.push((path.clone(), cleared)),
-                Err(error) => {
-                    let why = format!("cannot move the local file aside: {error}");
-                    self.ledger.on_disk.unpublished(&path, why);
-                    problems.push(PublishError::Io { path, error });
-                    continue;
-                }
-            }
-            let intent = Intent::File {
-                path: path.clone(),
-                hash: info.hash,
-            };
-            if let Some(Err(e)) = self.journal.as_mut().map(|j| j.note(&intent)) {
-                journal_error = Some(e);
-            }
-            match l.publish(id) {
-                Ok(o) => {
-                    orphans.extend(o);
-                    if let Ok(m) = fs::symlink_metadata(b.root.join(&path)) {
-                        self.ledger.wrote(&path, &m, info.hash);
-                    }
-                }
-                Err(PublishError::Gone | PublishError::Incomplete) => {}
-                Err(e @ PublishError::HashMismatch(_)) => {
-                    problems.push(e);
-                    l.reset_pending(id);
-                }
-                Err(e) => {
-                    self.ledger.on_disk.unpublished(&path, e.to_string());
-                    problems.push(e);
-                }
-            }
-        }
-        drop(l);
-        self.ledger_dirty = true;
-        if let Some(e) = journal_error {
-            b.problem(DriveProblem::io(&b.state_dir, &e));
-        }
-        for (path, cleared) in moved {
-            conflict_reported(b, &path, cleared);
-        }
-        for e in problems {
-            let p = publish_problem(b, e);
-            b.problem(p);
-        }
-        b.stats.on_disk = self.ledger.on_disk.clone();
-        if let Some(content) = b.content {
-            for x in orphans {
-                let _ = r.forget(content, x..x + 1);
-            }
-        }
-        b.dirty_since.get_or_insert_with(Instant::now);
-    }
-
-    /// Syncs the filesystem (one call for a batch of published files) and records the
-    /// version the folder is at.
-    fn make_durable(&mut self, b: &mut Base, r: &Replicator<DiskStorage>) {
-        b.sync_folder();
-        if settled(b) && !self.deferred() && r.feed(b.meta).len() == b.state.version {
-            self.previous = b.state.clone();
-            if self.ledger.applied != self.previous.version {
-                self.ledger.applied = self.previous.version;
-                self.ledger_dirty = true;
-            }
-        }
-        // While files still arrive the ledger is rewritten at most every LEDGER_EVERY (the
-        // journal covers a kill in between); once settled, at once.
-        let due = settled(b)
-            || self
-                .ledger_saved
-                .is_none_or(|t| t.elapsed() >= LEDGER_EVERY);
-        if self.ledger_dirty && due {
-            self.ledger_saved = Some(Instant::now());
-            // After the sync above: no entry is durable before the file it describes.
-            self.ledger.on_disk.prune(&b.root);
-            b.stats.on_disk = self.ledger.on_disk.clone();
-            match self.ledger.save(&b.state_dir) {
-                Ok(()) => {
-                    self.ledger_dirty = false;
-                    if let Some(Err(e)) = self.journal.as_mut().map(Journal::clear) {
-                        b.problem(DriveProblem::io(&b.state_dir, &e));
-                    }
-                }
-                Err(e) => b.problem(DriveProblem::io(&b.state_dir.join("ledger"), &e)),
-            }
-        }
     }
 }
 
