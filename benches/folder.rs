@@ -14,8 +14,8 @@
 //! (clones and `cp -a` alike): ext4's inode allocation slows down after mass deletions, which
 //! any disk in use has seen and a fresh benchmark directory has not.
 //!
-//! `FEEDSYNC_BENCH_BEFORE=BINARY` adds a clone made by another build (the code before a
-//! change) to each workload, against the same share, in the same run.
+//! `FEEDSYNC_BENCH_BEFORE=BINARY` adds an import and a clone made by another build (the code
+//! before a change) to each workload, share and clone both by that build, in the same run.
 //!
 //! `--only publish` times, without feedsync, ways to make 10,000 small files durable before
 //! their renames (per-file `fsync` against one `syncfs` per batch; temporary files beside
@@ -57,8 +57,12 @@ struct Shared {
 }
 
 fn share(dir: &Path) -> Shared {
+    share_with(dir, BIN)
+}
+
+fn share_with(dir: &Path, bin: &str) -> Shared {
     let t = Instant::now();
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin)
         .args([
             "share",
             dir.to_str().unwrap(),
@@ -90,6 +94,8 @@ fn share(dir: &Path) -> Shared {
 }
 
 fn clone_once(s: &Shared, dst: &Path, temps: Option<&str>, bin: &str) -> (Duration, u64) {
+    // What the clone said, for the message if it fails.
+    let log = dst.with_extension("stderr");
     let t = Instant::now();
     let mut cmd = Command::new(bin);
     if let Some(v) = temps {
@@ -106,7 +112,7 @@ fn clone_once(s: &Shared, dst: &Path, temps: Option<&str>, bin: &str) -> (Durati
             "--no-discovery",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let mut peak = 0;
@@ -122,7 +128,12 @@ fn clone_once(s: &Shared, dst: &Path, temps: Option<&str>, bin: &str) -> (Durati
         std::thread::sleep(Duration::from_millis(2));
     };
     let took = t.elapsed();
-    assert!(status.success(), "clone failed");
+    assert!(
+        status.success(),
+        "clone by {bin} failed: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _ = fs::remove_file(&log);
     (took, peak)
 }
 
@@ -171,21 +182,31 @@ fn churn(tmp: &Path, n: u64) {
 type Variants<'a> = &'a [(&'a str, Option<&'a str>)];
 
 fn run(name: &str, src: &Path, bytes: u64, tmp: &Path, variants: Variants, churn_n: u64) {
+    // `FEEDSYNC_BENCH_BEFORE=BINARY`: the same import and clone with another build (the code
+    // before a change), in the same run: its own share (the record format may differ), then
+    // its clone, before ours.
+    let mut clones = Vec::new();
+    let mut import_before = None;
+    if let Ok(b) = std::env::var("FEEDSYNC_BENCH_BEFORE") {
+        let _ = Command::new("sync").status();
+        let mut old = share_with(src, &b);
+        churn(tmp, churn_n);
+        let dst = tmp.join(format!("{name}-clone-before"));
+        let (took, reader_peak) = clone_once(&old, &dst, None, &b);
+        clones.push((format!("before: {b}"), took, reader_peak));
+        let _ = fs::remove_dir_all(&dst);
+        let _ = old.child.kill();
+        let _ = old.child.wait();
+        let _ = fs::remove_dir_all(src.join(".feedsync"));
+        import_before = Some(old.import);
+    }
     let _ = Command::new("sync").status();
     let mut s = share(src);
-    let mut clones = Vec::new();
-    // `FEEDSYNC_BENCH_BEFORE=BINARY`: the same clone with another build (the code before a
-    // change), in the same run, against the same share.
-    let before = std::env::var("FEEDSYNC_BENCH_BEFORE").ok();
-    let runs = variants
-        .iter()
-        .map(|(label, temps)| (label.to_string(), *temps, BIN.to_string()))
-        .chain(before.map(|b| (format!("before: {b}"), None, b)));
-    for (k, (label, temps, bin)) in runs.enumerate() {
+    for (k, (label, temps)) in variants.iter().enumerate() {
         churn(tmp, churn_n);
         let dst = tmp.join(format!("{name}-clone{k}"));
-        let (took, reader_peak) = clone_once(&s, &dst, temps, &bin);
-        clones.push((label, took, reader_peak));
+        let (took, reader_peak) = clone_once(&s, &dst, *temps, BIN);
+        clones.push((label.to_string(), took, reader_peak));
         let _ = fs::remove_dir_all(&dst);
     }
     let writer_peak = peak_rss_mib(s.child.id());
@@ -200,6 +221,13 @@ fn run(name: &str, src: &Path, bytes: u64, tmp: &Path, variants: Variants, churn
         s.import.as_secs_f64(),
         bytes as f64 / s.import.as_secs_f64() / 1e6
     );
+    if let Some(t) = import_before {
+        println!(
+            "  import (before) {:.3} s ({:.0} MB/s)",
+            t.as_secs_f64(),
+            bytes as f64 / t.as_secs_f64() / 1e6
+        );
+    }
     for (label, took, reader_peak) in clones {
         println!(
             "  clone --once ({label}) {:.3} s ({:.0} MB/s); share + clone {:.3} s; \
