@@ -320,6 +320,7 @@ fn what_the_clone_wrote_is_removed_even_when_its_version_record_lags() {
     // still names the first version, which had none of these files.
     let state = dst.join(".feedsync");
     fs::write(state.join("applied"), b"1").unwrap();
+    let state = feedsync::fsio::RealDir::open_path(&state).unwrap();
     let mut ledger = feedsync::drive::ledger::Ledger::load(&state).unwrap();
     ledger.applied = 1;
     ledger.save(&state).unwrap();
