@@ -505,6 +505,39 @@ mod tests {
     }
 
     #[test]
+    fn on_the_simulated_disk_a_same_size_rewrite_is_not_ours_and_a_fifo_is_never_read() {
+        let disk = crate::fsio::SimDisk::new();
+        let root = disk.root();
+        let f = root.open("f", OpenHow::CREATE).unwrap();
+        f.write_all_at(b"abc", 0).unwrap();
+        let mut l = Ledger::default();
+        let meta = || root.metadata("f").unwrap().unwrap();
+        l.wrote("f", &meta(), *blake3::hash(b"abc").as_bytes());
+        assert!(l.files["f"].unchanged(&meta()));
+        // Same size, mtime put back: the change time still shows the write.
+        let mtime = meta().mtime;
+        f.write_all_at(b"abd", 0).unwrap();
+        f.set_mtime(mtime).unwrap();
+        assert!(!l.files["f"].unchanged(&meta()));
+        assert!(!l.is_ours(&*root, "f", &meta()));
+        // The ledger and the journal live through the state directory's handle.
+        root.create_dir("state", 0o700).unwrap();
+        let state: Arc<dyn Dir> = Arc::from(root.open_dir("state").unwrap());
+        l.save(&*state).unwrap();
+        assert_eq!(Ledger::load(&*state).unwrap(), l);
+        let mut j = Journal::new(state.clone());
+        j.note(&Intent::Dir { path: "a".into() }).unwrap();
+        // A second journal (a restart) appends after what is there.
+        Journal::new(state.clone())
+            .note(&Intent::Dir { path: "b".into() })
+            .unwrap();
+        assert_eq!(Journal::read(&*state).len(), 2);
+        // A FIFO where a file was is refused, never waited on.
+        disk.mkfifo("p").unwrap();
+        assert_eq!(hash_of(&*root, "p"), None);
+    }
+
+    #[test]
     fn a_clone_from_before_the_ledger_keeps_its_version() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("applied"), b"12\n").unwrap();
