@@ -299,14 +299,16 @@ impl Drive {
                     path: root,
                 });
             }
-            // Nothing verified was ever stored: a clone of a key nobody served. Start over.
+            // Nothing verified was ever stored: a clone of a key nobody served. Start over
+            // (removed by path: only if the name still leads to the directory opened).
+            dirs::check_unmoved(&*d.state_handle, &root)?;
             drop(d);
             fs::remove_dir_all(&state_dir)?;
         }
-        if !adopt && has_files(&root, &state_dir)? {
+        let root_dir = dirs::open_folder(&root)?;
+        if !adopt && has_files(&*root_dir)? {
             return Err(DriveError::NotEmpty(root));
         }
-        let root_dir = dirs::open_folder(&root)?;
         let state_handle = dirs::open_state(&*root_dir, &root, true)?;
         let layout = layout::Layout::new(root_dir.clone(), root.clone(), false);
         let (meta_store, meta_lock) = dirs::open_store(&*state_handle, &root, "meta", true, None)?;
@@ -563,15 +565,10 @@ impl Drive {
     }
 }
 
-/// Whether `root` holds anything but `state_dir` (a leftover state directory of a clone that
-/// never got a verified block does not count).
-fn has_files(root: &Path, state_dir: &Path) -> io::Result<bool> {
-    for e in fs::read_dir(root)? {
-        if e?.path() != state_dir {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+/// Whether the folder `root` holds anything but its state directory (a leftover state
+/// directory of a clone that never got a verified block does not count).
+fn has_files(root: &dyn Dir) -> io::Result<bool> {
+    Ok(root.read_dir("")?.iter().any(|(name, _)| name != STATE_DIR))
 }
 
 /// The version a reader's folder was last brought to completely (from its ledger; a ledger
