@@ -320,6 +320,7 @@ fn what_the_clone_wrote_is_removed_even_when_its_version_record_lags() {
     // still names the first version, which had none of these files.
     let state = dst.join(".feedsync");
     fs::write(state.join("applied"), b"1").unwrap();
+    let state = feedsync::fsio::RealDir::open_path(&state).unwrap();
     let mut ledger = feedsync::drive::ledger::Ledger::load(&state).unwrap();
     ledger.applied = 1;
     ledger.save(&state).unwrap();
@@ -615,4 +616,164 @@ fn a_clone_killed_under_churn_ends_identical_without_conflicts() {
     }
     assert_same_tree(&src, &dst, &[]);
     drop(c);
+}
+
+/// Every file beneath `dir` (not following links) with its bytes, links as their target.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+            if m.is_dir() {
+                todo.push(p.clone());
+                out.insert(rel, b"<dir>".to_vec());
+            } else if m.is_file() {
+                out.insert(rel, fs::read(&p).unwrap());
+            } else {
+                out.insert(rel, b"<other>".to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// Asserts that `dir` still holds exactly `before`, naming what changed.
+fn assert_untouched(dir: &Path, before: &std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>) {
+    let now = snapshot(dir);
+    let changed: Vec<_> = before
+        .keys()
+        .chain(now.keys())
+        .filter(|k| before.get(*k) != now.get(*k))
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "outside the folder, changed: {changed:?}"
+    );
+}
+
+/// Busy-waits about `n` microseconds (a sleep is far coarser than the race window).
+fn spin(n: u64) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_micros(n) {
+        std::hint::spin_loop();
+    }
+}
+
+/// Another local user swaps a directory of the clone for a symlink to an outside directory,
+/// over and over, while the reader moves local files in it aside (conflict copies) and
+/// publishes the writer's: nothing outside is ever created, renamed or removed, and once the
+/// swapping stops the clone completes, every local file kept as a conflict copy.
+#[test]
+fn a_parent_swapped_for_a_symlink_never_redirects_a_conflict_copy() {
+    let (mut rng, _seed) = common::Rng::from_env_or_clock("own_files swap");
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, outside) = (
+        t.path().join("src"),
+        t.path().join("dst"),
+        t.path().join("outside"),
+    );
+    const N: usize = 400;
+    let name = |i: usize| format!("f{i:03}.txt");
+    for d in [&src, &dst, &outside] {
+        fs::create_dir_all(d.join("sub")).unwrap();
+    }
+    for i in 0..N {
+        fs::write(
+            src.join("sub").join(name(i)),
+            common::bytes(i as u64, 20_000),
+        )
+        .unwrap();
+        // The user's own files in the clone's way, and files of the same names outside.
+        fs::write(dst.join("sub").join(name(i)), format!("local {i}")).unwrap();
+        fs::write(outside.join(name(i)), format!("outside {i}")).unwrap();
+    }
+    let before = snapshot(&outside);
+    let (_s, url, addr) = share(&src);
+    let mut clone = Proc::feedsync(&[
+        "clone",
+        &url,
+        dst.to_str().unwrap(),
+        "--peer",
+        &addr,
+        "--no-discovery",
+        "--once",
+        "--adopt",
+    ]);
+    // Swapping starts once the reader writes temporaries in `sub` (it made or took `sub` as a
+    // directory before: a symlink it found there then would only be moved aside itself).
+    let t0 = std::time::Instant::now();
+    while !fs::read_dir(dst.join("sub"))
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.'))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no temporary in sub"
+        );
+        assert!(clone.exited().is_none(), "{:?}", clone.errors());
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (dst, outside, stop) = (dst.clone(), outside.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // One atomic exchange each way (`RENAME_EXCHANGE`): `sub` is always there, now
+            // the real directory, now a symlink to the outside one.
+            let (sub, link) = (dst.join("sub"), dst.join("sub.link"));
+            std::os::unix::fs::symlink(&outside, &link).unwrap();
+            let exchange = || {
+                use rustix::fs::{CWD, RenameFlags, renameat_with};
+                renameat_with(CWD, &sub, CWD, &link, RenameFlags::EXCHANGE).unwrap();
+            };
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                exchange();
+                spin(rng.next() % 300);
+                exchange();
+                spin(rng.next() % 300);
+                swaps += 1;
+            }
+            fs::remove_file(&link).unwrap();
+            swaps
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while clone.exited().is_none() && std::time::Instant::now() < deadline {
+        assert_untouched(&outside, &before);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    eprintln!("{swaps} swaps");
+    assert!(swaps > 0);
+    assert_untouched(&outside, &before);
+    // Left alone, the clone completes: the writer's files in place, the user's kept aside.
+    let status = clone.wait_exit(Duration::from_secs(90));
+    assert!(status.success(), "{:?}", clone.errors());
+    assert_untouched(&outside, &before);
+    let mut top: Vec<String> = fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    eprintln!(
+        "clone holds {top:?}; sub holds {:?} entries",
+        fs::read_dir(dst.join("sub")).unwrap().count()
+    );
+    let kept: Vec<Vec<u8>> = fs::read_dir(dst.join("sub"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains(".sync-conflict-"))
+        .map(|p| fs::read(p).unwrap())
+        .collect();
+    for i in 0..N {
+        assert_eq!(
+            fs::read(dst.join("sub").join(name(i))).unwrap(),
+            common::bytes(i as u64, 20_000)
+        );
+        assert!(kept.contains(&format!("local {i}").into_bytes()), "{i}");
+    }
 }

@@ -4,10 +4,12 @@
 //! opens with the same program; a name without extension gets none, and a leading dot is not
 //! an extension). If that name is taken, `-1`, `-2`, ... is added after the time. The rename
 //! refuses to replace anything (`RENAME_NOREPLACE`, or a hard link where the file system lacks
-//! it), so a conflict copy never destroys another file either.
+//! it), so a conflict copy never destroys another file either. It runs on the folder's handle
+//! ([`Dir::rename_noreplace`]): a parent directory swapped for a symlink cannot send the file
+//! (or the rename) outside the folder.
 
+use crate::fsio::Dir;
 use std::io;
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Attempts at a free name before giving up.
@@ -40,21 +42,20 @@ pub fn conflict_name(name: &str, at: SystemTime, n: u32) -> String {
     out
 }
 
-/// Renames the entry at `root/rel` (a file or a symlink, never followed) to a fresh conflict
-/// name beside it; returns the copy's path relative to `root`.
-pub fn move_aside(root: &Path, rel: &str, at: SystemTime) -> io::Result<String> {
+/// Renames the entry `rel` beneath `root` (a file or a symlink, never followed) to a fresh
+/// conflict name beside it; returns the copy's path relative to `root`.
+pub fn move_aside(root: &dyn Dir, rel: &str, at: SystemTime) -> io::Result<String> {
     let (dir, name) = match rel.rsplit_once('/') {
         Some((d, n)) => (Some(d), n),
         None => (None, rel),
     };
-    let from = root.join(rel);
     for n in 0..MAX_TRIES {
         let copy_name = conflict_name(name, at, n);
         let copy = match dir {
             Some(d) => format!("{d}/{copy_name}"),
             None => copy_name,
         };
-        match rename_noreplace(&from, &root.join(&copy)) {
+        match root.rename_noreplace(rel, &copy) {
             Ok(()) => return Ok(copy),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
@@ -64,21 +65,6 @@ pub fn move_aside(root: &Path, rel: &str, at: SystemTime) -> io::Result<String> 
         io::ErrorKind::AlreadyExists,
         format!("no free conflict name for {rel} after {MAX_TRIES} tries"),
     ))
-}
-
-/// `rename(from, to)` that fails with `AlreadyExists` instead of replacing `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use rustix::fs::{CWD, RenameFlags, renameat_with};
-    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
-        Ok(()) => Ok(()),
-        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
-            // No RENAME_NOREPLACE here: a hard link cannot replace either; then the old name
-            // goes. A kill in between leaves both names, never neither.
-            std::fs::hard_link(from, to)?;
-            std::fs::remove_file(from)
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// (year, month, day) of the day `days` after 1970-01-01 in the proleptic Gregorian calendar
@@ -140,20 +126,21 @@ mod tests {
     fn moving_aside_never_replaces_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
+        let handle = crate::fsio::RealDir::open_path(root).unwrap();
         std::fs::create_dir(root.join("d")).unwrap();
         std::fs::write(root.join("d/f.txt"), b"mine").unwrap();
         let t = at(1_796_208_607);
         // The first name is taken already.
         let taken = root.join("d").join(conflict_name("f.txt", t, 0));
         std::fs::write(&taken, b"older copy").unwrap();
-        let copy = move_aside(root, "d/f.txt", t).unwrap();
+        let copy = move_aside(&handle, "d/f.txt", t).unwrap();
         assert_eq!(copy, format!("d/{}", conflict_name("f.txt", t, 1)));
         assert_eq!(std::fs::read(root.join(&copy)).unwrap(), b"mine");
         assert_eq!(std::fs::read(&taken).unwrap(), b"older copy");
         assert!(!root.join("d/f.txt").exists());
         // A symlink is moved as a link, not followed.
         std::os::unix::fs::symlink("/etc/hostname", root.join("l")).unwrap();
-        let copy = move_aside(root, "l", t).unwrap();
+        let copy = move_aside(&handle, "l", t).unwrap();
         assert!(
             std::fs::symlink_metadata(root.join(copy))
                 .unwrap()

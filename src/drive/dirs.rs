@@ -19,9 +19,9 @@
 //!
 //! The feed stores are opened through the state handle too ([`open_store`]); each is locked
 //! with an `flock` on its `lock` file (the same lock the path-based opens take), so a second
-//! `feedsync` on the folder fails at once. [`Drive::clone_into`](crate::drive::Drive) still
-//! opens its metadata store by path (TODO(integrator): its owner switches it to
-//! [`open_store`]); [`check_unmoved`] refuses a state directory swapped meanwhile.
+//! `feedsync` on the folder fails at once (a fresh clone's stores as well). Only
+//! [`Drive::discard`](crate::drive::Drive::discard) still removes the state directory by path;
+//! [`check_unmoved`] first refuses a state directory swapped meanwhile.
 
 use crate::drive::{DriveError, STATE_DIR};
 use crate::fsio::{Dir, FileIo, Kind, OpenHow, RealDir};
@@ -92,8 +92,8 @@ pub(crate) fn open_state(
 }
 
 /// Checks that `root/.feedsync`, reached by path, is still the directory `state` was opened
-/// as: the feed stores are opened by path (see the TODO in the module docs) and must not have
-/// gone through a directory swapped in meanwhile.
+/// as: what is removed by path (see the module docs) must not go through a directory swapped
+/// in meanwhile.
 pub(crate) fn check_unmoved(state: &dyn Dir, root: &Path) -> Result<(), DriveError> {
     let path = root.join(STATE_DIR);
     let ours = state.self_metadata()?;

@@ -10,17 +10,20 @@
 //!   otherwise it stays in place, is no longer synced, and is reported as kept.
 //! - Directories: only those this reader made are removed, and only when empty.
 //!
-//! Races with a user writing to the same file in the instant between the check and the rename
-//! remain possible; closing them needs the directory-descriptor IO of the publish path.
+//! Every look and every act goes through the folder's directory handle ([`Dir`]), never a
+//! path: a parent directory swapped for a symlink between the check and the act (another
+//! local user racing the reader) makes the act fail, it cannot redirect a removal, a conflict
+//! copy or a `mkdir` outside the folder. Races with a user writing to the same file in the
+//! instant between the check and the rename remain possible (the rename then still never
+//! leaves the folder).
 
 use crate::drive::app::Base;
 use crate::drive::conflict;
 use crate::drive::layout::{self, SlotId};
 use crate::drive::ledger::{self, Ledger};
 use crate::drive::record::{Entry, FileInfo, State};
-use std::fs;
+use crate::fsio::{Dir, Kind};
 use std::io;
-use std::path::Path;
 use std::time::SystemTime;
 
 /// What was in the way of a path to write.
@@ -32,27 +35,24 @@ pub enum Cleared {
     MovedAside(String),
 }
 
-/// Makes `root/path` free for the file `info` (`None`: for a directory): see the module docs.
-/// A directory in the way is left to the caller (an empty one is replaced, a full one is not).
+/// Makes `path` in the folder `root` free for the file `info` (`None`: for a directory): see
+/// the module docs. A directory in the way is left to the caller (an empty one is replaced, a
+/// full one is not).
 pub fn clear(
-    root: &Path,
+    root: &dyn Dir,
     ledger: &mut Ledger,
     path: &str,
     info: Option<&FileInfo>,
 ) -> io::Result<Cleared> {
-    let target = root.join(path);
-    let m = match fs::symlink_metadata(&target) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            ledger.files.remove(path);
-            return Ok(Cleared::Free);
-        }
-        Err(e) => return Err(e),
+    let Some(m) = root.metadata(path)? else {
+        ledger.files.remove(path);
+        return Ok(Cleared::Free);
     };
-    if m.is_dir() {
+    if m.kind == Kind::Dir {
         return Ok(Cleared::Free);
     }
-    if ledger.is_ours(root, path, &m) || info.is_some_and(|i| ledger::identical(&target, &m, i)) {
+    if ledger.is_ours(root, path, &m) || info.is_some_and(|i| ledger::identical(root, path, &m, i))
+    {
         return Ok(Cleared::Free);
     }
     let copy = conflict::move_aside(root, path, SystemTime::now())?;
@@ -70,20 +70,19 @@ pub enum Removed {
     Kept,
 }
 
-/// Removes `root/path` if this reader wrote it and nobody changed it since.
-pub fn remove(root: &Path, ledger: &mut Ledger, path: &str) -> io::Result<Removed> {
-    let target = root.join(path);
-    let result = match fs::symlink_metadata(&target) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Removed::Gone),
+/// Removes `path` from the folder `root` if this reader wrote it and nobody changed it since.
+pub fn remove(root: &dyn Dir, ledger: &mut Ledger, path: &str) -> io::Result<Removed> {
+    let result = match root.metadata(path) {
+        Ok(None) => Ok(Removed::Gone),
         Err(e) => Err(e),
         // A directory there now is not the file the writer removed.
-        Ok(m) if m.is_dir() => Ok(Removed::Gone),
-        Ok(m) if ledger.is_ours(root, path, &m) => match fs::remove_file(&target) {
+        Ok(Some(m)) if m.kind == Kind::Dir => Ok(Removed::Gone),
+        Ok(Some(m)) if ledger.is_ours(root, path, &m) => match root.remove_file(path) {
             Ok(()) => Ok(Removed::Gone),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Removed::Gone),
             Err(e) => return Err(e),
         },
-        Ok(_) => {
+        Ok(Some(_)) => {
             ledger.on_disk.keep(path);
             Ok(Removed::Kept)
         }
@@ -92,13 +91,13 @@ pub fn remove(root: &Path, ledger: &mut Ledger, path: &str) -> io::Result<Remove
     result
 }
 
-/// Removes the directory `root/dir` if this reader made it and it is empty; it stays in the
-/// ledger while something (a kept file) is in it, to go once that is gone.
-pub fn remove_dir(root: &Path, ledger: &mut Ledger, dir: &str) {
+/// Removes the directory `dir` from the folder `root` if this reader made it and it is empty;
+/// it stays in the ledger while something (a kept file) is in it, to go once that is gone.
+pub fn remove_dir(root: &dyn Dir, ledger: &mut Ledger, dir: &str) {
     if !ledger.dirs.contains(dir) {
         return;
     }
-    match fs::remove_dir(root.join(dir)) {
+    match root.remove_dir(dir) {
         Ok(()) => {
             ledger.dirs.remove(dir);
         }
@@ -109,22 +108,21 @@ pub fn remove_dir(root: &Path, ledger: &mut Ledger, dir: &str) {
     }
 }
 
-/// Makes the directory `target` (`root/dir`, its parents already safe), moving a local file in
-/// the way aside first; recorded as made here only if this call made it.
-pub fn make_dir(root: &Path, ledger: &mut Ledger, dir: &str, target: &Path) -> io::Result<Cleared> {
-    if fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
-        return Ok(Cleared::Free);
-    }
-    let cleared = match fs::symlink_metadata(target) {
-        Ok(m) if ledger.is_ours(root, dir, &m) => {
+/// Makes the directory `dir` in the folder `root` (its parents already made), moving a local
+/// file in the way aside first; recorded as made here only if this call made it.
+pub fn make_dir(root: &dyn Dir, ledger: &mut Ledger, dir: &str) -> io::Result<Cleared> {
+    let cleared = match root.metadata(dir)? {
+        Some(m) if m.kind == Kind::Dir => return Ok(Cleared::Free),
+        Some(m) if ledger.is_ours(root, dir, &m) => {
             // A file this reader wrote where the writer now has a directory.
-            fs::remove_file(target)?;
+            root.remove_file(dir)?;
             ledger.files.remove(dir);
             Cleared::Free
         }
         _ => clear(root, ledger, dir, None)?,
     };
-    match fs::create_dir(target) {
+    // 0o777 before the umask, as `mkdir` by a user: the umask the user controls decides.
+    match root.create_dir(dir, 0o777) {
         Ok(()) => {
             ledger.dirs.insert(dir.to_string());
         }
@@ -140,7 +138,7 @@ pub fn make_dir(root: &Path, ledger: &mut Ledger, dir: &str, target: &Path) -> i
 /// published). Returns the content blocks no file holds any more. A clone from before the
 /// ledger existed also takes the directories of the version it reached as its own.
 pub(super) fn check_in_place(b: &Base, ledger: &mut Ledger, previous: &State) -> Vec<u64> {
-    let legacy = !b.state_dir.join(ledger::LEDGER_FILE).exists();
+    let legacy = matches!(b.state_handle.metadata(ledger::LEDGER_FILE), Ok(None));
     let mut l = layout::lock(&b.layout);
     let live: Vec<(SlotId, String, FileInfo)> = l
         .slots()
@@ -149,14 +147,16 @@ pub(super) fn check_in_place(b: &Base, ledger: &mut Ledger, previous: &State) ->
         .collect();
     let mut orphans = Vec::new();
     for (id, path, info) in live {
-        if !in_place(&b.root, ledger, &path, &info) {
+        if !in_place(&*b.root_dir, ledger, &path, &info) {
             orphans.extend(l.remove(id));
         }
     }
     orphans.retain(|x| !l.is_owned(*x));
     if legacy {
         for (path, e) in &previous.entries {
-            if matches!(e, Entry::Dir) && b.root.join(path).is_dir() {
+            if matches!(e, Entry::Dir)
+                && matches!(b.root_dir.metadata(path), Ok(Some(m)) if m.kind == Kind::Dir)
+            {
                 ledger.dirs.insert(path.clone());
             }
         }
@@ -164,15 +164,14 @@ pub(super) fn check_in_place(b: &Base, ledger: &mut Ledger, previous: &State) ->
     orphans
 }
 
-/// Whether `root/path` holds exactly `info`: this reader wrote it with that content and nobody
-/// changed it since (no hashing), or it hashes to `info` (then it is recorded as ours: replacing
-/// or removing it later loses nothing).
-pub(super) fn in_place(root: &Path, ledger: &mut Ledger, path: &str, info: &FileInfo) -> bool {
-    let target = root.join(path);
-    let Ok(m) = fs::symlink_metadata(&target) else {
+/// Whether `path` in the folder `root` holds exactly `info`: this reader wrote it with that
+/// content and nobody changed it since (no hashing), or it hashes to `info` (then it is
+/// recorded as ours: replacing or removing it later loses nothing).
+pub(super) fn in_place(root: &dyn Dir, ledger: &mut Ledger, path: &str, info: &FileInfo) -> bool {
+    let Ok(Some(m)) = root.metadata(path) else {
         return false;
     };
-    if !m.is_file() || m.len() != info.size {
+    if m.kind != Kind::File || m.len != info.size {
         return false;
     }
     if let Some(w) = ledger.files.get(path)
@@ -180,7 +179,7 @@ pub(super) fn in_place(root: &Path, ledger: &mut Ledger, path: &str, info: &File
     {
         return w.hash == info.hash;
     }
-    if ledger::identical(&target, &m, info) {
+    if ledger::identical(root, path, &m, info) {
         ledger.wrote(path, &m, info.hash);
         return true;
     }
@@ -190,6 +189,8 @@ pub(super) fn in_place(root: &Path, ledger: &mut Ledger, path: &str, info: &File
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsio::RealDir;
+    use std::fs;
 
     fn info_of(bytes: &[u8]) -> FileInfo {
         FileInfo {
@@ -206,27 +207,25 @@ mod tests {
     fn a_local_file_in_the_way_is_moved_aside_ours_and_identical_ones_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
+        let h = RealDir::open_path(root).unwrap();
         let mut l = Ledger::default();
         // Nothing there.
-        assert_eq!(clear(root, &mut l, "a", None).unwrap(), Cleared::Free);
+        assert_eq!(clear(&h, &mut l, "a", None).unwrap(), Cleared::Free);
         // Written here, unchanged: free.
         fs::write(root.join("a"), b"ours").unwrap();
         l.wrote(
             "a",
-            &fs::symlink_metadata(root.join("a")).unwrap(),
+            &h.metadata("a").unwrap().unwrap(),
             *blake3::hash(b"ours").as_bytes(),
         );
-        assert_eq!(clear(root, &mut l, "a", None).unwrap(), Cleared::Free);
+        assert_eq!(clear(&h, &mut l, "a", None).unwrap(), Cleared::Free);
         // The same bytes as the file to publish (an adopted folder): free.
         fs::write(root.join("b"), b"same").unwrap();
         let same = info_of(b"same");
-        assert_eq!(
-            clear(root, &mut l, "b", Some(&same)).unwrap(),
-            Cleared::Free
-        );
+        assert_eq!(clear(&h, &mut l, "b", Some(&same)).unwrap(), Cleared::Free);
         // Changed here since: moved aside, kept whole.
         fs::write(root.join("a"), b"edited here").unwrap();
-        let Cleared::MovedAside(copy) = clear(root, &mut l, "a", Some(&same)).unwrap() else {
+        let Cleared::MovedAside(copy) = clear(&h, &mut l, "a", Some(&same)).unwrap() else {
             panic!("an edited file was not moved aside");
         };
         assert!(copy.starts_with("a.sync-conflict-"), "{copy}");
@@ -239,11 +238,11 @@ mod tests {
     fn a_directory_takes_the_place_of_a_file_only_after_the_file_is_safe() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
+        let h = RealDir::open_path(root).unwrap();
         let mut l = Ledger::default();
         // The user's file where the writer now has a directory: moved aside first.
         fs::write(root.join("x"), b"user's").unwrap();
-        let Cleared::MovedAside(copy) = make_dir(root, &mut l, "x", &root.join("x")).unwrap()
-        else {
+        let Cleared::MovedAside(copy) = make_dir(&h, &mut l, "x").unwrap() else {
             panic!("the user's file was not moved aside");
         };
         assert!(root.join("x").is_dir());
@@ -253,17 +252,14 @@ mod tests {
         fs::write(root.join("y"), b"ours").unwrap();
         l.wrote(
             "y",
-            &fs::symlink_metadata(root.join("y")).unwrap(),
+            &h.metadata("y").unwrap().unwrap(),
             *blake3::hash(b"ours").as_bytes(),
         );
-        assert_eq!(
-            make_dir(root, &mut l, "y", &root.join("y")).unwrap(),
-            Cleared::Free
-        );
+        assert_eq!(make_dir(&h, &mut l, "y").unwrap(), Cleared::Free);
         assert!(root.join("y").is_dir() && !l.files.contains_key("y"));
         // A directory already there is not claimed as made here.
         fs::create_dir(root.join("z")).unwrap();
-        make_dir(root, &mut l, "z", &root.join("z")).unwrap();
+        make_dir(&h, &mut l, "z").unwrap();
         assert!(!l.dirs.contains("z"));
     }
 
@@ -271,6 +267,7 @@ mod tests {
     fn only_our_unchanged_files_and_empty_directories_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
+        let h = RealDir::open_path(root).unwrap();
         let mut l = Ledger::default();
         fs::create_dir(root.join("d")).unwrap();
         l.dirs.insert("d".into());
@@ -278,28 +275,28 @@ mod tests {
             fs::write(root.join(name), bytes).unwrap();
             l.wrote(
                 name,
-                &fs::symlink_metadata(root.join(name)).unwrap(),
+                &h.metadata(name).unwrap().unwrap(),
                 *blake3::hash(bytes).as_bytes(),
             );
         }
         fs::write(root.join("d/edited"), b"z").unwrap();
         fs::write(root.join("mine"), b"never synced").unwrap();
-        assert_eq!(remove(root, &mut l, "d/ours").unwrap(), Removed::Gone);
-        assert_eq!(remove(root, &mut l, "d/edited").unwrap(), Removed::Kept);
-        assert_eq!(remove(root, &mut l, "mine").unwrap(), Removed::Kept);
+        assert_eq!(remove(&h, &mut l, "d/ours").unwrap(), Removed::Gone);
+        assert_eq!(remove(&h, &mut l, "d/edited").unwrap(), Removed::Kept);
+        assert_eq!(remove(&h, &mut l, "mine").unwrap(), Removed::Kept);
         assert!(!root.join("d/ours").exists());
         assert_eq!(fs::read(root.join("d/edited")).unwrap(), b"z");
         assert_eq!(fs::read(root.join("mine")).unwrap(), b"never synced");
         assert_eq!(l.on_disk.kept, vec!["d/edited", "mine"]);
         // The directory still holds a kept file: it stays, and goes once that is gone.
-        remove_dir(root, &mut l, "d");
+        remove_dir(&h, &mut l, "d");
         assert!(root.join("d").is_dir());
         fs::remove_file(root.join("d/edited")).unwrap();
-        remove_dir(root, &mut l, "d");
+        remove_dir(&h, &mut l, "d");
         assert!(!root.join("d").exists());
         // A directory not made here is never removed, empty or not.
         fs::create_dir(root.join("theirs")).unwrap();
-        remove_dir(root, &mut l, "theirs");
+        remove_dir(&h, &mut l, "theirs");
         assert!(root.join("theirs").is_dir());
     }
 }

@@ -59,7 +59,7 @@ pub use record::Limits;
 
 use crate::core::Feed;
 use crate::core::replicator::FeedId;
-use crate::fsio::{Dir, FileIo};
+use crate::fsio::{Dir, FileIo, Kind};
 use crate::storage::DiskStorage;
 use ed25519_dalek::SigningKey;
 use layout::{FolderBlocks, Shared};
@@ -299,24 +299,26 @@ impl Drive {
                     path: root,
                 });
             }
-            // Nothing verified was ever stored: a clone of a key nobody served. Start over.
+            // Nothing verified was ever stored: a clone of a key nobody served. Start over
+            // (removed by path: only if the name still leads to the directory opened).
+            dirs::check_unmoved(&*d.state_handle, &root)?;
             drop(d);
             fs::remove_dir_all(&state_dir)?;
         }
-        if !adopt && has_files(&root, &state_dir)? {
+        let root_dir = dirs::open_folder(&root)?;
+        if !adopt && has_files(&*root_dir)? {
             return Err(DriveError::NotEmpty(root));
         }
-        let root_dir = dirs::open_folder(&root)?;
         let state_handle = dirs::open_state(&*root_dir, &root, true)?;
         let layout = layout::Layout::new(root_dir.clone(), root.clone(), false);
-        let meta = Feed::create_replica(DiskStorage::open(state_dir.join("meta"))?, key)?;
-        dirs::check_unmoved(&*state_handle, &root)?;
+        let (meta_store, meta_lock) = dirs::open_store(&*state_handle, &root, "meta", true, None)?;
+        let meta = Feed::create_replica(meta_store, key)?;
         Ok(Self {
             root,
             state_dir,
             root_dir,
             state_handle,
-            locks: Vec::new(),
+            locks: vec![meta_lock],
             meta,
             content: None,
             layout,
@@ -376,10 +378,11 @@ impl Drive {
             content,
             created_root,
             state_handle,
+            locks,
             ..
         } = self;
         // Close the stores (and their locks) before removing them.
-        drop((meta, content));
+        drop((meta, content, locks));
         // Removed by path: only if the name still leads to the directory we opened (another
         // user's directory swapped in meanwhile is theirs, not ours to delete).
         if fs::symlink_metadata(&state_dir).is_ok() {
@@ -451,7 +454,7 @@ impl Drive {
         let ledger = if self.writer {
             ledger::Ledger::default()
         } else {
-            ledger::Ledger::load(&self.state_dir)?
+            ledger::Ledger::load(&*self.state_handle)?
         };
         let applied = if self.writer {
             full.version
@@ -464,15 +467,14 @@ impl Drive {
             // In place: as recorded, or (a reader's) written or adopted here with this content
             // and untouched since, whatever its mtime.
             if let Entry::File(info) = e
-                && fs::symlink_metadata(self.root.join(path)).is_ok_and(|m| {
-                    m.is_file()
-                        && m.len() == info.size
-                        && (import::stamp(&m) == (info.mtime_secs, info.mtime_nanos)
-                            || ledger
-                                .files
-                                .get(path)
-                                .is_some_and(|w| w.hash == info.hash && w.unchanged(&m)))
-                })
+                && let Ok(Some(m)) = self.root_dir.metadata(path)
+                && (m.kind == Kind::File
+                    && m.len == info.size
+                    && (import::stamp_time(m.mtime) == (info.mtime_secs, info.mtime_nanos)
+                        || ledger
+                            .files
+                            .get(path)
+                            .is_some_and(|w| w.hash == info.hash && w.unchanged(&m))))
             {
                 files_done += 1;
                 bytes_done += info.size;
@@ -526,7 +528,7 @@ impl Drive {
         let applied = if self.writer {
             full.version
         } else {
-            read_applied(&self.state_dir)
+            read_applied(&*self.state_handle)
         };
         let previous = if applied >= full.version {
             full.clone()
@@ -563,19 +565,14 @@ impl Drive {
     }
 }
 
-/// Whether `root` holds anything but `state_dir` (a leftover state directory of a clone that
-/// never got a verified block does not count).
-fn has_files(root: &Path, state_dir: &Path) -> io::Result<bool> {
-    for e in fs::read_dir(root)? {
-        if e?.path() != state_dir {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+/// Whether the folder `root` holds anything but its state directory (a leftover state
+/// directory of a clone that never got a verified block does not count).
+fn has_files(root: &dyn Dir) -> io::Result<bool> {
+    Ok(root.read_dir("")?.iter().any(|(name, _)| name != STATE_DIR))
 }
 
 /// The version a reader's folder was last brought to completely (from its ledger; a ledger
 /// that cannot be read counts as none: the reader then checks every file by hash).
-fn read_applied(state_dir: &Path) -> u64 {
-    ledger::Ledger::load(state_dir).map_or(0, |l| l.applied)
+fn read_applied(state: &dyn Dir) -> u64 {
+    ledger::Ledger::load(state).map_or(0, |l| l.applied)
 }

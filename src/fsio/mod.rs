@@ -56,6 +56,10 @@ pub struct Meta {
     pub mode: u32,
     /// Last modification.
     pub mtime: SystemTime,
+    /// Last change of the inode (content or metadata): moves on every write, `chmod`,
+    /// `touch -d`, link or rename, and cannot be set back by the user. What the reader's ledger
+    /// compares to tell its own untouched file from one somebody wrote to since.
+    pub ctime: SystemTime,
     /// Owner.
     pub uid: u32,
     /// Device and inode: the identity of the file, stable across renames.

@@ -74,6 +74,7 @@ fn meta_of(st: &rustix::fs::Stat) -> Meta {
         len: st.st_size as u64,
         mode: st.st_mode & 0o7777,
         mtime: time(st.st_mtime, st.st_mtime_nsec as i64),
+        ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
         uid: st.st_uid,
         dev: st.st_dev,
         ino: st.st_ino,
@@ -293,8 +294,19 @@ impl Dir for RealDir {
     fn rename_noreplace(&self, from: &str, to: &str) -> io::Result<()> {
         let (pf, nf) = self.parent_of(from).map_err(|e| self.err(from, e))?;
         let (pt, nt) = self.parent_of(to).map_err(|e| self.err(to, e))?;
-        rustix::fs::renameat_with(&pf, nf, &pt, nt, rustix::fs::RenameFlags::NOREPLACE)
-            .map_err(|e| self.err(to, e.into()))
+        match rustix::fs::renameat_with(&pf, nf, &pt, nt, rustix::fs::RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+                // A file system without RENAME_NOREPLACE: a hard link cannot replace either,
+                // then the old name goes (a kill in between leaves both names, never neither).
+                // Directories cannot be linked: they keep the error.
+                rustix::fs::linkat(&pf, nf, &pt, nt, AtFlags::empty())
+                    .map_err(|e| self.err(to, e.into()))?;
+                rustix::fs::unlinkat(&pf, nf, AtFlags::empty())
+                    .map_err(|e| self.err(from, e.into()))
+            }
+            Err(e) => Err(self.err(to, e.into())),
+        }
     }
 
     fn remove_file(&self, rel: &str) -> io::Result<()> {
@@ -330,6 +342,7 @@ impl FileIo for RealFile {
             len: m.len(),
             mode: m.mode() & 0o7777,
             mtime: time(m.mtime(), m.mtime_nsec()),
+            ctime: time(m.ctime(), m.ctime_nsec()),
             uid: m.uid(),
             dev: m.dev(),
             ino: m.ino(),

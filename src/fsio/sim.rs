@@ -95,6 +95,9 @@ struct FileNode {
     pending: Vec<FileOp>,
     /// Directory entries naming it now (0 once unlinked; the inode lives while handles do).
     links: u64,
+    /// Changes made to it so far: its simulated ctime (nanoseconds after the epoch), so a
+    /// rewrite that keeps size and mtime still shows, as on a real disk.
+    changes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -441,21 +444,23 @@ impl State {
 
     fn meta(&self, ino: Ino) -> Meta {
         let uid = rustix::process::getuid().as_raw();
-        let (len, mode, mtime, nlink) = match self.nodes.get(&ino) {
+        let (len, mode, mtime, nlink, changes) = match self.nodes.get(&ino) {
             Some(Node::File(f)) => (
                 f.current.bytes.len() as u64,
                 f.current.mode,
                 f.current.mtime,
                 f.links,
+                f.changes,
             ),
-            Some(Node::Dir(_)) => (0, 0o755, SystemTime::UNIX_EPOCH, 2),
-            _ => (0, 0o600, SystemTime::UNIX_EPOCH, 1),
+            Some(Node::Dir(_)) => (0, 0o755, SystemTime::UNIX_EPOCH, 2, 0),
+            _ => (0, 0o600, SystemTime::UNIX_EPOCH, 1, 0),
         };
         Meta {
             kind: self.kind(ino),
             len,
             mode,
             mtime,
+            ctime: SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(changes),
             uid,
             dev: DEV,
             ino,

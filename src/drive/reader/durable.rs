@@ -13,7 +13,6 @@ use crate::drive::layout::{self, PublishError};
 use crate::drive::ledger::{Intent, Journal};
 use crate::drive::record::Entry;
 use crate::storage::DiskStorage;
-use std::fs;
 use std::time::{Duration, Instant};
 
 impl Reader {
@@ -89,7 +88,7 @@ impl Reader {
                 continue;
             };
             // Nothing is renamed over a file this reader did not write.
-            match guard::clear(&b.root, &mut self.ledger, &path, Some(&info)) {
+            match guard::clear(&*b.root_dir, &mut self.ledger, &path, Some(&info)) {
                 Ok(cleared) => moved.push((path.clone(), cleared)),
                 Err(error) => {
                     let why = format!("cannot move the local file aside: {error}");
@@ -109,7 +108,7 @@ impl Reader {
             match l.commit(id) {
                 Ok(o) => {
                     orphans.extend(o);
-                    if let Ok(m) = fs::symlink_metadata(b.root.join(&path)) {
+                    if let Ok(Some(m)) = b.root_dir.metadata(&path) {
                         self.ledger.wrote(&path, &m, info.hash);
                     }
                 }
@@ -167,9 +166,9 @@ impl Reader {
         if self.ledger_dirty && due {
             self.ledger_saved = Some(Instant::now());
             // After the sync above: no entry is durable before the file it describes.
-            self.ledger.on_disk.prune(&b.root);
+            self.ledger.on_disk.prune(&*b.root_dir);
             b.stats.on_disk = self.ledger.on_disk.clone();
-            match self.ledger.save(&b.state_dir) {
+            match self.ledger.save(&*b.state_handle) {
                 Ok(()) => {
                     self.ledger_dirty = false;
                     if let Some(Err(e)) = self.journal.as_mut().map(Journal::clear) {

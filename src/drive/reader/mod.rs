@@ -23,6 +23,7 @@ use crate::drive::ledger::{Intent, Journal, Ledger};
 use crate::drive::log;
 use crate::drive::reconcile::{self, Local};
 use crate::drive::record::{self, BLOCK_SIZE, Entry, State};
+use crate::fsio::Kind;
 use crate::storage::DiskStorage;
 use fetch::{drop_stale_pending, fill_from_local, update_want};
 use std::collections::{BTreeMap, BTreeSet};
@@ -75,7 +76,7 @@ impl Reader {
     }
 
     pub fn start(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
-        self.ledger = match Ledger::load(&b.state_dir) {
+        self.ledger = match Ledger::load(&*b.state_handle) {
             Ok(l) => l,
             Err(e) => {
                 // Nothing counts as ours then: files are kept or moved aside, never lost.
@@ -84,8 +85,9 @@ impl Reader {
             }
         };
         // What a killed run was about to write and did.
-        self.ledger.replay(&b.root, Journal::read(&b.state_dir));
-        self.journal = Some(Journal::new(&b.state_dir));
+        self.ledger
+            .replay(&*b.root_dir, Journal::read(&*b.state_handle));
+        self.journal = Some(Journal::new(b.state_handle.clone()));
         let orphans = guard::check_in_place(b, &mut self.ledger, &self.previous);
         if let Some(c) = b.content {
             for x in orphans {
@@ -270,15 +272,20 @@ impl Reader {
         if b.content.is_none()
             && let Some(key) = b.state.content_key
         {
-            let store = DiskStorage::open_with_blocks(
-                b.state_dir.join("content"),
-                Box::new(FolderBlocks(b.layout.clone())),
+            // Through the state directory's handle (made if missing), locked like the others.
+            let store = crate::drive::dirs::open_store(
+                &*b.state_handle,
+                &b.root,
+                "content",
+                true,
+                Some(Box::new(FolderBlocks(b.layout.clone()))),
             );
-            match store
-                .map_err(crate::core::FeedError::from)
-                .and_then(|s| Feed::create_replica(s, key))
-            {
-                Ok(feed) => {
+            match store.map_err(|e| e.to_string()).and_then(|(s, lock)| {
+                let feed = Feed::create_replica(s, key).map_err(|e| e.to_string())?;
+                Ok((feed, lock))
+            }) {
+                Ok((feed, lock)) => {
+                    b.locks.push(lock);
                     let id = r.add_feed(feed, true);
                     r.set_ordered(id, true);
                     b.content = Some(id);
@@ -354,7 +361,7 @@ impl Reader {
         }
         self.ledger_dirty = true;
         for f in plan.fetch {
-            if guard::in_place(&b.root, &mut self.ledger, &f.path, &f.info) {
+            if guard::in_place(&*b.root_dir, &mut self.ledger, &f.path, &f.info) {
                 // Already here, byte for byte (an adopted folder, a restart after a kill):
                 // taken as is, neither fetched nor rewritten.
                 let mut l = layout::lock(&b.layout);
@@ -382,7 +389,7 @@ impl Reader {
                     orphans.extend(l.remove(id));
                 }
             }
-            match guard::remove(&b.root, &mut self.ledger, &rm.path) {
+            match guard::remove(&*b.root_dir, &mut self.ledger, &rm.path) {
                 Ok(Removed::Gone) => {}
                 Ok(Removed::Kept) => b.problem(DriveProblem::KeptLocal {
                     folder: b.root.clone(),
@@ -392,7 +399,7 @@ impl Reader {
             }
         }
         for d in &plan.remove_dirs {
-            guard::remove_dir(&b.root, &mut self.ledger, d);
+            guard::remove_dir(&*b.root_dir, &mut self.ledger, d);
         }
         // 3. Directories.
         for d in &plan.make_dirs {
@@ -402,13 +409,12 @@ impl Reader {
                 b.problem(publish_problem(b, e));
                 continue;
             }
-            let p = b.root.join(d);
-            if !p.is_dir() {
+            if !matches!(b.root_dir.metadata(d), Ok(Some(m)) if m.kind == Kind::Dir) {
                 self.note(b, Intent::Dir { path: d.clone() });
             }
-            match guard::make_dir(&b.root, &mut self.ledger, d, &p) {
+            match guard::make_dir(&*b.root_dir, &mut self.ledger, d) {
                 Ok(cleared) => conflict_reported(b, d, cleared),
-                Err(e) => b.problem(DriveProblem::io(&p, &e)),
+                Err(e) => b.problem(DriveProblem::io(&b.root.join(d), &e)),
             }
         }
         b.stats.on_disk = self.ledger.on_disk.clone();

@@ -69,6 +69,7 @@ impl Dir for SimDir {
                     let f = st.file_mut(ino)?;
                     f.current.bytes.clear();
                     f.pending.push(FileOp::SetLen(0));
+                    f.changes += 1;
                 }
                 ino
             }
@@ -87,6 +88,7 @@ impl Dir for SimDir {
                         current: fresh,
                         pending: Vec::new(),
                         links: 1,
+                        changes: 0,
                     }),
                 );
                 st.dir_mut(parent)?.current.insert(name.to_string(), ino);
@@ -311,6 +313,7 @@ impl SimFile {
         let f = st.file_mut(self.ino)?;
         op.apply(&mut f.current);
         f.pending.push(op);
+        f.changes += 1;
         Ok(())
     }
 }
