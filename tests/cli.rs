@@ -3,35 +3,10 @@
 
 mod common;
 
-use common::{Proc, share, wait_until};
+use common::{Proc, clone_once, run, share, text, wait_until};
 use std::fs;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
-
-/// Runs feedsync to completion (with a deadline), its output collected.
-fn run(args: &[&str]) -> Output {
-    let mut p = Proc::feedsync(args);
-    let status = p.wait_exit(Duration::from_secs(60));
-    Output {
-        status,
-        stdout: p.lines().join("\n").into_bytes(),
-        stderr: p.errors().join("\n").into_bytes(),
-    }
-}
-
-/// `clone --once URL DIR` from one named peer, with discovery off.
-fn clone_once(url: &str, dir: &Path, peer: &str) -> Output {
-    run(&[
-        "clone",
-        url,
-        dir.to_str().unwrap(),
-        "--peer",
-        peer,
-        "--no-discovery",
-        "--once",
-    ])
-}
 
 /// The URL of a folder nobody serves: a fresh, valid key.
 fn unserved_url(dir: &Path) -> String {
@@ -39,10 +14,6 @@ fn unserved_url(dir: &Path) -> String {
     let out = run(&["feed", "create", store.to_str().unwrap()]);
     assert!(out.status.success());
     format!("feedsync://{}", text(&out.stdout).trim())
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn version_of(dir: &Path) -> u64 {
@@ -94,7 +65,7 @@ fn once_fetches_what_a_peer_proves_before_it_says_complete() {
     wait_until(Duration::from_secs(30), "the share to import", || {
         version_of(&src) >= before + 6
     });
-    let out = clone_once(&url, &dst, &addr);
+    let out = clone_once(&url, &dst, &addr, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(fs::read(dst.join("late.txt")).unwrap(), b"late");
     // The share said who came and went, and why.
@@ -353,7 +324,7 @@ fn peers_may_be_host_names_and_a_share_keeps_its_port() {
     let s2 = Proc::feedsync(&["share", src.to_str().unwrap(), "--no-discovery"]);
     assert_eq!(port_of(&s2), port, "the share moved to another port");
     let peer = format!("localhost:{port}");
-    let out = clone_once(&url, &dst, &peer);
+    let out = clone_once(&url, &dst, &peer, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(fs::read(dst.join("x")).unwrap(), b"x");
 }

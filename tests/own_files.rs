@@ -4,41 +4,11 @@
 
 mod common;
 
-use common::{Proc, assert_same_tree, share, wait_until};
+use common::{Proc, assert_same_tree, clone_once, run, share, text, wait_until};
 use std::fs;
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
-
-/// Runs feedsync to completion (with a deadline), its output collected.
-fn run(args: &[&str]) -> Output {
-    let mut p = Proc::feedsync(args);
-    let status = p.wait_exit(Duration::from_secs(90));
-    Output {
-        status,
-        stdout: p.lines().join("\n").into_bytes(),
-        stderr: p.errors().join("\n").into_bytes(),
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// `clone --once URL DIR` from one named peer, with discovery off, and `extra` arguments.
-fn clone_once(url: &str, dir: &Path, peer: &str, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "clone",
-        url,
-        dir.to_str().unwrap(),
-        "--peer",
-        peer,
-        "--no-discovery",
-        "--once",
-    ];
-    args.extend_from_slice(extra);
-    run(&args)
-}
 
 /// `sync --once DIR` from one named peer.
 fn sync_once(dir: &Path, peer: &str) -> Output {

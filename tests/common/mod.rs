@@ -490,3 +490,34 @@ impl Drop for Lan {
         }
     }
 }
+
+/// Runs feedsync to completion (90 s deadline), its output collected.
+pub fn run(args: &[&str]) -> std::process::Output {
+    let mut p = Proc::feedsync(args);
+    let status = p.wait_exit(Duration::from_secs(90));
+    std::process::Output {
+        status,
+        stdout: p.lines().join("\n").into_bytes(),
+        stderr: p.errors().join("\n").into_bytes(),
+    }
+}
+
+/// Bytes a process printed, as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `clone --once URL DIR` from one named peer, with discovery off, and `extra` arguments.
+pub fn clone_once(url: &str, dir: &Path, peer: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "clone",
+        url,
+        dir.to_str().expect("test paths are UTF-8"),
+        "--peer",
+        peer,
+        "--no-discovery",
+        "--once",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
