@@ -191,11 +191,22 @@ fn a_replica_keeps_every_synced_block() {
     }
 }
 
-/// `Dir::write_atomic` (how the daemon saves `folders.json`): after any cut, the old bytes or
-/// the new, never nothing or a mix.
+/// The daemon's `folders.json` (`daemon::added::save_in`, which is `Dir::write_atomic`): after
+/// any cut, the list last saved or the one being saved, never nothing, a mix, or an error.
 #[test]
-fn write_atomic_leaves_the_old_or_the_new_file() {
-    let (base, cuts) = plan("write_atomic");
+fn folders_json_holds_the_old_or_the_new_list() {
+    use feedsync::daemon::FolderConfig;
+    use feedsync::daemon::added::{load_in, save_in};
+    let list = |n: u64| -> Vec<FolderConfig> {
+        (0..n)
+            .map(|k| FolderConfig {
+                path: format!("/srv/feedsync/folder-{k}-{}", "x".repeat(k as usize * 97)).into(),
+                url: None,
+                peers: Vec::new(),
+            })
+            .collect()
+    };
+    let (base, cuts) = plan("folders_json");
     for cut in 0..cuts {
         let seed = base.wrapping_add(cut);
         let mut rng = Rng(seed);
@@ -203,34 +214,25 @@ fn write_atomic_leaves_the_old_or_the_new_file() {
         let root = disk.root();
         root.create_dir("state", 0o700).unwrap();
         root.sync().unwrap();
-        let mut current = b"{\"folders\":[]}".to_vec();
-        root.write_atomic("state/folders.json", &current, 0o600)
-            .unwrap();
+        let state = root.open_dir("state").unwrap();
+        let mut current = list(rng.below(5));
+        save_in(&*state, &current).unwrap();
         disk.stop_after(rng.below(40));
         let mut attempted = current.clone();
-        for k in 0..rng.below(4) + 1 {
-            attempted = format!(
-                "{{\"folders\":[{k}],\"pad\":\"{}\"}}",
-                "x".repeat(rng.below(9000) as usize)
-            )
-            .into_bytes();
-            if root
-                .write_atomic("state/folders.json", &attempted, 0o600)
-                .is_err()
-            {
+        for _ in 0..rng.below(4) + 1 {
+            attempted = list(rng.below(60));
+            if save_in(&*state, &attempted).is_err() {
                 break;
             }
             current = attempted.clone();
         }
         disk.power_cut(seed);
-        let got = disk
-            .root()
-            .read_file("state/folders.json")
-            .unwrap()
-            .unwrap_or_else(|| panic!("seed {seed}: the file is gone"));
+        let state = disk.root().open_dir("state").unwrap();
+        let got = load_in(&*state, std::path::Path::new("state/folders.json"))
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         assert!(
             got == current || got == attempted,
-            "seed {seed}: {} bytes, neither the last saved nor the one being saved",
+            "seed {seed}: {} folders, neither the list last saved nor the one being saved",
             got.len()
         );
     }

@@ -5,12 +5,13 @@
 //! list of folders, is an error naming its path (the daemon refuses to start and the operator
 //! looks), never an empty list. Only a file that does not exist yet means "nothing added".
 //!
-//! Saving replaces the file atomically and durably ([`crate::util::write_atomic_with_mode`]: a
+//! Saving replaces the file atomically and durably ([`Dir::write_atomic`]: a
 //! temporary file in the same directory, fsynced, renamed over the old one, the directory
 //! fsynced), so a crash, a power cut or a full disk leaves the old list or the new one, whole.
 //! A failed save is returned to the caller, who undoes the change and tells the client.
 
 use super::{ConfigError, FolderConfig};
+use crate::fsio::Dir;
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -77,12 +78,32 @@ fn parse(file: &Path, bytes: &[u8]) -> Result<Vec<FolderConfig>, ConfigError> {
 /// daemon's user may read it (0600): it lists what this machine shares.
 pub fn save(state_dir: &Path, folders: &[FolderConfig]) -> Result<(), String> {
     let file = path(state_dir);
-    let write = || -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(folders)?;
-        crate::util::write_atomic_with_mode(&file, &bytes, 0o600)
-    };
-    write().map_err(|e| format!("{}: {e}", file.display()))
+    let dir = crate::fsio::RealDir::open_path(state_dir)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    save_in(&dir, folders).map_err(|e| format!("{}: {e}", file.display()))
 }
+
+/// [`save`] through a directory handle: [`Dir::write_atomic`], the code `tests/power_loss.rs`
+/// cuts power under on the simulated disk.
+pub fn save_in(dir: &dyn Dir, folders: &[FolderConfig]) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(folders)?;
+    dir.write_atomic(FILE, &bytes, 0o600)
+}
+
+/// [`load`] through a directory handle (`file` names it in errors).
+pub fn load_in(dir: &dyn Dir, file: &Path) -> Result<Vec<FolderConfig>, ConfigError> {
+    match dir.read_file(FILE) {
+        Ok(Some(bytes)) => parse(file, &bytes),
+        Ok(None) => Ok(Vec::new()),
+        Err(source) => Err(ConfigError::Read {
+            path: file.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The file's name in the state directory.
+const FILE: &str = "folders.json";
 
 #[cfg(test)]
 mod tests {

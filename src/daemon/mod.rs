@@ -39,7 +39,7 @@
 //! change costs anyway. A failed start is an error of [`run`] (the caller exits non-zero); a
 //! failed restart later goes back to the previous set and is reported to whoever asked.
 
-mod added;
+pub mod added;
 mod config;
 mod control;
 
