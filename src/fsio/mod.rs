@@ -245,11 +245,16 @@ pub trait Dir: Send + Sync + fmt::Debug {
                 ..OpenHow::CREATE_NEW
             },
         )?;
-        f.set_mode(mode)?;
-        f.write_all_at(bytes, 0)?;
-        f.sync_all()?;
+        let written = f
+            .set_mode(mode)
+            .and_then(|()| f.write_all_at(bytes, 0))
+            .and_then(|()| f.sync_all());
         drop(f);
-        self.rename(&tmp, rel)?;
+        if let Err(e) = written.and_then(|()| self.rename(&tmp, rel)) {
+            // A full disk, say: the old file stays, and so must nothing else of ours.
+            let _ = self.remove_file(&tmp);
+            return Err(e);
+        }
         self.sync_dir(parent)
     }
 
