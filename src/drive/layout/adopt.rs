@@ -37,7 +37,7 @@ impl Layout {
             };
             if m.kind != Kind::File
                 || m.len != info.size
-                || super::stamp(&m) != (info.mtime_secs, info.mtime_nanos)
+                || crate::drive::import::stamp_time(m.mtime) != (info.mtime_secs, info.mtime_nanos)
             {
                 continue;
             }

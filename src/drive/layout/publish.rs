@@ -22,7 +22,7 @@ use super::{Layout, SlotId};
 use crate::drive::record::{BLOCK_SIZE, FileInfo};
 use crate::fsio::{self, Kind, Meta};
 use std::io;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 impl Layout {
     /// Stages a pending slot with nothing left to write (step 1 of the module docs). Staging
@@ -309,34 +309,6 @@ impl Layout {
             },
         }
     }
-
-    /// Makes directory `rel` of a record (and its parents) beneath the root.
-    pub fn make_dir(&self, rel: &str) -> Result<(), PublishError> {
-        self.make_parents(rel)?;
-        self.ensure_dir(rel, rel)
-    }
-
-    /// Removes the file at `rel` if it is a regular file that still looks like one of `ours`
-    /// (size and mtime), through the root handle. Whether it was removed.
-    pub fn remove_if_ours(&self, rel: &str, ours: &[FileInfo]) -> io::Result<bool> {
-        let Some(m) = self.dir.metadata(rel)? else {
-            return Ok(false);
-        };
-        let mine = m.kind == Kind::File
-            && ours
-                .iter()
-                .any(|i| m.len == i.size && stamp(&m) == (i.mtime_secs, i.mtime_nanos));
-        if !mine {
-            return Ok(false);
-        }
-        self.dir.remove_file(rel)?;
-        Ok(true)
-    }
-
-    /// Removes directory `rel` beneath the root if it is empty.
-    pub fn remove_empty_dir(&self, rel: &str) -> io::Result<()> {
-        self.dir.remove_dir(rel)
-    }
 }
 
 /// Refuses a record whose file name is one of our temporary names: publishing it would
@@ -350,21 +322,6 @@ pub(super) fn reserved(path: &str) -> Result<(), PublishError> {
         });
     }
     Ok(())
-}
-
-/// A file's mtime as (seconds, nanoseconds) since the epoch, as records hold it.
-pub fn stamp(meta: &Meta) -> (i64, u32) {
-    match meta.mtime.duration_since(UNIX_EPOCH) {
-        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-        Err(e) => {
-            let d = e.duration();
-            if d.subsec_nanos() == 0 {
-                (-(d.as_secs() as i64), 0)
-            } else {
-                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
-            }
-        }
-    }
 }
 
 /// The modification time a record gives. Records are checked (nanoseconds under a second,
