@@ -10,7 +10,7 @@
 
 use crate::fsio::Dir;
 use std::io;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Attempts at a free name before giving up.
 const MAX_TRIES: u32 = 1000;
@@ -21,17 +21,19 @@ pub fn conflict_name(name: &str, at: SystemTime, n: u32) -> String {
         Some(i) if i > 0 && i + 1 < name.len() => (&name[..i], Some(&name[i + 1..])),
         _ => (name, None),
     };
-    let secs = at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
-    let t = secs.rem_euclid(86_400);
-    let mut out = format!(
-        "{stem}.sync-conflict-{y:04}{mo:02}{d:02}-{:02}{:02}{:02}",
-        t / 3600,
-        t / 60 % 60,
-        t % 60
-    );
+    // `20261202T105007Z` from RFC 3339 (humantime, which the CLI already uses for times), as
+    // `20261202-105007`. Clamped to what RFC 3339 holds: before 1970 is the epoch, and a clock
+    // past the year 9999 reads as its last second.
+    let last = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    let at = at.clamp(UNIX_EPOCH, last);
+    let stamp: String = humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(15)
+        .map(|c| if c == 'T' { '-' } else { c })
+        .collect();
+    let mut out = format!("{stem}.sync-conflict-{stamp}");
     if n > 0 {
         out.push_str(&format!("-{n}"));
     }
@@ -67,25 +69,9 @@ pub fn move_aside(root: &dyn Dir, rel: &str, at: SystemTime) -> io::Result<Strin
     ))
 }
 
-/// (year, month, day) of the day `days` after 1970-01-01 in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
@@ -119,7 +105,10 @@ mod tests {
             conflict_name("e", at(0), 0),
             "e.sync-conflict-19700101-000000"
         );
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(
+            conflict_name("leap", at(19_782 * 86_400 + 86_399), 0),
+            "leap.sync-conflict-20240229-235959"
+        );
     }
 
     #[test]
