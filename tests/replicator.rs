@@ -640,6 +640,7 @@ fn uploaded_events_count_exactly_the_served_blocks() {
                     feed: 0,
                     index,
                     count,
+                    ..
                 }) => events.push((index, count)),
                 other => panic!("unexpected action {other:?}"),
             }

@@ -358,7 +358,9 @@ impl Watch {
                 reporter.line(format!("raised the open-file limit from {from} to {to}"));
             }
             NodeEvent::Discovery(note) => reporter.line(format!("LAN discovery: {note}")),
-            NodeEvent::Replication(Event::Downloaded { feed, index, count }) => {
+            NodeEvent::Replication(Event::Downloaded {
+                feed, index, count, ..
+            }) => {
                 self.fetched = true;
                 self.activity();
                 if self.report_fetches {

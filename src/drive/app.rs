@@ -340,6 +340,12 @@ impl App for Drives {
         }
     }
 
+    fn on_peer(&mut self, peer: crate::core::replicator::PeerId, addr: std::net::SocketAddr) {
+        for d in &mut self.0 {
+            d.on_peer(peer, addr);
+        }
+    }
+
     fn start(&mut self, r: &mut Replicator<DiskStorage>) {
         for d in &mut self.0 {
             d.start(r);

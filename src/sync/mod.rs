@@ -204,6 +204,9 @@ pub trait App: Send {
     fn on_event(&mut self, replicator: &mut Replicator<DiskStorage>, event: &Event);
     /// Once, before [`App::start`]: the handle that wakes the loop for [`App::on_wake`].
     fn set_waker(&mut self, _waker: Waker) {}
+    /// A connection to `peer` (a session number, as in replication events) came up from or to
+    /// `addr`: for per-peer accounting and reports (who served what).
+    fn on_peer(&mut self, _peer: crate::core::replicator::PeerId, _addr: std::net::SocketAddr) {}
     /// The app's own source fired (see [`Waker`]).
     fn on_wake(&mut self, _replicator: &mut Replicator<DiskStorage>) {}
     /// When the tick count advanced: at most once per wake-up of the timer, so several ticks

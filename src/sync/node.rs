@@ -432,6 +432,9 @@ impl Node {
                         }
                         self.replicator
                             .handle_connected(peer, &handshake_hash, initiator);
+                        if let Some(app) = &mut self.app {
+                            app.on_peer(peer, addr);
+                        }
                         self.emit(NodeEvent::PeerConnected {
                             peer,
                             addr,

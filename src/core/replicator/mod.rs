@@ -131,6 +131,10 @@ pub enum Event {
         index: u64,
         /// Number of blocks.
         count: u64,
+        /// The peer that sent them (who serves whom, for per-peer accounting).
+        peer: PeerId,
+        /// Their total size in bytes.
+        bytes: u64,
     },
     /// `feed` now trusts a signed tree of `length` blocks.
     Upgraded {
@@ -184,6 +188,8 @@ pub enum Event {
         index: u64,
         /// Number of blocks.
         count: u64,
+        /// Their total size in bytes.
+        bytes: u64,
     },
 }
 

@@ -277,6 +277,7 @@ impl<S: Storage> Replicator<S> {
             upgrade: d.upgrade,
         };
         let blocks: Vec<&[u8]> = d.blocks.iter().map(|b| b.0.as_slice()).collect();
+        let bytes: u64 = blocks.iter().map(|b| b.len() as u64).sum();
         match slot.feed.verify_and_store(d.index, &blocks, &proof) {
             Ok(v) => {
                 if let Some(length) = v.upgraded_to {
@@ -294,6 +295,8 @@ impl<S: Storage> Replicator<S> {
                         feed,
                         index: d.index,
                         count,
+                        peer,
+                        bytes,
                     });
                     let have = Self::have(feed, d.index..d.index + count);
                     self.broadcast(feed, Some(peer), have);

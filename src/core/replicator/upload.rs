@@ -193,6 +193,7 @@ impl<S: Storage> Replicator<S> {
                 feed,
                 index: d.index,
                 count: d.blocks.len() as u64,
+                bytes: d.blocks.iter().map(|b| b.0.len() as u64).sum(),
             });
         }
         if let (Some(rest), Some(state)) = (rest, self.peers.get_mut(&peer)) {
