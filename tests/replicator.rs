@@ -717,7 +717,9 @@ fn peer_proved_needs_a_verified_status_even_of_our_own_length() {
 
 /// The seed's "blocks never uploaded to anyone first" rule spans peers inside `poll_upload`: a
 /// peer asking only for copies waits while another peer waits for a fresh block, and is served
-/// once nothing fresh is waiting, or once its request is older than `max_request_timeout`.
+/// once nothing fresh is waiting, or once its request is older than `max_request_timeout`; a
+/// copy another peer holds is declined once (`NoData`: fetch it there), and served if asked
+/// again.
 #[test]
 fn copies_wait_for_fresh_blocks_of_other_peers_but_not_for_ever() {
     let w = writer(10);
@@ -753,7 +755,17 @@ fn copies_wait_for_fresh_blocks_of_other_peers_but_not_for_ever() {
         "a copy went out before a fresh block"
     );
     assert_eq!(data_index(r.poll_upload(8)), Some(5));
-    assert_eq!(data_index(r.poll_upload(7)), Some(0));
+    // Peer 8 holds block 0 (we sent it): 7 is told to fetch it there (NoData), once.
+    assert!(
+        matches!(r.poll_upload(7).as_deref(), Some([Message::NoData(n)]) if n.id == 2),
+        "a copy another peer holds was sent instead of redirected"
+    );
+    r.handle_message(7, ask(6, 0));
+    assert_eq!(
+        data_index(r.poll_upload(7)),
+        Some(0),
+        "asked again, the copy is served"
+    );
     // A copy that has waited max_request_timeout ticks is served even with fresh blocks waiting.
     r.handle_message(7, ask(4, 0));
     r.handle_message(8, ask(5, 6));

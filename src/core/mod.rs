@@ -27,6 +27,7 @@ pub mod crypto;
 pub mod error;
 pub mod feed;
 pub mod flat;
+pub mod pacing;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod peerbook;

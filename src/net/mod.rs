@@ -91,6 +91,8 @@ pub struct ConnStats {
     pub queued: AtomicUsize,
     /// Batches written to the socket so far (the synchronizer watches it for progress).
     pub writes: AtomicU64,
+    /// Block bytes written to the socket so far (the upload budget follows its rate).
+    pub written: AtomicU64,
     /// Bytes (by [`message_cost`]) of this connection's messages handed to the synchronizer and
     /// not handled yet; the synchronizer gives them back with [`ConnStats::handled`].
     pub inbound: AtomicUsize,
@@ -356,6 +358,7 @@ async fn run_connection(
 ) {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
+    limit_unsent(&stream);
     // Handshake messages are small: a stranger may not make us buffer 64 KiB frames.
     let mut wire = Framed::new(stream, handshake_codec());
     let shaken = tokio::select! {
@@ -513,6 +516,37 @@ async fn write_loop(
     error
 }
 
+/// Unsent bytes the kernel may hold for one connection (`TCP_NOTSENT_LOWAT`).
+///
+/// Why: the upload budget (`core::pacing`) keeps what is queued for a connection near 100 ms of
+/// what it drains, so that the uploader chooses each piece close to the wire and a request or a
+/// `Have` does not wait behind seconds of blocks. Without this limit the kernel accepts writes
+/// until its send buffer (autotuned up to `tcp_wmem`'s maximum, 4 MiB here) is full: the
+/// writer's "written" would mean "copied into the kernel", the budget would measure the copy
+/// rate, and the queue would simply move into the kernel. With it, the socket is writable only
+/// while fewer than this many bytes wait to be sent (bytes in flight are not counted, so a long
+/// fat link still fills its window); 128 KiB is the kernel's own suggestion for this option.
+const NOTSENT_LOWAT: libc::c_int = 128 * 1024;
+
+/// Sets [`NOTSENT_LOWAT`] on `stream`; a kernel without the option just keeps its default.
+fn limit_unsent(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let value: libc::c_int = NOTSENT_LOWAT;
+    // SAFETY: `setsockopt` reads exactly `size_of::<c_int>()` bytes from a pointer to a live
+    // local `c_int`, on a file descriptor `stream` owns and keeps open for the whole call. No
+    // safe wrapper offers this option (neither std, tokio, socket2 nor rustix have it).
+    #[allow(unsafe_code)]
+    let _ = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&value as *const libc::c_int).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 /// Writes batches of queued messages until the queue closes, a goodbye is sent, `cancel` fires
 /// (`None`), or something fails (the reason).
 async fn write_batches(
@@ -527,6 +561,8 @@ async fn write_batches(
     let mut nonce = 0u64;
     let mut frames = Vec::with_capacity(256 * 1024);
     let mut wire = Vec::with_capacity(256 * 1024);
+    let mut answers: Vec<Message> = Vec::new();
+    let mut answers_bytes = 0usize;
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => return None,
@@ -534,24 +570,42 @@ async fn write_batches(
         };
         // The queue closed: a clean end.
         let first = first?;
-        // Batch what is queued into one pass of encryption and one write.
+        // Batch what is queued into one pass of encryption and one write, control messages
+        // (requests, haves, cancels, pings) ahead of answers: a request or a `Have` must not
+        // wait behind the blocks queued before it (`core::pacing`); a goodbye stays last.
         frames.clear();
+        answers.clear();
         let mut goodbye = false;
         let mut batch_payload = 0;
         let mut next = Some(first);
         while let Some(m) = next {
             goodbye |= matches!(m, Message::Goodbye(_));
-            batch_payload += payload_len(&m);
-            // The replicator only emits messages within limits; a refusal here is a bug, and
-            // the connection ends with it as the reason rather than silently skipping a message.
-            if let Err(e) = encode_into(&m, &mut frames) {
-                return Some(format!("internal error: refused to encode a message: {e}"));
+            let payload = payload_len(&m);
+            batch_payload += payload;
+            if matches!(
+                m,
+                Message::Data(_) | Message::NoData(_) | Message::Goodbye(_)
+            ) {
+                answers_bytes += payload;
+                answers.push(m); // a goodbye ends the batch, so it stays last
+            } else {
+                // The replicator only emits messages within limits; a refusal here is a bug,
+                // and the connection ends with it as the reason rather than silently skipping.
+                if let Err(e) = encode_into(&m, &mut frames) {
+                    return Some(format!("internal error: refused to encode a message: {e}"));
+                }
             }
-            next = if frames.len() < 1024 * 1024 && !goodbye {
+            next = if frames.len() + answers_bytes < 1024 * 1024 && !goodbye {
                 rx.try_recv().ok()
             } else {
                 None
             };
+        }
+        answers_bytes = 0;
+        for m in answers.drain(..) {
+            if let Err(e) = encode_into(&m, &mut frames) {
+                return Some(format!("internal error: refused to encode a message: {e}"));
+            }
         }
         // Each Noise message: 2-byte big-endian length, then the ciphertext, encrypted in place
         // in the outgoing buffer.
@@ -575,6 +629,9 @@ async fn write_batches(
             return Some(e.to_string());
         }
         stats.queued.fetch_sub(batch_payload, Ordering::AcqRel);
+        stats
+            .written
+            .fetch_add(batch_payload as u64, Ordering::AcqRel);
         stats.writes.fetch_add(1, Ordering::AcqRel);
         // A goodbye is the last thing a connection says.
         if goodbye {

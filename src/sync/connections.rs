@@ -13,16 +13,18 @@
 //!   backlog of at most [`BACKLOG_BUDGET`] bytes (past it that one peer is too far behind and is
 //!   cut, with the reason; a burst of control messages — thousands of `Unhave` after a large
 //!   deletion — is small in bytes and passes). Answers
-//!   (block data) are pulled from the replicator only while the connection [`has room`], which
-//!   keeps [`CONTROL_RESERVE`] queue slots for control messages and at most [`UPLOAD_BUDGET`]
-//!   block bytes queued.
+//!   (block data) are pulled from the replicator only while the connection has [`room`], which
+//!   keeps [`CONTROL_RESERVE`] queue slots for control messages and at most the connection's
+//!   budget of block bytes queued (`core::pacing`: about 100 ms of what it drains, at most
+//!   4 MiB; pieces are cut to fit, so the next one is chosen close to the wire).
 //! - **Stall cutting.** A connection that stays full without writing anything for the stall
 //!   timeout is cut: a peer that does not read what it asked for may not hold our memory or our
 //!   upload slot forever. A full connection that keeps writing is busy, not stalled.
 //!
-//! [`has room`]: Connections::has_room
+//! [`room`]: Connections::room
 
 use super::DisconnectReason;
+use crate::core::pacing::SendBudget;
 use crate::core::replicator::PeerId;
 use crate::net::{self, ConnId};
 use feedsync_protocol::{GoodbyeReason, Message};
@@ -36,9 +38,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Outbound slots kept free for control messages: answers are pulled only above this.
 pub const CONTROL_RESERVE: usize = 8;
-/// Block bytes one connection may have queued: answers are pulled only below this, so a slow
-/// peer holds at most this much of our memory (plus one answer).
-pub const UPLOAD_BUDGET: usize = 4 * 1024 * 1024;
 /// Bytes (as held in memory, see [`net::message_cost`]) of messages one connection may have waiting
 /// beyond its queue before it counts as too far behind and is cut. A budget in bytes, not in
 /// messages: a burst of small control messages (one `Unhave` per block of a deleted 1 GiB file is
@@ -142,13 +141,26 @@ struct Conn {
     full_since: Option<(Instant, u64)>,
     /// What the peer said when it said goodbye.
     goodbye: Option<GoodbyeReason>,
+    /// How many answer bytes may be queued, following the drain rate (`core::pacing`).
+    budget: SendBudget,
+    /// `stats.written` when the budget last heard of it.
+    seen_written: u64,
 }
 
 impl Conn {
     fn is_full(&self) -> bool {
         !self.backlog.is_empty()
             || self.outbound.capacity() <= CONTROL_RESERVE
-            || self.stats.queued.load(Ordering::Acquire) >= UPLOAD_BUDGET
+            || self.stats.queued.load(Ordering::Acquire) as u64 >= self.budget.allowed()
+    }
+
+    /// Tells the budget what the writer wrote since it last looked.
+    fn observe(&mut self, now: u64) {
+        let written = self.stats.written.load(Ordering::Acquire);
+        let queued = self.stats.queued.load(Ordering::Acquire) as u64;
+        self.budget
+            .on_written(now, written.saturating_sub(self.seen_written), queued);
+        self.seen_written = written;
     }
 }
 
@@ -161,6 +173,8 @@ pub struct Connections {
     local: [u8; 32],
     max_peers: usize,
     stall_timeout: Duration,
+    /// Origin of the budgets' clock.
+    origin: Instant,
 }
 
 impl Connections {
@@ -173,7 +187,13 @@ impl Connections {
             local,
             max_peers,
             stall_timeout,
+            origin: Instant::now(),
         }
+    }
+
+    /// Microseconds since this set was made: the budgets' clock.
+    fn micros(&self) -> u64 {
+        self.origin.elapsed().as_micros() as u64
     }
 
     fn peer_id(&mut self, remote: [u8; 32]) -> PeerId {
@@ -238,6 +258,8 @@ impl Connections {
                 since: Instant::now(),
                 full_since: None,
                 goodbye: None,
+                budget: SendBudget::new(self.origin.elapsed().as_micros() as u64),
+                seen_written: 0,
             },
         );
         self.by_peer.insert(peer, new.conn);
@@ -323,9 +345,12 @@ impl Connections {
         let Some(c) = self.conns.get_mut(&conn) else {
             return Err(gone);
         };
-        c.stats
-            .queued
-            .fetch_add(net::payload_len(&message), Ordering::AcqRel);
+        let payload = net::payload_len(&message);
+        let queued = c.stats.queued.fetch_add(payload, Ordering::AcqRel) + payload;
+        if payload > 0 {
+            let now = self.origin.elapsed().as_micros() as u64;
+            c.budget.on_queued(now, queued as u64);
+        }
         let message = if c.backlog.is_empty() {
             match c.outbound.try_send(message) {
                 Ok(()) => return Ok(()),
@@ -365,8 +390,25 @@ impl Connections {
         true
     }
 
+    /// Bytes of answers that may be pulled for `conn` now (0: none): its budget, which follows
+    /// what the connection drains (`core::pacing`), less what is queued; nothing while control
+    /// messages are backlogged or the control reserve is reached.
+    pub fn room(&mut self, conn: ConnId) -> usize {
+        let now = self.micros();
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return 0;
+        };
+        c.observe(now);
+        if c.is_full() {
+            return 0;
+        }
+        let queued = c.stats.queued.load(Ordering::Acquire) as u64;
+        c.budget.allowed().saturating_sub(queued) as usize
+    }
+
     /// Whether answers may be pulled for `conn`: nothing backlogged, the control reserve free,
     /// and the upload budget not spent.
+    #[cfg(test)]
     pub fn has_room(&self, conn: ConnId) -> bool {
         self.conns.get(&conn).is_some_and(|c| !c.is_full())
     }

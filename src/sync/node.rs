@@ -579,8 +579,12 @@ impl Node {
                 self.close(conn, DisconnectReason::Closed { error: None });
                 continue;
             }
-            while self.conns.has_room(conn) {
-                let Some(messages) = self.replicator.poll_upload(peer) else {
+            loop {
+                let room = self.conns.room(conn);
+                if room == 0 {
+                    break;
+                }
+                let Some(messages) = self.replicator.poll_upload_limited(peer, room) else {
                     break;
                 };
                 uploaded = true;

@@ -7,6 +7,12 @@ pub struct Config {
     pub ordered: bool,
     /// In ordered mode, how far past the first missing block requests may reach.
     pub max_ahead: u64,
+    /// In ordered mode, while other peers are fetching too: how many blocks past the first
+    /// missing one are taken rarest-first from a per-node phase (0: always strictly in order).
+    pub spread: u64,
+    /// The same window as a span of bytes: the window is `spread_bytes` of blocks of the
+    /// feed's average size, and at least `spread` blocks.
+    pub spread_bytes: u64,
     /// Requests in flight to a new peer.
     pub initial_window: u32,
     /// Most requests in flight to one peer.
@@ -41,6 +47,8 @@ impl Default for Config {
         Self {
             ordered: false,
             max_ahead: 1024,
+            spread: 64,
+            spread_bytes: 8 * 1024 * 1024,
             initial_window: 8,
             max_window: 256,
             min_request_timeout: 20,

@@ -93,9 +93,37 @@ impl<S: Storage> Replicator<S> {
         }
     }
 
+    /// Blocks of `feed` just stored: remembered, announced to every peer of the feed as
+    /// coalesced runs by [`Replicator::flush_haves`] on the next tick (one `Have` per peer and
+    /// tick, not one per answer: a reader of small files takes hundreds of answers a second).
+    pub(super) fn queue_have(&mut self, feed: FeedId, range: std::ops::Range<u64>) {
+        if self.feeds[feed].have_pending.insert(range) {
+            self.have_pending = true;
+        }
+    }
+
+    /// Sends every pending `Have`, as few messages per peer as the frame limit allows.
+    pub(super) fn flush_haves(&mut self) {
+        if !std::mem::take(&mut self.have_pending) {
+            return;
+        }
+        for feed in 0..self.feeds.len() {
+            let set = std::mem::take(&mut self.feeds[feed].have_pending);
+            for blocks in block_sets(set.runs()) {
+                let message = Message::Have(Have {
+                    channel: feed as u32,
+                    blocks,
+                });
+                self.broadcast(feed, None, message);
+            }
+        }
+    }
+
     /// Blocks of `feed` given up: remembered, announced as coalesced runs by
     /// [`Replicator::flush_unhaves`].
     pub(super) fn queue_unhave(&mut self, feed: FeedId, range: std::ops::Range<u64>) {
+        // Not announced yet, and now not ours to announce.
+        self.feeds[feed].have_pending.remove(range.clone());
         if self.feeds[feed].unhave.insert(range) {
             self.unhave_pending = true;
         }

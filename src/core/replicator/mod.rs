@@ -252,6 +252,8 @@ struct FeedSlot<S: Storage> {
     /// Blocks given up by [`Replicator::forget`] and not yet announced: sent as coalesced
     /// `Unhave` runs before the next message goes out.
     unhave: RangeSet,
+    /// Blocks stored and not yet announced: sent as coalesced `Have` runs on the next tick.
+    have_pending: RangeSet,
     /// Where the next unordered scan starts (`None`: at this node's seeded offset).
     cursor: Option<u64>,
     /// Only these blocks are fetched (`None`: all). A shared folder wants the blocks of its
@@ -285,6 +287,9 @@ struct PeerState {
     requests: BTreeMap<u64, Pending>,
     /// The peer's requests waiting for our uplink, bounded by `MAX_QUEUED_REQUESTS`.
     uploads: VecDeque<Queued>,
+    /// Blocks whose copy we declined to send this peer because another peer announced them
+    /// (see `upload.rs`): declined once, served if asked again. Capped in runs.
+    redirected: RangeSet,
     /// Blocks asked for and not yet answered or expired (the window is counted in blocks, so a
     /// range request takes as many slots as it has blocks).
     live: u32,
@@ -300,6 +305,9 @@ struct PeerState {
     /// feed's key from metadata a moment later); answered if we add the feed. Bounded.
     unanswered: VecDeque<Open>,
 }
+
+/// Runs of declined copies remembered per peer (see `PeerState::redirected`).
+const MAX_REDIRECT_RUNS: usize = 1024;
 
 /// Unanswered `Open`s kept per peer.
 const MAX_UNANSWERED_OPENS: usize = 32;
@@ -324,6 +332,8 @@ pub struct Replicator<S: Storage> {
     schedule_passes: u64,
     /// Some feed has `unhave` blocks waiting to be announced.
     unhave_pending: bool,
+    /// Some feed has `have_pending` blocks waiting to be announced.
+    have_pending: bool,
     /// Some feed we write has appends waiting for [`Replicator::commit`].
     dirty_any: bool,
     /// A sync failed: the next attempt waits for this tick (no flush storm per message).
@@ -355,6 +365,7 @@ impl<S: Storage> Replicator<S> {
             last_soon_plan: None,
             schedule_passes: 0,
             unhave_pending: false,
+            have_pending: false,
             dirty_any: false,
             commit_retry_at: 0,
         }
@@ -381,6 +392,7 @@ impl<S: Storage> Replicator<S> {
             upgrade_in_flight: None,
             uploaded: RangeSet::new(),
             unhave: RangeSet::new(),
+            have_pending: RangeSet::new(),
             cursor: None,
             want: None,
             ordered: self.config.ordered,
@@ -495,9 +507,20 @@ impl<S: Storage> Replicator<S> {
     /// or tick. Blocks handed out are reported as [`Event::Uploaded`] through
     /// [`Replicator::poll_action`].
     pub fn poll_upload(&mut self, peer: PeerId) -> Option<Vec<Message>> {
+        self.poll_upload_limited(peer, feedsync_protocol::MAX_DATA_BYTES)
+    }
+
+    /// [`Replicator::poll_upload`] with a piece of at most `max_bytes` of blocks (one block
+    /// always fits): a connection whose budget is short (a slow or shared uplink, see
+    /// [`crate::core::pacing`]) takes small pieces, so the next piece is chosen later, when
+    /// the swarm has moved on.
+    pub fn poll_upload_limited(&mut self, peer: PeerId, max_bytes: usize) -> Option<Vec<Message>> {
         self.commit();
         let pos = self.next_in_queue(peer)?;
-        self.serve_queued(peer, pos)
+        if let Some(no_data) = self.redirect(peer, pos) {
+            return Some(vec![no_data]);
+        }
+        self.serve_queued(peer, pos, max_bytes)
     }
 
     /// Whether any peer has requests waiting for upload.
@@ -546,6 +569,7 @@ impl<S: Storage> Replicator<S> {
                 remote_channels: BTreeMap::new(),
                 requests: BTreeMap::new(),
                 uploads: VecDeque::new(),
+                redirected: RangeSet::with_cap(MAX_REDIRECT_RUNS),
                 live: 0,
                 congestion: Congestion::new(self.config.initial_window),
                 last_heard: self.now,
@@ -593,6 +617,7 @@ impl<S: Storage> Replicator<S> {
         for peer in idle {
             self.drop_peer(peer, GoodbyeReason::Timeout);
         }
+        self.flush_haves();
         if now.saturating_sub(self.last_announce) >= self.config.announce_interval {
             self.last_announce = now;
             self.reannounce();

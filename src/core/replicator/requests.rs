@@ -298,8 +298,7 @@ impl<S: Storage> Replicator<S> {
                         peer,
                         bytes,
                     });
-                    let have = Self::have(feed, d.index..d.index + count);
-                    self.broadcast(feed, Some(peer), have);
+                    self.queue_have(feed, d.index..d.index + count);
                 }
                 Ok(())
             }

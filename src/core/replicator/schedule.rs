@@ -43,6 +43,8 @@ pub(super) struct FeedView<'a> {
     pub ordered: bool,
     /// Where the unordered scan starts (this node's seeded offset on the first pass).
     pub cursor: u64,
+    /// This node's seeded phase for spreading an ordered window across a swarm.
+    pub phase: u64,
 }
 
 /// Limits and the tie-break seed (from [`super::Config`]).
@@ -54,6 +56,10 @@ pub(super) struct Limits {
     pub scan_limit: u64,
     /// Most blocks in one request.
     pub max_request_blocks: u64,
+    /// In ordered mode with other partial peers about, the window (in blocks from the first
+    /// missing one) within which blocks are taken rarest-first from this node's phase instead
+    /// of in index order (0: never spread).
+    pub spread: u64,
     /// Tie-break seed.
     pub seed: u64,
 }
@@ -111,11 +117,17 @@ pub(super) fn plan(feed: &FeedView<'_>, mut peers: Vec<PeerSlot<'_>>, limits: Li
     if first_missing >= length {
         return plan;
     }
+    // Other readers are fetching too (some peer holds part of the feed): an ordered fetch
+    // spreads over a short window, so that readers hold different blocks early and trade them
+    // instead of all asking the seeder for the same ones in the same order (see `plan`'s docs).
+    let spread = feed.ordered && limits.spread > 0 && peers.iter().any(|p| !p.complete);
+    let ahead = if spread {
+        limits.max_ahead.min(limits.spread)
+    } else {
+        limits.max_ahead
+    };
     let (start, end) = if feed.ordered {
-        (
-            first_missing,
-            length.min(first_missing.saturating_add(limits.max_ahead)),
-        )
+        (first_missing, length.min(first_missing.saturating_add(ahead)))
     } else {
         // Each node starts its scan at its own seeded offset and moves on from there, so the
         // readers of a swarm begin on disjoint arcs of the feed instead of all asking the seeder
@@ -165,7 +177,12 @@ pub(super) fn plan(feed: &FeedView<'_>, mut peers: Vec<PeerSlot<'_>>, limits: Li
             next_cursor = i;
         }
     }
-    if feed.ordered {
+    if spread {
+        // Rarest first; among equals, from this node's phase around the window, so each
+        // reader starts on its own arc of it.
+        let w = limits.spread.max(1);
+        candidates.sort_by_key(|c| ((c.2 + feed.phase) % w, c.2));
+    } else if feed.ordered {
         candidates.sort_by_key(|c| c.2);
     } else {
         candidates.sort_unstable();
@@ -295,11 +312,18 @@ impl<S: Storage> Replicator<S> {
             cursor: slot
                 .cursor
                 .unwrap_or(mix(self.config.seed ^ feed as u64) % length),
+            phase: mix(self.config.seed ^ 0x5eed ^ feed as u64),
         };
         let limits = Limits {
             max_ahead: self.config.max_ahead,
             scan_limit: self.config.scan_limit,
             max_request_blocks: self.config.max_request_blocks,
+            // The spreading window is a span of bytes (how far a swarm must fan out is a matter
+            // of time on the wire, not of block count): in blocks of this feed's average size.
+            spread: match slot.feed.byte_len() / length {
+                0 => self.config.spread,
+                avg => (self.config.spread_bytes / avg).max(self.config.spread),
+            },
             seed: self.config.seed,
         };
         let Plan { asks, cursor } = plan(&view, peers, limits);
@@ -341,6 +365,7 @@ mod tests {
         max_ahead: 1024,
         scan_limit: 8192,
         max_request_blocks: 16,
+        spread: 0,
         seed: 1,
     };
 
@@ -357,6 +382,7 @@ mod tests {
             in_flight,
             ordered,
             cursor: 0,
+            phase: 0,
         }
     }
 

@@ -16,6 +16,10 @@ use feedsync_protocol::{
     Block, Cancel, Data, GoodbyeReason, MAX_DATA_BYTES, Message, NoData, Request,
 };
 
+fn r_range(r: &Request) -> std::ops::Range<u64> {
+    r.index..r.index.saturating_add(u64::from(r.count))
+}
+
 /// A peer's request waiting in our upload queue.
 pub(super) struct Queued {
     /// Our feed it asks for.
@@ -90,6 +94,42 @@ impl<S: Storage> Replicator<S> {
         Some(0)
     }
 
+    /// Declines to send `peer` a copy that another reader can give it: if the request at `pos`
+    /// asks only for blocks we already uploaded, and another peer with an open channel has
+    /// announced every one of them, it is answered `NoData` (the requester forgets that we hold
+    /// those blocks until our next announcement, and asks the other holder at once) -- once per
+    /// block and peer; asked again, we serve it (the other holder may be unreachable from the
+    /// requester). A seeder's uplink is the swarm's scarcest resource: every copy it sends of a
+    /// block the readers already trade among themselves is a fresh block it did not send.
+    pub(super) fn redirect(&mut self, peer: PeerId, pos: usize) -> Option<Message> {
+        let q = self.peers.get(&peer)?.uploads.get(pos)?;
+        let (feed, r) = (q.feed, &q.request);
+        let end = r.index.saturating_add(u64::from(r.count));
+        if r.count == 0 || r.upgrade || self.is_fresh(feed, r) {
+            return None;
+        }
+        let state = self.peers.get(&peer)?;
+        if state.redirected.count_range(r.index..end) > 0 {
+            return None;
+        }
+        let held_elsewhere = self.peers.iter().any(|(&other, p)| {
+            other != peer
+                && p.channels.get(&feed).is_some_and(|c| {
+                    c.is_open() && c.have.count_range(r.index..end) == u64::from(r.count)
+                })
+        });
+        if !held_elsewhere {
+            return None;
+        }
+        let state = self.peers.get_mut(&peer)?;
+        let q = state.uploads.remove(pos)?;
+        state.redirected.insert(r_range(&q.request));
+        Some(Message::NoData(NoData {
+            channel: q.feed as u32,
+            id: q.request.id,
+        }))
+    }
+
     /// Whether a queued request asks for some block we never uploaded to anyone.
     fn is_fresh(&self, feed: FeedId, r: &Request) -> bool {
         let end = r.index.saturating_add(u64::from(r.count));
@@ -116,7 +156,8 @@ impl<S: Storage> Replicator<S> {
 
     /// Answers the next piece of one request: a Data message of at most `MAX_DATA_BYTES` of
     /// blocks (or NoData), and what remains of the request.
-    fn serve(&mut self, feed: FeedId, r: &Request) -> (Message, Option<Request>) {
+    fn serve(&mut self, feed: FeedId, r: &Request, max_bytes: usize) -> (Message, Option<Request>) {
+        let max_bytes = max_bytes.min(MAX_DATA_BYTES);
         let channel = feed as u32;
         let end = r.index.saturating_add(u64::from(r.count));
         // A feed we write whose last appends are not durable (their sync failed): nothing past
@@ -139,7 +180,7 @@ impl<S: Storage> Replicator<S> {
                 }
                 Err(_) => break,
             };
-            if !blocks.is_empty() && bytes + block.len() > MAX_DATA_BYTES {
+            if !blocks.is_empty() && bytes + block.len() > max_bytes {
                 break;
             }
             bytes += block.len();
@@ -181,13 +222,28 @@ impl<S: Storage> Replicator<S> {
 
     /// Serves the next piece of the queued request at `pos` of `peer`'s queue, leaving any
     /// remainder at the front, and counts the blocks handed out as [`Event::Uploaded`].
-    pub(super) fn serve_queued(&mut self, peer: PeerId, pos: usize) -> Option<Vec<Message>> {
+    pub(super) fn serve_queued(
+        &mut self,
+        peer: PeerId,
+        pos: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<Message>> {
         let queued = self.peers.get_mut(&peer)?.uploads.remove(pos)?;
         let feed = queued.feed;
-        let (message, rest) = self.serve(feed, &queued.request);
+        let (message, rest) = self.serve(feed, &queued.request, max_bytes);
         if let Message::Data(d) = &message
             && !d.blocks.is_empty()
         {
+            // It will hold them in a moment (it asked, and they verify): a reader never announces
+            // blocks back to the peer they came from, so this is how we know who has our copies.
+            let got = d.index..d.index + d.blocks.len() as u64;
+            if let Some(ch) = self
+                .peers
+                .get_mut(&peer)
+                .and_then(|p| p.channels.get_mut(&feed))
+            {
+                ch.have.insert(got);
+            }
             self.event(Event::Uploaded {
                 peer,
                 feed,

@@ -1,5 +1,6 @@
 //! Unit tests of `connections`.
 use super::*;
+use crate::core::pacing::{MAX_BUDGET, MIN_BUDGET};
 use feedsync_protocol::{Goodbye, Ping};
 
 struct Remote {
@@ -225,10 +226,15 @@ fn the_upload_budget_closes_the_tap() {
     let mut c = Connections::new([1; 32], 8, Duration::from_secs(1));
     let (a, a_r) = incoming(1, 2, true, 256);
     c.admit(a, |_| true);
-    a_r.stats.queued.store(UPLOAD_BUDGET, Ordering::Release);
+    // A new connection has measured nothing: the smallest budget, one block.
+    let min = MIN_BUDGET as usize;
+    assert_eq!(c.room(1), min);
+    a_r.stats.queued.store(min, Ordering::Release);
     assert!(!c.has_room(1));
-    a_r.stats.queued.store(UPLOAD_BUDGET - 1, Ordering::Release);
+    assert_eq!(c.room(1), 0);
+    a_r.stats.queued.store(min - 1, Ordering::Release);
     assert!(c.has_room(1));
+    assert_eq!(c.room(1), 1, "room is the budget less what is queued");
 }
 
 #[test]
@@ -239,8 +245,8 @@ fn only_a_full_connection_that_writes_nothing_is_stalled() {
     let (b, b_r) = incoming(2, 3, true, 256);
     c.admit(a, |_| true);
     c.admit(b, |_| true);
-    a_r.stats.queued.store(UPLOAD_BUDGET, Ordering::Release);
-    b_r.stats.queued.store(UPLOAD_BUDGET, Ordering::Release);
+    a_r.stats.queued.store(MAX_BUDGET as usize, Ordering::Release);
+    b_r.stats.queued.store(MAX_BUDGET as usize, Ordering::Release);
     let t0 = Instant::now();
     assert!(c.stalled(t0).is_empty());
     // b keeps writing (busy, healthy); a writes nothing.

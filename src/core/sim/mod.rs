@@ -16,27 +16,16 @@
 //! real bytes, and a message the encoder would refuse fails here too), then handed over as
 //! values.
 
-use crate::core::crypto;
 use crate::core::replicator::{Action, Config, Event, PeerId, Replicator};
 use crate::core::storage::MemoryStorage;
-use ed25519_dalek::SigningKey;
-use feedsync_protocol::{
-    Block, BlockSet, Cancel, Data, Have, MAX_FEED_LENGTH, Message, NoData, Open, Ping, Request,
-    Status, Want, encode,
-};
+use feedsync_protocol::{Message, encode};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// How a hostile node misbehaves (see [`Sim::make_hostile`]).
-#[derive(Clone)]
-pub struct Hostile {
-    /// Junk messages sent to every connected peer per tick.
-    pub per_tick: u32,
-    /// Channel numbers the junk names (`0..channels`; a node's channels are its feed ids).
-    pub channels: u32,
-    /// A feed it writes (its channel, its signing key): it signs statuses of random lengths up
-    /// to `MAX_FEED_LENGTH` — valid signatures, hostile numbers.
-    pub writer: Option<(u32, SigningKey)>,
-}
+mod hostile;
+mod links;
+
+pub use hostile::Hostile;
+pub use links::SendQueues;
 
 /// Network conditions.
 #[derive(Debug, Clone)]
@@ -55,6 +44,8 @@ pub struct SimConfig {
     pub tick: u64,
     /// A dropped connection is dialled again after this many microseconds.
     pub reconnect_after: u64,
+    /// What sits between a replicator and the wire (see [`SendQueues`]).
+    pub queues: SendQueues,
 }
 
 impl Default for SimConfig {
@@ -67,6 +58,7 @@ impl Default for SimConfig {
             link_bandwidth: None,
             tick: 1_000,
             reconnect_after: 200_000,
+            queues: SendQueues::Ideal,
         }
     }
 }
@@ -116,6 +108,10 @@ pub struct Sim {
     pump_pending: Vec<bool>,
     /// The peer each node last served an upload to (its peers take turns).
     last_served: Vec<PeerId>,
+    /// Per directed connection, what waits to be sent (not with [`SendQueues::Ideal`]).
+    link_queues: BTreeMap<(usize, usize), links::LinkQueue>,
+    /// Each node's fair-queueing clock (see `links.rs`).
+    vclock: Vec<u64>,
     link_free: BTreeMap<(usize, usize), u64>,
     /// Connected pairs (lower index first) and their connection generation.
     links: BTreeMap<(usize, usize), u64>,
@@ -160,6 +156,8 @@ impl Sim {
             uplink_free: vec![0; n],
             pump_pending: vec![false; n],
             last_served: vec![0; n],
+            link_queues: BTreeMap::new(),
+            vclock: vec![0; n],
             link_free: BTreeMap::new(),
             links: BTreeMap::new(),
             generation: 0,
@@ -233,122 +231,6 @@ impl Sim {
         self.hostile.insert(node, hostile);
     }
 
-    /// One random, well-framed message a hostile node might send.
-    fn junk(&mut self, h: &Hostile) -> Message {
-        let channel = (self.random() % u64::from(h.channels.max(1))) as u32;
-        // Indices: mostly near the start, sometimes near the protocol's maximum, rarely anything.
-        let index = match self.random() % 8 {
-            0 => MAX_FEED_LENGTH - 1 - self.random() % 1024,
-            1 => self.random(),
-            _ => self.random() % 256,
-        };
-        let count = match self.random() % 4 {
-            0 => MAX_FEED_LENGTH - index.min(MAX_FEED_LENGTH),
-            _ => self.random() % 64,
-        };
-        let blocks = if self.random().is_multiple_of(4) {
-            // Fragmented: many single-block runs.
-            let n = 1 + self.random() % 2000;
-            BlockSet::Runs {
-                start: self.random() % 1024,
-                runs: vec![1; n as usize * 2 - 1],
-            }
-        } else {
-            BlockSet::Range {
-                start: index,
-                count,
-            }
-        };
-        match self.random() % 12 {
-            0 | 1 => Message::Ping(Ping {
-                nonce: self.random(),
-            }),
-            2 => Message::Pong(Ping {
-                nonce: self.random(),
-            }),
-            3 => Message::Have(Have { channel, blocks }),
-            4 => Message::Unhave(Have { channel, blocks }),
-            5 => Message::Want(Want { channel, blocks }),
-            6 => Message::Unwant(Want { channel, blocks }),
-            7 => Message::Request(Request {
-                channel,
-                id: self.random(),
-                index,
-                count: (self.random() % 1025) as u32,
-                length: self.random() % 1024,
-                upgrade: self.random().is_multiple_of(2),
-            }),
-            8 => Message::Cancel(Cancel {
-                channel,
-                id: self.random(),
-            }),
-            9 => Message::Data(Data {
-                channel,
-                id: self.random(),
-                index,
-                blocks: vec![Block(vec![7; 64])],
-                nodes: Vec::new(),
-                upgrade: None,
-            }),
-            10 => Message::NoData(NoData {
-                channel,
-                id: self.random(),
-            }),
-            _ => match &h.writer {
-                Some((channel, key)) => {
-                    let length = self.random() % (MAX_FEED_LENGTH + 1);
-                    let tree_hash = *blake3::hash(&self.random().to_le_bytes()).as_bytes();
-                    let signature = crypto::sign(key, &tree_hash, length).to_bytes();
-                    Message::Status(Status {
-                        channel: *channel,
-                        length,
-                        tree_hash,
-                        signature,
-                    })
-                }
-                None => Message::Open(Open {
-                    channel: (self.random() % 1024) as u32,
-                    discovery_key: *blake3::hash(&self.random().to_le_bytes()).as_bytes(),
-                    capability: [0; 32],
-                }),
-            },
-        }
-    }
-
-    /// Every hostile node floods each of its peers, and claims to hold every block of every
-    /// channel (a lie it keeps repeating).
-    fn misbehave(&mut self) {
-        let hostile: Vec<(usize, Hostile)> =
-            self.hostile.iter().map(|(n, h)| (*n, h.clone())).collect();
-        for (node, h) in hostile {
-            let peers: Vec<usize> = self
-                .links
-                .keys()
-                .filter_map(|&(a, b)| match (a == node, b == node) {
-                    (true, _) => Some(b),
-                    (_, true) => Some(a),
-                    _ => None,
-                })
-                .collect();
-            for peer in peers {
-                for channel in 0..h.channels {
-                    let lie = Message::Have(Have {
-                        channel,
-                        blocks: BlockSet::Range {
-                            start: 0,
-                            count: MAX_FEED_LENGTH,
-                        },
-                    });
-                    self.transmit(node, peer, lie);
-                }
-                for _ in 0..h.per_tick {
-                    let m = self.junk(&h);
-                    self.transmit(node, peer, m);
-                }
-            }
-        }
-    }
-
     /// Traffic counters for the directed link `from -> to`.
     pub fn stats(&self, from: usize, to: usize) -> LinkStats {
         self.stats.get(&(from, to)).cloned().unwrap_or_default()
@@ -387,6 +269,10 @@ impl Sim {
     /// "Room" is the node's uplink (one message at a time when it is limited, everything at once
     /// when not); `link_bandwidth` only delays delivery, it does not hold a link back.
     fn pump(&mut self, node: usize) {
+        if self.queued_mode() {
+            self.pump_queued(node);
+            return;
+        }
         if self.config.uplink.is_none() {
             while self.serve_next(node) {}
             return;
@@ -427,6 +313,8 @@ impl Sim {
         if self.links.remove(&pair(a, b)).is_none() {
             return;
         }
+        self.link_queues.remove(&(a, b));
+        self.link_queues.remove(&(b, a));
         self.nodes[a].handle_disconnected(b as PeerId);
         self.nodes[b].handle_disconnected(a as PeerId);
         self.drain(a);
@@ -443,30 +331,44 @@ impl Sim {
     }
 
     fn transmit(&mut self, from: usize, to: usize, mut message: Message) {
-        let Some(&generation) = self.links.get(&pair(from, to)) else {
+        if !self.links.contains_key(&pair(from, to)) {
             return;
-        };
+        }
         if self.corrupt.contains(&from)
             && let Message::Data(d) = &mut message
             && let Some(b) = d.blocks.first_mut().and_then(|b| b.0.first_mut())
         {
             *b ^= 0x01;
         }
+        if self.queued_mode() {
+            self.enqueue(from, to, message, false);
+            self.kick(from);
+            return;
+        }
         // Invariant: the replicator only emits messages within protocol limits.
         let size = encode(&message)
             .expect("replicator emitted an unencodable message")
             .len() as u64;
-        let stats = self.stats.entry((from, to)).or_default();
-        stats.sent += 1;
-        stats.bytes += size;
-        if matches!(message, Message::Data(_)) {
-            stats.data += 1;
-        }
         let mut start = self.now;
         if let Some(up) = self.config.uplink {
             start = start.max(self.uplink_free[from]);
             self.uplink_free[from] = start + size * 1_000_000 / up;
             start = self.uplink_free[from];
+        }
+        self.wire(from, to, message, size, start);
+    }
+
+    /// Puts `message` (`size` bytes) on the `from -> to` link once it has left `from`'s uplink
+    /// at `start`: counted, delayed by the link's bandwidth, latency and jitter, or lost.
+    fn wire(&mut self, from: usize, to: usize, message: Message, size: u64, mut start: u64) {
+        let Some(&generation) = self.links.get(&pair(from, to)) else {
+            return;
+        };
+        let stats = self.stats.entry((from, to)).or_default();
+        stats.sent += 1;
+        stats.bytes += size;
+        if matches!(message, Message::Data(_)) {
+            stats.data += 1;
         }
         if let Some(bw) = self.config.link_bandwidth {
             let free = self.link_free.entry((from, to)).or_default();
