@@ -49,6 +49,23 @@ pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
         bytes(n("bytes_total"))
     );
     println!("peers:    {}", n("peers"));
+    // This session's traffic: what this node gave the swarm, and who served whom.
+    println!(
+        "traffic:  {} received, {} uploaded",
+        bytes(n("received")),
+        bytes(n("uploaded"))
+    );
+    for t in g("transfer").as_array().into_iter().flatten() {
+        let m = |k: &str| t.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        println!(
+            "peer:     {}  {} received from, {} sent to",
+            t.get("addr")
+                .and_then(|a| a.as_str())
+                .unwrap_or("(address unknown)"),
+            bytes(m("received")),
+            bytes(m("sent"))
+        );
+    }
     if let Some(errs) = g("errors").as_array() {
         for e in errs {
             println!("error:    {}", e.as_str().unwrap_or(""));

@@ -492,6 +492,8 @@ impl Drive {
             peers: 0,
             received: 0,
             rate: 0,
+            uploaded: 0,
+            transfer: Vec::new(),
             errors: Vec::new(),
             on_disk: ledger.on_disk,
         })
