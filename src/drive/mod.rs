@@ -50,6 +50,7 @@ mod reader;
 pub mod reconcile;
 pub mod record;
 mod state;
+mod transfer;
 mod writer;
 
 pub use app::{AppOptions, DriveApp, Drives};
