@@ -1,8 +1,8 @@
 //! A swarm of real processes (issue #12's acceptance test): one seeder and four readers, each
 //! in a network namespace of its own on a private bridge, every host's uplink shaped to
 //! 32 mbit/s with `tc tbf`. Asserts on bytes, never on time: the seeder's uplink is spent on at
-//! most two copies of the folder, and every reader receives blocks from other readers (it
-//! found the swarm, not only the seeder). Figures are printed for the record. Needs root (or a
+//! most two copies of the folder, and every reader receives content blocks from other readers
+//! (it found the swarm, not only the seeder). Figures are printed for the record. Needs root (or a
 //! user namespace: `scripts/test` provides one), iproute2 and `tc`.
 
 mod common;
@@ -179,17 +179,25 @@ mod needs_root {
             uploaded >= size,
             "the seeder sent at least one copy: {uploaded}"
         );
-        assert!(
-            uploaded <= 2 * size,
-            "the seeder uploaded {uploaded} bytes, {:.2} copies of {size}: more than 2",
-            uploaded as f64 / size as f64
-        );
-        for (k, n) in from_readers.iter().enumerate() {
-            assert!(
-                *n > 0,
-                "reader {} received nothing from other readers (bytes from readers: {from_readers:?})",
-                lan.addr(k + 1)
-            );
+        // Both swarm properties are checked before failing, so a failure names all it saw.
+        let mut failures = Vec::new();
+        if uploaded > 2 * size {
+            failures.push(format!(
+                "the seeder uploaded {uploaded} bytes, {:.2} copies of {size}: more than 2",
+                uploaded as f64 / size as f64
+            ));
         }
+        // Per-peer figures count both feeds; the metadata of a one-file share is a few hundred
+        // bytes, so a whole content block's worth is what shows content came from readers.
+        let block = feedsync::drive::record::BLOCK_SIZE as u64;
+        for (k, n) in from_readers.iter().enumerate() {
+            if *n < block {
+                failures.push(format!(
+                    "reader {} received no content from other readers ({n} bytes)",
+                    lan.addr(k + 1)
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("; "));
     }
 }

@@ -278,8 +278,9 @@ pub struct Stats {
     pub received: u64,
     /// Receive rate over the last second, bytes per second.
     pub rate: u64,
-    /// Bytes of verified blocks of this folder (both feeds) sent to peers this session: what
-    /// this node spent of its uplink on the swarm.
+    /// Bytes of blocks of this folder (both feeds) sent to peers this session: what this node
+    /// spent of its uplink on the swarm. Counted when handed to a peer's connection (a block
+    /// still queued when the connection drops counts; TCP and protocol framing do not).
     pub uploaded: u64,
     /// Per peer seen this session (also after it left), what went each way; at most
     /// [`MAX_PEERS_KEPT`], the least recently active dropped first.
