@@ -245,7 +245,8 @@ struct Reader {
     took: Option<Duration>,
     ok: bool,
     cpu: f64,
-    from_readers: u64,
+    /// Bytes from peers other than the seeder (`None`: the build does not report per peer).
+    from_readers: Option<u64>,
 }
 
 struct Phase {
@@ -324,7 +325,7 @@ fn phase(lab: &Lab, bin: &str, src: &Path, work: &Path, n: usize, port: u16) -> 
             took: None,
             ok: false,
             cpu: 0.0,
-            from_readers: 0,
+            from_readers: None,
         })
         .collect();
     while children.iter().any(Option::is_some) {
@@ -335,7 +336,7 @@ fn phase(lab: &Lab, bin: &str, src: &Path, work: &Path, n: usize, port: u16) -> 
                     took: Some(t0.elapsed()),
                     ok: st.success(),
                     cpu,
-                    from_readers: 0,
+                    from_readers: None,
                 };
                 *slot = None;
             } else if t0.elapsed() > PHASE_LIMIT {
@@ -370,11 +371,14 @@ fn phase(lab: &Lab, bin: &str, src: &Path, work: &Path, n: usize, port: u16) -> 
         intact &= tally(d) == want;
         // Bytes from peers other than the seeder, where the build reports them.
         let seeder_ip = lab.addr(0);
-        if let Some(v) = status(d) {
-            for t in v["transfer"].as_array().into_iter().flatten() {
+        if let Some(v) = status(d)
+            && let Some(list) = v["transfer"].as_array()
+        {
+            let from = readers[k].from_readers.insert(0);
+            for t in list {
                 let a = t["addr"].as_str().unwrap_or("");
                 if !a.starts_with(&format!("{seeder_ip}:")) {
-                    readers[k].from_readers += t["received"].as_u64().unwrap_or(0);
+                    *from += t["received"].as_u64().unwrap_or(0);
                 }
             }
         }
@@ -428,14 +432,14 @@ fn report(label: &str, p: &Phase, size: u64, alone: Option<Duration>) {
     let failed = p.readers.iter().filter(|r| !r.ok).count();
     let copies = |b: u64| format!("{:.2}", b as f64 / size as f64);
     let cpus: Vec<String> = p.readers.iter().map(|r| format!("{:.1}", r.cpu)).collect();
-    let from: u64 = p.readers.iter().map(|r| r.from_readers).sum();
+    let from: Option<u64> = p.readers.iter().map(|r| r.from_readers).sum();
     println!(
         "  {label:<14} slowest {:>6} s  vs alone {ratio:>6}  seeder copies: kernel {} status {}  \
          from readers {} copies  seeder CPU {:.1} s  {}{}",
         secs(slowest),
         copies(p.kernel_sent),
         p.status_uploaded.map_or("-".into(), copies),
-        copies(from),
+        from.map_or("-".into(), copies),
         p.seeder_cpu,
         if failed > 0 {
             format!("FAILED READERS {failed}  ")
