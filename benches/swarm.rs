@@ -15,7 +15,10 @@
 //! verified blocks only, where the build reports it); bytes readers got from other readers
 //! (their `status.json`); CPU seconds per node (utime + stime from `/proc/PID/stat`, read when
 //! the process has exited and before it is reaped; the seeder's import at start is left out).
-//! The seeder is started afresh for each phase, so each phase's figures are its own.
+//! The folder is imported once (a `share` started and stopped), then the seeder is started
+//! afresh for each phase, so each phase's figures are its own and every phase has the same
+//! kind of seeder. Before each workload, files are created and deleted as many as the readers
+//! of W2 leave behind, so that no phase is favoured by a fresh file system (see [`churn`]).
 //!
 //! `FEEDSYNC_BENCH_BEFORE=BINARY` runs the same lab with another build (seeder and readers),
 //! before this one, in the same run. `--only 32m|w2`, `--readers N`.
@@ -288,7 +291,7 @@ fn phase(lab: &Lab, bin: &str, src: &Path, work: &Path, n: usize, port: u16) -> 
     let mut seeder = start_seeder(lab, bin, src, port, &work.join(format!("share-{port}.log")));
     let addrs: Vec<String> = (1..=n).map(|i| format!("{}:{port}", lab.addr(i))).collect();
     let dirs: Vec<PathBuf> = (1..=n)
-        .map(|i| work.join(format!("reader-{port}-{i}")))
+        .map(|i| work.join(format!("phase-{port}/reader-{i}")))
         .collect();
     let t0 = Instant::now();
     let mut children: Vec<Option<Child>> = (1..=n)
@@ -413,6 +416,25 @@ fn make_workload(name: &str, dir: &Path) -> u64 {
     }
 }
 
+/// Creates and deletes `n` files of 4 KiB under `dir`. ext4 allocates inodes more slowly after
+/// mass deletions, and every phase deletes its readers' folders: without this, whichever phase
+/// runs first on a fresh file system writes its files faster (seen: W2 alone 12 s and 4 s of
+/// CPU first, 17 s and 8.5 s after).
+fn churn(dir: &Path, n: u64) {
+    let data = [0u8; 4096];
+    for d in 0..n.div_ceil(100) {
+        let sub = dir.join(format!("churn{d:03}"));
+        fs::create_dir_all(&sub).unwrap();
+        for f in 0..100 {
+            fs::write(sub.join(format!("f{f:03}")), data).unwrap();
+        }
+    }
+    let _ = Command::new("sync").status();
+    for d in 0..n.div_ceil(100) {
+        let _ = fs::remove_dir_all(dir.join(format!("churn{d:03}")));
+    }
+}
+
 fn secs(d: Option<Duration>) -> String {
     d.map_or("killed".into(), |d| format!("{:.1}", d.as_secs_f64()))
 }
@@ -504,6 +526,16 @@ fn main() {
             let work = tmp.path().join(format!("{w}-{}", port));
             let src = work.join("src");
             let size = make_workload(w, &src);
+            // Every phase starts on a file system that has seen its readers' files deleted.
+            churn(tmp.path(), 10_000 * n as u64);
+            // The import, once: every phase's seeder is then a restart on a shared folder
+            // (a reader's W2 clone from a first start was seen to cost less than from a
+            // restart; this way no phase gets the first start).
+            let mut s = start_seeder(&lab, bin, &src, 7099, &work.join("import.log"));
+            let _ = Command::new("kill")
+                .args(["-TERM", &s.child.id().to_string()])
+                .status();
+            let _ = s.child.wait();
             let _ = Command::new("sync").status();
             println!(
                 "{} ({size} bytes), {label}:",
