@@ -417,9 +417,10 @@ fn make_workload(name: &str, dir: &Path) -> u64 {
 }
 
 /// Creates and deletes `n` files of 4 KiB under `dir`. ext4 allocates inodes more slowly after
-/// mass deletions, and every phase deletes its readers' folders: without this, whichever phase
-/// runs first on a fresh file system writes its files faster (seen: W2 alone 12 s and 4 s of
-/// CPU first, 17 s and 8.5 s after).
+/// mass deletions (see `benches/folder.rs`), and every phase deletes its readers' folders: this
+/// keeps the first phase from running on a file system that saw none. (A second W2 phase was
+/// once seen much slower than the first, 17 s against 12 s alone; this levels one candidate
+/// cause, the seeder's first start another: see `main`.)
 fn churn(dir: &Path, n: u64) {
     let data = [0u8; 4096];
     for d in 0..n.div_ceil(100) {
@@ -528,9 +529,8 @@ fn main() {
             let size = make_workload(w, &src);
             // Every phase starts on a file system that has seen its readers' files deleted.
             churn(tmp.path(), 10_000 * n as u64);
-            // The import, once: every phase's seeder is then a restart on a shared folder
-            // (a reader's W2 clone from a first start was seen to cost less than from a
-            // restart; this way no phase gets the first start).
+            // The import, once: every phase's seeder is then a restart on a shared folder,
+            // the same for every phase (no phase gets the first start).
             let mut s = start_seeder(&lab, bin, &src, 7099, &work.join("import.log"));
             let _ = Command::new("kill")
                 .args(["-TERM", &s.child.id().to_string()])
