@@ -42,7 +42,7 @@ pub fn status(json: bool, state: Option<PathBuf>) -> Result<(), CliError> {
             (c, k, u) => format!("  on disk: {c} conflict copies, {k} kept, {u} missing"),
         };
         println!(
-            "{}  {}  version {}/{}  files {}/{}  bytes {}/{}  peers {}{differs}",
+            "{}  {}  version {}/{}  files {}/{}  bytes {}/{}  peers {}  received {}  uploaded {}{differs}",
             f["path"].as_str().unwrap_or(""),
             f["role"].as_str().unwrap_or("starting"),
             f["version"],
@@ -51,7 +51,9 @@ pub fn status(json: bool, state: Option<PathBuf>) -> Result<(), CliError> {
             f["files_total"],
             f["bytes_done"],
             f["bytes_total"],
-            f["peers"]
+            f["peers"],
+            f["received"].as_u64().unwrap_or(0),
+            f["uploaded"].as_u64().unwrap_or(0)
         );
     }
     Ok(())

@@ -21,12 +21,26 @@ pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
     if !state.is_dir() {
         return Err(not_a_folder(dir));
     }
+    let path = state.join("status.json");
     let stats: serde_json::Value = match Drive::open(&root) {
         // Nobody runs on it: compute from the stores.
-        Ok(drive) => serde_json::to_value(drive.offline_stats()?)?,
+        Ok(drive) => {
+            let mut v = serde_json::to_value(drive.offline_stats()?)?;
+            // Traffic is a session's, and only a running node sees it: the figures its last
+            // session wrote on the way out, marked as such.
+            let last: Option<serde_json::Value> = std::fs::read(&path)
+                .ok()
+                .and_then(|raw| serde_json::from_slice(&raw).ok());
+            if let Some(last) = last {
+                for k in ["received", "uploaded", "transfer"] {
+                    v[k] = last[k].clone();
+                }
+                v["session_ended"] = true.into();
+            }
+            v
+        }
         Err(DriveError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
             // A node holds it: its last report.
-            let path = state.join("status.json");
             let raw =
                 std::fs::read(&path).map_err(|e| runtime(format!("{}: {e}", path.display())))?;
             serde_json::from_slice(&raw)?
@@ -49,6 +63,28 @@ pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
         bytes(n("bytes_total"))
     );
     println!("peers:    {}", n("peers"));
+    // This session's traffic: what this node gave the swarm, and who served whom.
+    println!(
+        "traffic:  {} received, {} uploaded{}",
+        bytes(n("received")),
+        bytes(n("uploaded")),
+        if g("session_ended").as_bool() == Some(true) {
+            " (last session)"
+        } else {
+            ""
+        }
+    );
+    for t in g("transfer").as_array().into_iter().flatten() {
+        let m = |k: &str| t.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        println!(
+            "peer:     {}  {} received from, {} sent to",
+            t.get("addr")
+                .and_then(|a| a.as_str())
+                .unwrap_or("(address unknown)"),
+            bytes(m("received")),
+            bytes(m("sent"))
+        );
+    }
     if let Some(errs) = g("errors").as_array() {
         for e in errs {
             println!("error:    {}", e.as_str().unwrap_or(""));

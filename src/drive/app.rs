@@ -4,7 +4,7 @@
 //! role in every step.
 
 use crate::core::replicator::{Event, FeedId, Replicator};
-use crate::drive::event::{DriveEvent, DriveProblem, Reporter, Stats};
+use crate::drive::event::{DriveEvent, DriveProblem, Reporter, Stats, Transfers};
 use crate::drive::layout::{self, Shared};
 use crate::drive::reader::Reader;
 use crate::drive::record::{BLOCK_SIZE, Limits, State};
@@ -78,6 +78,8 @@ pub(super) struct Base {
     /// again (an idle node would otherwise rewrite and fsync it every second, forever).
     last_status_json: Option<Vec<u8>>,
     pub stats: Stats,
+    /// Bytes per peer, this folder's feeds only (for `Stats::uploaded` and `transfer`).
+    transfers: Transfers,
     last_received: u64,
     rate: u64,
 }
@@ -111,6 +113,7 @@ impl Base {
             last_status: Instant::now() - Duration::from_secs(10),
             last_status_json: None,
             stats: Stats::default(),
+            transfers: Transfers::default(),
             last_received: 0,
             rate: 0,
         }
@@ -167,6 +170,8 @@ impl Base {
             peers: r.peers().count() as u64,
             received: self.stats.received,
             rate: self.rate,
+            uploaded: self.transfers.uploaded(),
+            transfer: self.transfers.list(),
             errors: self.reporter.kept().to_vec(),
             on_disk: std::mem::take(&mut self.stats.on_disk),
         };
@@ -279,7 +284,15 @@ impl App for DriveApp {
         self.base.write_status(r, role, version);
     }
 
+    fn on_peer(&mut self, peer: crate::core::replicator::PeerId, addr: std::net::SocketAddr) {
+        self.base.transfers.connected(peer, addr);
+    }
+
     fn on_event(&mut self, r: &mut Replicator<DiskStorage>, event: &Event) {
+        // The content feed of a fresh clone becomes known from metadata: counted from then.
+        let b = &mut self.base;
+        b.transfers
+            .count(&[b.meta, b.content.unwrap_or(b.meta)], event);
         match &mut self.side {
             Side::Writer(w) => w.on_event(&mut self.base, event),
             Side::Reader(rd) => rd.on_event(&mut self.base, r, event),

@@ -7,6 +7,7 @@
 //! the stream calm: a problem once per distinct problem, a skipped path once per path, progress
 //! at most once per interval and only when its figures changed.
 
+pub use crate::drive::transfer::{MAX_PEERS_KEPT, PeerTransfer, Transfers};
 use crossbeam_channel::Sender;
 use serde::Serialize;
 use std::collections::HashSet;
@@ -277,6 +278,13 @@ pub struct Stats {
     pub received: u64,
     /// Receive rate over the last second, bytes per second.
     pub rate: u64,
+    /// Bytes of blocks of this folder (both feeds) sent to peers this session: what this node
+    /// spent of its uplink on the swarm. Counted when handed to a peer's connection (a block
+    /// still queued when the connection drops counts; TCP and protocol framing do not).
+    pub uploaded: u64,
+    /// Per peer seen this session (also after it left), what went each way; at most
+    /// [`MAX_PEERS_KEPT`], the least recently active dropped first.
+    pub transfer: Vec<PeerTransfer>,
     /// Problems that need a person (unsafe paths, hash mismatches, disk errors).
     pub errors: Vec<String>,
     /// Reader: what differs on disk from the drive (conflict copies made, local files kept,

@@ -50,6 +50,7 @@ mod reader;
 pub mod reconcile;
 pub mod record;
 mod state;
+mod transfer;
 mod writer;
 
 pub use app::{AppOptions, DriveApp, Drives};
@@ -492,6 +493,8 @@ impl Drive {
             peers: 0,
             received: 0,
             rate: 0,
+            uploaded: 0,
+            transfer: Vec::new(),
             errors: Vec::new(),
             on_disk: ledger.on_disk,
         })

@@ -476,6 +476,49 @@ impl Lan {
         c
     }
 
+    /// Host `i`'s IPv4 address (a LAN made by [`Lan::new`]).
+    pub fn addr(&self, i: usize) -> String {
+        format!("10.231.0.{}", i + 1)
+    }
+
+    /// Shapes host `i`'s uplink (its eth0's egress) with a token bucket at `rate` (a `tc` rate
+    /// such as `32mbit`): a slow uplink is what makes a swarm matter. Only `tbf`, `htb` and
+    /// `pfifo` exist in some kernels (no `netem`), so the link is shaped, not delayed.
+    pub fn shape_uplink(&self, i: usize, rate: &str) {
+        let out = self
+            .command(
+                i,
+                "tc",
+                &[
+                    "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "32kbit",
+                    "latency", "400ms",
+                ],
+            )
+            .output()
+            .expect("run tc (iproute2)");
+        assert!(
+            out.status.success(),
+            "tc on {}: {}",
+            self.hosts[i],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Bytes host `i` sent on eth0 as its root qdisc counted them (`tc -s qdisc`): the
+    /// kernel's figure, whatever the program says.
+    pub fn sent_bytes(&self, i: usize) -> u64 {
+        let out = self
+            .command(i, "tc", &["-s", "qdisc", "show", "dev", "eth0"])
+            .output()
+            .expect("run tc (iproute2)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "Sent")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no byte count in tc's output: {text}"))
+    }
+
     /// `feedsync ARGS` running on host `i`. `ip netns exec` execs it: the child's pid is
     /// feedsync's, so signals reach it.
     pub fn feedsync(&self, i: usize, args: &[&str]) -> Proc {
