@@ -19,12 +19,14 @@
 //! rate, a drop-tail queue of 100 ms of the rate, then the delay). It runs in a namespace of its
 //! own (L) where it creates both devices; they are then moved into the two hosts' namespaces (A:
 //! 10.77.0.1, B: 10.77.0.2, point-to-point). Nothing in this machine's own namespace is touched;
-//! all three namespaces and every process started here are removed on exit, also on a panic.
+//! all three namespaces and every process started here are removed on exit, also on a panic
+//! or SIGINT/SIGTERM (the waits turn those into a panic, so the same unwinding cleans up).
 //!
 //! `FEEDSYNC_BENCH_BEFORE=BINARY` adds a share and clone by another build (the code before a
-//! change) to each workload, in the same run. `--ss` samples `ss -tin` on A (the sender) every
-//! second during each feedsync clone and prints the samples: congestion control, cwnd, RTT,
-//! retransmissions, and whether the sender is application-limited.
+//! change) to each workload, in the same run. `FEEDSYNC_BENCH_BIN=BINARY` measures that build
+//! instead of this one (an experiment, without rebuilding the bench). `--ss` samples `ss -tin`
+//! on A (the sender) every second during each feedsync clone and prints the samples: congestion
+//! control, cwnd, RTT, retransmissions, and whether the sender is application-limited.
 //!
 //! Runs as root: `cargo bench --bench wan [-- --only link|big|w2] [--mib N] [--seed N] [--ss]`.
 //! Installs `rsync` with apt-get when it is missing.
@@ -476,7 +478,10 @@ fn workload(lab: &Lab, name: &str, src: &Path, tmp: &Path, port: u16, ss: bool) 
     if let Ok(b) = std::env::var("FEEDSYNC_BENCH_BEFORE") {
         builds.push((b.clone(), format!("feedsync before ({b})")));
     }
-    builds.push((BIN.to_string(), "feedsync".to_string()));
+    match std::env::var("FEEDSYNC_BENCH_BIN") {
+        Ok(b) => builds.push((b.clone(), format!("feedsync ({b})"))),
+        Err(_) => builds.push((BIN.to_string(), "feedsync".to_string())),
+    }
     for (k, (bin, label)) in builds.iter().enumerate() {
         let _ = Command::new("sync").status();
         let row = feedsync_run(lab, bin, label, src, &dst, port + k as u16, ss);
@@ -500,13 +505,13 @@ fn workload(lab: &Lab, name: &str, src: &Path, tmp: &Path, port: u16, ss: bool) 
 
     println!("{name}: {bytes} bytes; link limit {limit:.1} s (bytes / 20 Mbit/s)",);
     println!(
-        "  {:<48} {:>8} {:>7} {:>9}  CPU seconds",
+        "  {:<52} {:>8} {:>7} {:>9}  CPU seconds",
         "", "time s", "% link", "/ rsync"
     );
     for r in rows {
         let cpu: Vec<String> = r.cpu.iter().map(|(w, s)| format!("{w} {s:.2}")).collect();
         println!(
-            "  {:<48} {:>8.1} {:>6.1}% {:>8.2}x  {}",
+            "  {:<52} {:>8.1} {:>6.1}% {:>8.2}x  {}",
             r.label,
             r.secs,
             limit / r.secs * 100.0,
@@ -599,8 +604,10 @@ fn main() {
     if want("big") || want("w2") {
         ensure_rsync();
     }
-    let mut lab = Lab::new(seed);
+    // Declared before the lab so that it is dropped after it: processes and namespaces go
+    // first (removing 20,000 small files can take a minute on a busy disk).
     let tmp = tempfile::tempdir().unwrap();
+    let mut lab = Lab::new(seed);
     if want("link") {
         link_check(&lab);
     }
