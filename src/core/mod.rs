@@ -27,9 +27,9 @@ pub mod crypto;
 pub mod error;
 pub mod feed;
 pub mod flat;
-pub mod pacing;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod pacing;
 pub mod peerbook;
 pub mod proof;
 pub mod rangeset;

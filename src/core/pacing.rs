@@ -131,7 +131,11 @@ mod tests {
         let mut slow = SendBudget::new(0);
         assert_eq!(slow.allowed(), MIN_BUDGET, "nothing measured yet");
         saturate(&mut slow, 500_000, 0, 2_000_000);
-        assert_eq!(slow.allowed(), MIN_BUDGET, "0.5 MB/s x 100 ms is below one block");
+        assert_eq!(
+            slow.allowed(),
+            MIN_BUDGET,
+            "0.5 MB/s x 100 ms is below one block"
+        );
         let mut medium = SendBudget::new(0);
         saturate(&mut medium, 8_000_000, 0, 2_000_000);
         let m = medium.allowed();

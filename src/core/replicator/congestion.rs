@@ -1,5 +1,5 @@
 //! Per-peer congestion control: the round-trip estimator that sets the request timeout, and the
-//! delay-based pipelining window that sets how many blocks may be asked of the peer at once.
+//! pipelining window that sets how many blocks may be asked of the peer at once.
 //!
 //! Kept apart from the request bookkeeping so that the control law can be read (and tuned) on
 //! its own: it sees only round-trip samples, answer sizes and timeouts, never messages.
@@ -50,10 +50,11 @@ impl Congestion {
         (self.window as u32).saturating_sub(live)
     }
 
-    /// An answer carrying `blocks` blocks came back after `rtt` ticks.
-    pub(super) fn on_answer(&mut self, rtt: f64, blocks: u64, max_window: u32) {
+    /// An answer carrying `blocks` blocks came back after `rtt` ticks. `alone`: this peer is the
+    /// only one we can fetch the feed from (see [`Congestion::adapt_window`]).
+    pub(super) fn on_answer(&mut self, rtt: f64, blocks: u64, max_window: u32, alone: bool) {
         self.sample_rtt(rtt);
-        self.adapt_window(rtt, blocks, max_window);
+        self.adapt_window(rtt, blocks, max_window, alone);
     }
 
     /// Requests expired: halve the window, as TCP does on loss.
@@ -61,15 +62,24 @@ impl Congestion {
         self.window = (self.window / 2.0).max(1.0);
     }
 
-    /// Delay-based window control (in the spirit of TCP Vegas / LEDBAT): grow while answers come
-    /// back about as fast as the quickest one ever did, shrink once they queue up. A peer then
-    /// holds roughly its bandwidth-delay product of our requests, which keeps a busy seeder's
-    /// queue short, so readers in a swarm fetch from each other instead of all from the seeder.
+    /// The window grows by one block per window of blocks answered (TCP's congestion
+    /// avoidance) and halves on a timeout. While other peers could serve the feed too, it also
+    /// shrinks once answers come back slower than twice the quickest round trip (delay-based,
+    /// in the spirit of TCP Vegas / LEDBAT): a peer then holds about its bandwidth-delay product
+    /// of our requests, a busy seeder's queue stays short, and blocks not yet asked of it can
+    /// still be fetched from the other readers (`benches/swarm.rs`: without it eight readers
+    /// took 1.5x, with it 1.2x the time of one).
+    ///
+    /// With one source (`alone`), delay says nothing we can act on, and it misreads a long lossy
+    /// link (#12): blocks queued behind each other come back one serialisation time apart, and
+    /// every lost packet holds up the blocks behind it until TCP repairs it, so the window
+    /// settled near four 64 KiB blocks and a clone used a third of a 20 Mbit/s, 50 ms, 1%-loss
+    /// link (`benches/wan.rs`, `notes/wan.md`). Alone, only timeouts shrink it.
     /// `blocks` is how many blocks the answer carried: the window moves by that many steps.
-    fn adapt_window(&mut self, rtt: f64, blocks: u64, max: u32) {
+    fn adapt_window(&mut self, rtt: f64, blocks: u64, max: u32, alone: bool) {
         self.min_rtt = self.min_rtt.min(rtt);
         let step = blocks.max(1) as f64 / self.window;
-        if rtt <= self.min_rtt * 2.0 + 2.0 {
+        if alone || rtt <= self.min_rtt * 2.0 + 2.0 {
             self.window = (self.window + step).min(f64::from(max));
         } else {
             self.window = (self.window - step).max(1.0);
@@ -96,17 +106,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_window_grows_on_fast_answers_shrinks_on_slow_ones_and_halves_on_timeout() {
+    fn the_window_grows_on_answers_shrinks_on_delay_unless_alone_and_halves_on_timeout() {
         let mut c = Congestion::new(8);
         assert_eq!(c.free(3), 5);
         for _ in 0..8 {
-            c.on_answer(10.0, 1, 256);
+            c.on_answer(10.0, 1, 256, false);
         }
         let grown = c.window;
         assert!(grown > 8.5, "window {grown}");
-        // Answers at three times the best round trip mean a queue is building: shrink.
-        c.on_answer(30.0, 1, 256);
+        // With other sources about, answers at three times the best round trip mean a queue is
+        // building at this peer: shrink.
+        c.on_answer(30.0, 1, 256, false);
         assert!(c.window < grown);
+        // Our only source: slower answers are no reason to ask less of it.
+        let shrunk = c.window;
+        c.on_answer(30.0, 1, 256, true);
+        assert!(c.window > shrunk);
         let before = c.window;
         c.on_timeout();
         assert_eq!(c.window, (before / 2.0).max(1.0));
@@ -121,11 +136,11 @@ mod tests {
         let config = Config::default();
         let mut c = Congestion::new(8);
         assert_eq!(c.request_timeout(&config), config.min_request_timeout * 5);
-        c.on_answer(40.0, 1, 256);
+        c.on_answer(40.0, 1, 256, false);
         // srtt 40, rttvar 20: 40 + 80.
         assert_eq!(c.srtt(), Some(40.0));
         assert_eq!(c.request_timeout(&config), 120);
-        c.on_answer(1e9, 1, 256);
+        c.on_answer(1e9, 1, 256, false);
         assert_eq!(c.request_timeout(&config), config.max_request_timeout);
     }
 }

@@ -203,6 +203,11 @@ impl<S: Storage> Replicator<S> {
     fn settle(&mut self, peer: PeerId, d: &Data, req: Pending) -> bool {
         let now = self.now;
         let max_window = self.config.max_window;
+        // Could anyone else serve this feed? (See `Congestion::adapt_window`.)
+        let alone = !self
+            .peers
+            .iter()
+            .any(|(&p, st)| p != peer && st.channels.get(&req.feed).is_some_and(|c| c.is_open()));
         let Some(state) = self.peers.get_mut(&peer) else {
             return true;
         };
@@ -218,7 +223,7 @@ impl<S: Storage> Replicator<S> {
         let partial = count > 0 && count < req.count;
         if !req.expired {
             let rtt = (now.saturating_sub(req.sent_at) as f64).max(1.0);
-            state.congestion.on_answer(rtt, count, max_window);
+            state.congestion.on_answer(rtt, count, max_window, alone);
             // The answered blocks leave the window; a remainder stays in it.
             state.live -= if partial { count as u32 } else { req.weight() };
         }

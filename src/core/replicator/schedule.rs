@@ -127,7 +127,10 @@ pub(super) fn plan(feed: &FeedView<'_>, mut peers: Vec<PeerSlot<'_>>, limits: Li
         limits.max_ahead
     };
     let (start, end) = if feed.ordered {
-        (first_missing, length.min(first_missing.saturating_add(ahead)))
+        (
+            first_missing,
+            length.min(first_missing.saturating_add(ahead)),
+        )
     } else {
         // Each node starts its scan at its own seeded offset and moves on from there, so the
         // readers of a swarm begin on disjoint arcs of the feed instead of all asking the seeder

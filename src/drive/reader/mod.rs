@@ -22,7 +22,7 @@ use crate::drive::layout::{self, FolderBlocks, PublishError};
 use crate::drive::ledger::{Intent, Journal, Ledger};
 use crate::drive::log;
 use crate::drive::reconcile::{self, Local};
-use crate::drive::record::{self, BLOCK_SIZE, Entry, State};
+use crate::drive::record::{self, Entry, State};
 use crate::fsio::Kind;
 use crate::storage::DiskStorage;
 use fetch::{drop_stale_pending, fill_from_local, update_want};
@@ -106,8 +106,8 @@ impl Reader {
 
     pub fn on_event(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, event: &Event) {
         match event {
-            Event::Downloaded { feed, count, .. } if Some(*feed) == b.content => {
-                b.stats.received += count * BLOCK_SIZE as u64;
+            Event::Downloaded { feed, bytes, .. } if Some(*feed) == b.content => {
+                b.stats.received += bytes;
                 self.publish_ready(b, r);
             }
             Event::Downloaded { feed, .. } | Event::Upgraded { feed, .. } if *feed == b.meta => {

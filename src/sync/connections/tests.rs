@@ -245,8 +245,12 @@ fn only_a_full_connection_that_writes_nothing_is_stalled() {
     let (b, b_r) = incoming(2, 3, true, 256);
     c.admit(a, |_| true);
     c.admit(b, |_| true);
-    a_r.stats.queued.store(MAX_BUDGET as usize, Ordering::Release);
-    b_r.stats.queued.store(MAX_BUDGET as usize, Ordering::Release);
+    a_r.stats
+        .queued
+        .store(MAX_BUDGET as usize, Ordering::Release);
+    b_r.stats
+        .queued
+        .store(MAX_BUDGET as usize, Ordering::Release);
     let t0 = Instant::now();
     assert!(c.stalled(t0).is_empty());
     // b keeps writing (busy, healthy); a writes nothing.
