@@ -109,7 +109,11 @@ impl<S: Storage> Replicator<S> {
             return None;
         }
         let state = self.peers.get(&peer)?;
-        if state.redirected.count_range(r.index..end) > 0 {
+        // Declined before (or no room left to remember declining): serve. A peer that lies
+        // about its haves can cost an honest requester one round trip per block, never more.
+        if state.redirected.count_range(r.index..end) > 0
+            || state.redirected.run_count() >= super::MAX_REDIRECT_RUNS
+        {
             return None;
         }
         let held_elsewhere = self.peers.iter().any(|(&other, p)| {
