@@ -22,15 +22,8 @@ const MAX_PEER_RUNS: usize = 256;
 /// (1024 each), and room for its own requests and actions.
 const BUDGET: usize = 3 * 2 * MAX_PEER_RUNS + 3 * 1024 + 4096;
 
-fn seeds(default: &[u64]) -> Vec<u64> {
-    match std::env::var("FEEDSYNC_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        Some(s) => vec![s],
-        None => default.to_vec(),
-    }
-}
+mod common;
+use common::seeds;
 
 /// Node 0 writes feed A (`blocks` blocks); nodes 1 and 2 replicate it; node 3 is hostile: a
 /// replica of A holding nothing, and the writer of feed B, which nodes 1 and 2 replicate too.

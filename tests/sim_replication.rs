@@ -7,18 +7,8 @@ use feedsync::core::{Config, Event, Feed, MemoryStorage};
 
 const SECOND: u64 = 1_000_000;
 
-fn seeds(default: &[u64]) -> Vec<u64> {
-    match std::env::var("FEEDSYNC_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        Some(s) => vec![s],
-        None => default.to_vec(),
-    }
-}
-
 mod common;
-use common::block;
+use common::{block, seeds};
 
 /// Node 0 writes a feed of `blocks` blocks of `size` bytes; nodes 1..n replicate it.
 fn swarm(

@@ -12,19 +12,9 @@ use feedsync::core::sim::{SendQueues, Sim, SimConfig};
 use feedsync::core::{Config, Feed, MemoryStorage};
 
 mod common;
-use common::block;
+use common::{block, seeds};
 
 const SECOND: u64 = 1_000_000;
-
-fn seeds(default: &[u64]) -> Vec<u64> {
-    match std::env::var("FEEDSYNC_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        Some(s) => vec![s],
-        None => default.to_vec(),
-    }
-}
 
 /// A folder's content feed: `blocks` blocks of `size` bytes.
 #[derive(Clone, Copy)]

@@ -164,6 +164,12 @@ impl Conn {
     }
 }
 
+/// Microseconds since `origin`: the upload budgets' clock (a free function, so it can be read
+/// while a connection of the set is borrowed).
+fn micros(origin: Instant) -> u64 {
+    origin.elapsed().as_micros() as u64
+}
+
 /// The live connections of one node.
 pub struct Connections {
     conns: BTreeMap<ConnId, Conn>,
@@ -189,11 +195,6 @@ impl Connections {
             stall_timeout,
             origin: Instant::now(),
         }
-    }
-
-    /// Microseconds since this set was made: the budgets' clock.
-    fn micros(&self) -> u64 {
-        self.origin.elapsed().as_micros() as u64
     }
 
     fn peer_id(&mut self, remote: [u8; 32]) -> PeerId {
@@ -258,7 +259,7 @@ impl Connections {
                 since: Instant::now(),
                 full_since: None,
                 goodbye: None,
-                budget: SendBudget::new(self.origin.elapsed().as_micros() as u64),
+                budget: SendBudget::new(micros(self.origin)),
                 seen_written: 0,
             },
         );
@@ -348,8 +349,7 @@ impl Connections {
         let payload = net::payload_len(&message);
         let queued = c.stats.queued.fetch_add(payload, Ordering::AcqRel) + payload;
         if payload > 0 {
-            let now = self.origin.elapsed().as_micros() as u64;
-            c.budget.on_queued(now, queued as u64);
+            c.budget.on_queued(micros(self.origin), queued as u64);
         }
         let message = if c.backlog.is_empty() {
             match c.outbound.try_send(message) {
@@ -394,7 +394,7 @@ impl Connections {
     /// what the connection drains (`core::pacing`), less what is queued; nothing while control
     /// messages are backlogged or the control reserve is reached.
     pub fn room(&mut self, conn: ConnId) -> usize {
-        let now = self.micros();
+        let now = micros(self.origin);
         let Some(c) = self.conns.get_mut(&conn) else {
             return 0;
         };

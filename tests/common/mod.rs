@@ -379,6 +379,17 @@ impl Drop for Proc {
     }
 }
 
+/// The seeds a seeded test runs: `FEEDSYNC_SEED=n` replays one, otherwise `default`.
+pub fn seeds(default: &[u64]) -> Vec<u64> {
+    match std::env::var("FEEDSYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        Some(s) => vec![s],
+        None => default.to_vec(),
+    }
+}
+
 /// Runs `ip ARGS`, failing the test with its error (most often: not root).
 pub fn ip(args: &[&str]) {
     let out = Command::new("ip")

@@ -14,8 +14,9 @@
 //! - **Footprint.** [`Footprint`] counts the entries the replicator holds on behalf of peers, so
 //!   tests can budget memory under hostile traffic without timing anything.
 
-use super::{FeedId, Replicator};
+use super::{FeedId, FeedSlot, Replicator};
 use crate::core::bitfield::block_sets;
+use crate::core::rangeset::RangeSet;
 use crate::core::storage::Storage;
 use feedsync_protocol::{Have, Message};
 
@@ -104,17 +105,23 @@ impl<S: Storage> Replicator<S> {
 
     /// Sends every pending `Have`, as few messages per peer as the frame limit allows.
     pub(super) fn flush_haves(&mut self) {
-        if !std::mem::take(&mut self.have_pending) {
-            return;
+        if std::mem::take(&mut self.have_pending) {
+            self.broadcast_runs(|slot| &mut slot.have_pending, Message::Have);
         }
+    }
+
+    /// Takes the set `pending` picks out of every feed and tells every peer of the feed, as
+    /// coalesced runs in as few `kind` messages as the frame limit allows.
+    fn broadcast_runs(
+        &mut self,
+        pending: fn(&mut FeedSlot<S>) -> &mut RangeSet,
+        kind: fn(Have) -> Message,
+    ) {
         for feed in 0..self.feeds.len() {
-            let set = std::mem::take(&mut self.feeds[feed].have_pending);
+            let set = std::mem::take(pending(&mut self.feeds[feed]));
             for blocks in block_sets(set.runs()) {
-                let message = Message::Have(Have {
-                    channel: feed as u32,
-                    blocks,
-                });
-                self.broadcast(feed, None, message);
+                let channel = feed as u32;
+                self.broadcast(feed, None, kind(Have { channel, blocks }));
             }
         }
     }
@@ -133,18 +140,8 @@ impl<S: Storage> Replicator<S> {
 
     /// Sends every pending `Unhave`, as few messages per peer as the frame limit allows.
     pub(super) fn flush_unhaves(&mut self) {
-        if !std::mem::take(&mut self.unhave_pending) {
-            return;
-        }
-        for feed in 0..self.feeds.len() {
-            let set = std::mem::take(&mut self.feeds[feed].unhave);
-            for blocks in block_sets(set.runs()) {
-                let message = Message::Unhave(Have {
-                    channel: feed as u32,
-                    blocks,
-                });
-                self.broadcast(feed, None, message);
-            }
+        if std::mem::take(&mut self.unhave_pending) {
+            self.broadcast_runs(|slot| &mut slot.unhave, Message::Unhave);
         }
     }
 }

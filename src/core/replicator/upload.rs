@@ -16,6 +16,7 @@ use feedsync_protocol::{
     Block, Cancel, Data, GoodbyeReason, MAX_DATA_BYTES, Message, NoData, Request,
 };
 
+/// The blocks a request asks for.
 fn r_range(r: &Request) -> std::ops::Range<u64> {
     r.index..r.index.saturating_add(u64::from(r.count))
 }
@@ -104,14 +105,14 @@ impl<S: Storage> Replicator<S> {
     pub(super) fn redirect(&mut self, peer: PeerId, pos: usize) -> Option<Message> {
         let q = self.peers.get(&peer)?.uploads.get(pos)?;
         let (feed, r) = (q.feed, &q.request);
-        let end = r.index.saturating_add(u64::from(r.count));
+        let asked = r_range(r);
         if r.count == 0 || r.upgrade || self.is_fresh(feed, r) {
             return None;
         }
         let state = self.peers.get(&peer)?;
         // Declined before (or no room left to remember declining): serve. A peer that lies
         // about its haves can cost an honest requester one round trip per block, never more.
-        if state.redirected.count_range(r.index..end) > 0
+        if state.redirected.count_range(asked.clone()) > 0
             || state.redirected.run_count() >= super::MAX_REDIRECT_RUNS
         {
             return None;
@@ -119,7 +120,7 @@ impl<S: Storage> Replicator<S> {
         let held_elsewhere = self.peers.iter().any(|(&other, p)| {
             other != peer
                 && p.channels.get(&feed).is_some_and(|c| {
-                    c.is_open() && c.have.count_range(r.index..end) == u64::from(r.count)
+                    c.is_open() && c.have.count_range(asked.clone()) == u64::from(r.count)
                 })
         });
         if !held_elsewhere {
@@ -127,7 +128,7 @@ impl<S: Storage> Replicator<S> {
         }
         let state = self.peers.get_mut(&peer)?;
         let q = state.uploads.remove(pos)?;
-        state.redirected.insert(r_range(&q.request));
+        state.redirected.insert(asked);
         Some(Message::NoData(NoData {
             channel: q.feed as u32,
             id: q.request.id,
@@ -136,8 +137,7 @@ impl<S: Storage> Replicator<S> {
 
     /// Whether a queued request asks for some block we never uploaded to anyone.
     fn is_fresh(&self, feed: FeedId, r: &Request) -> bool {
-        let end = r.index.saturating_add(u64::from(r.count));
-        r.count > 0 && self.feeds[feed].uploaded.count_range(r.index..end) < u64::from(r.count)
+        r.count > 0 && self.feeds[feed].uploaded.count_range(r_range(r)) < u64::from(r.count)
     }
 
     /// A block of a feed we replicate no longer matches its verified leaf (the disk lost or

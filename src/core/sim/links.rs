@@ -11,7 +11,6 @@
 
 use super::{Delivery, Sim};
 use crate::core::pacing::SendBudget;
-use crate::core::replicator::PeerId;
 use feedsync_protocol::{MAX_DATA_BYTES, Message, encode};
 use std::collections::VecDeque;
 
@@ -114,10 +113,7 @@ impl Sim {
     /// Pulls answers into every connection of `node` that has room, its peers taking turns, then
     /// lets the uplink send.
     pub(super) fn pump_queued(&mut self, node: usize) {
-        let last = self.last_served[node];
-        let mut order: Vec<PeerId> = self.nodes[node].peers().collect();
-        let after_last = order.partition_point(|p| *p <= last);
-        order.rotate_left(after_last);
+        let order = self.peers_in_turn(node);
         let mut progress = true;
         while progress {
             progress = false;

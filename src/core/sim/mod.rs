@@ -290,13 +290,19 @@ impl Sim {
         }
     }
 
-    /// Serves one answer from `node` to the next peer in turn that has one; false if none has.
-    fn serve_next(&mut self, node: usize) -> bool {
+    /// `node`'s peers in the order they take turns at its uplink: those after the one served
+    /// last first, then the rest (it last of all).
+    fn peers_in_turn(&self, node: usize) -> Vec<PeerId> {
         let last = self.last_served[node];
         let mut order: Vec<PeerId> = self.nodes[node].peers().collect();
-        // Peers after the last one served first, then the rest (it last of all).
         let after_last = order.partition_point(|p| *p <= last);
         order.rotate_left(after_last);
+        order
+    }
+
+    /// Serves one answer from `node` to the next peer in turn that has one; false if none has.
+    fn serve_next(&mut self, node: usize) -> bool {
+        let order = self.peers_in_turn(node);
         for peer in order {
             if let Some(messages) = self.nodes[node].poll_upload(peer) {
                 self.last_served[node] = peer;
