@@ -17,6 +17,19 @@ const MAX_TRIES: u32 = 1000;
 
 /// The conflict copy's file name for `name` at `at`; `n > 0` picks the n-th alternative.
 pub fn conflict_name(name: &str, at: SystemTime, n: u32) -> String {
+    tagged_name(name, at, None, n)
+}
+
+/// The name of a two-way folder's conflict copy (#13):
+/// `NAME.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.EXT`, where the time is the losing version's
+/// modification time and `DEVICE` the first 8 hex digits of the device that wrote it. Every
+/// device computes the same name from the same records, so the copy is one file everywhere.
+pub fn device_conflict_name(name: &str, at: SystemTime, device: &[u8; 32]) -> String {
+    let tag = crate::util::hex(&device[..4]);
+    tagged_name(name, at, Some(&tag), 0)
+}
+
+fn tagged_name(name: &str, at: SystemTime, tag: Option<&str>, n: u32) -> String {
     let (stem, ext) = match name.rfind('.') {
         Some(i) if i > 0 && i + 1 < name.len() => (&name[..i], Some(&name[i + 1..])),
         _ => (name, None),
@@ -34,6 +47,10 @@ pub fn conflict_name(name: &str, at: SystemTime, n: u32) -> String {
         .map(|c| if c == 'T' { '-' } else { c })
         .collect();
     let mut out = format!("{stem}.sync-conflict-{stamp}");
+    if let Some(tag) = tag {
+        out.push('-');
+        out.push_str(tag);
+    }
     if n > 0 {
         out.push_str(&format!("-{n}"));
     }
@@ -108,6 +125,21 @@ mod tests {
         assert_eq!(
             conflict_name("leap", at(19_782 * 86_400 + 86_399), 0),
             "leap.sync-conflict-20240229-235959"
+        );
+    }
+
+    #[test]
+    fn device_copies_name_the_device_before_the_extension() {
+        let t = at(1_796_208_607);
+        let mut d = [0u8; 32];
+        d[..4].copy_from_slice(&[0xab, 0xcd, 0x01, 0x23]);
+        assert_eq!(
+            device_conflict_name("report.pdf", t, &d),
+            "report.sync-conflict-20261202-105007-abcd0123.pdf"
+        );
+        assert_eq!(
+            device_conflict_name("Makefile", t, &d),
+            "Makefile.sync-conflict-20261202-105007-abcd0123"
         );
     }
 

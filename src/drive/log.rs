@@ -98,7 +98,11 @@ pub fn changes(state: &State, records: &[Record]) -> Vec<Change> {
     }
     for r in records {
         match r {
-            Record::Init { .. } | Record::Time { .. } => {}
+            Record::Init { .. }
+            | Record::Time { .. }
+            | Record::Clock { .. }
+            | Record::Allow { .. }
+            | Record::Deny { .. } => {}
             Record::Put {
                 path,
                 entry: Entry::Dir,

@@ -45,6 +45,7 @@ pub mod import;
 pub mod layout;
 pub mod ledger;
 pub mod log;
+pub mod merge;
 pub mod perms;
 mod reader;
 pub mod reconcile;

@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use super::merge::{Clock, DeviceId};
 pub use super::state::{Limits, State};
 
 /// Bytes per content block. A file's bytes are split at fixed multiples of this, so a change
@@ -60,6 +61,29 @@ pub enum Record {
     Time {
         /// Milliseconds since the epoch.
         millis: u64,
+    },
+    /// Two-way folders (#13): the causal context of this block, i.e. how many metadata blocks
+    /// of each *other* device the writing device had applied when it wrote it. The device's
+    /// own entry is implicit (this block's position), so it cannot lie about it. At most one
+    /// per block; a block without one has seen nothing of other devices (every one-writer
+    /// drive's blocks). See [`merge`](super::merge) and SPEC §6.
+    Clock {
+        /// The vector, sorted by device, without the writer's own entry.
+        clock: Clock,
+    },
+    /// Two-way folders: `device` (the key of its metadata feed) may write to this folder. It
+    /// counts only if the writing device was itself allowed when it wrote it.
+    Allow {
+        /// The device's id: the public key of its metadata feed.
+        device: [u8; 32],
+    },
+    /// Two-way folders: `device`'s blocks after its first `upto` no longer count. Permanent
+    /// for that device id (a removed device joins again with a new id).
+    Deny {
+        /// The device's id.
+        device: [u8; 32],
+        /// How many of its blocks the denying device had applied: those keep counting.
+        upto: u64,
     },
 }
 
@@ -205,6 +229,10 @@ pub enum RecordError {
     /// A mode with bits beyond `0o777` (set-user-id, set-group-id, sticky, file type).
     #[error("a file mode of {0:#o} has bits beyond the permission bits 0o777")]
     BadMode(u32),
+    /// A version vector that is not sorted, repeats a device, holds a zero count or has more
+    /// than [`merge::MAX_DEVICES`](super::merge::MAX_DEVICES) entries.
+    #[error("malformed version vector: {0}")]
+    Clock(&'static str),
     /// The version would take the folder over one of its [`Limits`].
     #[error("{what} {value} is over the limit of {limit}")]
     Limit {
@@ -299,7 +327,16 @@ pub fn decode(index: u64, block: &[u8]) -> Result<Vec<Record>, RecordError> {
                 }
             }
             Record::Remove { path } => check_path(path)?,
-            Record::Time { .. } => {}
+            Record::Time { .. } | Record::Allow { .. } | Record::Deny { .. } => {}
+            Record::Clock { clock } => {
+                clock.check()?;
+                if records[..k]
+                    .iter()
+                    .any(|r| matches!(r, Record::Clock { .. }))
+                {
+                    return Err(RecordError::Clock("two clocks in one block"));
+                }
+            }
         }
     }
     Ok(records)

@@ -121,7 +121,10 @@ impl State {
                 self.remove_under(&path, undo.as_deref_mut());
                 self.set(path, None, undo);
             }
-            Record::Time { .. } => {}
+            Record::Time { .. }
+            | Record::Clock { .. }
+            | Record::Allow { .. }
+            | Record::Deny { .. } => {}
         }
         Ok(())
     }

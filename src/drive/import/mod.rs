@@ -391,7 +391,11 @@ impl Importer {
                                 l.add_live(path.clone(), info.clone());
                             }
                         }
-                        Record::Init { .. } | Record::Time { .. } => {}
+                        Record::Init { .. }
+                        | Record::Time { .. }
+                        | Record::Clock { .. }
+                        | Record::Allow { .. }
+                        | Record::Deny { .. } => {}
                     }
                 }
             }
