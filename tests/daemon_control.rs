@@ -186,7 +186,7 @@ fn bad_control_requests_get_clear_errors_and_the_daemon_keeps_running() {
     );
     assert_eq!(
         d.refused(r#"{"cmd":"explode"}"#),
-        "unknown command \"explode\" (status, add, remove)"
+        "unknown command \"explode\" (status, add, remove, allow, deny, devices)"
     );
     assert!(d.refused(r#"{"dir":"/x"}"#).contains("without \"cmd\""));
     assert!(
@@ -383,6 +383,80 @@ fn added_folders_survive_a_restart() {
     d.wait_line(30, "daemon ready");
     let v = d.raw(r#"{"cmd":"status"}"#);
     assert_eq!(v["folders"][0]["path"], share.to_str().unwrap(), "{v}");
+    assert!(d.terminate().success(), "{:?}", d.log);
+}
+
+/// Two-way folders (#13): the control socket allows, denies and lists devices of a folder the
+/// daemon serves (its node records them in the folder's signed feed); a folder it does not serve
+/// and a bad id are refused.
+#[test]
+fn the_control_socket_allows_denies_and_lists_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let share = folder(tmp.path(), "share");
+    let (conf, state) = config(tmp.path(), "127.0.0.1:0", &[&share]);
+    let mut d = Daemon::start(&conf, &state);
+    d.wait_line(30, "daemon ready");
+    // A real device id: another folder's founder key.
+    let other = folder(tmp.path(), "other");
+    let url = {
+        let mut p = Command::new(BIN)
+            .args([
+                "share",
+                other.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--no-discovery",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(p.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let _ = p.kill();
+        let _ = p.wait();
+        line.trim().to_string()
+    };
+    let device = url.trim_start_matches("feedsync://").to_string();
+    let dir = share.to_str().unwrap();
+    let v = d.raw(&format!(
+        r#"{{"cmd":"allow","dir":{dir:?},"device":{device:?}}}"#
+    ));
+    assert_eq!(v["reply"], "membership", "{v}");
+    assert_eq!(v["outcome"]["outcome"], "recorded", "{v}");
+    let v = d.raw(&format!(r#"{{"cmd":"devices","dir":{dir:?}}}"#));
+    assert_eq!(v["reply"], "devices", "{v}");
+    let listed = v["devices"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{v}");
+    assert!(
+        listed
+            .iter()
+            .any(|x| x["device"] == device.as_str() && x["allowed"] == true)
+    );
+    let v = d.raw(&format!(
+        r#"{{"cmd":"deny","dir":{dir:?},"device":{device:?}}}"#
+    ));
+    assert_eq!(v["outcome"]["outcome"], "recorded", "{v}");
+    let v = d.raw(&format!(r#"{{"cmd":"devices","dir":{dir:?}}}"#));
+    assert!(
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["device"] == device.as_str() && x["denied_after"] == 0),
+        "{v}"
+    );
+    let e = d.refused(&format!(
+        r#"{{"cmd":"devices","dir":{:?}}}"#,
+        other.to_str().unwrap()
+    ));
+    assert!(e.contains("not served"), "{e}");
+    let e = d.refused(&format!(
+        r#"{{"cmd":"allow","dir":{dir:?},"device":"xyz"}}"#
+    ));
+    assert!(e.contains("not a device id"), "{e}");
     assert!(d.terminate().success(), "{:?}", d.log);
 }
 

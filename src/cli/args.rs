@@ -46,6 +46,50 @@ pub enum Command {
         #[command(flatten)]
         once: OnceArgs,
     },
+    /// Join the two-way folder at URL from a new device: print this device's id (first line of
+    /// stdout), then sync DIR like `clone`. Once a device that may write runs
+    /// `feedsync allow DIR DEVICE`, this device may write too (see the README: two-way folders
+    /// are being built; today a joined device receives like a clone).
+    Join {
+        /// feedsync://<key> as printed by `share`.
+        url: String,
+        /// Where to put it (as for `clone`).
+        dir: PathBuf,
+        /// Join with a folder that already holds files (as `clone --adopt`).
+        #[arg(long)]
+        adopt: bool,
+        #[command(flatten)]
+        perms: PermArgs,
+        #[command(flatten)]
+        net: NetArgs,
+        #[command(flatten)]
+        once: OnceArgs,
+    },
+    /// Let DEVICE (an id printed by `join`) write to the folder DIR. Run it on a device that
+    /// may write; works while a `share` or `sync` serves DIR, and when nothing does.
+    Allow {
+        /// The folder.
+        dir: PathBuf,
+        /// The device's id (64 hex digits).
+        device: String,
+    },
+    /// Stop counting what DEVICE writes to the folder DIR from now on (permanent for that id;
+    /// the device can `join` again under a new one).
+    Deny {
+        /// The folder.
+        dir: PathBuf,
+        /// The device's id.
+        device: String,
+    },
+    /// List the devices of the folder DIR: the founder, every device allowed, which were
+    /// denied, and which one is this.
+    Devices {
+        /// The folder.
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Resume an existing shared or cloned folder.
     Sync {
         /// The folder.

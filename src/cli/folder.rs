@@ -92,6 +92,35 @@ pub fn clone(
     finish_clone(dir, outcome)
 }
 
+/// `feedsync join URL DIR [--adopt]`: like `clone`, with a device of its own whose id is the
+/// first line of stdout.
+pub fn join(
+    url: &str,
+    dir: &Path,
+    adopt: bool,
+    net: &NetArgs,
+    once: OnceArgs,
+) -> Result<(), CliError> {
+    let key = feedsync::drive::parse_url(url)
+        .map_err(|e| usage(format!("{e}; give the URL that `share` printed")))?;
+    if dir.exists() && !dir.is_dir() {
+        return Err(usage(format!(
+            "{}: is a file, not a folder; give a new or existing folder to join into",
+            dir.display()
+        )));
+    }
+    let (drive, device) = Drive::join(dir, key, adopt).map_err(|e| match e {
+        e @ feedsync::drive::DriveError::NotEmpty(_) => usage(e.to_string()),
+        e => e.into(),
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", feedsync::util::hex(&device))?;
+    out.flush()?;
+    drop(out);
+    let outcome = run(drive, dir, net, once.limit(), true);
+    finish_clone(dir, outcome)
+}
+
 /// `feedsync sync DIR`.
 pub fn sync(dir: &Path, net: &NetArgs, once: OnceArgs) -> Result<(), CliError> {
     if !dir.is_dir() {

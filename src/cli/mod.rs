@@ -14,6 +14,7 @@
 
 pub mod args;
 pub mod daemon;
+pub mod devices;
 pub mod error;
 pub mod feed;
 pub mod folder;
@@ -39,6 +40,20 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             folder::set_umask(perms)?;
             folder::clone(&url, &dir, adopt, &net, once)
         }
+        Command::Join {
+            url,
+            dir,
+            adopt,
+            perms,
+            net,
+            once,
+        } => {
+            folder::set_umask(perms)?;
+            folder::join(&url, &dir, adopt, &net, once)
+        }
+        Command::Allow { dir, device } => devices::change(&dir, &device, true),
+        Command::Deny { dir, device } => devices::change(&dir, &device, false),
+        Command::Devices { dir, json } => devices::list(&dir, json),
         Command::Sync {
             dir,
             perms,

@@ -3,7 +3,9 @@
 //! Requests are internally tagged by `cmd`: `{"cmd":"status"}`, `{"cmd":"add","dir":"/abs",
 //! "url":"feedsync://..."}` (`url` absent: share the folder), `{"cmd":"remove","dir":"/abs"}`.
 //! Replies are tagged by `reply`: `status` (with `folders`), `added` (with the folder's `url`),
-//! `removed`, or `error` (with `error`, one line saying what is wrong).
+//! `removed`, or `error` (with `error`, one line saying what is wrong). Two-way folders (#13)
+//! add `{"cmd":"allow"|"deny","dir":"/abs","device":"<hex>"}` (reply `membership` with the
+//! `outcome`) and `{"cmd":"devices","dir":"/abs"}` (reply `devices`).
 //!
 //! The socket lives in the state directory, which is made 0700, and is itself 0600: only its
 //! owner (and root) may talk to the daemon. That holds only if nobody else can swap the
@@ -46,6 +48,25 @@ pub enum Request {
         #[serde(alias = "path")]
         dir: PathBuf,
     },
+    /// Let `device` write to the served folder `dir` (#13).
+    Allow {
+        /// The folder (absolute, served by the daemon).
+        dir: PathBuf,
+        /// The device's id (hex).
+        device: String,
+    },
+    /// Stop counting what `device` writes to `dir` from now on.
+    Deny {
+        /// The folder.
+        dir: PathBuf,
+        /// The device's id (hex).
+        device: String,
+    },
+    /// The devices of the served folder `dir`.
+    Devices {
+        /// The folder.
+        dir: PathBuf,
+    },
 }
 
 /// The daemon's answer.
@@ -68,6 +89,20 @@ pub enum Reply {
     Removed {
         /// The folder.
         dir: PathBuf,
+    },
+    /// `allow`/`deny` done: what it recorded (`drive::devices::Outcome` as JSON).
+    Membership {
+        /// The folder.
+        dir: PathBuf,
+        /// The outcome.
+        outcome: serde_json::Value,
+    },
+    /// `devices`: the list (`drive::devices::DeviceInfo` as JSON).
+    Devices {
+        /// The folder.
+        dir: PathBuf,
+        /// The devices.
+        devices: Vec<serde_json::Value>,
     },
     /// The request was refused.
     Error {
@@ -135,15 +170,15 @@ pub fn parse_request(line: &str) -> Result<Request, Reply> {
         .map_err(|e| Reply::error(format!("malformed request (not a JSON object): {e}")))?;
     let cmd = value.get("cmd").and_then(|c| c.as_str());
     match cmd {
-        Some("status" | "add" | "remove") => {}
+        Some("status" | "add" | "remove" | "allow" | "deny" | "devices") => {}
         Some(other) => {
             return Err(Reply::error(format!(
-                "unknown command \"{other}\" (status, add, remove)"
+                "unknown command \"{other}\" (status, add, remove, allow, deny, devices)"
             )));
         }
         None => {
             return Err(Reply::error(
-                "request without \"cmd\" (status, add, remove)",
+                "request without \"cmd\" (status, add, remove, allow, deny, devices)",
             ));
         }
     }
@@ -377,7 +412,7 @@ mod tests {
         assert!(err("{nope").starts_with("malformed request"));
         assert_eq!(
             err(r#"{"cmd":"explode"}"#),
-            "unknown command \"explode\" (status, add, remove)"
+            "unknown command \"explode\" (status, add, remove, allow, deny, devices)"
         );
         assert!(err(r#"{"dir":"/a"}"#).starts_with("request without \"cmd\""));
         assert!(err(r#"{"cmd":"add"}"#).contains("missing field `dir`"));

@@ -278,6 +278,60 @@ impl Daemon {
             },
             Request::Add { dir, url } => self.add(dir, url),
             Request::Remove { dir } => self.remove(dir),
+            Request::Allow { dir, device } => self.membership(dir, &device, true),
+            Request::Deny { dir, device } => self.membership(dir, &device, false),
+            Request::Devices { dir } => match self.served(&dir) {
+                Err(r) => r,
+                Ok(()) => match crate::drive::devices::list(&dir) {
+                    Ok(list) => Reply::Devices {
+                        dir,
+                        devices: list
+                            .iter()
+                            .filter_map(|d| serde_json::to_value(d).ok())
+                            .collect(),
+                    },
+                    Err(e) => Reply::error(e),
+                },
+            },
+        }
+    }
+
+    /// `Err` with the reply unless `dir` is one of the folders served.
+    fn served(&self, dir: &Path) -> Result<(), Reply> {
+        if self.folders().iter().any(|f| f.path == dir) {
+            Ok(())
+        } else {
+            Err(Reply::error(format!(
+                "{} is not served by this daemon",
+                dir.display()
+            )))
+        }
+    }
+
+    /// `allow`/`deny`: the folder's node (on the synchronizer thread) records it; this waits
+    /// for its answer (it looks every 200 ms), at most a few seconds.
+    fn membership(&mut self, dir: PathBuf, device: &str, allow: bool) -> Reply {
+        use crate::drive::devices::{self, Change};
+        if let Err(r) = self.served(&dir) {
+            return r;
+        }
+        let device = match devices::parse_device(device) {
+            Ok(d) => d,
+            Err(_) => {
+                return Reply::error(format!("{device:?} is not a device id (64 hex digits)"));
+            }
+        };
+        let change = if allow {
+            Change::Allow { device }
+        } else {
+            Change::Deny { device }
+        };
+        match devices::change(&dir, change, std::time::Duration::from_secs(5)) {
+            Ok(outcome) => Reply::Membership {
+                dir,
+                outcome: serde_json::to_value(outcome).unwrap_or_default(),
+            },
+            Err(e) => Reply::error(e),
         }
     }
 

@@ -38,6 +38,7 @@
 
 mod app;
 pub mod conflict;
+pub mod devices;
 mod dirs;
 pub mod event;
 mod guard;
@@ -269,6 +270,20 @@ impl Drive {
     /// are left alone.
     pub fn clone_adopting(root: &Path, key: [u8; 32]) -> Result<Self, DriveError> {
         Self::clone_with(root, key, true)
+    }
+
+    /// `join` (#13): a clone of the folder `key` that also has a device of its own — its own
+    /// metadata and content feeds, made once and kept (see [`devices`]). Returns the drive
+    /// and this device's id. Until the integration of two-way folders lands, the device
+    /// receives like a clone; see `notes/two-way.md`.
+    pub fn join(root: &Path, key: [u8; 32], adopt: bool) -> Result<(Self, [u8; 32]), DriveError> {
+        let d = Self::clone_with(root, key, adopt)?;
+        if d.writer {
+            // The founder's own folder: it is a device already, the founder.
+            return Ok((d, key));
+        }
+        let id = devices::ensure_device(&*d.state_handle, &d.root)?;
+        Ok((d, id))
     }
 
     fn clone_with(root: &Path, key: [u8; 32], adopt: bool) -> Result<Self, DriveError> {

@@ -7,6 +7,7 @@
 
 use crate::core::replicator::{Event, Replicator};
 use crate::drive::app::Base;
+use crate::drive::devices;
 use crate::drive::event::DriveProblem;
 use crate::drive::import::{Importer, is_ours};
 use crate::drive::layout;
@@ -33,6 +34,8 @@ pub(super) struct Writer {
     /// When the last change was seen; the scan waits for a quiet `debounce` after it.
     change_seen: Option<Instant>,
     changed: ChangedPaths,
+    /// When `allow`/`deny` requests were last looked for (see `drive::devices`).
+    last_requests: Instant,
 }
 
 impl Writer {
@@ -44,6 +47,7 @@ impl Writer {
             last_scan: Instant::now(),
             change_seen: None,
             changed: ChangedPaths::default(),
+            last_requests: Instant::now(),
         }
     }
 
@@ -106,6 +110,10 @@ impl Writer {
     }
 
     pub fn on_tick(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, now: Instant) {
+        if now.duration_since(self.last_requests) >= devices::REQUEST_POLL {
+            self.last_requests = now;
+            self.take_requests(b, r);
+        }
         if !b.options.follow {
             return;
         }
@@ -117,6 +125,29 @@ impl Writer {
             self.change_seen = None;
             self.scan(b, r, periodic);
         }
+    }
+
+    /// Answers `allow`/`deny` requests left by the CLI: the records go through the importer's
+    /// commit, like a scan's (flushed before any peer hears of them).
+    fn take_requests(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        let Some(importer) = &mut self.importer else {
+            return;
+        };
+        // Cheap when there is nothing: one directory listing of our own state directory.
+        if b.state_handle
+            .read_dir(devices::REQUESTS_DIR)
+            .map_or(true, |e| e.is_empty())
+        {
+            return;
+        }
+        let merge = devices::merge_of(r.feed_mut(b.meta));
+        let state = &mut b.state;
+        devices::take_requests(&*b.state_handle, &merge, |recs| {
+            importer
+                .commit(r, state, recs)
+                .map(|_| state.version)
+                .map_err(|e| e.to_string())
+        });
     }
 
     fn start_watch(&mut self, b: &mut Base) {

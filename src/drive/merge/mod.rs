@@ -523,7 +523,7 @@ impl Merge {
                 ops.push((o.order, l.id, o.seq, k, &o.op));
             }
         }
-        ops.sort_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
+        ops.sort_by_key(|o| (o.0, o.1, o.2, o.3));
         let mut m = Members::default();
         m.allowed.insert(self.founder);
         let before = self.members.bound.clone();
