@@ -431,11 +431,12 @@ mod tests {
 
     #[test]
     fn requests_round_trip_as_json_with_hex_ids() {
-        let c = Change::Allow { device: [0xab; 32] };
+        let device = SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes();
+        let c = Change::Allow { device };
         let text = serde_json::to_string(&c).unwrap();
         assert_eq!(
             text,
-            format!("{{\"cmd\":\"allow\",\"device\":\"{}\"}}", "ab".repeat(32))
+            format!("{{\"cmd\":\"allow\",\"device\":\"{}\"}}", hex(&device))
         );
         assert_eq!(serde_json::from_str::<Change>(&text).unwrap(), c);
         assert!(serde_json::from_str::<Change>(r#"{"cmd":"allow","device":"zz"}"#).is_err());
