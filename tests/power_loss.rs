@@ -203,6 +203,7 @@ fn folders_json_holds_the_old_or_the_new_list() {
                 path: format!("/srv/feedsync/folder-{k}-{}", "x".repeat(k as usize * 97)).into(),
                 url: None,
                 peers: Vec::new(),
+                allow: Vec::new(),
             })
             .collect()
     };

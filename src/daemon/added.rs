@@ -114,6 +114,7 @@ mod tests {
             path: p.into(),
             url: None,
             peers: Vec::new(),
+            allow: Vec::new(),
         }
     }
 

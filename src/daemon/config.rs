@@ -48,6 +48,10 @@ pub struct FolderConfig {
     /// Addresses to dial besides what discovery finds.
     #[serde(default)]
     pub peers: Vec<SocketAddr>,
+    /// Devices (ids, hex) that may write to this folder (#13): each one not yet allowed is
+    /// recorded in the folder's signed feed when the daemon opens it (a folder it shares).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
 }
 
 /// The daemon's configuration.
@@ -99,6 +103,8 @@ struct RawFolder {
     url: Option<Spanned<String>>,
     #[serde(default)]
     peers: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
 }
 
 /// The platform's data directory for feedsync (e.g. `~/.local/share/feedsync`).
@@ -221,10 +227,21 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                     .map_err(|_| at(a.span().start, &format!("not an address: {}", a.get_ref())))?,
             );
         }
+        let mut allow = Vec::new();
+        for d in &f.allow {
+            let id = crate::drive::devices::parse_device(d.get_ref()).map_err(|_| {
+                at(
+                    d.span().start,
+                    &format!("not a device id (64 hex digits): {}", d.get_ref()),
+                )
+            })?;
+            allow.push(crate::util::hex(&id));
+        }
         folders.push(FolderConfig {
             path: p,
             url: f.url.map(|u| u.into_inner()),
             peers,
+            allow,
         });
     }
     Ok(Config {
@@ -309,6 +326,13 @@ mod tests {
         assert_eq!(
             e,
             "/etc/feedsync.toml:2: limits.max_depth must be at least 1"
+        );
+        let e = parse(p, "[[folder]]\npath = \"/a\"\nallow = [\"nope\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/feedsync.toml:3: not a device id"),
+            "{e}"
         );
     }
 }

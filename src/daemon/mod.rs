@@ -197,7 +197,10 @@ impl Daemon {
                 limits: self.config.folder_limits,
                 ..AppOptions::default()
             };
-            let opened = drive.and_then(|d| {
+            let opened = drive.and_then(|mut d| {
+                if !f.allow.is_empty() {
+                    crate::drive::devices::allow_listed(&mut d, &f.allow)?;
+                }
                 let url = d.url();
                 d.into_app_at(options, feeds.len()).map(|o| (o, url))
             });
@@ -368,6 +371,7 @@ impl Daemon {
             path: dir.clone(),
             url,
             peers: Vec::new(),
+            allow: Vec::new(),
         });
         if let Err(e) = self.apply(self.config.clone(), added) {
             return Reply::error(e);

@@ -291,6 +291,28 @@ fn records_for(m: &Merge, change: Change) -> Option<Vec<Record>> {
     }
 }
 
+/// The daemon's `allow = [...]` for a folder it is about to serve: every listed device not yet
+/// allowed is recorded (one block, flushed) before the node starts. A folder this device may
+/// not write to is left as it is (a clone cannot allow anyone).
+pub fn allow_listed(drive: &mut Drive, devices: &[String]) -> Result<(), DriveError> {
+    if !drive.writer {
+        return Ok(());
+    }
+    let m = merge_of(&mut drive.meta);
+    let mut block = vec![Record::now()];
+    for text in devices {
+        let device = parse_device(text)?;
+        if let Some(recs) = records_for(&m, Change::Allow { device }) {
+            block.extend(recs);
+        }
+    }
+    if block.len() > 1 {
+        drive.meta.append(&record::encode(&block))?;
+        drive.meta.sync()?;
+    }
+    Ok(())
+}
+
 /// Leaves a request for the running node and waits for its answer.
 fn ask_running(root: &Path, change: Change, wait: Duration) -> Result<Outcome, DriveError> {
     let root_dir = dirs::open_folder(root)?;
