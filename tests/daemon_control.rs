@@ -386,6 +386,29 @@ fn added_folders_survive_a_restart() {
     assert!(d.terminate().success(), "{:?}", d.log);
 }
 
+/// The id of the device that shares `dir` (a share started and stopped once): its URL's key.
+fn founder_id(dir: &Path) -> String {
+    let mut p = Command::new(BIN)
+        .args([
+            "share",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-discovery",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(p.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = p.kill();
+    let _ = p.wait();
+    line.trim().trim_start_matches("feedsync://").to_string()
+}
+
 /// Two-way folders (#13): the control socket allows, denies and lists devices of a folder the
 /// daemon serves (its node records them in the folder's signed feed); a folder it does not serve
 /// and a bad id are refused.
@@ -398,28 +421,7 @@ fn the_control_socket_allows_denies_and_lists_devices() {
     d.wait_line(30, "daemon ready");
     // A real device id: another folder's founder key.
     let other = folder(tmp.path(), "other");
-    let url = {
-        let mut p = Command::new(BIN)
-            .args([
-                "share",
-                other.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-                "--no-discovery",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(p.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let _ = p.kill();
-        let _ = p.wait();
-        line.trim().to_string()
-    };
-    let device = url.trim_start_matches("feedsync://").to_string();
+    let device = founder_id(&other);
     let dir = share.to_str().unwrap();
     let v = d.raw(&format!(
         r#"{{"cmd":"allow","dir":{dir:?},"device":{device:?}}}"#
@@ -453,6 +455,29 @@ fn the_control_socket_allows_denies_and_lists_devices() {
         other.to_str().unwrap()
     ));
     assert!(e.contains("not served"), "{e}");
+    assert!(d.terminate().success(), "{:?}", d.log);
+    // The config's `allow` list is recorded when the daemon opens the folder: the device that
+    // was denied stays denied (a denial is permanent), a new one is allowed.
+    let third_id = founder_id(&folder(tmp.path(), "third"));
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str(&format!("allow = [{third_id:?}, {device:?}]\n"));
+    std::fs::write(&conf, text).unwrap();
+    let mut d = Daemon::start(&conf, &state);
+    d.wait_line(30, "daemon ready");
+    let v = d.raw(&format!(r#"{{"cmd":"devices","dir":{dir:?}}}"#));
+    let listed = v["devices"].as_array().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|x| x["device"] == third_id.as_str() && x["allowed"] == true),
+        "{v}"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|x| x["device"] == device.as_str() && x["denied_after"] == 0),
+        "{v}"
+    );
     let e = d.refused(&format!(
         r#"{{"cmd":"allow","dir":{dir:?},"device":"xyz"}}"#
     ));

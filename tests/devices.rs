@@ -16,6 +16,18 @@ fn devices(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `join URL DIR --peer ADDR`, discovery off.
+fn join(url: &str, dir: &Path, addr: &str) -> Proc {
+    Proc::feedsync(&[
+        "join",
+        url,
+        dir.to_str().unwrap(),
+        "--peer",
+        addr,
+        "--no-discovery",
+    ])
+}
+
 fn entry<'a>(list: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
     list.as_array()
         .unwrap()
@@ -32,14 +44,7 @@ fn a_joined_device_is_allowed_and_denied_while_the_share_runs_and_learns_it() {
     let (mut founder, url, addr) = share(&a);
     let founder_id = url.trim_start_matches("feedsync://").to_string();
 
-    let mut joined = Proc::feedsync(&[
-        "join",
-        &url,
-        b.to_str().unwrap(),
-        "--peer",
-        &addr,
-        "--no-discovery",
-    ]);
+    let mut joined = join(&url, &b, &addr);
     let id = joined.wait_line(Duration::from_secs(30), "device id", |_| true);
     assert_eq!(id.len(), 64, "first line is the device id: {id:?}");
     assert!(id.chars().all(|c| c.is_ascii_hexdigit()) && id != founder_id);
@@ -90,14 +95,7 @@ fn a_joined_device_is_allowed_and_denied_while_the_share_runs_and_learns_it() {
     assert_eq!(entry(&d, &id).unwrap()["denied_after"], 0);
     // The same device id after a restart of the joined device.
     joined.terminate(Duration::from_secs(20));
-    let mut again = Proc::feedsync(&[
-        "join",
-        &url,
-        b.to_str().unwrap(),
-        "--peer",
-        &addr,
-        "--no-discovery",
-    ]);
+    let mut again = join(&url, &b, &addr);
     let id_again = again.wait_line(Duration::from_secs(30), "device id", |_| true);
     assert_eq!(id_again, id, "a device keeps its id");
     again.terminate(Duration::from_secs(20));

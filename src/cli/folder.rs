@@ -71,23 +71,13 @@ pub fn clone(
     net: &NetArgs,
     once: OnceArgs,
 ) -> Result<(), CliError> {
-    let key = feedsync::drive::parse_url(url)
-        .map_err(|e| usage(format!("{e}; give the URL that `share` printed")))?;
-    if dir.exists() && !dir.is_dir() {
-        return Err(usage(format!(
-            "{}: is a file, not a folder; give a new or existing folder to clone into",
-            dir.display()
-        )));
-    }
+    let key = clone_target(url, dir)?;
     let drive = if adopt {
-        Drive::clone_adopting(dir, key)?
+        Drive::clone_adopting(dir, key)
     } else {
-        Drive::clone_into(dir, key).map_err(|e| match e {
-            // The user's to fix in the command: another folder, or --adopt.
-            e @ feedsync::drive::DriveError::NotEmpty(_) => usage(e.to_string()),
-            e => e.into(),
-        })?
-    };
+        Drive::clone_into(dir, key)
+    }
+    .map_err(not_empty_is_usage)?;
     let outcome = run(drive, dir, net, once.limit(), true);
     finish_clone(dir, outcome)
 }
@@ -101,24 +91,35 @@ pub fn join(
     net: &NetArgs,
     once: OnceArgs,
 ) -> Result<(), CliError> {
-    let key = feedsync::drive::parse_url(url)
-        .map_err(|e| usage(format!("{e}; give the URL that `share` printed")))?;
-    if dir.exists() && !dir.is_dir() {
-        return Err(usage(format!(
-            "{}: is a file, not a folder; give a new or existing folder to join into",
-            dir.display()
-        )));
-    }
-    let (drive, device) = Drive::join(dir, key, adopt).map_err(|e| match e {
-        e @ feedsync::drive::DriveError::NotEmpty(_) => usage(e.to_string()),
-        e => e.into(),
-    })?;
+    let key = clone_target(url, dir)?;
+    let (drive, device) = Drive::join(dir, key, adopt).map_err(not_empty_is_usage)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", feedsync::util::hex(&device))?;
     out.flush()?;
     drop(out);
     let outcome = run(drive, dir, net, once.limit(), true);
     finish_clone(dir, outcome)
+}
+
+/// The folder key of `url`, once `dir` is known to be a folder or nothing yet.
+fn clone_target(url: &str, dir: &Path) -> Result<[u8; 32], CliError> {
+    let key = feedsync::drive::parse_url(url)
+        .map_err(|e| usage(format!("{e}; give the URL that `share` printed")))?;
+    if dir.exists() && !dir.is_dir() {
+        return Err(usage(format!(
+            "{}: is a file, not a folder; give a new or existing folder",
+            dir.display()
+        )));
+    }
+    Ok(key)
+}
+
+/// A folder that is not empty is the user's to fix in the command: another folder, or --adopt.
+fn not_empty_is_usage(e: feedsync::drive::DriveError) -> CliError {
+    match e {
+        e @ feedsync::drive::DriveError::NotEmpty(_) => usage(e.to_string()),
+        e => e.into(),
+    }
 }
 
 /// `feedsync sync DIR`.
