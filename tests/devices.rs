@@ -72,6 +72,14 @@ fn a_joined_device_is_allowed_and_denied_while_the_share_runs_and_learns_it() {
     let list = devices(&a);
     assert_eq!(entry(&list, &id).unwrap()["allowed"], true);
     assert_eq!(entry(&list, &founder_id).unwrap()["this"], true);
+    // `log` says who changed what: the founder's device allowed this one.
+    let log = text(&run(&["log", a.to_str().unwrap()]).stdout);
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("by {}", &founder_id[..8]))
+                && l.contains(&format!("allow   device {id}"))),
+        "{log}"
+    );
     // Again: nothing new to record.
     let out = run(&["allow", a.to_str().unwrap(), &id]);
     assert!(out.status.success());
@@ -93,6 +101,8 @@ fn a_joined_device_is_allowed_and_denied_while_the_share_runs_and_learns_it() {
     assert!(out.status.success(), "deny: {}", text(&out.stderr));
     let d = devices(&a);
     assert_eq!(entry(&d, &id).unwrap()["denied_after"], 0);
+    let log = text(&run(&["log", a.to_str().unwrap()]).stdout);
+    assert!(log.contains(&format!("deny    device {id}")), "{log}");
     // The same device id after a restart of the joined device.
     joined.terminate(Duration::from_secs(20));
     let mut again = join(&url, &b, &addr);

@@ -126,14 +126,24 @@ pub fn log(dir: &Path) -> Result<(), CliError> {
             .time
             .map(|t| humantime::format_rfc3339_seconds(t).to_string())
             .unwrap_or_else(|| "-".into());
+        // Who wrote it, and (two-way folders) what it had seen of the other devices.
+        let mut by = format!("by {}", feedsync::util::hex(&e.device[..4]));
+        if !e.clock.is_empty() {
+            let seen: Vec<String> = e
+                .clock
+                .iter()
+                .map(|(d, n)| format!("{}:{n}", feedsync::util::hex(&d[..4])))
+                .collect();
+            by.push_str(&format!(" after {}", seen.join(",")));
+        }
         if e.changes.is_empty() && e.fetched {
-            writeln!(out, "{:>6}  {when}  (no change)", e.version)?;
+            writeln!(out, "{:>6}  {when}  {by}  (no change)", e.version)?;
         }
         if !e.fetched {
             writeln!(out, "{:>6}  {when}  (not fetched here)", e.version)?;
         }
         for c in &e.changes {
-            writeln!(out, "{:>6}  {when}  {c}", e.version)?;
+            writeln!(out, "{:>6}  {when}  {by}  {c}", e.version)?;
         }
     }
     Ok(())

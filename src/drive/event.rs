@@ -74,6 +74,8 @@ impl Counts {
                     c.added += 1;
                     c.removed += 1;
                 }
+                // Who may write changes no file.
+                Change::Allow { .. } | Change::Deny { .. } => {}
             }
         }
         c

@@ -25,6 +25,11 @@ pub struct LogEntry {
     pub fetched: bool,
     /// What it changed.
     pub changes: Vec<Change>,
+    /// The device that wrote it (#13: each device writes its own feed; this one's key).
+    pub device: [u8; 32],
+    /// Its version vector: how many versions of each other device its writer had applied
+    /// ([`Record::Clock`]; empty for a folder with one writer).
+    pub clock: Vec<([u8; 32], u64)>,
 }
 
 /// One change of a version.
@@ -67,6 +72,18 @@ pub enum Change {
         /// Its path.
         path: String,
     },
+    /// A device allowed to write (#13).
+    Allow {
+        /// Its id.
+        device: [u8; 32],
+    },
+    /// A device denied: only its first `upto` versions count.
+    Deny {
+        /// Its id.
+        device: [u8; 32],
+        /// Versions of it that keep counting.
+        upto: u64,
+    },
 }
 
 impl std::fmt::Display for Change {
@@ -78,6 +95,12 @@ impl std::fmt::Display for Change {
             Self::Remove { path } => write!(f, "remove  {path}"),
             Self::AddDir { path } => write!(f, "add dir {path}/"),
             Self::RemoveDir { path } => write!(f, "rm dir  {path}/"),
+            Self::Allow { device } => write!(f, "allow   device {}", crate::util::hex(device)),
+            Self::Deny { device, upto } => write!(
+                f,
+                "deny    device {} (its first {upto} versions stay)",
+                crate::util::hex(device)
+            ),
         }
     }
 }
@@ -98,11 +121,12 @@ pub fn changes(state: &State, records: &[Record]) -> Vec<Change> {
     }
     for r in records {
         match r {
-            Record::Init { .. }
-            | Record::Time { .. }
-            | Record::Clock { .. }
-            | Record::Allow { .. }
-            | Record::Deny { .. } => {}
+            Record::Init { .. } | Record::Time { .. } | Record::Clock { .. } => {}
+            Record::Allow { device } => out.push(Change::Allow { device: *device }),
+            Record::Deny { device, upto } => out.push(Change::Deny {
+                device: *device,
+                upto: *upto,
+            }),
             Record::Put {
                 path,
                 entry: Entry::Dir,
@@ -167,6 +191,7 @@ pub fn read(root: &Path) -> Result<Vec<LogEntry>, DriveError> {
         return Err(DriveError::NotADrive(root));
     }
     let mut meta = Feed::open(DiskStorage::open_read_only(&dir)?)?;
+    let device = meta.public_key();
     let mut state = State::default();
     let mut out = Vec::new();
     let mut known = true;
@@ -184,15 +209,26 @@ pub fn read(root: &Path) -> Result<Vec<LogEntry>, DriveError> {
                 time: None,
                 fetched: false,
                 changes: Vec::new(),
+                device,
+                clock: Vec::new(),
             });
             continue;
         };
         let recs = record::decode(i, &block).map_err(|e| DriveError::Record(i + 1, e))?;
+        let clock = recs
+            .iter()
+            .find_map(|r| match r {
+                Record::Clock { clock } => Some(clock.entries().to_vec()),
+                _ => None,
+            })
+            .unwrap_or_default();
         out.push(LogEntry {
             version: i + 1,
             time: time(&recs),
             fetched: true,
             changes: changes(&state, &recs),
+            device,
+            clock,
         });
         state.apply(recs);
     }
