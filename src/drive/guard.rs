@@ -21,8 +21,8 @@ use crate::drive::app::Base;
 use crate::drive::conflict;
 use crate::drive::layout::{self, SlotId};
 use crate::drive::ledger::{self, Ledger};
-use crate::drive::record::{Entry, FileInfo, State};
-use crate::fsio::{Dir, Kind};
+use crate::drive::record::{DirInfo, Entry, FileInfo, LinkInfo, State};
+use crate::fsio::{Dir, Kind, OpenHow};
 use std::io;
 use std::time::SystemTime;
 
@@ -130,6 +130,152 @@ pub fn make_dir(root: &dyn Dir, ledger: &mut Ledger, dir: &str) -> io::Result<Cl
         Err(e) => return Err(e),
     }
     Ok(cleared)
+}
+
+/// What the ledger records as the "hash" of a link this reader made: of its target, so a link
+/// is told from a file (whose hash is of its bytes) and from a link to elsewhere.
+pub fn link_hash(target: &str) -> [u8; 32] {
+    *blake3::Hasher::new()
+        .update(b"feedsync symlink\0")
+        .update(target.as_bytes())
+        .finalize()
+        .as_bytes()
+}
+
+/// The hidden name a link is made at before it is renamed into place (one name per path and
+/// target, so a killed run's leftover is found and replaced; the writer never imports it).
+fn link_temp(path: &str, target: &str) -> String {
+    let key = blake3::Hasher::new()
+        .update(path.as_bytes())
+        .update(&[0])
+        .update(target.as_bytes())
+        .finalize()
+        .to_hex();
+    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let mut cut = name.len().min(200);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    crate::fsio::join(
+        parent,
+        &format!(".{}.feedsync-{}", &name[..cut], &key[..16]),
+    )
+}
+
+/// Makes `path` in the folder `root` the symlink `link` (its parents already made). Nothing is
+/// done if a link with that target is there (taken as ours, as an identical file is). A file
+/// or link in the way is replaced only if this reader made it (the ledger); anything else is
+/// moved aside to a conflict copy first; a directory in the way goes only if this reader made
+/// it and it is empty (else an error, and the link waits). The link is made under a hidden
+/// name and renamed into place: the target is stored, never resolved, by `symlinkat`, and every
+/// step goes through the handle (no symlink on the way is followed). Returns what was moved
+/// aside.
+pub fn place_link(
+    root: &dyn Dir,
+    ledger: &mut Ledger,
+    path: &str,
+    link: &LinkInfo,
+) -> io::Result<Cleared> {
+    let hash = link_hash(&link.target);
+    let mtime = crate::drive::layout::mtime_of(link.mtime_secs, link.mtime_nanos);
+    match root.metadata(path)? {
+        Some(m) if m.kind == Kind::Symlink && root.read_link(path)? == link.target.as_bytes() => {
+            // Ours (made here, untouched since): its time follows the record.
+            if ledger.files.get(path).is_some_and(|w| w.unchanged(&m)) && m.mtime != mtime {
+                root.set_mtime_at(path, mtime)?;
+            }
+            if let Some(m) = root.metadata(path)? {
+                ledger.wrote(path, &m, hash);
+            }
+            return Ok(Cleared::Free);
+        }
+        Some(m) if m.kind == Kind::Dir => {
+            if !ledger.dirs.contains(path) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a directory not made here is in the way of a symlink (kept)",
+                ));
+            }
+            root.remove_dir(path)?; // fails while something is in it
+            ledger.dirs.remove(path);
+        }
+        _ => {}
+    }
+    let cleared = clear(root, ledger, path, None)?;
+    let tmp = link_temp(path, &link.target);
+    match root.remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    root.symlink(&link.target, &tmp)?;
+    let made = root
+        .set_mtime_at(&tmp, mtime)
+        .and_then(|()| root.rename(&tmp, path));
+    if let Err(e) = made {
+        let _ = root.remove_file(&tmp);
+        return Err(e);
+    }
+    if let Some(m) = root.metadata(path)? {
+        ledger.wrote(path, &m, hash);
+    }
+    Ok(cleared)
+}
+
+/// Gives the file at `path`, in place with the content of `info` (see [`in_place`]), the
+/// record's permission bits (less the umask) and mtime when they differ: a `chmod` or `touch`
+/// on the writer arrives without fetching a byte. The ledger then records the file as it is
+/// now (its ctime moved).
+pub fn apply_file_meta(
+    root: &dyn Dir,
+    ledger: &mut Ledger,
+    path: &str,
+    info: &FileInfo,
+) -> io::Result<()> {
+    let Some(m) = root.metadata(path)? else {
+        return Ok(());
+    };
+    let mode = crate::drive::perms::file_mode(info.mode);
+    let mtime = crate::drive::layout::mtime(info);
+    if m.kind != Kind::File || (m.mode & 0o7777 == mode && m.mtime == mtime) {
+        return Ok(());
+    }
+    let f = root.open(path, OpenHow::READ)?;
+    if m.mode & 0o7777 != mode {
+        f.set_mode(mode)?;
+    }
+    if m.mtime != mtime {
+        f.set_mtime(mtime)?;
+    }
+    ledger.wrote(path, &f.metadata()?, info.hash);
+    Ok(())
+}
+
+/// The bits a directory recorded with `mode` gets: the writer's less the umask, and always
+/// the owner's `rwx`, so this reader can still make, replace and remove entries in it later
+/// (a writer's read-only directory would otherwise stop every later version).
+pub fn dir_mode(mode: u32) -> u32 {
+    crate::drive::perms::file_mode(mode) | 0o700
+}
+
+/// Gives the directory `path` its recorded mtime, and its recorded mode if this reader made
+/// it (a directory of the user's keeps its own permissions). Called once the directory's
+/// contents are in place: making or removing anything in it afterwards moves its mtime again.
+pub fn apply_dir_meta(root: &dyn Dir, ledger: &Ledger, path: &str, d: &DirInfo) -> io::Result<()> {
+    let Some(m) = root.metadata(path)? else {
+        return Ok(());
+    };
+    if m.kind != Kind::Dir {
+        return Ok(());
+    }
+    let mode = dir_mode(d.mode);
+    if ledger.dirs.contains(path) && m.mode & 0o7777 != mode {
+        root.open_dir(path)?.set_self_mode(mode)?;
+    }
+    let mtime = crate::drive::layout::mtime_of(d.mtime_secs, d.mtime_nanos);
+    if m.mtime != mtime {
+        root.set_mtime_at(path, mtime)?;
+    }
+    Ok(())
 }
 
 /// At start, the layout took files in place by size and mtime (`Drive::into_app`). Only those

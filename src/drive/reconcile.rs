@@ -10,7 +10,7 @@
 //! against the file on disk.
 
 use crate::drive::ledger::Ledger;
-use crate::drive::record::{Entry, FileInfo};
+use crate::drive::record::{Entry, FileInfo, LinkInfo};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A file the layout knows at a path (its current slot there).
@@ -55,6 +55,9 @@ pub struct Plan {
     pub remove_dirs: Vec<String>,
     /// Every directory of the target, parents first (made if missing).
     pub make_dirs: Vec<String>,
+    /// Every symlink of the target, in path order (made, or replaced if this reader made the
+    /// one there, when it does not hold the target already).
+    pub links: Vec<(String, LinkInfo)>,
     /// Files of the target whose extents go beyond the content feed's verified length: not
     /// taken on (nothing is set up for them) until the content feed's signed length covers
     /// them. Each with the first block it lacks.
@@ -75,19 +78,19 @@ pub fn plan(
     content_len: u64,
     held: impl Fn(u64) -> bool,
 ) -> Plan {
-    let mut gone: Vec<(String, FileInfo)> = Vec::new();
+    let mut gone: Vec<String> = Vec::new();
     for (path, old) in previous {
         if target.get(path) == Some(old) {
             continue;
         }
-        if let Entry::File(info) = old {
-            gone.push((path.clone(), info.clone()));
+        if matches!(old, Entry::File(_) | Entry::Link(_)) {
+            gone.push(path.clone());
         }
     }
     let mut remove_dirs: Vec<String> = ledger
         .dirs
         .iter()
-        .filter(|d| !matches!(target.get(*d), Some(Entry::Dir)))
+        .filter(|d| !target.get(*d).is_some_and(Entry::is_dir))
         .cloned()
         .collect();
     for (path, l) in local {
@@ -96,16 +99,21 @@ pub fn plan(
         // of `gone`: a version removing 100k files met 100k local files).
         let from_previous = matches!(previous.get(path), Some(old @ Entry::File(_)) if target.get(path) != Some(old));
         if !wanted && !from_previous {
-            gone.push((path.clone(), l.info.clone()));
+            gone.push(path.clone());
         }
     }
     let mut fetch = Vec::new();
     let mut waiting = Vec::new();
     let mut make_dirs = Vec::new();
+    let mut links = Vec::new();
     for (path, e) in target {
         let info = match e {
-            Entry::Dir => {
+            Entry::Dir | Entry::Directory(_) => {
                 make_dirs.push(path.clone());
+                continue;
+            }
+            Entry::Link(link) => {
+                links.push((path.clone(), link.clone()));
                 continue;
             }
             Entry::File(info) => info,
@@ -131,14 +139,11 @@ pub fn plan(
             reuse: reuse.into_iter().collect(),
         });
     }
-    // Every file this reader wrote that the target has no file at, whatever the versions in
-    // between said.
-    let no_file = |path: &String| !matches!(target.get(path), Some(Entry::File(_)));
-    let mut remove: BTreeSet<String> = gone
-        .into_iter()
-        .map(|(path, _)| path)
-        .filter(no_file)
-        .collect();
+    // Every file (or link) this reader wrote that the target has no file or link at, whatever
+    // the versions in between said (one replaced by the other is replaced, not removed).
+    let no_file =
+        |path: &String| !matches!(target.get(path), Some(Entry::File(_) | Entry::Link(_)));
+    let mut remove: BTreeSet<String> = gone.into_iter().filter(no_file).collect();
     remove.extend(ledger.files.keys().filter(|p| no_file(p)).cloned());
     let remove = remove.into_iter().map(|path| Removal { path }).collect();
     remove_dirs.sort_by_key(|d| std::cmp::Reverse(d.len()));
@@ -147,6 +152,7 @@ pub fn plan(
         remove,
         remove_dirs,
         make_dirs,
+        links,
         waiting,
     }
 }
@@ -185,7 +191,7 @@ mod tests {
                         in_place: true,
                     },
                 )),
-                Entry::Dir => None,
+                _ => None,
             })
             .collect()
     }
