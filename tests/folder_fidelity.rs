@@ -201,6 +201,17 @@ fn a_chmod_reaches_a_live_clone_without_fetching_the_file_again() {
     );
     assert_eq!(mtime(&dst.join("f")), mtime_before);
     eprintln!("chmod arrived in {took:?}");
+    // A file made in the directory afterwards arrives (the directory's new mtime is recorded
+    // with it, and must not take the directory's files out of what the writer serves), and
+    // the directory's mtime follows.
+    fs::write(src.join("d/late"), common::bytes(2, 100_000)).unwrap();
+    fs::write(src.join("d/later"), b"later").unwrap();
+    wait_until(Duration::from_secs(10), "files made later in d", || {
+        fs::read(dst.join("d/late")).is_ok_and(|b| b == common::bytes(2, 100_000))
+            && fs::read(dst.join("d/later")).is_ok_and(|b| b == b"later")
+            && mtime(&dst.join("d")) == mtime(&src.join("d"))
+    });
+    assert_same_tree(&src, &dst, &[]);
 }
 
 #[test]

@@ -221,6 +221,13 @@ pub fn place_link(
     Ok(cleared)
 }
 
+/// Whether the file at `path` is one this reader wrote and nobody changed since (by its
+/// metadata alone: no hashing).
+pub fn written_here(root: &dyn Dir, ledger: &Ledger, path: &str) -> bool {
+    matches!(root.metadata(path), Ok(Some(m))
+        if m.kind == Kind::File && ledger.files.get(path).is_some_and(|w| w.unchanged(&m)))
+}
+
 /// Gives the file at `path`, in place with the content of `info` (see [`in_place`]), the
 /// record's permission bits (less the umask) and mtime when they differ: a `chmod` or `touch`
 /// on the writer arrives without fetching a byte. The ledger then records the file as it is

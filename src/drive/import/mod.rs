@@ -407,6 +407,12 @@ impl Importer {
             for batch in &batches {
                 for rec in batch {
                     match rec {
+                        Record::Put { entry, path }
+                            if entry.is_dir()
+                                && state.entries.get(path).is_some_and(Entry::is_dir) =>
+                        {
+                            // A directory's new mode or mtime: its files stay as they are.
+                        }
                         Record::Put { path, .. } | Record::Remove { path } => {
                             // The path and anything under it leave the layout; a new file
                             // version comes back in, referencing what it reuses.

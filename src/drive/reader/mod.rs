@@ -364,12 +364,15 @@ impl Reader {
         }
         self.ledger_dirty = true;
         for f in plan.fetch {
+            let written_here = guard::written_here(&*b.root_dir, &self.ledger, &f.path);
             if guard::in_place(&*b.root_dir, &mut self.ledger, &f.path, &f.info) {
                 // Already here, byte for byte (an adopted folder, a restart after a kill, a
                 // `chmod` or `touch` on the writer): taken as is, neither fetched nor
-                // rewritten; only its mode and mtime follow the record.
-                if let Err(e) =
-                    guard::apply_file_meta(&*b.root_dir, &mut self.ledger, &f.path, &f.info)
+                // rewritten. A file this reader wrote follows the record's mode and mtime; an
+                // adopted one keeps the user's.
+                if written_here
+                    && let Err(e) =
+                        guard::apply_file_meta(&*b.root_dir, &mut self.ledger, &f.path, &f.info)
                 {
                     b.problem(DriveProblem::io(&b.root.join(&f.path), &e));
                 }
