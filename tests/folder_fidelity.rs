@@ -126,6 +126,13 @@ fn a_link_changed_or_removed_on_the_writer_follows_and_a_local_one_is_kept() {
         Path::new("mine"),
         "a link the clone did not make was removed"
     );
+    // The clone's own link was replaced, not kept as a conflict copy.
+    let names: Vec<String> = fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("sync-conflict") || n.contains(".feedsync-"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
 }
 
 #[test]

@@ -344,6 +344,8 @@ mod tests {
     use super::*;
     use crate::fsio::RealDir;
     use std::fs;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
 
     fn info_of(bytes: &[u8]) -> FileInfo {
         FileInfo {
@@ -385,6 +387,73 @@ mod tests {
         assert_eq!(fs::read(root.join(&copy)).unwrap(), b"edited here");
         assert!(!root.join("a").exists());
         assert_eq!(l.on_disk.conflicts.len(), 1);
+    }
+
+    #[test]
+    fn a_link_replaces_only_what_this_reader_made_and_is_never_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        fs::create_dir(dir.path().join("outside")).unwrap();
+        let h = RealDir::open_path(&root).unwrap();
+        let mut l = Ledger::default();
+        let link = |target: &str| LinkInfo {
+            target: target.into(),
+            mtime_secs: 1_000_000_000,
+            mtime_nanos: 5,
+        };
+        // Made, with its own mtime; its target (outside the folder) is never touched.
+        let out = link("../outside");
+        assert_eq!(place_link(&h, &mut l, "l", &out).unwrap(), Cleared::Free);
+        assert_eq!(
+            fs::read_link(root.join("l")).unwrap(),
+            Path::new("../outside")
+        );
+        let m = fs::symlink_metadata(root.join("l")).unwrap();
+        assert_eq!(m.mtime(), 1_000_000_000);
+        assert_eq!(m.mtime_nsec(), 5);
+        assert_eq!(fs::read_dir(dir.path().join("outside")).unwrap().count(), 0);
+        // Ours: replaced in place by the next target.
+        assert_eq!(
+            place_link(&h, &mut l, "l", &link("/etc")).unwrap(),
+            Cleared::Free
+        );
+        assert_eq!(fs::read_link(root.join("l")).unwrap(), Path::new("/etc"));
+        // The user's link, or the user's file, in the way: moved aside, kept whole.
+        symlink("mine", root.join("u")).unwrap();
+        let Cleared::MovedAside(copy) = place_link(&h, &mut l, "u", &link("x")).unwrap() else {
+            panic!("the user's link was replaced");
+        };
+        assert_eq!(fs::read_link(root.join(&copy)).unwrap(), Path::new("mine"));
+        fs::write(root.join("f"), b"user's").unwrap();
+        let Cleared::MovedAside(copy) = place_link(&h, &mut l, "f", &link("x")).unwrap() else {
+            panic!("the user's file was replaced");
+        };
+        assert_eq!(fs::read(root.join(copy)).unwrap(), b"user's");
+        // A link already holding the target is taken as it is.
+        symlink("same", root.join("s")).unwrap();
+        let ino = fs::symlink_metadata(root.join("s")).unwrap().ino();
+        assert_eq!(
+            place_link(&h, &mut l, "s", &link("same")).unwrap(),
+            Cleared::Free
+        );
+        assert_eq!(fs::symlink_metadata(root.join("s")).unwrap().ino(), ino);
+        // A directory of the user's in the way: refused, left as it is.
+        fs::create_dir(root.join("d")).unwrap();
+        assert!(place_link(&h, &mut l, "d", &link("x")).is_err());
+        assert!(root.join("d").is_dir());
+        // A link made here is removed when the writer removes it; nothing leaked outside.
+        assert_eq!(remove(&h, &mut l, "l").unwrap(), Removed::Gone);
+        assert!(fs::symlink_metadata(root.join("l")).is_err());
+        assert!(Path::new("/etc").is_dir());
+        // No temporary name was left behind.
+        let names: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".feedsync-"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 
     #[test]

@@ -55,8 +55,9 @@ pub struct Plan {
     pub remove_dirs: Vec<String>,
     /// Every directory of the target, parents first (made if missing).
     pub make_dirs: Vec<String>,
-    /// Every symlink of the target, in path order (made, or replaced if this reader made the
-    /// one there, when it does not hold the target already).
+    /// The symlinks of the target that are new or changed since the folder's version, or not
+    /// made yet, in path order (made, or replaced if this reader made the one there, when it
+    /// does not hold the target already).
     pub links: Vec<(String, LinkInfo)>,
     /// Files of the target whose extents go beyond the content feed's verified length: not
     /// taken on (nothing is set up for them) until the content feed's signed length covers
@@ -113,7 +114,11 @@ pub fn plan(
                 continue;
             }
             Entry::Link(link) => {
-                links.push((path.clone(), link.clone()));
+                // Made already (the folder's version has it, and the ledger says this reader
+                // made it): nothing to look at again on every version.
+                if previous.get(path) != Some(e) || !ledger.files.contains_key(path) {
+                    links.push((path.clone(), link.clone()));
+                }
                 continue;
             }
             Entry::File(info) => info,
@@ -362,6 +367,72 @@ mod tests {
             |_| true,
         );
         assert_eq!(p.fetch[0].reuse, vec![4]);
+    }
+}
+
+#[cfg(test)]
+mod link_tests {
+    use super::*;
+    use crate::drive::ledger::Written;
+
+    fn link(target: &str) -> Entry {
+        Entry::Link(LinkInfo {
+            target: target.into(),
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        })
+    }
+
+    #[test]
+    fn links_are_made_when_new_changed_or_missing_and_replaced_not_removed() {
+        let prev = BTreeMap::from([
+            ("same".to_string(), link("a")),
+            ("changed".to_string(), link("b")),
+            ("gone".to_string(), link("c")),
+            ("to_file".to_string(), link("d")),
+        ]);
+        let target = BTreeMap::from([
+            ("same".to_string(), link("a")),
+            ("changed".to_string(), link("b2")),
+            ("new".to_string(), link("/etc/passwd")),
+            ("to_file".to_string(), crate::drive::record::test_file(0)),
+        ]);
+        let written = Written {
+            size: 1,
+            mtime: (0, 0),
+            ctime: (0, 0),
+            mode: 0o777,
+            ino: 1,
+            dev: 1,
+            hash: [0; 32],
+        };
+        let mut ledger = Ledger::default();
+        for p in ["same", "changed", "gone", "to_file"] {
+            ledger.files.insert(p.into(), written.clone());
+        }
+        let p = plan(&prev, &target, &ledger, &BTreeMap::new(), u64::MAX, |_| {
+            false
+        });
+        let paths: Vec<&str> = p.links.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["changed", "new"],
+            "an unchanged link made here is left alone"
+        );
+        // Only the link with nothing at its path any more is removed; the one that became a
+        // file is replaced by the publish.
+        assert_eq!(
+            p.remove,
+            vec![Removal {
+                path: "gone".into()
+            }]
+        );
+        // Not made here (a failed attempt, a restart before the ledger): made.
+        ledger.files.remove("same");
+        let p = plan(&prev, &target, &ledger, &BTreeMap::new(), u64::MAX, |_| {
+            false
+        });
+        assert_eq!(p.links.len(), 3);
     }
 }
 

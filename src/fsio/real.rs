@@ -439,6 +439,7 @@ impl FileIo for RealFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::symlink;
 
     fn dir() -> (tempfile::TempDir, RealDir) {
@@ -494,6 +495,45 @@ mod tests {
             d.open("link/secret", OpenHow::READ).is_err() && d.open("file", OpenHow::READ).is_err();
         NO_OPENAT2.store(false, Ordering::Relaxed);
         assert!(walked, "the component walk followed a symlink");
+    }
+
+    #[test]
+    fn links_are_made_and_read_and_times_set_without_following() {
+        let (t, d) = dir();
+        fs::create_dir(t.path().join("sub")).unwrap();
+        fs::write(t.path().join("target"), b"t").unwrap();
+        d.symlink("/etc/passwd", "sub/l").unwrap();
+        assert_eq!(d.read_link("sub/l").unwrap(), b"/etc/passwd");
+        assert_eq!(d.metadata("sub/l").unwrap().unwrap().kind, Kind::Symlink);
+        assert_eq!(
+            d.symlink("x", "sub/l").unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        // The link's own time; its target's stays.
+        d.symlink("../target", "sub/t").unwrap();
+        let before = fs::metadata(t.path().join("target"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        let when = SystemTime::UNIX_EPOCH + Duration::new(1_000_000_000, 7);
+        d.set_mtime_at("sub/t", when).unwrap();
+        assert_eq!(d.metadata("sub/t").unwrap().unwrap().mtime, when);
+        assert_eq!(
+            fs::metadata(t.path().join("target"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            before
+        );
+        // A directory's mode through its handle.
+        d.open_dir("sub").unwrap().set_self_mode(0o750).unwrap();
+        assert_eq!(d.metadata("sub").unwrap().unwrap().mode, 0o750);
+        // A symlink on the way is refused, as for every other operation.
+        symlink(t.path().join("sub"), t.path().join("via")).unwrap();
+        assert!(d.read_link("via/l").is_err());
+        assert!(d.symlink("x", "via/new").is_err());
+        assert!(d.set_mtime_at("via/t", when).is_err());
+        assert!(!t.path().join("sub/new").exists());
     }
 
     #[test]
