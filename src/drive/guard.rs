@@ -21,7 +21,7 @@ use crate::drive::app::Base;
 use crate::drive::conflict;
 use crate::drive::layout::{self, SlotId};
 use crate::drive::ledger::{self, Ledger};
-use crate::drive::record::{DirInfo, Entry, FileInfo, LinkInfo, State};
+use crate::drive::record::{DirInfo, FileInfo, LinkInfo, State};
 use crate::fsio::{Dir, Kind, OpenHow};
 use std::io;
 use std::time::SystemTime;
@@ -307,8 +307,7 @@ pub(super) fn check_in_place(b: &Base, ledger: &mut Ledger, previous: &State) ->
     orphans.retain(|x| !l.is_owned(*x));
     if legacy {
         for (path, e) in &previous.entries {
-            if matches!(e, Entry::Dir)
-                && matches!(b.root_dir.metadata(path), Ok(Some(m)) if m.kind == Kind::Dir)
+            if e.is_dir() && matches!(b.root_dir.metadata(path), Ok(Some(m)) if m.kind == Kind::Dir)
             {
                 ledger.dirs.insert(path.clone());
             }
