@@ -552,3 +552,47 @@ pub enum ScanError {
     #[error(transparent)]
     Feed(#[from] FeedError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn meta(len: u64, mode: u32, secs: u64) -> Meta {
+        Meta {
+            kind: Kind::File,
+            len,
+            mode,
+            mtime: UNIX_EPOCH + Duration::from_secs(secs),
+            ctime: UNIX_EPOCH,
+            uid: 0,
+            dev: 1,
+            ino: 1,
+            nlink: 1,
+        }
+    }
+
+    #[test]
+    fn a_mode_only_change_is_recorded_without_reading_the_file() {
+        let old = crate::drive::record::test_file(10);
+        assert!(matches!(
+            look(Some(&old), &meta(10, 0o644, 0), false),
+            Look::Same
+        ));
+        let Look::Mode(info) = look(Some(&old), &meta(10, 0o100600, 0), false) else {
+            panic!("a chmod was not seen as one");
+        };
+        let Entry::File(f) = &old else { unreachable!() };
+        assert_eq!(info.mode, 0o600, "permission bits only");
+        assert_eq!((info.hash, &info.extents), (f.hash, &f.extents));
+        // Anything else that moved, or a file serving found changed: read again.
+        for (m, forced) in [
+            (meta(11, 0o600, 0), false),
+            (meta(10, 0o600, 5), false),
+            (meta(10, 0o600, 0), true),
+        ] {
+            assert!(matches!(look(Some(&old), &m, forced), Look::Read));
+        }
+        assert!(matches!(look(None, &meta(10, 0o644, 0), false), Look::Read));
+    }
+}
