@@ -274,13 +274,21 @@ fn an_idle_share_off_a_terminal_is_quiet_and_warns_once_per_path() {
     let src = t.path().join("src");
     fs::create_dir(&src).unwrap();
     fs::write(src.join("f"), b"f").unwrap();
-    std::os::unix::fs::symlink("/etc/hostname", src.join("link")).unwrap();
+    // A FIFO: never shared, warned about (a symlink is shared as a link since #13).
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        src.join("fifo").as_path(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
     let (mut s, _url, _addr) = share(&src);
-    wait_until(Duration::from_secs(10), "the symlink warning", || {
-        s.stderr_has("link")
+    wait_until(Duration::from_secs(10), "the FIFO warning", || {
+        s.stderr_has("fifo")
     });
     let v = version_of(&src);
-    // New directories make the share walk the whole folder again; the symlink is seen each time.
+    // New directories make the share walk the whole folder again; the FIFO is seen each time.
     for i in 0..3 {
         fs::create_dir(src.join(format!("d{i}"))).unwrap();
         fs::write(src.join(format!("d{i}/g")), b"g").unwrap();
@@ -293,7 +301,7 @@ fn an_idle_share_off_a_terminal_is_quiet_and_warns_once_per_path() {
     std::thread::sleep(Duration::from_secs(3)); // idle: nothing may be printed
     let idle = s.errors()[before..].to_vec();
     s.terminate(Duration::from_secs(30));
-    let warnings = s.errors().iter().filter(|l| l.contains("link")).count();
+    let warnings = s.errors().iter().filter(|l| l.contains("fifo")).count();
     assert_eq!(warnings, 1, "{:?}", s.errors());
     assert!(idle.is_empty(), "an idle share printed {idle:?}");
 }

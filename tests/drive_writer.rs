@@ -252,11 +252,19 @@ fn the_watcher_wakes_the_loop() {
 }
 
 #[test]
-fn a_symlink_is_reported_once_and_idle_sends_no_progress() {
+fn a_special_file_is_reported_once_and_idle_sends_no_progress() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("share");
     fs::create_dir(&root).unwrap();
-    std::os::unix::fs::symlink("/etc/hostname", root.join("link")).unwrap();
+    // A FIFO: never shared (a symlink is shared as a link since #13).
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("link").as_path(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
     let options = AppOptions {
         follow: true,
         rescan_interval: Duration::from_millis(50),

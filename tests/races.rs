@@ -171,7 +171,7 @@ fn spin(n: u64) {
 }
 
 #[test]
-fn links_and_fifos_are_not_imported_and_never_block_a_scan() {
+fn links_are_recorded_not_followed_and_fifos_never_block_a_scan() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("share");
     fs::create_dir(&root).unwrap();
@@ -196,10 +196,24 @@ fn links_and_fifos_are_not_imported_and_never_block_a_scan() {
         w.importer
             .scan_paths(&mut w.r, &mut w.state, &named)
             .unwrap();
-        w.paths()
+        let link = w.state.entries.get("link").cloned();
+        (w.paths(), link, w.leaves())
     })
     .expect("a scan blocked on the FIFO");
-    assert_eq!(paths, BTreeSet::from(["plain".to_string()]));
+    let (paths, link, leaves) = paths;
+    // The link is recorded as a link (#13), its target as it reads, never followed: the
+    // outside file's bytes are not in the content feed.
+    assert_eq!(
+        paths,
+        BTreeSet::from(["link".to_string(), "plain".to_string()])
+    );
+    match link {
+        Some(Entry::Link(l)) => {
+            assert_eq!(l.target, tmp.path().join("outside").to_str().unwrap());
+        }
+        other => panic!("not recorded as a link: {other:?}"),
+    }
+    assert!(!leaves.contains(&crypto::leaf_hash(b"not ours")));
 }
 
 #[test]

@@ -21,8 +21,8 @@ use crate::drive::app::Base;
 use crate::drive::conflict;
 use crate::drive::layout::{self, SlotId};
 use crate::drive::ledger::{self, Ledger};
-use crate::drive::record::{Entry, FileInfo, State};
-use crate::fsio::{Dir, Kind};
+use crate::drive::record::{DirInfo, FileInfo, LinkInfo, State};
+use crate::fsio::{Dir, Kind, OpenHow};
 use std::io;
 use std::time::SystemTime;
 
@@ -132,6 +132,159 @@ pub fn make_dir(root: &dyn Dir, ledger: &mut Ledger, dir: &str) -> io::Result<Cl
     Ok(cleared)
 }
 
+/// What the ledger records as the "hash" of a link this reader made: of its target, so a link
+/// is told from a file (whose hash is of its bytes) and from a link to elsewhere.
+pub fn link_hash(target: &str) -> [u8; 32] {
+    *blake3::Hasher::new()
+        .update(b"feedsync symlink\0")
+        .update(target.as_bytes())
+        .finalize()
+        .as_bytes()
+}
+
+/// The hidden name a link is made at before it is renamed into place (one name per path and
+/// target, so a killed run's leftover is found and replaced; the writer never imports it).
+fn link_temp(path: &str, target: &str) -> String {
+    let key = blake3::Hasher::new()
+        .update(path.as_bytes())
+        .update(&[0])
+        .update(target.as_bytes())
+        .finalize()
+        .to_hex();
+    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let mut cut = name.len().min(200);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    crate::fsio::join(
+        parent,
+        &format!(".{}.feedsync-{}", &name[..cut], &key[..16]),
+    )
+}
+
+/// Makes `path` in the folder `root` the symlink `link` (its parents already made). Nothing is
+/// done if a link with that target is there (taken as ours, as an identical file is). A file
+/// or link in the way is replaced only if this reader made it (the ledger); anything else is
+/// moved aside to a conflict copy first; a directory in the way goes only if this reader made
+/// it and it is empty (else an error, and the link waits). The link is made under a hidden
+/// name and renamed into place: the target is stored, never resolved, by `symlinkat`, and every
+/// step goes through the handle (no symlink on the way is followed). Returns what was moved
+/// aside.
+pub fn place_link(
+    root: &dyn Dir,
+    ledger: &mut Ledger,
+    path: &str,
+    link: &LinkInfo,
+) -> io::Result<Cleared> {
+    let hash = link_hash(&link.target);
+    let mtime = crate::drive::layout::mtime_of(link.mtime_secs, link.mtime_nanos);
+    match root.metadata(path)? {
+        Some(m) if m.kind == Kind::Symlink && root.read_link(path)? == link.target.as_bytes() => {
+            // Ours (made here, untouched since): its time follows the record.
+            if ledger.files.get(path).is_some_and(|w| w.unchanged(&m)) && m.mtime != mtime {
+                root.set_mtime_at(path, mtime)?;
+            }
+            if let Some(m) = root.metadata(path)? {
+                ledger.wrote(path, &m, hash);
+            }
+            return Ok(Cleared::Free);
+        }
+        Some(m) if m.kind == Kind::Dir => {
+            if !ledger.dirs.contains(path) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a directory not made here is in the way of a symlink (kept)",
+                ));
+            }
+            root.remove_dir(path)?; // fails while something is in it
+            ledger.dirs.remove(path);
+        }
+        _ => {}
+    }
+    let cleared = clear(root, ledger, path, None)?;
+    let tmp = link_temp(path, &link.target);
+    match root.remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    root.symlink(&link.target, &tmp)?;
+    let made = root
+        .set_mtime_at(&tmp, mtime)
+        .and_then(|()| root.rename(&tmp, path));
+    if let Err(e) = made {
+        let _ = root.remove_file(&tmp);
+        return Err(e);
+    }
+    if let Some(m) = root.metadata(path)? {
+        ledger.wrote(path, &m, hash);
+    }
+    Ok(cleared)
+}
+
+/// Whether the file at `path` is one this reader wrote and nobody changed since (by its
+/// metadata alone: no hashing).
+pub fn written_here(root: &dyn Dir, ledger: &Ledger, path: &str) -> bool {
+    matches!(root.metadata(path), Ok(Some(m))
+        if m.kind == Kind::File && ledger.files.get(path).is_some_and(|w| w.unchanged(&m)))
+}
+
+/// Gives the file at `path`, in place with the content of `info` (see [`in_place`]), the
+/// record's permission bits (less the umask) and mtime when they differ: a `chmod` or `touch`
+/// on the writer arrives without fetching a byte. The ledger then records the file as it is
+/// now (its ctime moved).
+pub fn apply_file_meta(
+    root: &dyn Dir,
+    ledger: &mut Ledger,
+    path: &str,
+    info: &FileInfo,
+) -> io::Result<()> {
+    let Some(m) = root.metadata(path)? else {
+        return Ok(());
+    };
+    let mode = crate::drive::perms::file_mode(info.mode);
+    let mtime = crate::drive::layout::mtime(info);
+    if m.kind != Kind::File || (m.mode & 0o7777 == mode && m.mtime == mtime) {
+        return Ok(());
+    }
+    let f = root.open(path, OpenHow::READ)?;
+    if m.mode & 0o7777 != mode {
+        f.set_mode(mode)?;
+    }
+    if m.mtime != mtime {
+        f.set_mtime(mtime)?;
+    }
+    ledger.wrote(path, &f.metadata()?, info.hash);
+    Ok(())
+}
+
+/// The bits a directory recorded with `mode` gets: the writer's less the umask, and always
+/// the owner's `rwx`, so this reader can still make, replace and remove entries in it later
+/// (a writer's read-only directory would otherwise stop every later version).
+pub fn dir_mode(mode: u32) -> u32 {
+    crate::drive::perms::file_mode(mode) | 0o700
+}
+
+/// Gives the directory `path` its recorded mtime, and its recorded mode if this reader made
+/// it (a directory of the user's keeps its own permissions). Called once the directory's
+/// contents are in place: making or removing anything in it afterwards moves its mtime again.
+pub fn apply_dir_meta(root: &dyn Dir, ledger: &Ledger, path: &str, d: &DirInfo) -> io::Result<()> {
+    let Some(m) = root.metadata(path)? else {
+        return Ok(());
+    };
+    if m.kind != Kind::Dir {
+        return Ok(());
+    }
+    let mode = dir_mode(d.mode);
+    if ledger.dirs.contains(path) && m.mode & 0o7777 != mode {
+        root.open_dir(path)?.set_self_mode(mode)?;
+    }
+    let mtime = crate::drive::layout::mtime_of(d.mtime_secs, d.mtime_nanos);
+    if m.mtime != mtime {
+        root.set_mtime_at(path, mtime)?;
+    }
+    Ok(())
+}
+
 /// At start, the layout took files in place by size and mtime (`Drive::into_app`). Only those
 /// this reader wrote (unchanged, with this content) or that hash to their record stay in place;
 /// the others are fetched again (and the local file is moved aside when the fetched one is
@@ -154,8 +307,7 @@ pub(super) fn check_in_place(b: &Base, ledger: &mut Ledger, previous: &State) ->
     orphans.retain(|x| !l.is_owned(*x));
     if legacy {
         for (path, e) in &previous.entries {
-            if matches!(e, Entry::Dir)
-                && matches!(b.root_dir.metadata(path), Ok(Some(m)) if m.kind == Kind::Dir)
+            if e.is_dir() && matches!(b.root_dir.metadata(path), Ok(Some(m)) if m.kind == Kind::Dir)
             {
                 ledger.dirs.insert(path.clone());
             }
@@ -191,6 +343,8 @@ mod tests {
     use super::*;
     use crate::fsio::RealDir;
     use std::fs;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
 
     fn info_of(bytes: &[u8]) -> FileInfo {
         FileInfo {
@@ -232,6 +386,73 @@ mod tests {
         assert_eq!(fs::read(root.join(&copy)).unwrap(), b"edited here");
         assert!(!root.join("a").exists());
         assert_eq!(l.on_disk.conflicts.len(), 1);
+    }
+
+    #[test]
+    fn a_link_replaces_only_what_this_reader_made_and_is_never_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        fs::create_dir(dir.path().join("outside")).unwrap();
+        let h = RealDir::open_path(&root).unwrap();
+        let mut l = Ledger::default();
+        let link = |target: &str| LinkInfo {
+            target: target.into(),
+            mtime_secs: 1_000_000_000,
+            mtime_nanos: 5,
+        };
+        // Made, with its own mtime; its target (outside the folder) is never touched.
+        let out = link("../outside");
+        assert_eq!(place_link(&h, &mut l, "l", &out).unwrap(), Cleared::Free);
+        assert_eq!(
+            fs::read_link(root.join("l")).unwrap(),
+            Path::new("../outside")
+        );
+        let m = fs::symlink_metadata(root.join("l")).unwrap();
+        assert_eq!(m.mtime(), 1_000_000_000);
+        assert_eq!(m.mtime_nsec(), 5);
+        assert_eq!(fs::read_dir(dir.path().join("outside")).unwrap().count(), 0);
+        // Ours: replaced in place by the next target.
+        assert_eq!(
+            place_link(&h, &mut l, "l", &link("/etc")).unwrap(),
+            Cleared::Free
+        );
+        assert_eq!(fs::read_link(root.join("l")).unwrap(), Path::new("/etc"));
+        // The user's link, or the user's file, in the way: moved aside, kept whole.
+        symlink("mine", root.join("u")).unwrap();
+        let Cleared::MovedAside(copy) = place_link(&h, &mut l, "u", &link("x")).unwrap() else {
+            panic!("the user's link was replaced");
+        };
+        assert_eq!(fs::read_link(root.join(&copy)).unwrap(), Path::new("mine"));
+        fs::write(root.join("f"), b"user's").unwrap();
+        let Cleared::MovedAside(copy) = place_link(&h, &mut l, "f", &link("x")).unwrap() else {
+            panic!("the user's file was replaced");
+        };
+        assert_eq!(fs::read(root.join(copy)).unwrap(), b"user's");
+        // A link already holding the target is taken as it is.
+        symlink("same", root.join("s")).unwrap();
+        let ino = fs::symlink_metadata(root.join("s")).unwrap().ino();
+        assert_eq!(
+            place_link(&h, &mut l, "s", &link("same")).unwrap(),
+            Cleared::Free
+        );
+        assert_eq!(fs::symlink_metadata(root.join("s")).unwrap().ino(), ino);
+        // A directory of the user's in the way: refused, left as it is.
+        fs::create_dir(root.join("d")).unwrap();
+        assert!(place_link(&h, &mut l, "d", &link("x")).is_err());
+        assert!(root.join("d").is_dir());
+        // A link made here is removed when the writer removes it; nothing leaked outside.
+        assert_eq!(remove(&h, &mut l, "l").unwrap(), Removed::Gone);
+        assert!(fs::symlink_metadata(root.join("l")).is_err());
+        assert!(Path::new("/etc").is_dir());
+        // No temporary name was left behind.
+        let names: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".feedsync-"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 
     #[test]

@@ -85,9 +85,11 @@ impl Written {
         }
     }
 
-    /// Whether `m` is this very file, untouched since (no hashing).
+    /// Whether `m` is this very file (or symlink: a reader records the links it makes here
+    /// too), untouched since (no hashing). An inode never changes kind, so the same inode,
+    /// device and times are the same entry.
     pub fn unchanged(&self, m: &Meta) -> bool {
-        m.kind == Kind::File
+        matches!(m.kind, Kind::File | Kind::Symlink)
             && m.len == self.size
             && m.ino == self.ino
             && m.dev == self.dev

@@ -112,11 +112,16 @@ pub fn changes(state: &State, records: &[Record]) -> Vec<Change> {
     // Removed files by hash, to pair with puts of the same content.
     let mut removed: BTreeMap<[u8; 32], Vec<usize>> = BTreeMap::new();
     for r in records {
-        if let Record::Remove { path } = r
-            && let Some(Entry::File(f)) = state.entries.get(path)
-        {
-            removed.entry(f.hash).or_default().push(out.len());
-            out.push(Change::Remove { path: path.clone() });
+        let Record::Remove { path } = r else {
+            continue;
+        };
+        match state.entries.get(path) {
+            Some(Entry::File(f)) => {
+                removed.entry(f.hash).or_default().push(out.len());
+                out.push(Change::Remove { path: path.clone() });
+            }
+            Some(Entry::Link(_)) => out.push(Change::Remove { path: path.clone() }),
+            _ => {}
         }
     }
     for r in records {
@@ -129,17 +134,30 @@ pub fn changes(state: &State, records: &[Record]) -> Vec<Change> {
             }),
             Record::Put {
                 path,
-                entry: Entry::Dir,
+                entry: Entry::Dir | Entry::Directory(_),
             } => {
-                if state.entries.get(path) != Some(&Entry::Dir) {
+                // A directory's new mode or mtime is no change worth a line.
+                if !state.entries.get(path).is_some_and(Entry::is_dir) {
                     out.push(Change::AddDir { path: path.clone() });
                 }
             }
             Record::Put {
                 path,
+                entry: Entry::Link(l),
+            } => {
+                // A link's size is its target's length, as `ls -l` shows it.
+                let size = l.target.len() as u64;
+                let path = path.clone();
+                out.push(match state.entries.get(&path) {
+                    Some(e) if !e.is_dir() => Change::Modify { path, size },
+                    _ => Change::Add { path, size },
+                });
+            }
+            Record::Put {
+                path,
                 entry: Entry::File(f),
             } => match state.entries.get(path) {
-                Some(Entry::File(_)) => out.push(Change::Modify {
+                Some(Entry::File(_) | Entry::Link(_)) => out.push(Change::Modify {
                     path: path.clone(),
                     size: f.size,
                 }),
@@ -160,7 +178,7 @@ pub fn changes(state: &State, records: &[Record]) -> Vec<Change> {
                 },
             },
             Record::Remove { path } => {
-                if state.entries.get(path) == Some(&Entry::Dir) {
+                if state.entries.get(path).is_some_and(Entry::is_dir) {
                     out.push(Change::RemoveDir { path: path.clone() });
                 }
             }

@@ -10,7 +10,7 @@
 //! against the file on disk.
 
 use crate::drive::ledger::Ledger;
-use crate::drive::record::{Entry, FileInfo};
+use crate::drive::record::{Entry, FileInfo, LinkInfo};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A file the layout knows at a path (its current slot there).
@@ -55,6 +55,10 @@ pub struct Plan {
     pub remove_dirs: Vec<String>,
     /// Every directory of the target, parents first (made if missing).
     pub make_dirs: Vec<String>,
+    /// The symlinks of the target that are new or changed since the folder's version, or not
+    /// made yet, in path order (made, or replaced if this reader made the one there, when it
+    /// does not hold the target already).
+    pub links: Vec<(String, LinkInfo)>,
     /// Files of the target whose extents go beyond the content feed's verified length: not
     /// taken on (nothing is set up for them) until the content feed's signed length covers
     /// them. Each with the first block it lacks.
@@ -75,19 +79,19 @@ pub fn plan(
     content_len: u64,
     held: impl Fn(u64) -> bool,
 ) -> Plan {
-    let mut gone: Vec<(String, FileInfo)> = Vec::new();
+    let mut gone: Vec<String> = Vec::new();
     for (path, old) in previous {
         if target.get(path) == Some(old) {
             continue;
         }
-        if let Entry::File(info) = old {
-            gone.push((path.clone(), info.clone()));
+        if matches!(old, Entry::File(_) | Entry::Link(_)) {
+            gone.push(path.clone());
         }
     }
     let mut remove_dirs: Vec<String> = ledger
         .dirs
         .iter()
-        .filter(|d| !matches!(target.get(*d), Some(Entry::Dir)))
+        .filter(|d| !target.get(*d).is_some_and(Entry::is_dir))
         .cloned()
         .collect();
     for (path, l) in local {
@@ -96,16 +100,25 @@ pub fn plan(
         // of `gone`: a version removing 100k files met 100k local files).
         let from_previous = matches!(previous.get(path), Some(old @ Entry::File(_)) if target.get(path) != Some(old));
         if !wanted && !from_previous {
-            gone.push((path.clone(), l.info.clone()));
+            gone.push(path.clone());
         }
     }
     let mut fetch = Vec::new();
     let mut waiting = Vec::new();
     let mut make_dirs = Vec::new();
+    let mut links = Vec::new();
     for (path, e) in target {
         let info = match e {
-            Entry::Dir => {
+            Entry::Dir | Entry::Directory(_) => {
                 make_dirs.push(path.clone());
+                continue;
+            }
+            Entry::Link(link) => {
+                // Made already (the folder's version has it, and the ledger says this reader
+                // made it): nothing to look at again on every version.
+                if previous.get(path) != Some(e) || !ledger.files.contains_key(path) {
+                    links.push((path.clone(), link.clone()));
+                }
                 continue;
             }
             Entry::File(info) => info,
@@ -131,14 +144,11 @@ pub fn plan(
             reuse: reuse.into_iter().collect(),
         });
     }
-    // Every file this reader wrote that the target has no file at, whatever the versions in
-    // between said.
-    let no_file = |path: &String| !matches!(target.get(path), Some(Entry::File(_)));
-    let mut remove: BTreeSet<String> = gone
-        .into_iter()
-        .map(|(path, _)| path)
-        .filter(no_file)
-        .collect();
+    // Every file (or link) this reader wrote that the target has no file or link at, whatever
+    // the versions in between said (one replaced by the other is replaced, not removed).
+    let no_file =
+        |path: &String| !matches!(target.get(path), Some(Entry::File(_) | Entry::Link(_)));
+    let mut remove: BTreeSet<String> = gone.into_iter().filter(no_file).collect();
     remove.extend(ledger.files.keys().filter(|p| no_file(p)).cloned());
     let remove = remove.into_iter().map(|path| Removal { path }).collect();
     remove_dirs.sort_by_key(|d| std::cmp::Reverse(d.len()));
@@ -147,6 +157,7 @@ pub fn plan(
         remove,
         remove_dirs,
         make_dirs,
+        links,
         waiting,
     }
 }
@@ -185,7 +196,7 @@ mod tests {
                         in_place: true,
                     },
                 )),
-                Entry::Dir => None,
+                _ => None,
             })
             .collect()
     }
@@ -356,6 +367,72 @@ mod tests {
             |_| true,
         );
         assert_eq!(p.fetch[0].reuse, vec![4]);
+    }
+}
+
+#[cfg(test)]
+mod link_tests {
+    use super::*;
+    use crate::drive::ledger::Written;
+
+    fn link(target: &str) -> Entry {
+        Entry::Link(LinkInfo {
+            target: target.into(),
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        })
+    }
+
+    #[test]
+    fn links_are_made_when_new_changed_or_missing_and_replaced_not_removed() {
+        let prev = BTreeMap::from([
+            ("same".to_string(), link("a")),
+            ("changed".to_string(), link("b")),
+            ("gone".to_string(), link("c")),
+            ("to_file".to_string(), link("d")),
+        ]);
+        let target = BTreeMap::from([
+            ("same".to_string(), link("a")),
+            ("changed".to_string(), link("b2")),
+            ("new".to_string(), link("/etc/passwd")),
+            ("to_file".to_string(), crate::drive::record::test_file(0)),
+        ]);
+        let written = Written {
+            size: 1,
+            mtime: (0, 0),
+            ctime: (0, 0),
+            mode: 0o777,
+            ino: 1,
+            dev: 1,
+            hash: [0; 32],
+        };
+        let mut ledger = Ledger::default();
+        for p in ["same", "changed", "gone", "to_file"] {
+            ledger.files.insert(p.into(), written.clone());
+        }
+        let p = plan(&prev, &target, &ledger, &BTreeMap::new(), u64::MAX, |_| {
+            false
+        });
+        let paths: Vec<&str> = p.links.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["changed", "new"],
+            "an unchanged link made here is left alone"
+        );
+        // Only the link with nothing at its path any more is removed; the one that became a
+        // file is replaced by the publish.
+        assert_eq!(
+            p.remove,
+            vec![Removal {
+                path: "gone".into()
+            }]
+        );
+        // Not made here (a failed attempt, a restart before the ledger): made.
+        ledger.files.remove("same");
+        let p = plan(&prev, &target, &ledger, &BTreeMap::new(), u64::MAX, |_| {
+            false
+        });
+        assert_eq!(p.links.len(), 3);
     }
 }
 

@@ -11,7 +11,10 @@
 //! the first release: versions written before carry no time, and a reader built before it
 //! refuses versions that carry one. [`FileInfo::mode`] replaced a one-byte `executable` flag
 //! (#11: a private `0600` file arrived world-readable): a drive written before decodes with
-//! mode 0 or 1 and must be shared again from a current writer.
+//! mode 0 or 1 and must be shared again from a current writer. [`Entry::Link`] and
+//! [`Entry::Directory`] (#13: symlinks, directory modes and mtimes) were added at the end of
+//! [`Entry`]: [`Entry::Dir`] still decodes, and a reader built before refuses versions that
+//! carry the new ones.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -97,13 +100,104 @@ impl Record {
     }
 }
 
-/// A file or directory as recorded.
+/// Longest symlink target a record may carry, in bytes (Linux's `PATH_MAX`).
+pub const MAX_LINK_LEN: usize = 4096;
+
+/// A file, directory or symlink as recorded.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Entry {
-    /// A directory (recorded so that empty ones exist on the other side).
+    /// A directory without its metadata: what writers before #13 recorded (still decoded and
+    /// applied; a current writer records [`Entry::Directory`] instead).
     Dir,
     /// A regular file.
     File(FileInfo),
+    /// A symbolic link, recorded as a link: its target is never followed by the writer, and a
+    /// reader makes a link with the same target, never following it either (#13).
+    Link(LinkInfo),
+    /// A directory with its permission bits and modification time (#13).
+    Directory(DirInfo),
+}
+
+impl Entry {
+    /// Whether this is a directory (of either form).
+    pub fn is_dir(&self) -> bool {
+        matches!(self, Self::Dir | Self::Directory(_))
+    }
+
+    /// The recorded modification time, if the entry carries one (a legacy [`Entry::Dir`]
+    /// does not).
+    pub fn mtime(&self) -> Option<(i64, u32)> {
+        match self {
+            Self::Dir => None,
+            Self::File(f) => Some((f.mtime_secs, f.mtime_nanos)),
+            Self::Link(l) => Some((l.mtime_secs, l.mtime_nanos)),
+            Self::Directory(d) => Some((d.mtime_secs, d.mtime_nanos)),
+        }
+    }
+}
+
+/// A symbolic link's target and modification time.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// What the link points to, as `readlink` gave it: any string without NUL of at most
+    /// [`MAX_LINK_LEN`] bytes, relative or absolute, inside the folder or not. Only ever
+    /// stored in a link, never resolved by feedsync.
+    pub target: String,
+    /// Modification time of the link itself: seconds since the epoch.
+    pub mtime_secs: i64,
+    /// Modification time: nanoseconds.
+    pub mtime_nanos: u32,
+}
+
+impl LinkInfo {
+    /// Checks the target (not empty, no NUL, at most [`MAX_LINK_LEN`] bytes) and the time.
+    pub fn check(&self) -> Result<(), RecordError> {
+        let bad = |why| {
+            Err(RecordError::BadLink {
+                target: self.target.chars().take(200).collect(),
+                why,
+            })
+        };
+        if self.target.is_empty() {
+            return bad("empty");
+        }
+        if self.target.len() > MAX_LINK_LEN {
+            return bad("too long");
+        }
+        if self.target.contains('\0') {
+            return bad("contains NUL");
+        }
+        check_time(self.mtime_secs, self.mtime_nanos)
+    }
+}
+
+/// A directory's permission bits and modification time.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DirInfo {
+    /// The writer's permission bits (`0o777` at most).
+    pub mode: u32,
+    /// Modification time: seconds since the epoch.
+    pub mtime_secs: i64,
+    /// Modification time: nanoseconds.
+    pub mtime_nanos: u32,
+}
+
+impl DirInfo {
+    /// Checks the mode (permission bits only) and the time.
+    pub fn check(&self) -> Result<(), RecordError> {
+        if self.mode & !0o777 != 0 {
+            return Err(RecordError::BadMode(self.mode));
+        }
+        check_time(self.mtime_secs, self.mtime_nanos)
+    }
+}
+
+/// A modification time a file system can hold (see [`MAX_MTIME_SECS`]).
+fn check_time(secs: i64, nanos: u32) -> Result<(), RecordError> {
+    if nanos >= 1_000_000_000 || secs.unsigned_abs() > MAX_MTIME_SECS as u64 {
+        return Err(RecordError::BadTime { secs, nanos });
+    }
+    Ok(())
 }
 
 /// A regular file's metadata and where its bytes are in the content feed.
@@ -151,14 +245,7 @@ impl FileInfo {
         if self.mode & !0o777 != 0 {
             return Err(RecordError::BadMode(self.mode));
         }
-        if self.mtime_nanos >= 1_000_000_000
-            || self.mtime_secs.unsigned_abs() > MAX_MTIME_SECS as u64
-        {
-            return Err(RecordError::BadTime {
-                secs: self.mtime_secs,
-                nanos: self.mtime_nanos,
-            });
-        }
+        check_time(self.mtime_secs, self.mtime_nanos)?;
         let expected = self.size.div_ceil(BLOCK_SIZE as u64);
         let mut total = 0u64;
         for e in &self.extents {
@@ -229,6 +316,14 @@ pub enum RecordError {
     /// A mode with bits beyond `0o777` (set-user-id, set-group-id, sticky, file type).
     #[error("a file mode of {0:#o} has bits beyond the permission bits 0o777")]
     BadMode(u32),
+    /// A symlink target that is empty, too long or holds a NUL.
+    #[error("symlink target {target:?}: {why}")]
+    BadLink {
+        /// The target as received (at most 200 characters of it).
+        target: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A version vector that is not sorted, repeats a device, holds a zero count or has more
     /// than [`merge::MAX_DEVICES`](super::merge::MAX_DEVICES) entries.
     #[error("malformed version vector: {0}")]
@@ -322,8 +417,11 @@ pub fn decode(index: u64, block: &[u8]) -> Result<Vec<Record>, RecordError> {
             _ if first => return Err(RecordError::Init),
             Record::Put { path, entry } => {
                 check_path(path)?;
-                if let Entry::File(f) = entry {
-                    f.check()?;
+                match entry {
+                    Entry::Dir => {}
+                    Entry::File(f) => f.check()?,
+                    Entry::Link(l) => l.check()?,
+                    Entry::Directory(d) => d.check()?,
                 }
             }
             Record::Remove { path } => check_path(path)?,
@@ -455,5 +553,66 @@ mod tests {
         let t = encode(&[Record::Time { millis: 5 }]);
         assert_eq!(t, [1, 3, 5]);
         assert_eq!(decode(1, &t).unwrap(), vec![Record::Time { millis: 5 }]);
+        // Entry: Dir 0, File 1, Link 2, Directory 3 (a legacy Dir still decodes).
+        let put = |entry| {
+            encode(&[Record::Put {
+                path: "a".into(),
+                entry,
+            }])
+        };
+        assert_eq!(put(Entry::Dir), [1, 1, 1, b'a', 0]);
+        assert_eq!(decode(1, &put(Entry::Dir)).unwrap().len(), 1);
+        let link = put(Entry::Link(LinkInfo {
+            target: "b".into(),
+            mtime_secs: 1,
+            mtime_nanos: 2,
+        }));
+        assert_eq!(link, [1, 1, 1, b'a', 2, 1, b'b', 2, 2]);
+        let dir = put(Entry::Directory(DirInfo {
+            mode: 0o755,
+            mtime_secs: 1,
+            mtime_nanos: 2,
+        }));
+        assert_eq!(&dir[..5], [1, 1, 1, b'a', 3]);
+        assert_eq!(decode(1, &dir).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn hostile_link_targets_are_refused_at_decode() {
+        let link = |target: String| {
+            encode(&[Record::Put {
+                path: "l".into(),
+                entry: Entry::Link(LinkInfo {
+                    target,
+                    mtime_secs: 0,
+                    mtime_nanos: 0,
+                }),
+            }])
+        };
+        for target in [
+            "a\0b".to_string(),
+            String::new(),
+            "x".repeat(MAX_LINK_LEN + 1),
+        ] {
+            let e = decode(1, &link(target.clone())).unwrap_err();
+            assert!(matches!(e, RecordError::BadLink { .. }), "{target:?}: {e}");
+        }
+        // Out of the folder is fine for a record: it is stored as a link, never followed.
+        for target in [
+            "/etc/passwd",
+            "../../outside",
+            "x".repeat(MAX_LINK_LEN).as_str(),
+        ] {
+            decode(1, &link(target.to_string())).unwrap();
+        }
+        let dir = encode(&[Record::Put {
+            path: "d".into(),
+            entry: Entry::Directory(DirInfo {
+                mode: 0o4755,
+                mtime_secs: 0,
+                mtime_nanos: 0,
+            }),
+        }]);
+        assert_eq!(decode(1, &dir), Err(RecordError::BadMode(0o4755)));
     }
 }

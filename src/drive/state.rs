@@ -111,8 +111,8 @@ impl State {
                 if let Some(limits) = limits {
                     self.check_put(&path, &entry, limits)?;
                 }
-                // A file replacing a directory replaces everything under it.
-                if matches!(entry, Entry::File(_)) {
+                // A file or link replacing a directory replaces everything under it.
+                if !entry.is_dir() {
                     self.remove_under(&path, undo.as_deref_mut());
                 }
                 self.set(path, Some(entry), undo);
@@ -129,7 +129,8 @@ impl State {
         Ok(())
     }
 
-    /// Whether `entry` may go at `path`: no parent of it is a file, and the caps hold.
+    /// Whether `entry` may go at `path`: no parent of it is a file or a symlink (a path under
+    /// a link would be resolved through it), and the caps hold.
     fn check_put(&self, path: &str, entry: &Entry, limits: &Limits) -> Result<(), RecordError> {
         let depth = path.split('/').count() as u64;
         if depth > limits.max_depth {
@@ -141,7 +142,7 @@ impl State {
         }
         for (i, _) in path.match_indices('/') {
             let parent = &path[..i];
-            if let Some(Entry::File(_)) = self.entries.get(parent) {
+            if self.entries.get(parent).is_some_and(|e| !e.is_dir()) {
                 return Err(RecordError::Conflict {
                     path: path.chars().take(200).collect(),
                     file: parent.chars().take(200).collect(),
@@ -210,7 +211,7 @@ impl State {
             .values()
             .filter_map(|e| match e {
                 Entry::File(f) => Some(f.size),
-                Entry::Dir => None,
+                Entry::Dir | Entry::Link(_) | Entry::Directory(_) => None,
             })
             .fold((0, 0), |(n, b), s| (n + 1, b.saturating_add(s)))
     }
@@ -308,6 +309,34 @@ mod tests {
         // A directory over a file, then something in it: fine too.
         s.apply_checked(vec![put("a", Entry::Dir), put("a/c", file(1))], &limits)
             .unwrap();
+    }
+
+    #[test]
+    fn nothing_goes_under_a_link_and_a_link_replaces_a_directory_whole() {
+        use crate::drive::record::{DirInfo, LinkInfo};
+        let limits = Limits::default();
+        let link = Entry::Link(LinkInfo {
+            target: "/etc".into(),
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        });
+        let dir = Entry::Directory(DirInfo {
+            mode: 0o755,
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        });
+        let mut s = State::default();
+        s.apply_checked(vec![put("l", link.clone())], &limits)
+            .unwrap();
+        let e = s
+            .apply_checked(vec![put("l/passwd", file(1))], &limits)
+            .unwrap_err();
+        assert!(matches!(e, RecordError::Conflict { .. }), "{e}");
+        s.apply_checked(vec![put("d", dir), put("d/x", file(1))], &limits)
+            .unwrap();
+        s.apply_checked(vec![put("d", link)], &limits).unwrap();
+        assert_eq!(s.entries.keys().collect::<Vec<_>>(), vec!["d", "l"]);
+        assert_eq!(s.totals(), (0, 0));
     }
 
     #[test]

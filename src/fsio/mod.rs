@@ -130,6 +130,18 @@ pub trait FileIo: Send + Sync + fmt::Debug {
     fn set_mtime(&self, mtime: SystemTime) -> io::Result<()>;
     /// Makes the file's bytes (and its length) durable.
     fn sync_data(&self) -> io::Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeros, freeing their disk space where the file
+    /// system can (a hole: a sparse file stays sparse); the length is unchanged. By default
+    /// (the simulated disk) zeros are written.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = self.metadata()?.len.min(offset.saturating_add(len));
+        if end > offset {
+            let zeros = vec![0u8; usize::try_from(end - offset).map_err(io::Error::other)?];
+            self.write_all_at(&zeros, offset)?;
+        }
+        Ok(())
+    }
     /// Makes the file's bytes and all its metadata (mode, mtime) durable.
     fn sync_all(&self) -> io::Result<()>;
 
@@ -217,6 +229,32 @@ pub trait Dir: Send + Sync + fmt::Debug {
     /// write-back errors seen since this handle was opened.
     fn sync_fs(&self) -> io::Result<()>;
 
+    /// Makes the symbolic link `rel` holding `target`, which is stored, never resolved.
+    /// `AlreadyExists` if the name is taken. The simulated disk has no symlinks.
+    fn symlink(&self, target: &str, rel: &str) -> io::Result<()> {
+        let _ = (target, rel);
+        Err(unsupported("symlinks"))
+    }
+
+    /// The target of the symbolic link `rel` (the link itself is read, never followed).
+    fn read_link(&self, rel: &str) -> io::Result<Vec<u8>> {
+        let _ = rel;
+        Err(unsupported("symlinks"))
+    }
+
+    /// Sets the modification time of `rel` itself: a symlink's own time, never its target's
+    /// (for directories and links; files set theirs through [`FileIo::set_mtime`]).
+    fn set_mtime_at(&self, rel: &str, mtime: SystemTime) -> io::Result<()> {
+        let _ = (rel, mtime);
+        Err(unsupported("setting times by name"))
+    }
+
+    /// Sets the permission bits of this directory (through its handle: no name to redirect).
+    fn set_self_mode(&self, mode: u32) -> io::Result<()> {
+        let _ = mode;
+        Err(unsupported("directory modes"))
+    }
+
     /// Makes directory `rel`'s entries durable.
     fn sync_dir(&self, rel: &str) -> io::Result<()> {
         self.open_dir(rel)?.sync()
@@ -266,6 +304,14 @@ pub trait Dir: Send + Sync + fmt::Debug {
             Err(e) => Err(e),
         }
     }
+}
+
+/// What the simulated disk cannot do.
+fn unsupported(what: &str) -> io::Error {
+    io::Error::new(
+        ErrorKind::Unsupported,
+        format!("{what}: not on this file system"),
+    )
 }
 
 /// Checks a relative path: plain components only.

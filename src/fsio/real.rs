@@ -323,6 +323,50 @@ impl Dir for RealDir {
         rustix::fs::fsync(&self.fd).map_err(|e| self.err("", e.into()))
     }
 
+    fn symlink(&self, target: &str, rel: &str) -> io::Result<()> {
+        let (p, name) = self.parent_of(rel).map_err(|e| self.err(rel, e))?;
+        rustix::fs::symlinkat(target, &p, name).map_err(|e| self.err(rel, e.into()))
+    }
+
+    fn read_link(&self, rel: &str) -> io::Result<Vec<u8>> {
+        let (p, name) = self.parent_of(rel).map_err(|e| self.err(rel, e))?;
+        rustix::fs::readlinkat(&p, name, Vec::new())
+            .map(|c| c.into_bytes())
+            .map_err(|e| self.err(rel, e.into()))
+    }
+
+    fn set_mtime_at(&self, rel: &str, mtime: SystemTime) -> io::Result<()> {
+        let (p, name) = self.parent_of(rel).map_err(|e| self.err(rel, e))?;
+        let (secs, nanos) = match mtime.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => (d.as_secs() as i64, i64::from(d.subsec_nanos())),
+            Err(e) => {
+                let d = e.duration();
+                match d.subsec_nanos() {
+                    0 => (-(d.as_secs() as i64), 0),
+                    n => (-(d.as_secs() as i64) - 1, 1_000_000_000 - i64::from(n)),
+                }
+            }
+        };
+        let times = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: secs,
+                tv_nsec: nanos as _,
+            },
+        };
+        // The entry itself, never what a symlink there points to.
+        rustix::fs::utimensat(&p, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.err(rel, e.into()))
+    }
+
+    fn set_self_mode(&self, mode: u32) -> io::Result<()> {
+        rustix::fs::fchmod(&self.fd, Mode::from_raw_mode(mode & 0o7777))
+            .map_err(|e| self.err("", e.into()))
+    }
+
     fn sync_fs(&self) -> io::Result<()> {
         rustix::fs::syncfs(&self.fd).map_err(|e| self.err("", e.into()))
     }
@@ -362,6 +406,23 @@ impl FileIo for RealFile {
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
     }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::FallocateFlags;
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&self.0, punch, offset, len) {
+            Ok(()) => Ok(()),
+            // A file system without holes (or an old kernel): zeros written out instead.
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                let end = self.0.metadata()?.len().min(offset.saturating_add(len));
+                if end > offset {
+                    let zeros = vec![0u8; usize::try_from(end - offset).map_err(io::Error::other)?];
+                    self.0.write_all_at(&zeros, offset)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
     fn sync_all(&self) -> io::Result<()> {
         self.0.sync_all()
     }
@@ -378,6 +439,7 @@ impl FileIo for RealFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::symlink;
 
     fn dir() -> (tempfile::TempDir, RealDir) {
@@ -433,6 +495,45 @@ mod tests {
             d.open("link/secret", OpenHow::READ).is_err() && d.open("file", OpenHow::READ).is_err();
         NO_OPENAT2.store(false, Ordering::Relaxed);
         assert!(walked, "the component walk followed a symlink");
+    }
+
+    #[test]
+    fn links_are_made_and_read_and_times_set_without_following() {
+        let (t, d) = dir();
+        fs::create_dir(t.path().join("sub")).unwrap();
+        fs::write(t.path().join("target"), b"t").unwrap();
+        d.symlink("/etc/passwd", "sub/l").unwrap();
+        assert_eq!(d.read_link("sub/l").unwrap(), b"/etc/passwd");
+        assert_eq!(d.metadata("sub/l").unwrap().unwrap().kind, Kind::Symlink);
+        assert_eq!(
+            d.symlink("x", "sub/l").unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        // The link's own time; its target's stays.
+        d.symlink("../target", "sub/t").unwrap();
+        let before = fs::metadata(t.path().join("target"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        let when = SystemTime::UNIX_EPOCH + Duration::new(1_000_000_000, 7);
+        d.set_mtime_at("sub/t", when).unwrap();
+        assert_eq!(d.metadata("sub/t").unwrap().unwrap().mtime, when);
+        assert_eq!(
+            fs::metadata(t.path().join("target"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            before
+        );
+        // A directory's mode through its handle.
+        d.open_dir("sub").unwrap().set_self_mode(0o750).unwrap();
+        assert_eq!(d.metadata("sub").unwrap().unwrap().mode, 0o750);
+        // A symlink on the way is refused, as for every other operation.
+        symlink(t.path().join("sub"), t.path().join("via")).unwrap();
+        assert!(d.read_link("via/l").is_err());
+        assert!(d.symlink("x", "via/new").is_err());
+        assert!(d.set_mtime_at("via/t", when).is_err());
+        assert!(!t.path().join("sub/new").exists());
     }
 
     #[test]

@@ -24,8 +24,11 @@ mod walk;
 pub use read::{stamp, stamp_time};
 pub use walk::is_ours;
 
-use crate::drive::record::{BLOCK_SIZE, Entry, MAX_BATCH_BYTES, Record, State, check_path, encode};
-use crate::fsio::{Dir, Kind};
+use crate::drive::record::{
+    BLOCK_SIZE, DirInfo, Entry, FileInfo, LinkInfo, MAX_BATCH_BYTES, MAX_LINK_LEN, Record, State,
+    check_path, encode,
+};
+use crate::fsio::{Dir, Kind, Meta};
 use crate::storage::DiskStorage;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -183,7 +186,7 @@ impl Importer {
             }) {
                 continue;
             }
-            if state.entries.get(&p) == Some(&Entry::Dir) {
+            if state.entries.get(&p).is_some_and(Entry::is_dir) {
                 removed_dirs.push(p.clone());
             }
             records.push(Record::Remove { path: p });
@@ -219,6 +222,8 @@ impl Importer {
         let mut report = ScanReport::default();
         let mut records = Vec::new();
         let start_len = r.feed(self.content).len();
+        // Directories an entry changed in: their mtime moved with it.
+        let mut parents: BTreeSet<String> = BTreeSet::new();
         for abs in paths {
             let Ok(rel_path) = abs.strip_prefix(&self.root_path) else {
                 continue;
@@ -240,8 +245,11 @@ impl Importer {
                 return Ok(None); // the rules changed: everything may be in or out now
             }
             // The parent must be a recorded directory (or the root).
-            if !parent.is_empty() && state.entries.get(parent) != Some(&Entry::Dir) {
+            if !parent.is_empty() && !state.entries.get(parent).is_some_and(Entry::is_dir) {
                 return Ok(None);
+            }
+            if !parent.is_empty() {
+                parents.insert(parent.to_string());
             }
             // Listed, stat-ed and opened through the parent's handle (see `walk.rs`): a
             // parent swapped for a symlink is refused here.
@@ -256,30 +264,31 @@ impl Importer {
             if self.ignored(&rel, meta.is_some_and(|m| m.kind == Kind::Dir)) {
                 continue;
             }
+            let old = state.entries.get(&rel);
             match meta {
-                None => match state.entries.get(&rel) {
-                    Some(Entry::File(_)) => {
+                None => match old {
+                    Some(e) if e.is_dir() => return Ok(None),
+                    Some(_) => {
                         records.push(Record::Remove { path: rel });
                         report.removed += 1;
                     }
-                    Some(Entry::Dir) => return Ok(None),
                     None => {}
                 },
                 Some(meta) if meta.kind == Kind::File => {
-                    let (secs, nanos) = stamp_time(meta.mtime);
-                    let mode = meta.mode & 0o777;
-                    match state.entries.get(&rel) {
-                        Some(Entry::File(f))
-                            if f.size == meta.len
-                                && f.mtime_secs == secs
-                                && f.mtime_nanos == nanos
-                                && f.mode == mode
-                                && !self.forced.contains(&rel) =>
-                        {
+                    if old.is_some_and(Entry::is_dir) {
+                        return Ok(None);
+                    }
+                    match look(old, &meta, self.forced.contains(&rel)) {
+                        Look::Same => continue,
+                        Look::Mode(info) => {
+                            report.files += 1;
+                            records.push(Record::Put {
+                                path: rel,
+                                entry: Entry::File(info),
+                            });
                             continue;
                         }
-                        Some(Entry::Dir) => return Ok(None),
-                        _ => {}
+                        Look::Read => {}
                     }
                     let imported = match self.import_file(r, &*dir, name, &rel, &meta) {
                         Err(ScanError::Read(_, e)) => {
@@ -301,11 +310,43 @@ impl Importer {
                     }
                 }
                 Some(meta) if meta.kind == Kind::Dir => {
-                    if state.entries.get(&rel) != Some(&Entry::Dir) {
+                    if !old.is_some_and(Entry::is_dir) {
                         return Ok(None);
                     }
+                    // A `chmod` or `touch` of the directory itself.
+                    let entry = dir_entry(&meta);
+                    if old != Some(&entry) {
+                        records.push(Record::Put { path: rel, entry });
+                    }
                 }
-                Some(_) => {} // symlinks and specials are not shared
+                Some(meta) if meta.kind == Kind::Symlink => {
+                    if old.is_some_and(Entry::is_dir) {
+                        return Ok(None); // a directory replaced by a link: what was under it
+                    }
+                    match link_entry(&*dir, name) {
+                        Ok(Some(entry)) if old != Some(&entry) => {
+                            records.push(Record::Put { path: rel, entry });
+                        }
+                        Ok(_) => {}
+                        Err(why) => report.unshared.push((abs.clone(), why)),
+                    }
+                }
+                Some(_) => {} // special files are not shared
+            }
+        }
+        for parent in parents {
+            if let (Some(old), Ok(Some(m))) =
+                (state.entries.get(&parent), self.root.metadata(&parent))
+                && old.is_dir()
+                && m.kind == Kind::Dir
+            {
+                let entry = dir_entry(&m);
+                if *old != entry {
+                    records.push(Record::Put {
+                        path: parent,
+                        entry,
+                    });
+                }
             }
         }
         self.flush(r)?;
@@ -366,11 +407,17 @@ impl Importer {
             for batch in &batches {
                 for rec in batch {
                     match rec {
+                        Record::Put { entry, path }
+                            if entry.is_dir()
+                                && state.entries.get(path).is_some_and(Entry::is_dir) =>
+                        {
+                            // A directory's new mode or mtime: its files stay as they are.
+                        }
                         Record::Put { path, .. } | Record::Remove { path } => {
                             // The path and anything under it leave the layout; a new file
                             // version comes back in, referencing what it reuses.
                             let mut ids: Vec<_> = l.slot_at(path).into_iter().collect();
-                            if state.entries.get(path) == Some(&Entry::Dir) {
+                            if state.entries.get(path).is_some_and(Entry::is_dir) {
                                 // A directory going (or becoming a file): everything under it.
                                 // Rare, so a pass over all slots is fine.
                                 let prefix = format!("{path}/");
@@ -423,6 +470,75 @@ impl Importer {
     }
 }
 
+/// What a scan makes of a regular file, given its record.
+pub(super) enum Look {
+    /// Size, mtime and mode as recorded: nothing to do.
+    Same,
+    /// Only the permission bits changed (a `chmod` moves the ctime, not the mtime): the record
+    /// again with the new mode, nothing read and no content block spent.
+    Mode(FileInfo),
+    /// New, or changed: read it.
+    Read,
+}
+
+/// Compares the regular file `meta` with its record `old`; `forced`: read it whatever its
+/// metadata says (serving found bytes that no longer match).
+pub(super) fn look(old: Option<&Entry>, meta: &Meta, forced: bool) -> Look {
+    let Some(Entry::File(f)) = old else {
+        return Look::Read;
+    };
+    let mode = meta.mode & 0o777;
+    if forced || f.size != meta.len || (f.mtime_secs, f.mtime_nanos) != stamp_time(meta.mtime) {
+        return Look::Read;
+    }
+    if f.mode == mode {
+        return Look::Same;
+    }
+    Look::Mode(FileInfo { mode, ..f.clone() })
+}
+
+/// The record of the directory `meta` describes: its permission bits and mtime.
+pub(super) fn dir_entry(meta: &Meta) -> Entry {
+    let (mtime_secs, mtime_nanos) = stamp_time(meta.mtime);
+    Entry::Directory(DirInfo {
+        mode: meta.mode & 0o777,
+        mtime_secs,
+        mtime_nanos,
+    })
+}
+
+/// The record of the symlink `name` in `dir`: its target as `readlink` gives it (never
+/// followed) and its own mtime. `Ok(None)`: no longer a symlink (the next scan looks again);
+/// `Err`: a link that cannot be recorded, with why.
+pub(super) fn link_entry(dir: &dyn Dir, name: &str) -> Result<Option<Entry>, String> {
+    let target = match dir.read_link(name) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Ok(None), // not a link now
+        Err(e) => return Err(e.to_string()),
+    };
+    // Its time after its target: a link replaced in between shows as another inode below.
+    let Ok(Some(m)) = dir.metadata(name) else {
+        return Ok(None);
+    };
+    if m.kind != Kind::Symlink {
+        return Ok(None);
+    }
+    let target = String::from_utf8(target)
+        .map_err(|_| "symlink target is not UTF-8 (not shared)".to_string())?;
+    if target.len() > MAX_LINK_LEN {
+        return Err(format!(
+            "symlink target over {MAX_LINK_LEN} bytes (not shared)"
+        ));
+    }
+    let (mtime_secs, mtime_nanos) = stamp_time(m.mtime);
+    Ok(Some(Entry::Link(LinkInfo {
+        target,
+        mtime_secs,
+        mtime_nanos,
+    })))
+}
+
 /// Why a scan failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
@@ -435,4 +551,48 @@ pub enum ScanError {
     /// Appending to a feed failed.
     #[error(transparent)]
     Feed(#[from] FeedError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn meta(len: u64, mode: u32, secs: u64) -> Meta {
+        Meta {
+            kind: Kind::File,
+            len,
+            mode,
+            mtime: UNIX_EPOCH + Duration::from_secs(secs),
+            ctime: UNIX_EPOCH,
+            uid: 0,
+            dev: 1,
+            ino: 1,
+            nlink: 1,
+        }
+    }
+
+    #[test]
+    fn a_mode_only_change_is_recorded_without_reading_the_file() {
+        let old = crate::drive::record::test_file(10);
+        assert!(matches!(
+            look(Some(&old), &meta(10, 0o644, 0), false),
+            Look::Same
+        ));
+        let Look::Mode(info) = look(Some(&old), &meta(10, 0o100600, 0), false) else {
+            panic!("a chmod was not seen as one");
+        };
+        let Entry::File(f) = &old else { unreachable!() };
+        assert_eq!(info.mode, 0o600, "permission bits only");
+        assert_eq!((info.hash, &info.extents), (f.hash, &f.extents));
+        // Anything else that moved, or a file serving found changed: read again.
+        for (m, forced) in [
+            (meta(11, 0o600, 0), false),
+            (meta(10, 0o600, 5), false),
+            (meta(10, 0o600, 0), true),
+        ] {
+            assert!(matches!(look(Some(&old), &m, forced), Look::Read));
+        }
+        assert!(matches!(look(None, &meta(10, 0o644, 0), false), Look::Read));
+    }
 }

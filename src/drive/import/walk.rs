@@ -12,7 +12,7 @@
 use super::{IGNORE_FILE, Importer, ScanError, ScanReport};
 use crate::core::replicator::Replicator;
 use crate::drive::STATE_DIR;
-use crate::drive::import::read::stamp_time;
+use crate::drive::import::{Look, dir_entry, link_entry, look};
 use crate::drive::record::{Entry, Record, State, check_path};
 use crate::fsio::{Dir, Kind, OpenHow, join};
 use crate::storage::DiskStorage;
@@ -224,12 +224,24 @@ impl Importer {
                         continue; // our state directory under another name
                     }
                     w.seen.insert(path.clone());
-                    if w.state.entries.get(&path) != Some(&Entry::Dir) {
-                        w.records.push(Record::Put {
-                            path: path.clone(),
-                            entry: Entry::Dir,
-                        });
-                        w.report.dirs += 1;
+                    // Its mode and mtime from the handle about to be walked (the very
+                    // directory), else by name.
+                    let meta = match &sub {
+                        Ok(sub) => sub.self_metadata().ok(),
+                        Err(_) => dir.metadata(&name).ok().flatten(),
+                    };
+                    let old = w.state.entries.get(&path);
+                    if let Some(m) = meta.filter(|m| m.kind == Kind::Dir) {
+                        let entry = dir_entry(&m);
+                        if old != Some(&entry) {
+                            if !old.is_some_and(Entry::is_dir) {
+                                w.report.dirs += 1;
+                            }
+                            w.records.push(Record::Put {
+                                path: path.clone(),
+                                entry,
+                            });
+                        }
                     }
                     if depth + 1 > MAX_DEPTH {
                         w.report
@@ -249,10 +261,23 @@ impl Importer {
                     }
                 }
                 Kind::File => self.visit_file(r, w, dir, &name, path)?,
-                Kind::Symlink | Kind::Other => w
-                    .report
-                    .unshared
-                    .push((w.root.join(&path), "not a regular file or directory".into())),
+                Kind::Symlink => match link_entry(dir, &name) {
+                    Ok(Some(entry)) => {
+                        if w.state.entries.get(&path) != Some(&entry) {
+                            w.records.push(Record::Put {
+                                path: path.clone(),
+                                entry,
+                            });
+                        }
+                        w.seen.insert(path);
+                    }
+                    Ok(None) => {} // gone or swapped since the listing: the next scan
+                    Err(why) => w.report.unshared.push((w.root.join(&path), why)),
+                },
+                Kind::Other => w.report.unshared.push((
+                    w.root.join(&path),
+                    "not a regular file, directory or symlink (FIFO, socket, device)".into(),
+                )),
             }
         }
         Ok(())
@@ -276,17 +301,25 @@ impl Importer {
                 return Ok(());
             }
         };
-        let (secs, nanos) = stamp_time(meta.mtime);
-        let mode = meta.mode & 0o777;
-        if let Some(Entry::File(f)) = w.state.entries.get(&path)
-            && f.size == meta.len
-            && f.mtime_secs == secs
-            && f.mtime_nanos == nanos
-            && f.mode == mode
-            && !self.forced.contains(&path)
-        {
-            w.seen.insert(path);
-            return Ok(());
+        match look(
+            w.state.entries.get(&path),
+            &meta,
+            self.forced.contains(&path),
+        ) {
+            Look::Same => {
+                w.seen.insert(path);
+                return Ok(());
+            }
+            Look::Mode(info) => {
+                w.seen.insert(path.clone());
+                w.report.files += 1;
+                w.records.push(Record::Put {
+                    path,
+                    entry: Entry::File(info),
+                });
+                return Ok(());
+            }
+            Look::Read => {}
         }
         let imported = match self.import_file(r, dir, name, &path, &meta) {
             Err(ScanError::Read(_, e)) => {

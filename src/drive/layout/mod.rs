@@ -46,7 +46,7 @@ mod publish;
 mod reassembly;
 mod temps;
 
-pub use publish::{PublishError, mtime};
+pub use publish::{PublishError, mtime, mtime_of};
 pub use temps::{Temps, is_temp_name};
 
 use crate::core::bitfield::Bitfield;

@@ -328,9 +328,14 @@ pub(super) fn reserved(path: &str) -> Result<(), PublishError> {
 /// seconds within [`MAX_MTIME_SECS`](crate::drive::record::MAX_MTIME_SECS)), and the arithmetic
 /// is checked as well: a time the system cannot represent becomes the epoch, never a panic.
 pub fn mtime(info: &FileInfo) -> SystemTime {
-    let nanos = Duration::from_nanos(u64::from(info.mtime_nanos));
-    let secs = Duration::from_secs(info.mtime_secs.unsigned_abs());
-    let t = if info.mtime_secs >= 0 {
+    mtime_of(info.mtime_secs, info.mtime_nanos)
+}
+
+/// The time `secs` and `nanos` after the epoch, as [`mtime`] (for links and directories).
+pub fn mtime_of(mtime_secs: i64, mtime_nanos: u32) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(mtime_nanos));
+    let secs = Duration::from_secs(mtime_secs.unsigned_abs());
+    let t = if mtime_secs >= 0 {
         SystemTime::UNIX_EPOCH.checked_add(secs)
     } else {
         SystemTime::UNIX_EPOCH.checked_sub(secs)

@@ -76,16 +76,19 @@ impl Layout {
         }
         if let Some(data) = data {
             let f = self.handle(id, true, true)?;
-            // A block of zeros past the end of the file is left as a hole: a sparse file stays
-            // sparse, and costs no writes (the final length is set when publishing).
+            // A block of zeros is never written: past the end of the file it is left as a
+            // hole (the final length is set when publishing), before the end (a later block
+            // arrived first) it is made one. A sparse file stays sparse, whatever order its
+            // blocks come in, and costs no writes.
             let zero = data.iter().all(|&b| b == 0);
             let len = if zero { f.metadata()?.len } else { 0 };
             for &q in &todo {
                 let at = q * BLOCK_SIZE as u64;
-                if zero && at >= len {
-                    continue;
+                match (zero, at >= len) {
+                    (true, true) => {}
+                    (true, false) => f.zero_range(at, data.len() as u64)?,
+                    (false, _) => f.write_all_at(data, at)?,
                 }
-                f.write_all_at(data, at)?;
             }
         }
         // Invariant: the slot and its pending state were found above, and `handle` neither

@@ -94,7 +94,7 @@ impl Layout {
     /// fetching a version that is no longer wanted) from directories `dirs` (relative; `""`
     /// is the root) and from the state area's old `tmp` directory. Returns how many went.
     /// Only names that are ours are touched ([`is_temp_name`], or `*.part` in `tmp`), and
-    /// only regular files.
+    /// only regular files (and, beside their destination, the links a kill left).
     pub fn sweep_temps<'a>(&mut self, dirs: impl IntoIterator<Item = &'a str>) -> usize {
         let current: BTreeSet<&str> = self
             .slots
@@ -117,7 +117,11 @@ impl Layout {
             for d in dirs {
                 for (name, kind) in self.dir.read_dir(d).unwrap_or_default() {
                     let rel = fsio::join(d, &name);
-                    if kind == Kind::File && is_temp_name(&name) && !current.contains(rel.as_str())
+                    // A symlink too: a link is made under such a name before its rename
+                    // (`guard::place_link`), and a kill in between leaves it.
+                    if matches!(kind, Kind::File | Kind::Symlink)
+                        && is_temp_name(&name)
+                        && !current.contains(rel.as_str())
                     {
                         stale.push(rel);
                     }

@@ -439,7 +439,7 @@ impl Merge {
         for r in records {
             match r {
                 Record::Put { path, entry } => {
-                    if !matches!(entry, Entry::Dir) {
+                    if !entry.is_dir() {
                         self.set_under(path, dev, seq);
                     }
                     self.set(path, dev, seq, Some(entry.clone()));
@@ -600,7 +600,7 @@ impl Merge {
     fn rank(&self, r: &Rec) -> (bool, (i64, u32), DeviceId) {
         let e = r.entry.as_ref();
         (
-            matches!(e, Some(Entry::Dir)),
+            e.is_some_and(Entry::is_dir),
             e.map_or((i64::MIN, 0), modified),
             self.logs[r.device as usize].id,
         )
@@ -644,7 +644,8 @@ impl Merge {
             .iter()
             .filter(|r| r.device != winner.device)
             .filter(|r| match &r.entry {
-                None | Some(Entry::Dir) => false,
+                None => false,
+                Some(e) if e.is_dir() => false,
                 Some(e) => w.is_none_or(|w| !same_content(w, e)),
             })
             .map(|r| (self.copy_path(path, r), r.clone()))
@@ -757,9 +758,7 @@ fn shape(tree: &mut Tree) {
     }
     for parent in parents.iter() {
         match tree.get(parent) {
-            Some(Resolved {
-                entry: Entry::Dir, ..
-            }) => {}
+            Some(r) if r.entry.is_dir() => {}
             Some(r) => {
                 let r = r.clone();
                 tree.remove(parent);
@@ -808,13 +807,9 @@ fn shape(tree: &mut Tree) {
     }
 }
 
-/// An entry's modification time, for the winner rule.
+/// An entry's modification time, for the winner rule (a legacy [`Entry::Dir`] has none).
 fn modified(e: &Entry) -> (i64, u32) {
-    match e {
-        Entry::File(f) => (f.mtime_secs, f.mtime_nanos),
-        #[allow(unreachable_patterns)]
-        _ => (0, 0),
-    }
+    e.mtime().unwrap_or((0, 0))
 }
 
 /// Whether two entries hold the same thing (then concurrent heads are no conflict).
@@ -823,6 +818,8 @@ fn same_content(a: &Entry, b: &Entry) -> bool {
         (Entry::File(x), Entry::File(y)) => {
             x.hash == y.hash && x.size == y.size && x.mode == y.mode
         }
+        (Entry::Link(x), Entry::Link(y)) => x.target == y.target,
+        (Entry::Directory(x), Entry::Directory(y)) => x.mode == y.mode,
         (a, b) => a == b,
     }
 }

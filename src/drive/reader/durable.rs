@@ -186,12 +186,33 @@ impl Reader {
                     b.state
                         .entries
                         .iter()
-                        .filter_map(|(p, e)| matches!(e, Entry::Dir).then_some(p.as_str())),
+                        .filter_map(|(p, e)| e.is_dir().then_some(p.as_str())),
                 )
                 .collect();
             layout::lock(&b.layout).sweep_temps_once(dirs);
+            if self.stamped != Some(b.state.version) {
+                self.stamped = Some(b.state.version);
+                self.stamp_dirs(b);
+            }
         }
         true
+    }
+
+    /// Gives every directory of the version reached its recorded mtime (and mode, if made
+    /// here). Last: everything made, renamed or removed in a directory moves its mtime, so
+    /// only once its contents are in place does the time stay.
+    fn stamp_dirs(&mut self, b: &mut Base) {
+        let mut problems = Vec::new();
+        for (path, e) in &b.state.entries {
+            if let Entry::Directory(d) = e
+                && let Err(e) = guard::apply_dir_meta(&*b.root_dir, &self.ledger, path, d)
+            {
+                problems.push(DriveProblem::io(&b.root.join(path), &e));
+            }
+        }
+        for p in problems {
+            b.problem(p);
+        }
     }
 }
 

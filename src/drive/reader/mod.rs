@@ -54,6 +54,8 @@ pub(super) struct Reader {
     journal: Option<Journal>,
     /// When the ledger was last written.
     ledger_saved: Option<Instant>,
+    /// The version whose directories were last given their recorded mtimes and modes.
+    stamped: Option<u64>,
 }
 
 impl Reader {
@@ -67,6 +69,7 @@ impl Reader {
             ledger_dirty: false,
             journal: None,
             ledger_saved: None,
+            stamped: None,
         }
     }
 
@@ -361,9 +364,18 @@ impl Reader {
         }
         self.ledger_dirty = true;
         for f in plan.fetch {
+            let written_here = guard::written_here(&*b.root_dir, &self.ledger, &f.path);
             if guard::in_place(&*b.root_dir, &mut self.ledger, &f.path, &f.info) {
-                // Already here, byte for byte (an adopted folder, a restart after a kill):
-                // taken as is, neither fetched nor rewritten.
+                // Already here, byte for byte (an adopted folder, a restart after a kill, a
+                // `chmod` or `touch` on the writer): taken as is, neither fetched nor
+                // rewritten. A file this reader wrote follows the record's mode and mtime; an
+                // adopted one keeps the user's.
+                if written_here
+                    && let Err(e) =
+                        guard::apply_file_meta(&*b.root_dir, &mut self.ledger, &f.path, &f.info)
+                {
+                    b.problem(DriveProblem::io(&b.root.join(&f.path), &e));
+                }
                 let mut l = layout::lock(&b.layout);
                 if let Some(old) = l.slot_at(&f.path) {
                     orphans.extend(l.remove(old));
@@ -415,6 +427,21 @@ impl Reader {
             match guard::make_dir(&*b.root_dir, &mut self.ledger, d) {
                 Ok(cleared) => conflict_reported(b, d, cleared),
                 Err(e) => b.problem(DriveProblem::io(&b.root.join(d), &e)),
+            }
+        }
+        // 4. Symlinks, once their parents are there.
+        for (path, link) in &plan.links {
+            let parents = layout::lock(&b.layout).make_parents(path);
+            if let Err(e) = parents {
+                b.problem(publish_problem(b, e));
+                continue;
+            }
+            match guard::place_link(&*b.root_dir, &mut self.ledger, path, link) {
+                Ok(cleared) => conflict_reported(b, path, cleared),
+                Err(e) => {
+                    self.ledger.on_disk.unpublished(path, e.to_string());
+                    b.problem(DriveProblem::io(&b.root.join(path), &e));
+                }
             }
         }
         b.stats.on_disk = self.ledger.on_disk.clone();
