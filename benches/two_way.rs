@@ -198,10 +198,19 @@ fn syncthing(rounds: usize) {
             ("stunKeepaliveStartS", "0".into()),
             ("announceLANAddresses", "false".into()),
             ("setLowPriority", "false".into()),
-            ("address", format!("127.0.0.1:{}", 18384 + k)),
         ] {
             xml = set_option(&xml, name, &value);
         }
+        // No GUI or REST API: nothing here uses them (and three would fight for one port).
+        assert!(
+            xml.contains("<gui enabled=\"true\""),
+            "the generated config's gui element"
+        );
+        xml = xml.replace("<gui enabled=\"true\"", "<gui enabled=\"false\"");
+        xml = xml.replace(
+            "<address>127.0.0.1:8384</address>",
+            &format!("<address>127.0.0.1:{}</address>", 18384 + k),
+        );
         let mut add = String::new();
         for (id, port) in &peers {
             add.push_str(&format!(
