@@ -29,6 +29,62 @@ pub fn device_conflict_name(name: &str, at: SystemTime, device: &[u8; 32]) -> St
     tagged_name(name, at, Some(&tag), 0)
 }
 
+/// Longest file name most file systems take (bytes): a copy's name is cut to fit it.
+pub const NAME_MAX: usize = 255;
+
+/// [`device_conflict_name`] for a whole relative path: the copy beside the file, its name cut
+/// to fit [`NAME_MAX`] and the whole path to fit [`MAX_PATH_LEN`] (the stem is shortened, at a
+/// character boundary; an extension too long to keep is dropped). A hostile writer's path at
+/// the limits therefore still gets a copy a reader can make. If even an empty stem does not fit
+/// beside it (the directories alone take the whole path length), the copy goes to the folder's
+/// root.
+///
+/// [`MAX_PATH_LEN`]: crate::drive::record::MAX_PATH_LEN
+pub fn device_conflict_path(path: &str, at: SystemTime, device: &[u8; 32]) -> String {
+    use crate::drive::record::MAX_PATH_LEN;
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((d, n)) => (Some(d), n),
+        None => (None, path),
+    };
+    let full = |dir: Option<&str>, copy: String| match dir {
+        Some(d) => format!("{d}/{copy}"),
+        None => copy,
+    };
+    let copy = device_conflict_name(name, at, device);
+    let room = |dir: Option<&str>| {
+        let used = dir.map_or(0, |d| d.len() + 1);
+        NAME_MAX.min(MAX_PATH_LEN.saturating_sub(used))
+    };
+    if copy.len() <= room(dir) {
+        return full(dir, copy);
+    }
+    // Cut the stem (and drop an extension that leaves no room for one) until it fits.
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 && i + 1 < name.len() => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    let suffix_len = copy.len() - name.len();
+    for dir in [dir, None] {
+        let room = room(dir);
+        for ext in [ext, ""] {
+            let Some(keep) = room.checked_sub(suffix_len + ext.len()) else {
+                continue;
+            };
+            let mut cut = keep.min(stem.len());
+            while !stem.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            if cut == 0 && !stem.is_empty() && keep > 0 {
+                continue;
+            }
+            let shortened = format!("{}{ext}", &stem[..cut]);
+            return full(dir, device_conflict_name(&shortened, at, device));
+        }
+    }
+    // Unreachable in practice (a root-level name always has room); keep a short fixed stem.
+    device_conflict_name("conflict", at, device)
+}
+
 fn tagged_name(name: &str, at: SystemTime, tag: Option<&str>, n: u32) -> String {
     let (stem, ext) = match name.rfind('.') {
         Some(i) if i > 0 && i + 1 < name.len() => (&name[..i], Some(&name[i + 1..])),
@@ -140,6 +196,45 @@ mod tests {
         assert_eq!(
             device_conflict_name("Makefile", t, &d),
             "Makefile.sync-conflict-20261202-105007-abcd0123"
+        );
+    }
+
+    #[test]
+    fn copies_of_paths_at_the_limits_still_fit() {
+        use crate::drive::record::{MAX_PATH_LEN, check_path};
+        let t = at(1_796_208_607);
+        let d = [0xab; 32];
+        let long_name = format!("{}.txt", "n".repeat(250));
+        let deep = format!("{}/x.txt", vec!["d".repeat(200); 20].join("/"));
+        let full = "L".repeat(MAX_PATH_LEN);
+        let wide = format!("a.{}", "e".repeat(240));
+        let in_long_dir = format!("{}/f", "D".repeat(MAX_PATH_LEN - 2));
+        for p in [
+            "short.txt".to_string(),
+            long_name,
+            deep,
+            full,
+            wide,
+            in_long_dir.clone(),
+            format!("{}é.txt", "ü".repeat(126)),
+        ] {
+            let c = device_conflict_path(&p, t, &d);
+            check_path(&c).unwrap_or_else(|e| panic!("{p:?} -> {c:?}: {e}"));
+            let name = c.rsplit('/').next().unwrap();
+            assert!(name.len() <= NAME_MAX, "{c:?}");
+            assert!(
+                name.contains(".sync-conflict-20261202-105007-abababab"),
+                "{c:?}"
+            );
+            assert_ne!(c, p);
+        }
+        assert_eq!(
+            device_conflict_path("d/report.pdf", t, &d),
+            "d/report.sync-conflict-20261202-105007-abababab.pdf"
+        );
+        assert!(
+            !device_conflict_path(&in_long_dir, t, &d).contains('/'),
+            "no room beside it: the root"
         );
     }
 
