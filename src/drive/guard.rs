@@ -108,9 +108,25 @@ pub fn remove_dir(root: &dyn Dir, ledger: &mut Ledger, dir: &str) {
     }
 }
 
+/// Refuses a record path whose name is one of the reader's temporary names (the writer's
+/// scan never shares one): a directory or link made there would move a partial download
+/// aside, and the rename meant for that download would then put the directory or link at
+/// the file's final path. Files at such names are refused the same way by the layout.
+fn not_reserved(path: &str) -> io::Result<()> {
+    let name = path.rsplit_once('/').map_or(path, |(_, n)| n);
+    if layout::is_temp_name(name) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the name is reserved for temporary files (refused)",
+        ));
+    }
+    Ok(())
+}
+
 /// Makes the directory `dir` in the folder `root` (its parents already made), moving a local
 /// file in the way aside first; recorded as made here only if this call made it.
 pub fn make_dir(root: &dyn Dir, ledger: &mut Ledger, dir: &str) -> io::Result<Cleared> {
+    not_reserved(dir)?;
     let cleared = match root.metadata(dir)? {
         Some(m) if m.kind == Kind::Dir => return Ok(Cleared::Free),
         Some(m) if ledger.is_ours(root, dir, &m) => {
@@ -176,6 +192,7 @@ pub fn place_link(
     path: &str,
     link: &LinkInfo,
 ) -> io::Result<Cleared> {
+    not_reserved(path)?;
     let hash = link_hash(&link.target);
     let mtime = crate::drive::layout::mtime_of(link.mtime_secs, link.mtime_nanos);
     match root.metadata(path)? {
@@ -247,6 +264,13 @@ pub fn apply_file_meta(
         return Ok(());
     }
     let f = root.open(path, OpenHow::READ)?;
+    // The file opened must be the one this reader wrote: a local user may have put another
+    // file (a hard link to one of theirs, even one they do not own) at the name since the
+    // caller looked, and its mode and mtime are theirs.
+    let opened = f.metadata()?;
+    if !ledger.files.get(path).is_some_and(|w| w.unchanged(&opened)) {
+        return Ok(());
+    }
     if m.mode & 0o7777 != mode {
         f.set_mode(mode)?;
     }
@@ -386,6 +410,75 @@ mod tests {
         assert_eq!(fs::read(root.join(&copy)).unwrap(), b"edited here");
         assert!(!root.join("a").exists());
         assert_eq!(l.on_disk.conflicts.len(), 1);
+    }
+
+    #[test]
+    fn a_mode_and_mtime_reach_only_the_file_this_reader_wrote() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = RealDir::open_path(root).unwrap();
+        let mut l = Ledger::default();
+        fs::write(root.join("f"), b"ours").unwrap();
+        l.wrote(
+            "f",
+            &h.metadata("f").unwrap().unwrap(),
+            *blake3::hash(b"ours").as_bytes(),
+        );
+        // A local user puts a file of theirs at the name (after the reader looked).
+        let theirs = dir.path().join("theirs");
+        fs::write(&theirs, b"mine").unwrap();
+        fs::set_permissions(&theirs, fs::Permissions::from_mode(0o600)).unwrap();
+        let before = fs::metadata(&theirs).unwrap();
+        fs::rename(&theirs, root.join("f")).unwrap();
+        let info = FileInfo {
+            mode: 0o666,
+            mtime_secs: 5,
+            ..info_of(b"ours")
+        };
+        apply_file_meta(&h, &mut l, "f", &info).unwrap();
+        let after = fs::metadata(root.join("f")).unwrap();
+        assert_eq!(after.mode() & 0o7777, 0o600, "a file not ours was chmod-ed");
+        assert_eq!(after.mtime(), before.mtime(), "a file not ours was touched");
+        // The file this reader wrote does follow the record.
+        fs::write(root.join("g"), b"ours").unwrap();
+        l.wrote(
+            "g",
+            &h.metadata("g").unwrap().unwrap(),
+            *blake3::hash(b"ours").as_bytes(),
+        );
+        apply_file_meta(&h, &mut l, "g", &info).unwrap();
+        let g = fs::metadata(root.join("g")).unwrap();
+        assert_eq!(g.mode() & 0o7777, crate::drive::perms::file_mode(0o666));
+        assert_eq!(g.mtime(), 5);
+    }
+
+    #[test]
+    fn no_link_or_directory_is_made_at_a_temporary_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = RealDir::open_path(root).unwrap();
+        let mut l = Ledger::default();
+        // A partial download of `f` (its name is derived from the path and the record's hash,
+        // both known to the writer).
+        let temp = ".f.feedsync-0123456789abcdef";
+        fs::write(root.join(temp), b"partial").unwrap();
+        let link = LinkInfo {
+            target: "/etc/shadow".into(),
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        };
+        assert!(place_link(&h, &mut l, temp, &link).is_err());
+        assert!(make_dir(&h, &mut l, temp).is_err());
+        let m = fs::symlink_metadata(root.join(temp)).unwrap();
+        assert!(m.file_type().is_file(), "the partial download was replaced");
+        assert_eq!(fs::read(root.join(temp)).unwrap(), b"partial");
+        assert_eq!(
+            fs::read_dir(root).unwrap().count(),
+            1,
+            "something was moved aside"
+        );
+        assert!(l.on_disk.conflicts.is_empty());
     }
 
     #[test]
