@@ -201,9 +201,7 @@ pub fn place_link(
             if ledger.files.get(path).is_some_and(|w| w.unchanged(&m)) && m.mtime != mtime {
                 root.set_mtime_at(path, mtime)?;
             }
-            if let Some(m) = root.metadata(path)? {
-                ledger.wrote(path, &m, hash);
-            }
+            record_link(root, ledger, path, &m, hash)?;
             return Ok(Cleared::Free);
         }
         Some(m) if m.kind == Kind::Dir => {
@@ -227,15 +225,40 @@ pub fn place_link(
     root.symlink(&link.target, &tmp)?;
     let made = root
         .set_mtime_at(&tmp, mtime)
-        .and_then(|()| root.rename(&tmp, path));
-    if let Err(e) = made {
-        let _ = root.remove_file(&tmp);
-        return Err(e);
-    }
-    if let Some(m) = root.metadata(path)? {
-        ledger.wrote(path, &m, hash);
+        .and_then(|()| root.metadata(&tmp))
+        .and_then(|m| {
+            let m = m.ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+            root.rename(&tmp, path)?;
+            Ok(m)
+        });
+    match made {
+        Ok(m) => record_link(root, ledger, path, &m, hash)?,
+        Err(e) => {
+            let _ = root.remove_file(&tmp);
+            return Err(e);
+        }
     }
     Ok(cleared)
+}
+
+/// Records the link at `path` as this reader's only if it is still the very link `made`
+/// describes: a local user may put a file of theirs at the name between the rename (or the
+/// look) and this one, and that file must never count as ours (it would be deleted or
+/// replaced as such later). Not recorded, the link is looked at again with the next version.
+fn record_link(
+    root: &dyn Dir,
+    ledger: &mut Ledger,
+    path: &str,
+    made: &crate::fsio::Meta,
+    hash: [u8; 32],
+) -> io::Result<()> {
+    if let Some(m) = root.metadata(path)?
+        && m.kind == Kind::Symlink
+        && (m.dev, m.ino) == (made.dev, made.ino)
+    {
+        ledger.wrote(path, &m, hash);
+    }
+    Ok(())
 }
 
 /// Whether the file at `path` is one this reader wrote and nobody changed since (by its
@@ -479,6 +502,93 @@ mod tests {
             "something was moved aside"
         );
         assert!(l.on_disk.conflicts.is_empty());
+    }
+
+    /// The folder as a local user racing the reader sees it: right after each rename onto
+    /// `victim`, the user replaces what is there with a file of their own.
+    #[derive(Debug)]
+    struct Racing {
+        inner: RealDir,
+        root: std::path::PathBuf,
+        victim: &'static str,
+    }
+
+    impl Dir for Racing {
+        fn open(&self, rel: &str, how: OpenHow) -> io::Result<Box<dyn crate::fsio::FileIo>> {
+            self.inner.open(rel, how)
+        }
+        fn open_dir(&self, rel: &str) -> io::Result<Box<dyn Dir>> {
+            self.inner.open_dir(rel)
+        }
+        fn create_dir(&self, rel: &str, mode: u32) -> io::Result<()> {
+            self.inner.create_dir(rel, mode)
+        }
+        fn metadata(&self, rel: &str) -> io::Result<Option<crate::fsio::Meta>> {
+            self.inner.metadata(rel)
+        }
+        fn self_metadata(&self) -> io::Result<crate::fsio::Meta> {
+            self.inner.self_metadata()
+        }
+        fn read_dir(&self, rel: &str) -> io::Result<Vec<(String, Kind)>> {
+            self.inner.read_dir(rel)
+        }
+        fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+            self.inner.rename(from, to)?;
+            if to == self.victim {
+                fs::remove_file(self.root.join(to))?;
+                fs::write(self.root.join(to), b"the user's")?;
+            }
+            Ok(())
+        }
+        fn rename_noreplace(&self, from: &str, to: &str) -> io::Result<()> {
+            self.inner.rename_noreplace(from, to)
+        }
+        fn remove_file(&self, rel: &str) -> io::Result<()> {
+            self.inner.remove_file(rel)
+        }
+        fn remove_dir(&self, rel: &str) -> io::Result<()> {
+            self.inner.remove_dir(rel)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.inner.sync()
+        }
+        fn sync_fs(&self) -> io::Result<()> {
+            self.inner.sync_fs()
+        }
+        fn symlink(&self, target: &str, rel: &str) -> io::Result<()> {
+            self.inner.symlink(target, rel)
+        }
+        fn read_link(&self, rel: &str) -> io::Result<Vec<u8>> {
+            self.inner.read_link(rel)
+        }
+        fn set_mtime_at(&self, rel: &str, mtime: SystemTime) -> io::Result<()> {
+            self.inner.set_mtime_at(rel, mtime)
+        }
+    }
+
+    #[test]
+    fn a_file_swapped_in_for_a_new_link_is_never_taken_as_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = Racing {
+            inner: RealDir::open_path(root).unwrap(),
+            root: root.to_path_buf(),
+            victim: "l",
+        };
+        let mut l = Ledger::default();
+        let link = LinkInfo {
+            target: "t".into(),
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        };
+        place_link(&h, &mut l, "l", &link).unwrap();
+        assert!(
+            !l.files.contains_key("l"),
+            "the user's file was recorded as ours"
+        );
+        // The writer removes the link: the user's file stays.
+        assert_eq!(remove(&h, &mut l, "l").unwrap(), Removed::Kept);
+        assert_eq!(fs::read(root.join("l")).unwrap(), b"the user's");
     }
 
     #[test]
