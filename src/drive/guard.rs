@@ -592,6 +592,41 @@ mod tests {
     }
 
     #[test]
+    fn a_hostile_directory_mode_never_locks_the_reader_out_nor_reaches_a_user_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = RealDir::open_path(root).unwrap();
+        let mut l = Ledger::default();
+        make_dir(&h, &mut l, "d").unwrap();
+        fs::create_dir(root.join("user")).unwrap();
+        fs::set_permissions(root.join("user"), fs::Permissions::from_mode(0o750)).unwrap();
+        for mode in [0o000, 0o500, 0o777] {
+            let d = DirInfo {
+                mode,
+                mtime_secs: -(1 << 40),
+                mtime_nanos: 999_999_999,
+            };
+            apply_dir_meta(&h, &l, "d", &d).unwrap();
+            apply_dir_meta(&h, &l, "user", &d).unwrap();
+            let got = fs::metadata(root.join("d")).unwrap().mode() & 0o7777;
+            assert_eq!(
+                got,
+                crate::drive::perms::file_mode(mode) | 0o700,
+                "{mode:o}"
+            );
+            // The reader can still make and remove entries in it.
+            fs::write(root.join("d/f"), b"x").unwrap();
+            fs::remove_file(root.join("d/f")).unwrap();
+            let user = fs::metadata(root.join("user")).unwrap().mode() & 0o7777;
+            assert_eq!(
+                user, 0o750,
+                "a directory not made here took the writer's mode"
+            );
+        }
+    }
+
+    #[test]
     fn a_link_replaces_only_what_this_reader_made_and_is_never_followed() {
         use std::os::unix::fs::symlink;
         let dir = tempfile::tempdir().unwrap();
