@@ -217,6 +217,10 @@ pub fn place_link(
         _ => {}
     }
     let cleared = clear(root, ledger, path, None)?;
+    // Still there now: this reader's own (replaced). Nothing there: a name taken from here on
+    // is a local user's, never replaced (the link waits for the next version, which moves it
+    // aside).
+    let replace = root.metadata(path)?.is_some();
     let tmp = link_temp(path, &link.target);
     match root.remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -228,7 +232,11 @@ pub fn place_link(
         .and_then(|()| root.metadata(&tmp))
         .and_then(|m| {
             let m = m.ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-            root.rename(&tmp, path)?;
+            if replace {
+                root.rename(&tmp, path)?;
+            } else {
+                root.rename_noreplace(&tmp, path)?;
+            }
             Ok(m)
         });
     match made {
@@ -511,6 +519,18 @@ mod tests {
         inner: RealDir,
         root: std::path::PathBuf,
         victim: &'static str,
+        /// Instead: right after the reader made its temporary link, the user makes `victim`.
+        on_symlink: bool,
+    }
+
+    impl Racing {
+        fn renamed(&self, to: &str) -> io::Result<()> {
+            if to == self.victim && !self.on_symlink {
+                fs::remove_file(self.root.join(to))?;
+                fs::write(self.root.join(to), b"the user's")?;
+            }
+            Ok(())
+        }
     }
 
     impl Dir for Racing {
@@ -534,14 +554,11 @@ mod tests {
         }
         fn rename(&self, from: &str, to: &str) -> io::Result<()> {
             self.inner.rename(from, to)?;
-            if to == self.victim {
-                fs::remove_file(self.root.join(to))?;
-                fs::write(self.root.join(to), b"the user's")?;
-            }
-            Ok(())
+            self.renamed(to)
         }
         fn rename_noreplace(&self, from: &str, to: &str) -> io::Result<()> {
-            self.inner.rename_noreplace(from, to)
+            self.inner.rename_noreplace(from, to)?;
+            self.renamed(to)
         }
         fn remove_file(&self, rel: &str) -> io::Result<()> {
             self.inner.remove_file(rel)
@@ -556,7 +573,11 @@ mod tests {
             self.inner.sync_fs()
         }
         fn symlink(&self, target: &str, rel: &str) -> io::Result<()> {
-            self.inner.symlink(target, rel)
+            self.inner.symlink(target, rel)?;
+            if self.on_symlink {
+                fs::write(self.root.join(self.victim), b"the user's")?;
+            }
+            Ok(())
         }
         fn read_link(&self, rel: &str) -> io::Result<Vec<u8>> {
             self.inner.read_link(rel)
@@ -574,6 +595,7 @@ mod tests {
             inner: RealDir::open_path(root).unwrap(),
             root: root.to_path_buf(),
             victim: "l",
+            on_symlink: false,
         };
         let mut l = Ledger::default();
         let link = LinkInfo {
@@ -589,6 +611,41 @@ mod tests {
         // The writer removes the link: the user's file stays.
         assert_eq!(remove(&h, &mut l, "l").unwrap(), Removed::Kept);
         assert_eq!(fs::read(root.join("l")).unwrap(), b"the user's");
+    }
+
+    #[test]
+    fn a_file_made_where_a_new_link_goes_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = Racing {
+            inner: RealDir::open_path(root).unwrap(),
+            root: root.to_path_buf(),
+            victim: "l",
+            on_symlink: true,
+        };
+        let mut l = Ledger::default();
+        let link = LinkInfo {
+            target: "t".into(),
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        };
+        // Nothing at `l` when the reader looked; the user's file there before the rename.
+        assert!(place_link(&h, &mut l, "l", &link).is_err());
+        assert_eq!(fs::read(root.join("l")).unwrap(), b"the user's");
+        assert!(!l.files.contains_key("l"));
+        // The next version moves it aside (kept whole) and makes the link.
+        let h = RealDir::open_path(root).unwrap();
+        let Cleared::MovedAside(copy) = place_link(&h, &mut l, "l", &link).unwrap() else {
+            panic!("the user's file was not moved aside");
+        };
+        assert_eq!(fs::read(root.join(copy)).unwrap(), b"the user's");
+        assert_eq!(fs::read_link(root.join("l")).unwrap(), Path::new("t"));
+        let names: Vec<String> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".feedsync-"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 
     #[test]
