@@ -135,6 +135,63 @@ fn a_link_changed_or_removed_on_the_writer_follows_and_a_local_one_is_kept() {
     assert!(names.is_empty(), "{names:?}");
 }
 
+/// A link the writer replaced by a file becomes that file on a live clone, and a file
+/// replaced by a link and then put back (same bytes, mode and mtime: the same record) comes
+/// back as a file. Before: the publish refused the clone's own link in the way ("something
+/// that is not a regular file"), and the file's layout slot outlived the link, so the file put
+/// back was taken as already in place and the link stayed.
+#[test]
+fn a_link_replaced_by_a_file_and_back_arrives_as_each() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    let bytes = common::bytes(3, 100_000);
+    let when = long_ago(1_000_000_000);
+    fs::write(src.join("f"), &bytes).unwrap();
+    set_mtime(&src.join("f"), when);
+    // The same bytes in `g` keep the writer's blocks: `f` put back reuses them, so its record
+    // is the very record it had before.
+    fs::write(src.join("g"), &bytes).unwrap();
+    symlink("one", src.join("l")).unwrap();
+    let (_s, url, addr) = share(&src);
+    let d = dst.to_str().unwrap();
+    let _c = Proc::feedsync(&["clone", &url, d, "--peer", &addr, "--no-discovery"]);
+    let is_file_with = |p: &Path, b: &[u8]| {
+        fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file())
+            && fs::read(p).is_ok_and(|r| r == b)
+    };
+    let is_link_to = |p: &Path, to: &str| fs::read_link(p).is_ok_and(|r| r == Path::new(to));
+    wait_until(Duration::from_secs(30), "the clone", || {
+        is_file_with(&dst.join("f"), &bytes) && is_link_to(&dst.join("l"), "one")
+    });
+    // Each replaced in one rename (from outside the folder): one version, no removal first.
+    let staging = t.path().join("staging");
+    fs::create_dir(&staging).unwrap();
+    fs::write(staging.join("l"), b"was a link").unwrap();
+    fs::rename(staging.join("l"), src.join("l")).unwrap();
+    symlink("elsewhere", staging.join("f")).unwrap();
+    fs::rename(staging.join("f"), src.join("f")).unwrap();
+    wait_until(Duration::from_secs(20), "l a file, f a link", || {
+        is_file_with(&dst.join("l"), b"was a link") && is_link_to(&dst.join("f"), "elsewhere")
+    });
+    fs::write(staging.join("f2"), &bytes).unwrap();
+    set_mtime(&staging.join("f2"), when);
+    fs::rename(staging.join("f2"), src.join("f")).unwrap();
+    wait_until(Duration::from_secs(20), "f a file again", || {
+        is_file_with(&dst.join("f"), &bytes)
+    });
+    assert_same_tree(&src, &dst, &[]);
+    let names: Vec<String> = fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("sync-conflict") || n.contains(".feedsync-"))
+        .collect();
+    assert!(
+        names.is_empty(),
+        "the clone's own entries were moved aside: {names:?}"
+    );
+}
+
 #[test]
 fn directory_mtimes_arrive_after_their_contents() {
     let t = tempfile::tempdir().unwrap();

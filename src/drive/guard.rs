@@ -108,9 +108,25 @@ pub fn remove_dir(root: &dyn Dir, ledger: &mut Ledger, dir: &str) {
     }
 }
 
+/// Refuses a record path whose name is one of the reader's temporary names (the writer's
+/// scan never shares one): a directory or link made there would move a partial download
+/// aside, and the rename meant for that download would then put the directory or link at
+/// the file's final path. Files at such names are refused the same way by the layout.
+fn not_reserved(path: &str) -> io::Result<()> {
+    let name = path.rsplit_once('/').map_or(path, |(_, n)| n);
+    if layout::is_temp_name(name) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the name is reserved for temporary files (refused)",
+        ));
+    }
+    Ok(())
+}
+
 /// Makes the directory `dir` in the folder `root` (its parents already made), moving a local
 /// file in the way aside first; recorded as made here only if this call made it.
 pub fn make_dir(root: &dyn Dir, ledger: &mut Ledger, dir: &str) -> io::Result<Cleared> {
+    not_reserved(dir)?;
     let cleared = match root.metadata(dir)? {
         Some(m) if m.kind == Kind::Dir => return Ok(Cleared::Free),
         Some(m) if ledger.is_ours(root, dir, &m) => {
@@ -176,6 +192,7 @@ pub fn place_link(
     path: &str,
     link: &LinkInfo,
 ) -> io::Result<Cleared> {
+    not_reserved(path)?;
     let hash = link_hash(&link.target);
     let mtime = crate::drive::layout::mtime_of(link.mtime_secs, link.mtime_nanos);
     match root.metadata(path)? {
@@ -184,9 +201,7 @@ pub fn place_link(
             if ledger.files.get(path).is_some_and(|w| w.unchanged(&m)) && m.mtime != mtime {
                 root.set_mtime_at(path, mtime)?;
             }
-            if let Some(m) = root.metadata(path)? {
-                ledger.wrote(path, &m, hash);
-            }
+            record_link(root, ledger, path, &m, hash)?;
             return Ok(Cleared::Free);
         }
         Some(m) if m.kind == Kind::Dir => {
@@ -202,6 +217,10 @@ pub fn place_link(
         _ => {}
     }
     let cleared = clear(root, ledger, path, None)?;
+    // Still there now: this reader's own (replaced). Nothing there: a name taken from here on
+    // is a local user's, never replaced (the link waits for the next version, which moves it
+    // aside).
+    let replace = root.metadata(path)?.is_some();
     let tmp = link_temp(path, &link.target);
     match root.remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -210,15 +229,44 @@ pub fn place_link(
     root.symlink(&link.target, &tmp)?;
     let made = root
         .set_mtime_at(&tmp, mtime)
-        .and_then(|()| root.rename(&tmp, path));
-    if let Err(e) = made {
-        let _ = root.remove_file(&tmp);
-        return Err(e);
-    }
-    if let Some(m) = root.metadata(path)? {
-        ledger.wrote(path, &m, hash);
+        .and_then(|()| root.metadata(&tmp))
+        .and_then(|m| {
+            let m = m.ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+            if replace {
+                root.rename(&tmp, path)?;
+            } else {
+                root.rename_noreplace(&tmp, path)?;
+            }
+            Ok(m)
+        });
+    match made {
+        Ok(m) => record_link(root, ledger, path, &m, hash)?,
+        Err(e) => {
+            let _ = root.remove_file(&tmp);
+            return Err(e);
+        }
     }
     Ok(cleared)
+}
+
+/// Records the link at `path` as this reader's only if it is still the very link `made`
+/// describes: a local user may put a file of theirs at the name between the rename (or the
+/// look) and this one, and that file must never count as ours (it would be deleted or
+/// replaced as such later). Not recorded, the link is looked at again with the next version.
+fn record_link(
+    root: &dyn Dir,
+    ledger: &mut Ledger,
+    path: &str,
+    made: &crate::fsio::Meta,
+    hash: [u8; 32],
+) -> io::Result<()> {
+    if let Some(m) = root.metadata(path)?
+        && m.kind == Kind::Symlink
+        && (m.dev, m.ino) == (made.dev, made.ino)
+    {
+        ledger.wrote(path, &m, hash);
+    }
+    Ok(())
 }
 
 /// Whether the file at `path` is one this reader wrote and nobody changed since (by its
@@ -247,6 +295,13 @@ pub fn apply_file_meta(
         return Ok(());
     }
     let f = root.open(path, OpenHow::READ)?;
+    // The file opened must be the one this reader wrote: a local user may have put another
+    // file (a hard link to one of theirs, even one they do not own) at the name since the
+    // caller looked, and its mode and mtime are theirs.
+    let opened = f.metadata()?;
+    if !ledger.files.get(path).is_some_and(|w| w.unchanged(&opened)) {
+        return Ok(());
+    }
     if m.mode & 0o7777 != mode {
         f.set_mode(mode)?;
     }
@@ -386,6 +441,246 @@ mod tests {
         assert_eq!(fs::read(root.join(&copy)).unwrap(), b"edited here");
         assert!(!root.join("a").exists());
         assert_eq!(l.on_disk.conflicts.len(), 1);
+    }
+
+    #[test]
+    fn a_mode_and_mtime_reach_only_the_file_this_reader_wrote() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = RealDir::open_path(root).unwrap();
+        let mut l = Ledger::default();
+        fs::write(root.join("f"), b"ours").unwrap();
+        l.wrote(
+            "f",
+            &h.metadata("f").unwrap().unwrap(),
+            *blake3::hash(b"ours").as_bytes(),
+        );
+        // A local user puts a file of theirs at the name (after the reader looked).
+        let theirs = dir.path().join("theirs");
+        fs::write(&theirs, b"mine").unwrap();
+        fs::set_permissions(&theirs, fs::Permissions::from_mode(0o600)).unwrap();
+        let before = fs::metadata(&theirs).unwrap();
+        fs::rename(&theirs, root.join("f")).unwrap();
+        let info = FileInfo {
+            mode: 0o666,
+            mtime_secs: 5,
+            ..info_of(b"ours")
+        };
+        apply_file_meta(&h, &mut l, "f", &info).unwrap();
+        let after = fs::metadata(root.join("f")).unwrap();
+        assert_eq!(after.mode() & 0o7777, 0o600, "a file not ours was chmod-ed");
+        assert_eq!(after.mtime(), before.mtime(), "a file not ours was touched");
+        // The file this reader wrote does follow the record.
+        fs::write(root.join("g"), b"ours").unwrap();
+        l.wrote(
+            "g",
+            &h.metadata("g").unwrap().unwrap(),
+            *blake3::hash(b"ours").as_bytes(),
+        );
+        apply_file_meta(&h, &mut l, "g", &info).unwrap();
+        let g = fs::metadata(root.join("g")).unwrap();
+        assert_eq!(g.mode() & 0o7777, crate::drive::perms::file_mode(0o666));
+        assert_eq!(g.mtime(), 5);
+    }
+
+    #[test]
+    fn no_link_or_directory_is_made_at_a_temporary_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = RealDir::open_path(root).unwrap();
+        let mut l = Ledger::default();
+        // A partial download of `f` (its name is derived from the path and the record's hash,
+        // both known to the writer).
+        let temp = ".f.feedsync-0123456789abcdef";
+        fs::write(root.join(temp), b"partial").unwrap();
+        let link = LinkInfo {
+            target: "/etc/shadow".into(),
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        };
+        assert!(place_link(&h, &mut l, temp, &link).is_err());
+        assert!(make_dir(&h, &mut l, temp).is_err());
+        let m = fs::symlink_metadata(root.join(temp)).unwrap();
+        assert!(m.file_type().is_file(), "the partial download was replaced");
+        assert_eq!(fs::read(root.join(temp)).unwrap(), b"partial");
+        assert_eq!(
+            fs::read_dir(root).unwrap().count(),
+            1,
+            "something was moved aside"
+        );
+        assert!(l.on_disk.conflicts.is_empty());
+    }
+
+    /// The folder as a local user racing the reader sees it: right after each rename onto
+    /// `victim`, the user replaces what is there with a file of their own.
+    #[derive(Debug)]
+    struct Racing {
+        inner: RealDir,
+        root: std::path::PathBuf,
+        victim: &'static str,
+        /// Instead: right after the reader made its temporary link, the user makes `victim`.
+        on_symlink: bool,
+    }
+
+    impl Racing {
+        fn renamed(&self, to: &str) -> io::Result<()> {
+            if to == self.victim && !self.on_symlink {
+                fs::remove_file(self.root.join(to))?;
+                fs::write(self.root.join(to), b"the user's")?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Dir for Racing {
+        fn open(&self, rel: &str, how: OpenHow) -> io::Result<Box<dyn crate::fsio::FileIo>> {
+            self.inner.open(rel, how)
+        }
+        fn open_dir(&self, rel: &str) -> io::Result<Box<dyn Dir>> {
+            self.inner.open_dir(rel)
+        }
+        fn create_dir(&self, rel: &str, mode: u32) -> io::Result<()> {
+            self.inner.create_dir(rel, mode)
+        }
+        fn metadata(&self, rel: &str) -> io::Result<Option<crate::fsio::Meta>> {
+            self.inner.metadata(rel)
+        }
+        fn self_metadata(&self) -> io::Result<crate::fsio::Meta> {
+            self.inner.self_metadata()
+        }
+        fn read_dir(&self, rel: &str) -> io::Result<Vec<(String, Kind)>> {
+            self.inner.read_dir(rel)
+        }
+        fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+            self.inner.rename(from, to)?;
+            self.renamed(to)
+        }
+        fn rename_noreplace(&self, from: &str, to: &str) -> io::Result<()> {
+            self.inner.rename_noreplace(from, to)?;
+            self.renamed(to)
+        }
+        fn remove_file(&self, rel: &str) -> io::Result<()> {
+            self.inner.remove_file(rel)
+        }
+        fn remove_dir(&self, rel: &str) -> io::Result<()> {
+            self.inner.remove_dir(rel)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.inner.sync()
+        }
+        fn sync_fs(&self) -> io::Result<()> {
+            self.inner.sync_fs()
+        }
+        fn symlink(&self, target: &str, rel: &str) -> io::Result<()> {
+            self.inner.symlink(target, rel)?;
+            if self.on_symlink {
+                fs::write(self.root.join(self.victim), b"the user's")?;
+            }
+            Ok(())
+        }
+        fn read_link(&self, rel: &str) -> io::Result<Vec<u8>> {
+            self.inner.read_link(rel)
+        }
+        fn set_mtime_at(&self, rel: &str, mtime: SystemTime) -> io::Result<()> {
+            self.inner.set_mtime_at(rel, mtime)
+        }
+    }
+
+    #[test]
+    fn a_file_swapped_in_for_a_new_link_is_never_taken_as_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = Racing {
+            inner: RealDir::open_path(root).unwrap(),
+            root: root.to_path_buf(),
+            victim: "l",
+            on_symlink: false,
+        };
+        let mut l = Ledger::default();
+        let link = LinkInfo {
+            target: "t".into(),
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        };
+        place_link(&h, &mut l, "l", &link).unwrap();
+        assert!(
+            !l.files.contains_key("l"),
+            "the user's file was recorded as ours"
+        );
+        // The writer removes the link: the user's file stays.
+        assert_eq!(remove(&h, &mut l, "l").unwrap(), Removed::Kept);
+        assert_eq!(fs::read(root.join("l")).unwrap(), b"the user's");
+    }
+
+    #[test]
+    fn a_file_made_where_a_new_link_goes_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = Racing {
+            inner: RealDir::open_path(root).unwrap(),
+            root: root.to_path_buf(),
+            victim: "l",
+            on_symlink: true,
+        };
+        let mut l = Ledger::default();
+        let link = LinkInfo {
+            target: "t".into(),
+            mtime_secs: 0,
+            mtime_nanos: 0,
+        };
+        // Nothing at `l` when the reader looked; the user's file there before the rename.
+        assert!(place_link(&h, &mut l, "l", &link).is_err());
+        assert_eq!(fs::read(root.join("l")).unwrap(), b"the user's");
+        assert!(!l.files.contains_key("l"));
+        // The next version moves it aside (kept whole) and makes the link.
+        let h = RealDir::open_path(root).unwrap();
+        let Cleared::MovedAside(copy) = place_link(&h, &mut l, "l", &link).unwrap() else {
+            panic!("the user's file was not moved aside");
+        };
+        assert_eq!(fs::read(root.join(copy)).unwrap(), b"the user's");
+        assert_eq!(fs::read_link(root.join("l")).unwrap(), Path::new("t"));
+        let names: Vec<String> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".feedsync-"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+    }
+
+    #[test]
+    fn a_hostile_directory_mode_never_locks_the_reader_out_nor_reaches_a_user_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let h = RealDir::open_path(root).unwrap();
+        let mut l = Ledger::default();
+        make_dir(&h, &mut l, "d").unwrap();
+        fs::create_dir(root.join("user")).unwrap();
+        fs::set_permissions(root.join("user"), fs::Permissions::from_mode(0o750)).unwrap();
+        for mode in [0o000, 0o500, 0o777] {
+            let d = DirInfo {
+                mode,
+                mtime_secs: -(1 << 40),
+                mtime_nanos: 999_999_999,
+            };
+            apply_dir_meta(&h, &l, "d", &d).unwrap();
+            apply_dir_meta(&h, &l, "user", &d).unwrap();
+            let got = fs::metadata(root.join("d")).unwrap().mode() & 0o7777;
+            assert_eq!(
+                got,
+                crate::drive::perms::file_mode(mode) | 0o700,
+                "{mode:o}"
+            );
+            // The reader can still make and remove entries in it.
+            fs::write(root.join("d/f"), b"x").unwrap();
+            fs::remove_file(root.join("d/f")).unwrap();
+            let user = fs::metadata(root.join("user")).unwrap().mode() & 0o7777;
+            assert_eq!(
+                user, 0o750,
+                "a directory not made here took the writer's mode"
+            );
+        }
     }
 
     #[test]

@@ -86,15 +86,35 @@ pub enum Change {
     },
 }
 
+/// A path as printed for a human: its control characters (ESC, BEL, CR, C1 codes...) escaped
+/// as `\u{..}`. A path is the writer's word (only `/`, NUL and backslashes are refused), and
+/// printed raw it could drive the terminal of whoever runs `log` (rewrite the screen, set the
+/// window title, hide lines).
+fn shown(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.chars().any(char::is_control) {
+        return path.into();
+    }
+    path.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Add { path, size } => write!(f, "add     {path} ({size} bytes)"),
-            Self::Modify { path, size } => write!(f, "modify  {path} ({size} bytes)"),
-            Self::Rename { from, to } => write!(f, "rename  {from} -> {to}"),
-            Self::Remove { path } => write!(f, "remove  {path}"),
-            Self::AddDir { path } => write!(f, "add dir {path}/"),
-            Self::RemoveDir { path } => write!(f, "rm dir  {path}/"),
+            Self::Add { path, size } => write!(f, "add     {} ({size} bytes)", shown(path)),
+            Self::Modify { path, size } => write!(f, "modify  {} ({size} bytes)", shown(path)),
+            Self::Rename { from, to } => write!(f, "rename  {} -> {}", shown(from), shown(to)),
+            Self::Remove { path } => write!(f, "remove  {}", shown(path)),
+            Self::AddDir { path } => write!(f, "add dir {}/", shown(path)),
+            Self::RemoveDir { path } => write!(f, "rm dir  {}/", shown(path)),
             Self::Allow { device } => write!(f, "allow   device {}", crate::util::hex(device)),
             Self::Deny { device, upto } => write!(
                 f,
@@ -257,6 +277,30 @@ pub fn read(root: &Path) -> Result<Vec<LogEntry>, DriveError> {
 mod tests {
     use super::*;
     use crate::drive::record::FileInfo;
+
+    #[test]
+    fn control_characters_in_a_hostile_path_are_printed_escaped() {
+        let path = "a\u{1b}]0;owned\u{7}\u{1b}[2J\r\u{9b}b/é".to_string();
+        let lines = [
+            Change::Add {
+                path: path.clone(),
+                size: 1,
+            },
+            Change::Rename {
+                from: path.clone(),
+                to: path.clone(),
+            },
+            Change::RemoveDir { path },
+        ]
+        .map(|c| c.to_string());
+        for line in &lines {
+            assert!(!line.chars().any(char::is_control), "{line:?}");
+        }
+        assert_eq!(
+            lines[0],
+            "add     a\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\u{d}\\u{9b}b/é (1 bytes)"
+        );
+    }
 
     fn file(tag: u8, size: u64) -> Entry {
         Entry::File(FileInfo {

@@ -215,8 +215,11 @@ impl Layout {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 match self.dir.metadata(&path).map_err(io_err)? {
                     None => self.dir.rename_noreplace(&temp, &path).map_err(io_err)?,
+                    // A file, or a symlink (the link itself is replaced, never followed):
+                    // the guard cleared it first (this reader's own, or moved aside).
                     Some(Meta {
-                        kind: Kind::File, ..
+                        kind: Kind::File | Kind::Symlink,
+                        ..
                     }) => self.dir.rename(&temp, &path).map_err(io_err)?,
                     Some(Meta {
                         kind: Kind::Dir, ..

@@ -429,8 +429,16 @@ impl Reader {
                 Err(e) => b.problem(DriveProblem::io(&b.root.join(d), &e)),
             }
         }
-        // 4. Symlinks, once their parents are there.
+        // 4. Symlinks, once their parents are there. A file of the layout at the path (the
+        //    writer replaced a file by a link) leaves it first: else it would still count as
+        //    in place, and the same file put back later would never be published again.
         for (path, link) in &plan.links {
+            {
+                let mut l = layout::lock(&b.layout);
+                if let Some(id) = l.slot_at(path) {
+                    orphans.extend(l.remove(id));
+                }
+            }
             let parents = layout::lock(&b.layout).make_parents(path);
             if let Err(e) = parents {
                 b.problem(publish_problem(b, e));
