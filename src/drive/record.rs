@@ -100,8 +100,9 @@ impl Record {
     }
 }
 
-/// Longest symlink target a record may carry, in bytes (Linux's `PATH_MAX`).
-pub const MAX_LINK_LEN: usize = 4096;
+/// Longest symlink target a record may carry, in bytes: Linux's `PATH_MAX` less its NUL (a
+/// longer one is refused by `symlinkat`, so a reader could never make it).
+pub const MAX_LINK_LEN: usize = 4095;
 
 /// A file, directory or symlink as recorded.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
