@@ -523,7 +523,7 @@ impl Merge {
                 ops.push((o.order, l.id, o.seq, k, &o.op));
             }
         }
-        ops.sort_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
+        ops.sort_by_key(|a| (a.0, a.1, a.2, a.3));
         let mut m = Members::default();
         m.allowed.insert(self.founder);
         let before = self.members.bound.clone();
@@ -686,8 +686,12 @@ impl Merge {
                 },
             );
         }
-        // A copy stays unless a record at its name supersedes it (the copy deleted or edited
-        // there); a record at that name it does not supersede competes with it by the rule.
+        // A copy stays unless a later record at its name supersedes it (the copy deleted or
+        // edited there); a record at that name it does not supersede competes with it by the
+        // rule. Later, not the same block: the name is a function of the loser's mtime and
+        // device, so a block that removes an earlier copy and puts its content back at the path
+        // (a rename of the copy to its original name) must not hide the copy that content
+        // makes when it loses there again to a concurrent edit.
         for (name, losers) in copies {
             let real = self
                 .paths
@@ -695,7 +699,8 @@ impl Merge {
                 .map(|r| self.heads(r))
                 .unwrap_or_default();
             for (loser, of) in losers {
-                if real.iter().any(|s| self.covers(s, &loser)) {
+                let later = |s: &Rec| (s.device, s.seq) != (loser.device, loser.seq);
+                if real.iter().any(|s| later(s) && self.covers(s, &loser)) {
                     continue;
                 }
                 let keep = match tree.get(&name) {
@@ -725,21 +730,29 @@ impl Merge {
     }
 
     /// Records a device writing at `path` must add to its block so that no conflict copy
-    /// vanishes: the copies the current heads at `path` make, as plain puts. (Once its record
+    /// vanishes: the copies of losers at `path` its tree shows, as plain puts. (Once its record
     /// supersedes those heads, the copies would no longer follow from the records.)
+    ///
+    /// Taken from [`Merge::tree`], not from the heads alone: a copy that a record at its name
+    /// supersedes (the user edited or deleted it there) must not be put back over that edit,
+    /// and a file that lost to a directory inside it (its copy made by the tree's shape) must
+    /// be kept too. O(paths): a writer with many paths to write calls
+    /// [`Merge::preserve_all`] once instead.
     pub fn preserve(&self, path: &str) -> Vec<Record> {
-        let Some(recs) = self.paths.get(path) else {
-            return Vec::new();
-        };
-        let heads = self.heads(recs);
-        let Some(w) = self.winner(&heads) else {
-            return Vec::new();
-        };
-        self.copies_of(path, &heads, w)
+        self.preserve_all(&[path])
+    }
+
+    /// [`Merge::preserve`] for several paths at once, from one tree.
+    pub fn preserve_all(&self, paths: &[&str]) -> Vec<Record> {
+        let paths: HashSet<&str> = paths.iter().copied().collect();
+        self.tree()
             .into_iter()
-            .map(|(name, r)| Record::Put {
-                path: name,
-                entry: r.entry.expect("copies are of puts"),
+            .filter_map(|(name, r)| match r.source {
+                Source::Conflict { of, .. } if paths.contains(of.as_str()) => Some(Record::Put {
+                    path: name,
+                    entry: r.entry,
+                }),
+                _ => None,
             })
             .collect()
     }

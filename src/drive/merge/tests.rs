@@ -361,3 +361,80 @@ fn a_denial_that_arrives_after_what_it_cuts_off_is_applied_by_starting_over() {
     assert!(t.contains_key("x") && !t.contains_key("y"), "{t:?}");
     assert_eq!(t, merged(&[&a, &b]).tree(), "as if the denial came first");
 }
+
+/// Found by `tests/sim_two_way.rs`, seed 1: `preserve` put a copy back from the heads alone,
+/// over the edit a user had made to that copy.
+#[test]
+fn preserving_copies_never_puts_one_back_over_an_edit_of_it() {
+    let (mut ma, mut a, mut b, _) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x", file(1, 1))]);
+    b.write(&mut mb, vec![put("x", file(2, 2))]);
+    let mut m = merged(&[&a, &b]);
+    let copy = m
+        .tree()
+        .into_keys()
+        .find(|k| k.contains("conflict"))
+        .unwrap();
+    // A edits the copy, then writes x with what `preserve` asks for.
+    a.write(&mut m, vec![put(&copy, file(3, 3))]);
+    assert_eq!(entry_at(&m.tree(), &copy), Some(file(3, 3)));
+    assert!(m.preserve("x").is_empty(), "the copy the tree shows is A's");
+    let mut records = m.preserve("x");
+    records.push(put("x", file(4, 4)));
+    a.write(&mut m, records);
+    assert_eq!(
+        entry_at(&m.tree(), &copy),
+        Some(file(3, 3)),
+        "the edit stands"
+    );
+}
+
+/// A file that lost to a directory inside it (a copy the tree's shape makes, not a head's)
+/// is kept by `preserve` too when a device records that directory.
+#[test]
+fn preserving_keeps_a_file_that_lost_to_what_is_inside_it() {
+    let (mut ma, mut a, mut b, _) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("p", file(1, 1))]);
+    b.write(&mut mb, vec![put("p/inner", file(2, 2))]);
+    let mut m = merged(&[&a, &b]);
+    let copy = "p.sync-conflict-19700101-000001-a0a0a0a0";
+    assert_eq!(entry_at(&m.tree(), copy), Some(file(1, 1)));
+    // A's scan finds the directory p on disk and records it.
+    let mut records = m.preserve("p");
+    assert_eq!(records.len(), 1);
+    records.push(put("p", Entry::Dir));
+    a.write(&mut m, records);
+    assert_eq!(entry_at(&m.tree(), copy), Some(file(1, 1)));
+}
+
+/// Found by `tests/sim_two_way.rs`, seed 277: a copy renamed back to its path, that loses
+/// there again to a concurrent edit, makes a copy of the same name; the block's own removal of
+/// the old copy must not hide it.
+#[test]
+fn a_copy_renamed_back_that_loses_again_is_copied_again() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x", file(1, 1))]);
+    let mut mc = merged(&[&a, &c]);
+    b.write(&mut mb, vec![put("x", file(2, 2))]);
+    let mut m = merged(&[&a, &b]);
+    let copy = m
+        .tree()
+        .into_keys()
+        .find(|k| k.contains("conflict"))
+        .unwrap();
+    // A renames its copy back to x (the block removes the copy and puts its content at x).
+    let mut records = m.preserve(&copy);
+    records.extend(m.preserve("x"));
+    records.extend([rm(&copy), put("x", file(1, 1))]);
+    a.write(&mut m, records);
+    assert_eq!(entry_at(&m.tree(), "x"), Some(file(1, 1)));
+    assert_eq!(entry_at(&m.tree(), &copy), None);
+    // Concurrently C, having seen A's first x only, writes x with a newer mtime.
+    c.write(&mut mc, vec![put("x", file(3, 3))]);
+    let t = merged(&[&a, &b, &c]).tree();
+    assert_eq!(entry_at(&t, "x"), Some(file(3, 3)));
+    assert_eq!(entry_at(&t, &copy), Some(file(1, 1)), "{t:#?}");
+}
