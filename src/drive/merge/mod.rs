@@ -20,8 +20,9 @@
 //!   edit beats a removal; the newer modification time wins, then the larger device id. Each
 //!   losing file or link whose content differs from the winner's stays in the tree as a
 //!   **conflict copy**, `NAME.sync-conflict-<date>-<time>-<device>.<ext>` (the loser's mtime,
-//!   UTC, and device): a pure function of the records, so every device shows the same copy
-//!   and nothing has to be written for it to exist. A device that later writes a record
+//!   UTC, and device; `-1`, `-2`... before the extension when something else holds that name):
+//!   a pure function of the records, so every device shows the same copy and nothing has to
+//!   be written for it to exist. A device that later writes a record
 //!   superseding the heads writes the copies as real files in the same block
 //!   ([`Merge::preserve`]), so resolving a conflict never removes the loser's bytes.
 //! - **Membership** is signed history too: the founder is always a member; [`Record::Allow`]
@@ -186,7 +187,8 @@ pub struct Conflict {
     /// The winner's dot.
     pub winner: Dot,
     /// The losers' dots, and where each one's copy is (`None`: same content as the winner,
-    /// a removal, a directory, or a copy that itself lost).
+    /// a removal, a directory, a copy deleted or edited at its name, or one whose name and
+    /// every alternative are held by other content).
     pub losers: Vec<(Dot, Option<String>)>,
 }
 
@@ -608,6 +610,15 @@ impl Merge {
 
     /// Every path with several heads, and what became of each loser.
     pub fn conflicts(&self) -> Vec<Conflict> {
+        let tree = self.tree();
+        // Where each loser's copy is: (loser, the path it lost at) -> copy path.
+        let copies: HashMap<(Dot, &str), &String> = tree
+            .iter()
+            .filter_map(|(name, r)| match &r.source {
+                Source::Conflict { dot, of } => Some(((*dot, of.as_str()), name)),
+                _ => None,
+            })
+            .collect();
         let mut out = Vec::new();
         for (path, recs) in &self.paths {
             let heads = self.heads(recs);
@@ -617,7 +628,6 @@ impl Merge {
             let Some(w) = self.winner(&heads) else {
                 continue;
             };
-            let tree_copies = self.copies_of(path, &heads, w);
             out.push(Conflict {
                 path: path.clone(),
                 winner: self.dot(w),
@@ -625,11 +635,9 @@ impl Merge {
                     .iter()
                     .filter(|r| r.device != w.device)
                     .map(|r| {
-                        let name = tree_copies
-                            .iter()
-                            .find(|(_, c)| c.device == r.device)
-                            .map(|(n, _)| n.clone());
-                        (self.dot(r), name)
+                        let dot = self.dot(r);
+                        let name = copies.get(&(dot, path.as_str())).map(|n| (*n).clone());
+                        (dot, name)
                     })
                     .collect(),
             });
@@ -687,41 +695,45 @@ impl Merge {
             );
         }
         // A copy stays unless a later record at its name supersedes it (the copy deleted or
-        // edited there); a record at that name it does not supersede competes with it by the
-        // rule. Later, not the same block: the name is a function of the loser's mtime and
-        // device, so a block that removes an earlier copy and puts its content back at the path
-        // (a rename of the copy to its original name) must not hide the copy that content
-        // makes when it loses there again to a concurrent edit.
+        // edited there). Later, not the same block: the name is a function of the loser's
+        // mtime and device, so a block that removes an earlier copy and puts its content back
+        // at the path (a rename of the copy to its original name) must not hide the copy that
+        // content makes when it loses there again to a concurrent edit.
+        //
+        // A name held by something else (a record there that does not supersede the copy, or
+        // another copy: the same device lost twice at one path within one second) is not
+        // fought over, which would drop one of them: the copy takes the next free alternative,
+        // `-1`, `-2`... before the extension, in a fixed order every device follows.
         for (name, losers) in copies {
-            let real = self
-                .paths
-                .get(&name)
-                .map(|r| self.heads(r))
-                .unwrap_or_default();
             for (loser, of) in losers {
+                let entry = loser.entry.clone().expect("copies are of puts");
                 let later = |s: &Rec| (s.device, s.seq) != (loser.device, loser.seq);
-                if real.iter().any(|s| later(s) && self.covers(s, &loser)) {
-                    continue;
-                }
-                let keep = match tree.get(&name) {
-                    None => true,
-                    Some(existing) => match &existing.source {
-                        Source::Record(d) => {
-                            let holder = real.iter().find(|r| self.dot(r) == *d);
-                            holder.is_none_or(|h| self.rank(&loser) > self.rank(h))
+                let base = of.rsplit_once('/').map_or(of.as_str(), |(_, n)| n);
+                for n in 0..=MAX_ALTERNATIVES {
+                    let candidate = alternative(&name, base, n);
+                    let real = self
+                        .paths
+                        .get(&candidate)
+                        .map(|r| self.heads(r))
+                        .unwrap_or_default();
+                    if real.iter().any(|s| later(s) && self.covers(s, &loser)) {
+                        break;
+                    }
+                    match tree.get(&candidate) {
+                        Some(held) if same_content(&held.entry, &entry) => break,
+                        Some(_) => continue,
+                        None => {
+                            let dot = self.dot(&loser);
+                            tree.insert(
+                                candidate,
+                                Resolved {
+                                    entry,
+                                    source: Source::Conflict { dot, of },
+                                },
+                            );
+                            break;
                         }
-                        _ => false,
-                    },
-                };
-                if keep {
-                    let dot = self.dot(&loser);
-                    tree.insert(
-                        name.clone(),
-                        Resolved {
-                            entry: loser.entry.clone().expect("copies are of puts"),
-                            source: Source::Conflict { dot, of },
-                        },
-                    );
+                    }
                 }
             }
         }
@@ -792,13 +804,28 @@ fn shape(tree: &mut Tree) {
                         Some(d) => format!("{d}/{copy}"),
                         None => copy,
                     };
-                    tree.entry(copy).or_insert(Resolved {
-                        entry: r.entry,
-                        source: Source::Conflict {
-                            dot,
-                            of: parent.clone(),
-                        },
-                    });
+                    // As for the records' copies: a name held by something else takes the
+                    // next alternative, never the file's place.
+                    for n in 0..=MAX_ALTERNATIVES {
+                        let candidate = alternative(&copy, name, n);
+                        match tree.get(&candidate) {
+                            Some(held) if same_content(&held.entry, &r.entry) => break,
+                            Some(_) => continue,
+                            None => {
+                                tree.insert(
+                                    candidate,
+                                    Resolved {
+                                        entry: r.entry,
+                                        source: Source::Conflict {
+                                            dot,
+                                            of: parent.clone(),
+                                        },
+                                    },
+                                );
+                                break;
+                            }
+                        }
+                    }
                 }
                 tree.insert(
                     parent.clone(),
@@ -818,6 +845,27 @@ fn shape(tree: &mut Tree) {
                 );
             }
         }
+    }
+}
+
+/// Alternative names a conflict copy tries when its own is held by something else. Bounded:
+/// only a device that makes that many same-second copies of one path (a hostile one) can run
+/// out, and then the copy is not shown (its record is still there).
+const MAX_ALTERNATIVES: u32 = 16;
+
+/// The `n`-th alternative of the copy name `primary` of a file named `base` (0: `primary`):
+/// `-n` before the extension, as one-writer folders number their copies.
+fn alternative(primary: &str, base: &str, n: u32) -> String {
+    if n == 0 {
+        return primary.to_owned();
+    }
+    match base.rfind('.') {
+        Some(i) if i > 0 && i + 1 < base.len() => {
+            let ext = &base[i..];
+            let stem = primary.strip_suffix(ext).unwrap_or(primary);
+            format!("{stem}-{n}{ext}")
+        }
+        _ => format!("{primary}-{n}"),
     }
 }
 

@@ -438,3 +438,30 @@ fn a_copy_renamed_back_that_loses_again_is_copied_again() {
     assert_eq!(entry_at(&t, "x"), Some(file(3, 3)));
     assert_eq!(entry_at(&t, &copy), Some(file(1, 1)), "{t:#?}");
 }
+
+/// Found by `tests/sim_two_way.rs`, seed 7472: the same device lost twice at one path within
+/// one second, so both copies have one name; C had edited the first copy there. Both C's edit
+/// and the second copy stay (the copy under the next alternative name); before, the one the
+/// rule ranked lower was dropped.
+#[test]
+fn a_copy_whose_name_is_held_takes_the_next_alternative() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x.txt", file(1, 5))]);
+    b.write(&mut mb, vec![put("x.txt", file(2, 9))]);
+    let mut mc = merged(&[&a, &b, &c]);
+    let copy = "x.sync-conflict-19700101-000005-a0a0a0a0.txt";
+    assert_eq!(entry_at(&mc.tree(), copy), Some(file(1, 5)));
+    c.write(&mut mc, vec![put(copy, file(3, 1))]);
+    // A writes x again in the same second, without having seen B's x or C's edit.
+    a.write(&mut ma, vec![put("x.txt", file(4, 5))]);
+    let m = merged(&[&a, &b, &c]);
+    let t = m.tree();
+    assert_eq!(entry_at(&t, "x.txt"), Some(file(2, 9)));
+    assert_eq!(entry_at(&t, copy), Some(file(3, 1)), "C's edit stays");
+    let second = "x.sync-conflict-19700101-000005-a0a0a0a0-1.txt";
+    assert_eq!(entry_at(&t, second), Some(file(4, 5)), "{t:#?}");
+    assert_eq!(t, merged(&[&c, &b, &a]).tree());
+    let losers = &m.conflicts()[0].losers;
+    assert_eq!(losers[0].1.as_deref(), Some(second));
+}
