@@ -198,6 +198,9 @@ struct Rec {
     device: u16,
     seq: u64,
     entry: Option<Entry>,
+    /// Position of this device's record at this path before this one (0: none); enough to
+    /// tell what its writer's tree showed there (see `saw_a_file`).
+    prev: u64,
 }
 
 /// A membership record, where it was written.
@@ -494,10 +497,18 @@ impl Merge {
         let recs = self.paths.entry(path.to_owned()).or_default();
         match recs.iter_mut().find(|r| r.device == device) {
             Some(r) => {
+                if r.seq != seq {
+                    r.prev = r.seq;
+                }
                 r.seq = seq;
                 r.entry = entry;
             }
-            None => recs.push(Rec { device, seq, entry }),
+            None => recs.push(Rec {
+                device,
+                seq,
+                entry,
+                prev: 0,
+            }),
         }
     }
 
@@ -703,7 +714,10 @@ impl Merge {
         // A name held by something else (a record there that does not supersede the copy, or
         // another copy: the same device lost twice at one path within one second) is not
         // fought over, which would drop one of them: the copy takes the next free alternative,
-        // `-1`, `-2`... before the extension, in a fixed order every device follows.
+        // `-1`, `-2`... before the extension, in a fixed order every device follows. So a
+        // record at a name hides the copy only if its writer saw no other file there (it
+        // acted on the copy, not on the file that held the name while the copy was under an
+        // alternative).
         for (name, losers) in copies {
             for (loser, of) in losers {
                 let entry = loser.entry.clone().expect("copies are of puts");
@@ -711,12 +725,12 @@ impl Merge {
                 let base = of.rsplit_once('/').map_or(of.as_str(), |(_, n)| n);
                 for n in 0..=MAX_ALTERNATIVES {
                     let candidate = alternative(&name, base, n);
-                    let real = self
-                        .paths
-                        .get(&candidate)
-                        .map(|r| self.heads(r))
-                        .unwrap_or_default();
-                    if real.iter().any(|s| later(s) && self.covers(s, &loser)) {
+                    let recs = self.paths.get(&candidate).map_or(&[][..], Vec::as_slice);
+                    let real = self.heads(recs);
+                    if real
+                        .iter()
+                        .any(|s| later(s) && self.covers(s, &loser) && !self.saw_a_file(s, recs))
+                    {
                         break;
                     }
                     match tree.get(&candidate) {
@@ -739,6 +753,31 @@ impl Merge {
         }
         shape(&mut tree);
         tree
+    }
+
+    /// Whether the writer of `s` (a record at a copy's name) saw a file of another device's
+    /// there: then `s` replaced or deleted that file, not a copy its tree showed under another
+    /// name (the next alternative, the name being held). Judged from the records at the name
+    /// that `s` supersedes, as its writer's tree had them.
+    fn saw_a_file(&self, s: &Rec, recs: &[Rec]) -> bool {
+        let seen: Vec<&Rec> = recs
+            .iter()
+            .filter(|r| r.device != s.device && self.counts(r) && self.covers(s, r))
+            .collect();
+        // Its writer's own record there before `s` (one step back) may have hidden one too.
+        let before = (s.prev > 0).then_some(Rec {
+            device: s.device,
+            seq: s.prev,
+            entry: None,
+            prev: 0,
+        });
+        seen.iter().any(|r| {
+            r.entry.is_some()
+                && !seen
+                    .iter()
+                    .any(|o| o.device != r.device && self.covers(o, r))
+                && !before.as_ref().is_some_and(|b| self.covers(b, r))
+        })
     }
 
     /// Records a device writing at `path` must add to its block so that no conflict copy

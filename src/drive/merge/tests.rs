@@ -465,3 +465,29 @@ fn a_copy_whose_name_is_held_takes_the_next_alternative() {
     let losers = &m.conflicts()[0].losers;
     assert_eq!(losers[0].1.as_deref(), Some(second));
 }
+
+/// Found by `tests/sim_two_way.rs`, seed 44655: a copy under an alternative name (its own
+/// held by C's edit there) is not hidden by A removing that name: A deleted C's file, not
+/// the copy, which then takes the freed name.
+#[test]
+fn removing_the_file_that_held_a_copys_name_keeps_the_copy() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x.txt", file(1, 5))]);
+    b.write(&mut mb, vec![put("x.txt", file(2, 9))]);
+    let mut mc = merged(&[&a, &b, &c]);
+    let copy = "x.sync-conflict-19700101-000005-a0a0a0a0.txt";
+    c.write(&mut mc, vec![put(copy, file(3, 1))]);
+    a.write(&mut ma, vec![put("x.txt", file(4, 5))]);
+    let mut m = merged(&[&a, &b, &c]);
+    let second = "x.sync-conflict-19700101-000005-a0a0a0a0-1.txt";
+    assert_eq!(entry_at(&m.tree(), second), Some(file(4, 5)));
+    // A renames C's file away: its block removes the name the copy is derived from.
+    a.write(&mut m, vec![rm(copy), put("kept", file(3, 1))]);
+    let t = m.tree();
+    assert_eq!(entry_at(&t, copy), Some(file(4, 5)), "{t:#?}");
+    assert_eq!(entry_at(&t, "kept"), Some(file(3, 1)));
+    // Deleting the copy where it now is hides it.
+    a.write(&mut m, vec![rm(copy)]);
+    assert!(!m.tree().values().any(|r| r.entry == file(4, 5)));
+}
