@@ -198,9 +198,14 @@ struct Rec {
     device: u16,
     seq: u64,
     entry: Option<Entry>,
-    /// Position of this device's record at this path before this one (0: none); enough to
-    /// tell what its writer's tree showed there (see `saw_a_file`).
+    /// Where this device's run of puts at this path (edits of one file, no removal between)
+    /// began (0: this is a removal).
+    run: u64,
+    /// Position of this device's record at this path before this one (0: none), and where
+    /// that one's run began (0: a removal): enough to tell what the writer's tree showed there
+    /// (see `saw_a_file`).
     prev: u64,
+    prev_run: u64,
 }
 
 /// A membership record, where it was written.
@@ -499,15 +504,23 @@ impl Merge {
             Some(r) => {
                 if r.seq != seq {
                     r.prev = r.seq;
+                    r.prev_run = r.run;
                 }
+                r.run = match (&entry, r.prev_run) {
+                    (None, _) => 0,
+                    (Some(_), 0) => seq,
+                    (Some(_), run) => run,
+                };
                 r.seq = seq;
                 r.entry = entry;
             }
             None => recs.push(Rec {
                 device,
                 seq,
+                run: if entry.is_some() { seq } else { 0 },
                 entry,
                 prev: 0,
+                prev_run: 0,
             }),
         }
     }
@@ -727,10 +740,9 @@ impl Merge {
                     let candidate = alternative(&name, base, n);
                     let recs = self.paths.get(&candidate).map_or(&[][..], Vec::as_slice);
                     let real = self.heads(recs);
-                    if real
-                        .iter()
-                        .any(|s| later(s) && self.covers(s, &loser) && !self.saw_a_file(s, recs))
-                    {
+                    if real.iter().any(|s| {
+                        later(s) && self.covers(s, &loser) && !self.saw_a_file(s, &loser, recs)
+                    }) {
                         break;
                     }
                     match tree.get(&candidate) {
@@ -755,28 +767,43 @@ impl Merge {
         tree
     }
 
-    /// Whether the writer of `s` (a record at a copy's name) saw a file of another device's
-    /// there: then `s` replaced or deleted that file, not a copy its tree showed under another
-    /// name (the next alternative, the name being held). Judged from the records at the name
-    /// that `s` supersedes, as its writer's tree had them.
-    fn saw_a_file(&self, s: &Rec, recs: &[Rec]) -> bool {
-        let seen: Vec<&Rec> = recs
+    /// Whether the writer of `s` (a record at a copy's name) saw a file there other than the
+    /// copy of `loser`: then `s` replaced or deleted that file, not the copy, which its tree
+    /// showed under an alternative name (this one being held). Judged from the records at the
+    /// name that `s` supersedes and from its writer's own record there before `s` (one step
+    /// back), as its writer's tree had them.
+    fn saw_a_file(&self, s: &Rec, loser: &Rec, recs: &[Rec]) -> bool {
+        let mut seen: Vec<Rec> = recs
             .iter()
             .filter(|r| r.device != s.device && self.counts(r) && self.covers(s, r))
+            .cloned()
             .collect();
-        // Its writer's own record there before `s` (one step back) may have hidden one too.
-        let before = (s.prev > 0).then_some(Rec {
-            device: s.device,
-            seq: s.prev,
-            entry: None,
-            prev: 0,
-        });
+        if s.prev > 0 {
+            // Its own file there before `s`: a run of puts that began after the loser may be
+            // the copy edited in place, not another file; one that began in the loser's own
+            // block or before it is another file.
+            let start = Rec {
+                device: s.device,
+                seq: s.prev_run,
+                entry: None,
+                run: 0,
+                prev: 0,
+                prev_run: 0,
+            };
+            let copy_edited = s.prev_run > 0
+                && (start.device, start.seq) != (loser.device, loser.seq)
+                && self.covers(&start, loser);
+            seen.push(Rec {
+                seq: s.prev,
+                entry: (s.prev_run > 0 && !copy_edited).then_some(Entry::Dir),
+                ..start
+            });
+        }
         seen.iter().any(|r| {
             r.entry.is_some()
                 && !seen
                     .iter()
-                    .any(|o| o.device != r.device && self.covers(o, r))
-                && !before.as_ref().is_some_and(|b| self.covers(b, r))
+                    .any(|o| (o.device, o.seq) != (r.device, r.seq) && self.covers(o, r))
         })
     }
 

@@ -491,3 +491,53 @@ fn removing_the_file_that_held_a_copys_name_keeps_the_copy() {
     a.write(&mut m, vec![rm(copy)]);
     assert!(!m.tree().values().any(|r| r.entry == file(4, 5)));
 }
+
+/// Found by `tests/sim_two_way.rs`, seeds 81302 and 54202: A resolves a conflict in the same
+/// second its first edit lost (its block preserves that copy as a file and puts new content
+/// at x), and the new content loses again; its copy goes to `-1`, the name being A's file.
+/// A deleting (or editing, then renaming away) that file does not hide the second copy.
+#[test]
+fn deleting_a_preserved_copy_keeps_a_later_copy_of_the_same_name() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    let mut mc = merged(&[&a, &c]);
+    a.write(&mut ma, vec![put("x", file(1, 5))]);
+    b.write(&mut mb, vec![put("x", file(2, 9))]);
+    let mut m = merged(&[&a, &b]);
+    let copy = "x.sync-conflict-19700101-000005-a0a0a0a0";
+    let mut records = m.preserve("x");
+    records.push(put("x", file(3, 5)));
+    a.write(&mut m, records);
+    // C, concurrent with all that, writes x with a newer mtime; A sees it.
+    c.write(&mut mc, vec![put("x", file(4, 20))]);
+    c.catch_up(&mut m);
+    let second = "x.sync-conflict-19700101-000005-a0a0a0a0-1";
+    assert_eq!(entry_at(&m.tree(), copy), Some(file(1, 5)));
+    assert_eq!(entry_at(&m.tree(), second), Some(file(3, 5)));
+    // A edits its file there, then deletes it: the copy of file 3 stays.
+    a.write(&mut m, vec![put(copy, file(5, 30))]);
+    a.write(&mut m, vec![rm(copy)]);
+    let t = m.tree();
+    assert!(t.values().any(|r| r.entry == file(3, 5)), "{t:#?}");
+    assert!(
+        !t.values()
+            .any(|r| r.entry == file(1, 5) || r.entry == file(5, 30))
+    );
+}
+
+/// The other side of the rule above: a copy edited in place, then deleted, stays gone.
+#[test]
+fn a_copy_edited_then_deleted_stays_gone() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x", file(1, 5))]);
+    b.write(&mut mb, vec![put("x", file(2, 9))]);
+    let mut m = merged(&[&a, &b, &c]);
+    let copy = "x.sync-conflict-19700101-000005-a0a0a0a0";
+    c.write(&mut m, vec![put(copy, file(3, 1))]);
+    c.write(&mut m, vec![put(copy, file(4, 2))]);
+    c.write(&mut m, vec![rm(copy)]);
+    let t = m.tree();
+    assert_eq!(t.len(), 1, "{t:#?}");
+    assert_eq!(entry_at(&t, "x"), Some(file(2, 9)));
+}
