@@ -808,6 +808,19 @@ impl World {
                 content(&r.entry),
                 "{name} is a copy of the winner at {of}"
             );
+            // The winner rule between two files: the newer mtime, then the larger device.
+            if let Some(Resolved {
+                entry: Entry::File(w),
+                source: Source::Record(wdot),
+            }) = tree.get(of)
+            {
+                assert!(
+                    ((w.mtime_secs, w.mtime_nanos), wdot.device)
+                        > ((f.mtime_secs, f.mtime_nanos), dot.device),
+                    "{of}: {} won over the copy {name}",
+                    resolved(&tree[of])
+                );
+            }
         }
     }
 }
