@@ -29,6 +29,9 @@ pub fn device_conflict_name(name: &str, at: SystemTime, device: &[u8; 32]) -> St
     tagged_name(name, at, Some(&tag), 0)
 }
 
+/// Bytes kept free in a copy's name for a numbered alternative (`-16`).
+const ALTERNATIVE_ROOM: usize = 3;
+
 /// Longest file name most file systems take (bytes): a copy's name is cut to fit it.
 pub const NAME_MAX: usize = 255;
 
@@ -51,9 +54,12 @@ pub fn device_conflict_path(path: &str, at: SystemTime, device: &[u8; 32]) -> St
         None => copy,
     };
     let copy = device_conflict_name(name, at, device);
+    // Room for the name, less what a numbered alternative adds (`-16`, see `drive::merge`).
     let room = |dir: Option<&str>| {
         let used = dir.map_or(0, |d| d.len() + 1);
-        NAME_MAX.min(MAX_PATH_LEN.saturating_sub(used))
+        NAME_MAX
+            .min(MAX_PATH_LEN.saturating_sub(used))
+            .saturating_sub(ALTERNATIVE_ROOM)
     };
     if copy.len() <= room(dir) {
         return full(dir, copy);

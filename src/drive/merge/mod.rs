@@ -20,8 +20,9 @@
 //!   edit beats a removal; the newer modification time wins, then the larger device id. Each
 //!   losing file or link whose content differs from the winner's stays in the tree as a
 //!   **conflict copy**, `NAME.sync-conflict-<date>-<time>-<device>.<ext>` (the loser's mtime,
-//!   UTC, and device): a pure function of the records, so every device shows the same copy
-//!   and nothing has to be written for it to exist. A device that later writes a record
+//!   UTC, and device; `-1`, `-2`... before the extension when something else holds that name):
+//!   a pure function of the records, so every device shows the same copy and nothing has to
+//!   be written for it to exist. A device that later writes a record
 //!   superseding the heads writes the copies as real files in the same block
 //!   ([`Merge::preserve`]), so resolving a conflict never removes the loser's bytes.
 //! - **Membership** is signed history too: the founder is always a member; [`Record::Allow`]
@@ -36,10 +37,10 @@
 //! `max_depth`. A block that would pass a cap is refused whole and that device's feed stops
 //! there ([`MergeError`]); other devices go on.
 
-use super::conflict::device_conflict_name;
+use super::conflict::device_conflict_path;
 use super::record::{Entry, Limits, Record, RecordError};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
@@ -186,7 +187,8 @@ pub struct Conflict {
     /// The winner's dot.
     pub winner: Dot,
     /// The losers' dots, and where each one's copy is (`None`: same content as the winner,
-    /// a removal, a directory, or a copy that itself lost).
+    /// a removal, a directory, a copy deleted or edited at its name, or one whose name and
+    /// every alternative are held by other content).
     pub losers: Vec<(Dot, Option<String>)>,
 }
 
@@ -196,6 +198,14 @@ struct Rec {
     device: u16,
     seq: u64,
     entry: Option<Entry>,
+    /// Where this device's run of puts at this path (edits of one file, no removal between)
+    /// began (0: this is a removal).
+    run: u64,
+    /// Position of this device's record at this path before this one (0: none), and where
+    /// that one's run began (0: a removal): enough to tell what the writer's tree showed there
+    /// (see `saw_a_file`).
+    prev: u64,
+    prev_run: u64,
 }
 
 /// A membership record, where it was written.
@@ -492,10 +502,26 @@ impl Merge {
         let recs = self.paths.entry(path.to_owned()).or_default();
         match recs.iter_mut().find(|r| r.device == device) {
             Some(r) => {
+                if r.seq != seq {
+                    r.prev = r.seq;
+                    r.prev_run = r.run;
+                }
+                r.run = match (&entry, r.prev_run) {
+                    (None, _) => 0,
+                    (Some(_), 0) => seq,
+                    (Some(_), run) => run,
+                };
                 r.seq = seq;
                 r.entry = entry;
             }
-            None => recs.push(Rec { device, seq, entry }),
+            None => recs.push(Rec {
+                device,
+                seq,
+                run: if entry.is_some() { seq } else { 0 },
+                entry,
+                prev: 0,
+                prev_run: 0,
+            }),
         }
     }
 
@@ -608,6 +634,15 @@ impl Merge {
 
     /// Every path with several heads, and what became of each loser.
     pub fn conflicts(&self) -> Vec<Conflict> {
+        let tree = self.tree();
+        // Where each loser's copy is: (loser, the path it lost at) -> copy path.
+        let copies: HashMap<(Dot, &str), &String> = tree
+            .iter()
+            .filter_map(|(name, r)| match &r.source {
+                Source::Conflict { dot, of } => Some(((*dot, of.as_str()), name)),
+                _ => None,
+            })
+            .collect();
         let mut out = Vec::new();
         for (path, recs) in &self.paths {
             let heads = self.heads(recs);
@@ -617,7 +652,6 @@ impl Merge {
             let Some(w) = self.winner(&heads) else {
                 continue;
             };
-            let tree_copies = self.copies_of(path, &heads, w);
             out.push(Conflict {
                 path: path.clone(),
                 winner: self.dot(w),
@@ -625,11 +659,9 @@ impl Merge {
                     .iter()
                     .filter(|r| r.device != w.device)
                     .map(|r| {
-                        let name = tree_copies
-                            .iter()
-                            .find(|(_, c)| c.device == r.device)
-                            .map(|(n, _)| n.clone());
-                        (self.dot(r), name)
+                        let dot = self.dot(r);
+                        let name = copies.get(&(dot, path.as_str())).map(|n| (*n).clone());
+                        (dot, name)
                     })
                     .collect(),
             });
@@ -653,17 +685,9 @@ impl Merge {
     }
 
     fn copy_path(&self, path: &str, r: &Rec) -> String {
-        let (dir, name) = match path.rsplit_once('/') {
-            Some((d, n)) => (Some(d), n),
-            None => (None, path),
-        };
         let (secs, nanos) = r.entry.as_ref().map_or((0, 0), modified);
         let at = mtime_to_system(secs, nanos);
-        let copy = device_conflict_name(name, at, &self.logs[r.device as usize].id);
-        match dir {
-            Some(d) => format!("{d}/{copy}"),
-            None => copy,
-        }
+        device_conflict_path(path, at, &self.logs[r.device as usize].id)
     }
 
     /// The merged tree. O(paths); see the module docs for the rule.
@@ -687,37 +711,48 @@ impl Merge {
                 },
             );
         }
-        // A copy stays unless a record at its name supersedes it (the copy deleted or edited
-        // there); a record at that name it does not supersede competes with it by the rule.
+        // A copy stays unless a later record at its name supersedes it (the copy deleted or
+        // edited there). Later, not the same block: the name is a function of the loser's
+        // mtime and device, so a block that removes an earlier copy and puts its content back
+        // at the path (a rename of the copy to its original name) must not hide the copy that
+        // content makes when it loses there again to a concurrent edit.
+        //
+        // A name held by something else (a record there that does not supersede the copy, or
+        // another copy: the same device lost twice at one path within one second) is not
+        // fought over, which would drop one of them: the copy takes the next free alternative,
+        // `-1`, `-2`... before the extension, in a fixed order every device follows. So a
+        // record at a name hides the copy only if its writer saw no other file there (it
+        // acted on the copy, not on the file that held the name while the copy was under an
+        // alternative).
         for (name, losers) in copies {
-            let real = self
-                .paths
-                .get(&name)
-                .map(|r| self.heads(r))
-                .unwrap_or_default();
             for (loser, of) in losers {
-                if real.iter().any(|s| self.covers(s, &loser)) {
-                    continue;
-                }
-                let keep = match tree.get(&name) {
-                    None => true,
-                    Some(existing) => match &existing.source {
-                        Source::Record(d) => {
-                            let holder = real.iter().find(|r| self.dot(r) == *d);
-                            holder.is_none_or(|h| self.rank(&loser) > self.rank(h))
+                let entry = loser.entry.clone().expect("copies are of puts");
+                let later = |s: &Rec| (s.device, s.seq) != (loser.device, loser.seq);
+                let base = of.rsplit_once('/').map_or(of.as_str(), |(_, n)| n);
+                for n in 0..=MAX_ALTERNATIVES {
+                    let candidate = alternative(&name, base, n);
+                    let recs = self.paths.get(&candidate).map_or(&[][..], Vec::as_slice);
+                    let real = self.heads(recs);
+                    if real.iter().any(|s| {
+                        later(s) && self.covers(s, &loser) && !self.saw_a_file(s, &loser, recs)
+                    }) {
+                        break;
+                    }
+                    match tree.get(&candidate) {
+                        Some(held) if same_content(&held.entry, &entry) => break,
+                        Some(_) => continue,
+                        None => {
+                            let dot = self.dot(&loser);
+                            tree.insert(
+                                candidate,
+                                Resolved {
+                                    entry,
+                                    source: Source::Conflict { dot, of },
+                                },
+                            );
+                            break;
                         }
-                        _ => false,
-                    },
-                };
-                if keep {
-                    let dot = self.dot(&loser);
-                    tree.insert(
-                        name.clone(),
-                        Resolved {
-                            entry: loser.entry.clone().expect("copies are of puts"),
-                            source: Source::Conflict { dot, of },
-                        },
-                    );
+                    }
                 }
             }
         }
@@ -725,22 +760,70 @@ impl Merge {
         tree
     }
 
+    /// Whether the writer of `s` (a record at a copy's name) saw a file there other than the
+    /// copy of `loser`: then `s` replaced or deleted that file, not the copy, which its tree
+    /// showed under an alternative name (this one being held). Judged from the records at the
+    /// name that `s` supersedes and from its writer's own record there before `s` (one step
+    /// back), as its writer's tree had them.
+    fn saw_a_file(&self, s: &Rec, loser: &Rec, recs: &[Rec]) -> bool {
+        let mut seen: Vec<Rec> = recs
+            .iter()
+            .filter(|r| r.device != s.device && self.counts(r) && self.covers(s, r))
+            .cloned()
+            .collect();
+        if s.prev > 0 {
+            // Its own file there before `s`: a run of puts that began after the loser may be
+            // the copy edited in place, not another file; one that began in the loser's own
+            // block or before it is another file.
+            let start = Rec {
+                device: s.device,
+                seq: s.prev_run,
+                entry: None,
+                run: 0,
+                prev: 0,
+                prev_run: 0,
+            };
+            let copy_edited = s.prev_run > 0
+                && (start.device, start.seq) != (loser.device, loser.seq)
+                && self.covers(&start, loser);
+            seen.push(Rec {
+                seq: s.prev,
+                entry: (s.prev_run > 0 && !copy_edited).then_some(Entry::Dir),
+                ..start
+            });
+        }
+        seen.iter().any(|r| {
+            r.entry.is_some()
+                && !seen
+                    .iter()
+                    .any(|o| (o.device, o.seq) != (r.device, r.seq) && self.covers(o, r))
+        })
+    }
+
     /// Records a device writing at `path` must add to its block so that no conflict copy
-    /// vanishes: the copies the current heads at `path` make, as plain puts. (Once its record
+    /// vanishes: the copies of losers at `path` its tree shows, as plain puts. (Once its record
     /// supersedes those heads, the copies would no longer follow from the records.)
+    ///
+    /// Taken from [`Merge::tree`], not from the heads alone: a copy that a record at its name
+    /// supersedes (the user edited or deleted it there) must not be put back over that edit,
+    /// and a file that lost to a directory inside it (its copy made by the tree's shape) must
+    /// be kept too. O(paths): a writer with many paths to write calls
+    /// [`Merge::preserve_all`] once instead.
     pub fn preserve(&self, path: &str) -> Vec<Record> {
-        let Some(recs) = self.paths.get(path) else {
-            return Vec::new();
-        };
-        let heads = self.heads(recs);
-        let Some(w) = self.winner(&heads) else {
-            return Vec::new();
-        };
-        self.copies_of(path, &heads, w)
+        self.preserve_all(&[path])
+    }
+
+    /// [`Merge::preserve`] for several paths at once, from one tree.
+    pub fn preserve_all(&self, paths: &[&str]) -> Vec<Record> {
+        let paths: HashSet<&str> = paths.iter().copied().collect();
+        self.tree()
             .into_iter()
-            .map(|(name, r)| Record::Put {
-                path: name,
-                entry: r.entry.expect("copies are of puts"),
+            .filter_map(|(name, r)| match r.source {
+                Source::Conflict { of, .. } if paths.contains(of.as_str()) => Some(Record::Put {
+                    path: name,
+                    entry: r.entry,
+                }),
+                _ => None,
             })
             .collect()
     }
@@ -750,7 +833,9 @@ impl Merge {
 /// conflict copy of itself beside the directory; every parent of an entry exists.
 fn shape(tree: &mut Tree) {
     let paths: Vec<String> = tree.keys().cloned().collect();
-    let mut parents: HashSet<String> = HashSet::new();
+    // Sorted (outer directories first), so every device makes the same copies in the same
+    // order: a copy's alternative name depends on what is already in the tree.
+    let mut parents: BTreeSet<String> = BTreeSet::new();
     for p in &paths {
         for (i, _) in p.match_indices('/') {
             parents.insert(p[..i].to_owned());
@@ -768,23 +853,31 @@ fn shape(tree: &mut Tree) {
                 };
                 if let Some(dot) = dot {
                     let (secs, nanos) = modified(&r.entry);
-                    let (dir, name) = match parent.rsplit_once('/') {
-                        Some((d, n)) => (Some(d), n),
-                        None => (None, parent.as_str()),
-                    };
+                    let name = parent.rsplit_once('/').map_or(parent.as_str(), |(_, n)| n);
                     let copy =
-                        device_conflict_name(name, mtime_to_system(secs, nanos), &dot.device);
-                    let copy = match dir {
-                        Some(d) => format!("{d}/{copy}"),
-                        None => copy,
-                    };
-                    tree.entry(copy).or_insert(Resolved {
-                        entry: r.entry,
-                        source: Source::Conflict {
-                            dot,
-                            of: parent.clone(),
-                        },
-                    });
+                        device_conflict_path(parent, mtime_to_system(secs, nanos), &dot.device);
+                    // As for the records' copies: a name held by something else takes the
+                    // next alternative, never the file's place.
+                    for n in 0..=MAX_ALTERNATIVES {
+                        let candidate = alternative(&copy, name, n);
+                        match tree.get(&candidate) {
+                            Some(held) if same_content(&held.entry, &r.entry) => break,
+                            Some(_) => continue,
+                            None => {
+                                tree.insert(
+                                    candidate,
+                                    Resolved {
+                                        entry: r.entry,
+                                        source: Source::Conflict {
+                                            dot,
+                                            of: parent.clone(),
+                                        },
+                                    },
+                                );
+                                break;
+                            }
+                        }
+                    }
                 }
                 tree.insert(
                     parent.clone(),
@@ -804,6 +897,27 @@ fn shape(tree: &mut Tree) {
                 );
             }
         }
+    }
+}
+
+/// Alternative names a conflict copy tries when its own is held by something else. Bounded:
+/// only a device that makes that many same-second copies of one path (a hostile one) can run
+/// out, and then the copy is not shown (its record is still there).
+const MAX_ALTERNATIVES: u32 = 16;
+
+/// The `n`-th alternative of the copy name `primary` of a file named `base` (0: `primary`):
+/// `-n` before the extension, as one-writer folders number their copies.
+fn alternative(primary: &str, base: &str, n: u32) -> String {
+    if n == 0 {
+        return primary.to_owned();
+    }
+    // The extension stays last, if the copy's name kept it (a name cut to fit may not have).
+    match base.rfind('.') {
+        Some(i) if i > 0 && i + 1 < base.len() => match primary.strip_suffix(&base[i..]) {
+            Some(stem) => format!("{stem}-{n}{}", &base[i..]),
+            None => format!("{primary}-{n}"),
+        },
+        _ => format!("{primary}-{n}"),
     }
 }
 

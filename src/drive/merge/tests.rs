@@ -361,3 +361,183 @@ fn a_denial_that_arrives_after_what_it_cuts_off_is_applied_by_starting_over() {
     assert!(t.contains_key("x") && !t.contains_key("y"), "{t:?}");
     assert_eq!(t, merged(&[&a, &b]).tree(), "as if the denial came first");
 }
+
+/// Found by `tests/sim_two_way.rs`, seed 1: `preserve` put a copy back from the heads alone,
+/// over the edit a user had made to that copy.
+#[test]
+fn preserving_copies_never_puts_one_back_over_an_edit_of_it() {
+    let (mut ma, mut a, mut b, _) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x", file(1, 1))]);
+    b.write(&mut mb, vec![put("x", file(2, 2))]);
+    let mut m = merged(&[&a, &b]);
+    let copy = m
+        .tree()
+        .into_keys()
+        .find(|k| k.contains("conflict"))
+        .unwrap();
+    // A edits the copy, then writes x with what `preserve` asks for.
+    a.write(&mut m, vec![put(&copy, file(3, 3))]);
+    assert_eq!(entry_at(&m.tree(), &copy), Some(file(3, 3)));
+    assert!(m.preserve("x").is_empty(), "the copy the tree shows is A's");
+    let mut records = m.preserve("x");
+    records.push(put("x", file(4, 4)));
+    a.write(&mut m, records);
+    assert_eq!(
+        entry_at(&m.tree(), &copy),
+        Some(file(3, 3)),
+        "the edit stands"
+    );
+}
+
+/// A file that lost to a directory inside it (a copy the tree's shape makes, not a head's)
+/// is kept by `preserve` too when a device records that directory.
+#[test]
+fn preserving_keeps_a_file_that_lost_to_what_is_inside_it() {
+    let (mut ma, mut a, mut b, _) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("p", file(1, 1))]);
+    b.write(&mut mb, vec![put("p/inner", file(2, 2))]);
+    let mut m = merged(&[&a, &b]);
+    let copy = "p.sync-conflict-19700101-000001-a0a0a0a0";
+    assert_eq!(entry_at(&m.tree(), copy), Some(file(1, 1)));
+    // A's scan finds the directory p on disk and records it.
+    let mut records = m.preserve("p");
+    assert_eq!(records.len(), 1);
+    records.push(put("p", Entry::Dir));
+    a.write(&mut m, records);
+    assert_eq!(entry_at(&m.tree(), copy), Some(file(1, 1)));
+}
+
+/// Found by `tests/sim_two_way.rs`, seed 277: a copy renamed back to its path, that loses
+/// there again to a concurrent edit, makes a copy of the same name; the block's own removal of
+/// the old copy must not hide it.
+#[test]
+fn a_copy_renamed_back_that_loses_again_is_copied_again() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x", file(1, 1))]);
+    let mut mc = merged(&[&a, &c]);
+    b.write(&mut mb, vec![put("x", file(2, 2))]);
+    let mut m = merged(&[&a, &b]);
+    let copy = m
+        .tree()
+        .into_keys()
+        .find(|k| k.contains("conflict"))
+        .unwrap();
+    // A renames its copy back to x (the block removes the copy and puts its content at x).
+    let mut records = m.preserve(&copy);
+    records.extend(m.preserve("x"));
+    records.extend([rm(&copy), put("x", file(1, 1))]);
+    a.write(&mut m, records);
+    assert_eq!(entry_at(&m.tree(), "x"), Some(file(1, 1)));
+    assert_eq!(entry_at(&m.tree(), &copy), None);
+    // Concurrently C, having seen A's first x only, writes x with a newer mtime.
+    c.write(&mut mc, vec![put("x", file(3, 3))]);
+    let t = merged(&[&a, &b, &c]).tree();
+    assert_eq!(entry_at(&t, "x"), Some(file(3, 3)));
+    assert_eq!(entry_at(&t, &copy), Some(file(1, 1)), "{t:#?}");
+}
+
+/// Found by `tests/sim_two_way.rs`, seed 7472: the same device lost twice at one path within
+/// one second, so both copies have one name; C had edited the first copy there. Both C's edit
+/// and the second copy stay (the copy under the next alternative name); before, the one the
+/// rule ranked lower was dropped.
+#[test]
+fn a_copy_whose_name_is_held_takes_the_next_alternative() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x.txt", file(1, 5))]);
+    b.write(&mut mb, vec![put("x.txt", file(2, 9))]);
+    let mut mc = merged(&[&a, &b, &c]);
+    let copy = "x.sync-conflict-19700101-000005-a0a0a0a0.txt";
+    assert_eq!(entry_at(&mc.tree(), copy), Some(file(1, 5)));
+    c.write(&mut mc, vec![put(copy, file(3, 1))]);
+    // A writes x again in the same second, without having seen B's x or C's edit.
+    a.write(&mut ma, vec![put("x.txt", file(4, 5))]);
+    let m = merged(&[&a, &b, &c]);
+    let t = m.tree();
+    assert_eq!(entry_at(&t, "x.txt"), Some(file(2, 9)));
+    assert_eq!(entry_at(&t, copy), Some(file(3, 1)), "C's edit stays");
+    let second = "x.sync-conflict-19700101-000005-a0a0a0a0-1.txt";
+    assert_eq!(entry_at(&t, second), Some(file(4, 5)), "{t:#?}");
+    assert_eq!(t, merged(&[&c, &b, &a]).tree());
+    let losers = &m.conflicts()[0].losers;
+    assert_eq!(losers[0].1.as_deref(), Some(second));
+}
+
+/// Found by `tests/sim_two_way.rs`, seed 44655: a copy under an alternative name (its own
+/// held by C's edit there) is not hidden by A removing that name: A deleted C's file, not
+/// the copy, which then takes the freed name.
+#[test]
+fn removing_the_file_that_held_a_copys_name_keeps_the_copy() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x.txt", file(1, 5))]);
+    b.write(&mut mb, vec![put("x.txt", file(2, 9))]);
+    let mut mc = merged(&[&a, &b, &c]);
+    let copy = "x.sync-conflict-19700101-000005-a0a0a0a0.txt";
+    c.write(&mut mc, vec![put(copy, file(3, 1))]);
+    a.write(&mut ma, vec![put("x.txt", file(4, 5))]);
+    let mut m = merged(&[&a, &b, &c]);
+    let second = "x.sync-conflict-19700101-000005-a0a0a0a0-1.txt";
+    assert_eq!(entry_at(&m.tree(), second), Some(file(4, 5)));
+    // A renames C's file away: its block removes the name the copy is derived from.
+    a.write(&mut m, vec![rm(copy), put("kept", file(3, 1))]);
+    let t = m.tree();
+    assert_eq!(entry_at(&t, copy), Some(file(4, 5)), "{t:#?}");
+    assert_eq!(entry_at(&t, "kept"), Some(file(3, 1)));
+    // Deleting the copy where it now is hides it.
+    a.write(&mut m, vec![rm(copy)]);
+    assert!(!m.tree().values().any(|r| r.entry == file(4, 5)));
+}
+
+/// Found by `tests/sim_two_way.rs`, seeds 81302 and 54202: A resolves a conflict in the same
+/// second its first edit lost (its block preserves that copy as a file and puts new content
+/// at x), and the new content loses again; its copy goes to `-1`, the name being A's file.
+/// A deleting (or editing, then renaming away) that file does not hide the second copy.
+#[test]
+fn deleting_a_preserved_copy_keeps_a_later_copy_of_the_same_name() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    let mut mc = merged(&[&a, &c]);
+    a.write(&mut ma, vec![put("x", file(1, 5))]);
+    b.write(&mut mb, vec![put("x", file(2, 9))]);
+    let mut m = merged(&[&a, &b]);
+    let copy = "x.sync-conflict-19700101-000005-a0a0a0a0";
+    let mut records = m.preserve("x");
+    records.push(put("x", file(3, 5)));
+    a.write(&mut m, records);
+    // C, concurrent with all that, writes x with a newer mtime; A sees it.
+    c.write(&mut mc, vec![put("x", file(4, 20))]);
+    c.catch_up(&mut m);
+    let second = "x.sync-conflict-19700101-000005-a0a0a0a0-1";
+    assert_eq!(entry_at(&m.tree(), copy), Some(file(1, 5)));
+    assert_eq!(entry_at(&m.tree(), second), Some(file(3, 5)));
+    // A edits its file there, then deletes it: the copy of file 3 stays.
+    a.write(&mut m, vec![put(copy, file(5, 30))]);
+    a.write(&mut m, vec![rm(copy)]);
+    let t = m.tree();
+    assert!(t.values().any(|r| r.entry == file(3, 5)), "{t:#?}");
+    assert!(
+        !t.values()
+            .any(|r| r.entry == file(1, 5) || r.entry == file(5, 30))
+    );
+}
+
+/// The other side of the rule above: a copy edited in place, then deleted, stays gone.
+#[test]
+fn a_copy_edited_then_deleted_stays_gone() {
+    let (mut ma, mut a, mut b, mut c) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("x", file(1, 5))]);
+    b.write(&mut mb, vec![put("x", file(2, 9))]);
+    let mut m = merged(&[&a, &b, &c]);
+    let copy = "x.sync-conflict-19700101-000005-a0a0a0a0";
+    c.write(&mut m, vec![put(copy, file(3, 1))]);
+    c.write(&mut m, vec![put(copy, file(4, 2))]);
+    c.write(&mut m, vec![rm(copy)]);
+    let t = m.tree();
+    assert_eq!(t.len(), 1, "{t:#?}");
+    assert_eq!(entry_at(&t, "x"), Some(file(2, 9)));
+}
