@@ -756,7 +756,7 @@ impl Merge {
                 }
             }
         }
-        shape(&mut tree);
+        self.shape(&mut tree);
         tree
     }
 
@@ -765,6 +765,11 @@ impl Merge {
     /// showed under an alternative name (this one being held). Judged from the records at the
     /// name that `s` supersedes and from its writer's own record there before `s` (one step
     /// back), as its writer's tree had them.
+    /// See [`shape_of`].
+    fn shape(&self, tree: &mut Tree) {
+        shape_of(self, tree);
+    }
+
     fn saw_a_file(&self, s: &Rec, loser: &Rec, recs: &[Rec]) -> bool {
         let mut seen: Vec<Rec> = recs
             .iter()
@@ -831,7 +836,8 @@ impl Merge {
 
 /// Makes the tree one a file system can hold: a file with something inside it becomes a
 /// conflict copy of itself beside the directory; every parent of an entry exists.
-fn shape(tree: &mut Tree) {
+/// Makes the tree one a file system can hold (see [`Merge::tree`]).
+fn shape_of(m: &Merge, tree: &mut Tree) {
     let paths: Vec<String> = tree.keys().cloned().collect();
     // Sorted (outer directories first), so every device makes the same copies in the same
     // order: a copy's alternative name depends on what is already in the tree.
@@ -858,8 +864,24 @@ fn shape(tree: &mut Tree) {
                         device_conflict_path(parent, mtime_to_system(secs, nanos), &dot.device);
                     // As for the records' copies: a name held by something else takes the
                     // next alternative, never the file's place.
+                    // The record that lost, if it is one (a copy's own copy is not hidden).
+                    let loser = m
+                        .paths
+                        .get(parent)
+                        .and_then(|recs| recs.iter().find(|x| m.dot(x) == dot));
                     for n in 0..=MAX_ALTERNATIVES {
                         let candidate = alternative(&copy, name, n);
+                        // Hidden, as a record's copy is, by a later record at its name whose
+                        // writer saw it there (the user deleted or edited the copy).
+                        if let Some(loser) = loser {
+                            let recs = m.paths.get(&candidate).map_or(&[][..], Vec::as_slice);
+                            let later = |x: &Rec| (x.device, x.seq) != (loser.device, loser.seq);
+                            if m.heads(recs).iter().any(|x| {
+                                later(x) && m.covers(x, loser) && !m.saw_a_file(x, loser, recs)
+                            }) {
+                                break;
+                            }
+                        }
                         match tree.get(&candidate) {
                             Some(held) if same_content(&held.entry, &r.entry) => break,
                             Some(_) => continue,

@@ -541,3 +541,22 @@ fn a_copy_edited_then_deleted_stays_gone() {
     assert_eq!(t.len(), 1, "{t:#?}");
     assert_eq!(entry_at(&t, "x"), Some(file(2, 9)));
 }
+
+/// Found by reading the model test's notes: a file that lost to a directory inside it came back
+/// after the user deleted its copy (nothing hid the copies the tree's shape makes).
+#[test]
+fn a_deleted_copy_of_a_file_that_lost_to_a_directory_stays_deleted() {
+    let (mut ma, mut a, mut b, _) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, vec![put("p", file(1, 1))]);
+    b.write(&mut mb, vec![put("p/inner", file(2, 2))]);
+    let mut m = merged(&[&a, &b]);
+    let copy = "p.sync-conflict-19700101-000001-a0a0a0a0";
+    assert_eq!(entry_at(&m.tree(), copy), Some(file(1, 1)));
+    // A's user deletes the copy.
+    a.write(&mut m, vec![rm(copy)]);
+    let t = m.tree();
+    assert!(!t.contains_key(copy), "the deleted copy came back: {t:?}");
+    assert_eq!(entry_at(&t, "p/inner"), Some(file(2, 2)));
+    assert_eq!(t, merged(&[&b, &a]).tree(), "and every device agrees");
+}
