@@ -83,6 +83,16 @@ fn allowed_merge() -> (Merge, Dev, Dev, Dev) {
     (m, a, b, c)
 }
 
+/// A and B each write one block without having seen the other's; the merge of a node that
+/// then received both.
+fn concurrent(x: Vec<Record>, y: Vec<Record>) -> (Merge, Dev, Dev) {
+    let (mut ma, mut a, mut b, _) = allowed_merge();
+    let mut mb = merged(&[&a, &b]);
+    a.write(&mut ma, x);
+    b.write(&mut mb, y);
+    (merged(&[&a, &b]), a, b)
+}
+
 /// Applies every device's blocks to a fresh merge (of a node that saw them all).
 fn merged(devs: &[&Dev]) -> Merge {
     let mut m = Merge::new(A, Limits::default());
@@ -259,11 +269,7 @@ fn a_device_that_is_not_allowed_does_not_count_and_a_denied_one_stops_counting()
 
 #[test]
 fn resolving_a_conflict_keeps_the_copy_as_a_real_file() {
-    let (mut ma, mut a, mut b, _) = allowed_merge();
-    let mut mb = merged(&[&a, &b]);
-    a.write(&mut ma, vec![put("x", file(1, 1))]);
-    b.write(&mut mb, vec![put("x", file(2, 2))]);
-    let mut m = merged(&[&a, &b]);
+    let (mut m, mut a, _b) = concurrent(vec![put("x", file(1, 1))], vec![put("x", file(2, 2))]);
     let before = m.tree();
     assert_eq!(before.len(), 2);
     // A edits x again having seen both: its block carries the copy.
@@ -366,11 +372,7 @@ fn a_denial_that_arrives_after_what_it_cuts_off_is_applied_by_starting_over() {
 /// over the edit a user had made to that copy.
 #[test]
 fn preserving_copies_never_puts_one_back_over_an_edit_of_it() {
-    let (mut ma, mut a, mut b, _) = allowed_merge();
-    let mut mb = merged(&[&a, &b]);
-    a.write(&mut ma, vec![put("x", file(1, 1))]);
-    b.write(&mut mb, vec![put("x", file(2, 2))]);
-    let mut m = merged(&[&a, &b]);
+    let (mut m, mut a, _b) = concurrent(vec![put("x", file(1, 1))], vec![put("x", file(2, 2))]);
     let copy = m
         .tree()
         .into_keys()
@@ -394,11 +396,8 @@ fn preserving_copies_never_puts_one_back_over_an_edit_of_it() {
 /// is kept by `preserve` too when a device records that directory.
 #[test]
 fn preserving_keeps_a_file_that_lost_to_what_is_inside_it() {
-    let (mut ma, mut a, mut b, _) = allowed_merge();
-    let mut mb = merged(&[&a, &b]);
-    a.write(&mut ma, vec![put("p", file(1, 1))]);
-    b.write(&mut mb, vec![put("p/inner", file(2, 2))]);
-    let mut m = merged(&[&a, &b]);
+    let (mut m, mut a, _b) =
+        concurrent(vec![put("p", file(1, 1))], vec![put("p/inner", file(2, 2))]);
     let copy = "p.sync-conflict-19700101-000001-a0a0a0a0";
     assert_eq!(entry_at(&m.tree(), copy), Some(file(1, 1)));
     // A's scan finds the directory p on disk and records it.
@@ -546,11 +545,8 @@ fn a_copy_edited_then_deleted_stays_gone() {
 /// after the user deleted its copy (nothing hid the copies the tree's shape makes).
 #[test]
 fn a_deleted_copy_of_a_file_that_lost_to_a_directory_stays_deleted() {
-    let (mut ma, mut a, mut b, _) = allowed_merge();
-    let mut mb = merged(&[&a, &b]);
-    a.write(&mut ma, vec![put("p", file(1, 1))]);
-    b.write(&mut mb, vec![put("p/inner", file(2, 2))]);
-    let mut m = merged(&[&a, &b]);
+    let (mut m, mut a, b) =
+        concurrent(vec![put("p", file(1, 1))], vec![put("p/inner", file(2, 2))]);
     let copy = "p.sync-conflict-19700101-000001-a0a0a0a0";
     assert_eq!(entry_at(&m.tree(), copy), Some(file(1, 1)));
     // A's user deletes the copy.
