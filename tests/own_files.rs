@@ -747,3 +747,39 @@ fn a_parent_swapped_for_a_symlink_never_redirects_a_conflict_copy() {
         assert!(kept.contains(&format!("local {i}").into_bytes()), "{i}");
     }
 }
+
+/// A file renamed into a new subdirectory arrives through a temporary file beside it, so the
+/// clone makes that subdirectory before it handles the version's directories: it is the clone's
+/// all the same, and goes when the writer removes the directory (found by the churn test under
+/// load: `d/sub` stayed on the clone, empty, for good).
+#[test]
+fn a_directory_made_for_a_renamed_file_goes_when_the_writer_removes_it() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/x"), common::bytes(7, 100_000)).unwrap();
+    let (_s, url, addr) = share(&src);
+    let _c = Proc::feedsync(&[
+        "clone",
+        &url,
+        dst.to_str().unwrap(),
+        "--peer",
+        &addr,
+        "--no-discovery",
+    ]);
+    wait_same_tree(&src, &dst, Duration::from_secs(30));
+    // One version: a new directory and the file renamed into it (its bytes reused locally).
+    fs::create_dir(src.join("d/sub")).unwrap();
+    fs::rename(src.join("d/x"), src.join("d/sub/y")).unwrap();
+    wait_until(Duration::from_secs(30), "the rename on the clone", || {
+        dst.join("d/sub/y").is_file() && !dst.join("d/x").exists()
+    });
+    fs::remove_dir_all(src.join("d")).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the directory gone on the clone",
+        || !dst.join("d").exists(),
+    );
+    let st = status(&dst);
+    assert!(st["kept"].as_array().is_none_or(|a| a.is_empty()), "{st}");
+}

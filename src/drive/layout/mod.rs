@@ -128,6 +128,11 @@ pub struct Layout {
     pub(super) staged_since: Option<Instant>,
     /// Stale temporary files were swept in this run (see [`Layout::sweep_temps_once`]).
     swept: bool,
+    /// Directories this layout created as parents (of a temporary file, of a file published)
+    /// and the reader has not yet recorded as its own ([`Layout::take_made_dirs`]). A cell: the
+    /// parents are made from `&self` paths, and the layout's mutex already makes access
+    /// exclusive.
+    made_dirs: std::cell::RefCell<BTreeSet<String>>,
 }
 
 /// Locks the shared layout. A panic while it was held leaves nothing half-updated that matters
@@ -157,6 +162,7 @@ impl Layout {
             staged: Vec::new(),
             staged_since: None,
             swept: false,
+            made_dirs: Default::default(),
         }))
     }
 
@@ -200,6 +206,13 @@ impl Layout {
     /// Every slot.
     pub fn slots(&self) -> impl Iterator<Item = (SlotId, &Slot)> {
         self.slots.iter().map(|(id, s)| (*id, s))
+    }
+
+    /// The directories made as parents since the last call: the reader records them as its
+    /// own (a directory made for a renamed file's temporary, before the version's directories
+    /// are made, was otherwise nobody's, and stayed after the writer removed it).
+    pub fn take_made_dirs(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.made_dirs.borrow_mut())
     }
 
     /// Number of files still being fetched.

@@ -299,7 +299,10 @@ impl Layout {
             }) => Err(refuse("a parent directory is a symlink")),
             Some(_) => Err(refuse("a parent is not a directory")),
             None => match self.dir.create_dir(at, 0o755) {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    self.made_dirs.borrow_mut().insert(at.to_string());
+                    Ok(())
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     match self.dir.metadata(at).map_err(io_err)? {
                         Some(Meta {

@@ -163,6 +163,12 @@ impl Reader {
             || self
                 .ledger_saved
                 .is_none_or(|t| t.elapsed() >= LEDGER_EVERY);
+        // Parents made since (for files whose blocks arrived): this reader's directories too.
+        let made = layout::lock(&b.layout).take_made_dirs();
+        if !made.is_empty() {
+            self.ledger.dirs.extend(made);
+            self.ledger_dirty = true;
+        }
         if self.ledger_dirty && due {
             self.ledger_saved = Some(Instant::now());
             // After the sync above: no entry is durable before the file it describes.

@@ -413,7 +413,10 @@ impl Reader {
         for d in &plan.remove_dirs {
             guard::remove_dir(&*b.root_dir, &mut self.ledger, d);
         }
-        // 3. Directories.
+        // 3. Directories. Those made already as parents (of a temporary file in step 1, say)
+        //    were made by this reader too.
+        let made = layout::lock(&b.layout).take_made_dirs();
+        self.ledger.dirs.extend(made);
         for d in &plan.make_dirs {
             // The parents through the root handle (no symlink on the way, made if missing).
             let parents = layout::lock(&b.layout).make_parents(d);
