@@ -154,10 +154,15 @@ fn merged(root: &Path) -> Result<Merge, DriveError> {
             state.join("device-meta"),
         )?)?);
     }
-    let founder = feeds[0].public_key();
-    let mut m = Merge::new(founder, Limits::default());
-    // Each feed in order, as far as it is held and applies; a device waiting on another's
-    // history is offered again once that one moved.
+    // A merge that needs a rebuild (a denial that arrived late) still has the members right:
+    // they come from every membership record it holds, whatever the tree says.
+    Ok(merge_feeds(&mut feeds))
+}
+
+/// The merge of `feeds` (the first one the founder's): each in order, as far as it is held
+/// and applies; a device waiting on another's history is offered again once that one moved.
+fn merge_feeds(feeds: &mut [Feed<DiskStorage>]) -> Merge {
+    let mut m = Merge::new(feeds[0].public_key(), Limits::default());
     let mut next = vec![0u64; feeds.len()];
     loop {
         let mut moved = false;
@@ -181,9 +186,7 @@ fn merged(root: &Path) -> Result<Merge, DriveError> {
             break;
         }
     }
-    // A merge that needs a rebuild (a denial that arrived late) still has the members right:
-    // they come from every membership record it holds, whatever the tree says.
-    Ok(m)
+    m
 }
 
 /// `devices DIR`: the founder, every device ever allowed, and which one is this.
@@ -366,27 +369,30 @@ fn read_small(dir: &dyn Dir, rel: &str) -> Result<Option<Vec<u8>>, DriveError> {
     Ok(Some(buf))
 }
 
-/// For the running writer: answers the requests waiting in its state directory, appending
+/// The requests waiting in the state directory (their names without `.req`), at most
+/// [`MAX_REQUESTS_PER_POLL`]: one directory listing, cheap when there are none.
+pub(crate) fn waiting_requests(state: &dyn Dir) -> Vec<String> {
+    let Ok(entries) = state.read_dir(REQUESTS_DIR) else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|(name, _)| name.strip_suffix(".req").map(str::to_owned))
+        .take(MAX_REQUESTS_PER_POLL)
+        .collect()
+}
+
+/// For the running writer: answers the requests `stems` ([`waiting_requests`]), appending
 /// what they record through `append` (the writer's commit path: flushed before any peer hears
 /// of it). `merge` is the membership as this node knows it.
 pub(crate) fn take_requests(
     state: &dyn Dir,
+    stems: &[String],
     merge: &Merge,
     mut append: impl FnMut(Vec<Record>) -> Result<u64, String>,
 ) {
-    let Ok(entries) = state.read_dir(REQUESTS_DIR) else {
-        return;
-    };
-    let mut taken = 0;
-    for (name, _) in entries {
-        let Some(stem) = name.strip_suffix(".req") else {
-            continue;
-        };
-        if taken == MAX_REQUESTS_PER_POLL {
-            break;
-        }
-        taken += 1;
-        let req = format!("{REQUESTS_DIR}/{name}");
+    for stem in stems {
+        let req = format!("{REQUESTS_DIR}/{stem}.req");
         let parsed: Result<Change, String> = match read_small(state, &req) {
             Ok(Some(b)) => serde_json::from_slice(&b).map_err(|e| format!("bad request: {e}")),
             Ok(None) => continue,
@@ -413,17 +419,7 @@ pub(crate) fn take_requests(
 
 /// The merge of one feed's held blocks (the writer's own metadata feed, for requests).
 pub(crate) fn merge_of(meta: &mut Feed<DiskStorage>) -> Merge {
-    let mut m = Merge::new(meta.public_key(), Limits::default());
-    for i in 0..meta.len() {
-        let Ok(block) = meta.get(i) else { break };
-        let Ok(recs) = record::decode(i, &block) else {
-            break;
-        };
-        if m.offer(meta.public_key(), i, &recs).is_err() {
-            break;
-        }
-    }
-    m
+    merge_feeds(std::slice::from_mut(meta))
 }
 
 fn canonical(root: &Path) -> Result<std::path::PathBuf, DriveError> {

@@ -133,16 +133,13 @@ impl Writer {
         let Some(importer) = &mut self.importer else {
             return;
         };
-        // Cheap when there is nothing: one directory listing of our own state directory.
-        if b.state_handle
-            .read_dir(devices::REQUESTS_DIR)
-            .map_or(true, |e| e.is_empty())
-        {
+        let stems = devices::waiting_requests(&*b.state_handle);
+        if stems.is_empty() {
             return;
         }
         let merge = devices::merge_of(r.feed_mut(b.meta));
         let state = &mut b.state;
-        devices::take_requests(&*b.state_handle, &merge, |recs| {
+        devices::take_requests(&*b.state_handle, &stems, &merge, |recs| {
             importer
                 .commit(r, state, recs)
                 .map(|_| state.version)
