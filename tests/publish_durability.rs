@@ -122,7 +122,7 @@ fn drive(layout: &Shared, newf: &[NewFile], rng: &mut Rng) -> io::Result<()> {
     for i in (1..blocks.len()).rev() {
         blocks.swap(i, (rng.next() % (i as u64 + 1)) as usize);
     }
-    let mut fb = FolderBlocks(layout.clone());
+    let mut fb = FolderBlocks::new(layout.clone());
     for (index, data) in &blocks {
         fb.write(*index, data)?;
     }
@@ -208,7 +208,7 @@ fn power_cuts_never_leave_a_final_path_with_wrong_bytes() {
 fn a_failed_flush_publishes_nothing_and_fetches_again() {
     let disk = SimDisk::new();
     let (layout, old, newf) = scenario(&disk, 5);
-    let mut fb = FolderBlocks(layout.clone());
+    let mut fb = FolderBlocks::new(layout.clone());
     for f in &newf {
         let first = f.info.extents.first().map_or(0, |e| e.start);
         for (i, chunk) in f.content.chunks(BLOCK_SIZE).enumerate() {
@@ -341,7 +341,7 @@ fn a_served_fifo_is_refused_without_blocking() {
     layout::lock(&layout).add_live("f".into(), file_info(&content, 0));
     // Served once (the handle is cached), then replaced by a FIFO and the cache emptied.
     let mut buf = vec![0u8; content.len()];
-    FolderBlocks(layout.clone()).read(0, &mut buf).unwrap();
+    FolderBlocks::new(layout.clone()).read(0, &mut buf).unwrap();
     assert_eq!(buf, content);
     fs::remove_file(root.join("f")).unwrap();
     rustix::fs::mknodat(
@@ -362,7 +362,7 @@ fn a_served_fifo_is_refused_without_blocking() {
     let l2 = layout.clone();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 5000];
-        let r = FolderBlocks(l2).read(0, &mut buf);
+        let r = FolderBlocks::new(l2).read(0, &mut buf);
         let _ = tx.send(r.is_err());
     });
     // A generous deadline on a condition, not a timing claim: the open either returns or
@@ -406,7 +406,7 @@ fn a_served_file_replaced_by_another_is_not_served() {
     fs::write(root.join("g"), &content).unwrap();
     fs::rename(root.join("g"), root.join("f")).unwrap();
     let mut buf = vec![0u8; content.len()];
-    let e = FolderBlocks(layout).read(0, &mut buf).unwrap_err();
+    let e = FolderBlocks::new(layout).read(0, &mut buf).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
 }
 

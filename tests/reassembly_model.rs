@@ -136,7 +136,7 @@ impl World<'_> {
             }
             drop(l);
             // From another file holding it, through the feed's storage.
-            let mut fb = FolderBlocks(self.layout.clone());
+            let mut fb = FolderBlocks::new(self.layout.clone());
             fb.read(b, &mut buf)
                 .unwrap_or_else(|e| panic!("stored block {b} is in no file: {e}"));
             assert_eq!(&buf, want, "block {b} read back wrong");
@@ -146,7 +146,7 @@ impl World<'_> {
     }
 
     fn deliver(&mut self, b: u64) {
-        let mut fb = FolderBlocks(self.layout.clone());
+        let mut fb = FolderBlocks::new(self.layout.clone());
         let holders = layout::lock(&self.layout).holders(b);
         if holders.is_empty() {
             return; // no known file wants it (yet): the feed would not store it

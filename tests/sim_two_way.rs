@@ -812,6 +812,7 @@ impl World {
             if let Some(Resolved {
                 entry: Entry::File(w),
                 source: Source::Record(wdot),
+                ..
             }) = tree.get(of)
             {
                 assert!(

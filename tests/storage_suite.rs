@@ -248,7 +248,8 @@ fn folder_backend() {
 
     let raw = Layout::open(&root, false).unwrap();
     contract(
-        DiskStorage::open_with_blocks(dir.path().join("raw"), Box::new(FolderBlocks(raw))).unwrap(),
+        DiskStorage::open_with_blocks(dir.path().join("raw"), Box::new(FolderBlocks::new(raw)))
+            .unwrap(),
         false,
     );
 
@@ -296,7 +297,8 @@ fn folder_backend() {
         layout::lock(&layout).add_pending(path.clone(), info.clone());
     }
     let store =
-        DiskStorage::open_with_blocks(&store_dir, Box::new(FolderBlocks(layout.clone()))).unwrap();
+        DiskStorage::open_with_blocks(&store_dir, Box::new(FolderBlocks::new(layout.clone())))
+            .unwrap();
     let mut r = Feed::create_replica(store, key.verifying_key().to_bytes()).unwrap();
     for i in (0..w.len()).rev() {
         let p = w.proof(i, 1, r.len(), r.len() < w.len()).unwrap();
@@ -335,7 +337,8 @@ fn folder_backend() {
         layout::lock(&layout).add_live(path.clone(), info.clone());
     }
     let store =
-        DiskStorage::open_with_blocks(&store_dir, Box::new(FolderBlocks(layout.clone()))).unwrap();
+        DiskStorage::open_with_blocks(&store_dir, Box::new(FolderBlocks::new(layout.clone())))
+            .unwrap();
     let mut r = Feed::open(store).unwrap();
     assert_eq!(r.len(), blocks.len() as u64);
     for (i, b) in blocks.iter().enumerate() {

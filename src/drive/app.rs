@@ -8,6 +8,7 @@ use crate::drive::event::{DriveEvent, DriveProblem, Reporter, Stats, Transfers};
 use crate::drive::layout::{self, Shared};
 use crate::drive::reader::Reader;
 use crate::drive::record::{BLOCK_SIZE, Limits, State};
+use crate::drive::twoway::TwoWay;
 use crate::drive::writer::Writer;
 use crate::fsio::{Dir, FileIo};
 use crate::storage::DiskStorage;
@@ -65,8 +66,13 @@ pub(super) struct Base {
     pub locks: Vec<Box<dyn FileIo>>,
     pub layout: Shared,
     pub meta: FeedId,
-    /// The content feed (a fresh clone learns its key from metadata block 0).
+    /// The content feed (a fresh clone learns its key from metadata block 0): tag 0 of the
+    /// layout's keys (see [`layout::key`]). On a device of a two-way folder, its own.
     pub content: Option<FeedId>,
+    /// A two-way folder's other content feeds, tags 1, 2... in the order they were opened.
+    pub others: Vec<FeedId>,
+    /// A two-way folder's conflict copies (the merged tree's), for `status`.
+    pub merge_conflicts: Vec<crate::drive::ledger::ConflictCopy>,
     /// Newest verified state (writer: current).
     pub state: State,
     pub options: AppOptions,
@@ -107,6 +113,8 @@ impl Base {
             layout,
             meta,
             content,
+            others: Vec::new(),
+            merge_conflicts: Vec::new(),
             state,
             options,
             dirty_since: None,
@@ -116,6 +124,52 @@ impl Base {
             transfers: Transfers::default(),
             last_received: 0,
             rate: 0,
+        }
+    }
+
+    /// The content feed tagged `tag` (see [`layout::key`]).
+    pub fn content_feed(&self, tag: u16) -> Option<FeedId> {
+        match tag {
+            0 => self.content,
+            t => self.others.get(usize::from(t) - 1).copied(),
+        }
+    }
+
+    /// Whether `feed` is one of this drive's content feeds.
+    pub fn is_content(&self, feed: FeedId) -> bool {
+        self.content == Some(feed) || self.others.contains(&feed)
+    }
+
+    /// Every content feed, with its tag.
+    pub fn content_feeds(&self) -> impl Iterator<Item = (u16, FeedId)> + '_ {
+        self.content
+            .map(|c| (0, c))
+            .into_iter()
+            .chain((1..).zip(self.others.iter().copied()))
+    }
+
+    /// The feed and index of the block with layout key `key`.
+    pub fn locate(&self, key: u64) -> Option<(FeedId, u64)> {
+        let (tag, index) = layout::split(key);
+        self.content_feed(tag).map(|f| (f, index))
+    }
+
+    /// Whether this node holds the block with layout key `key`.
+    pub fn holds(&self, r: &Replicator<DiskStorage>, key: u64) -> bool {
+        self.locate(key).is_some_and(|(f, x)| r.feed(f).has(x))
+    }
+
+    /// Gives up the blocks (layout keys) no file holds any more, so peers stop asking us and
+    /// the replicator fetches them again if a file needs them later.
+    pub fn forget_keys(
+        &self,
+        r: &mut Replicator<DiskStorage>,
+        keys: impl IntoIterator<Item = u64>,
+    ) {
+        for k in keys {
+            if let Some((f, x)) = self.locate(k) {
+                let _ = r.forget(f, x..x + 1);
+            }
         }
     }
 
@@ -175,6 +229,11 @@ impl Base {
             errors: self.reporter.kept().to_vec(),
             on_disk: std::mem::take(&mut self.stats.on_disk),
         };
+        for c in &self.merge_conflicts {
+            if !self.stats.on_disk.conflicts.contains(c) {
+                self.stats.on_disk.conflicts.push(c.clone());
+            }
+        }
     }
 
     /// Refreshes the figures and rewrites `status.json` (for `feedsync status` and the daemon)
@@ -226,12 +285,18 @@ impl Base {
 enum Side {
     Writer(Box<Writer>),
     Reader(Box<Reader>),
+    /// A two-way folder (a device of it, or a clone of one).
+    TwoWay(Box<TwoWay>),
+    /// Only while switching from one side to another.
+    Switching,
 }
 
 /// The drive logic on the synchronizer loop; see the module docs.
 pub struct DriveApp {
     base: Base,
     side: Side,
+    /// Kept for a side made later (see `switch_if_two_way`).
+    waker: Option<Waker>,
 }
 
 impl DriveApp {
@@ -239,6 +304,7 @@ impl DriveApp {
         Self {
             base,
             side: Side::Writer(Box::new(Writer::new())),
+            waker: None,
         }
     }
 
@@ -246,6 +312,15 @@ impl DriveApp {
         Self {
             base,
             side: Side::Reader(Box::new(Reader::new(previous))),
+            waker: None,
+        }
+    }
+
+    pub(super) fn two_way(base: Base, side: TwoWay) -> Self {
+        Self {
+            base,
+            side: Side::TwoWay(Box::new(side)),
+            waker: None,
         }
     }
 
@@ -253,6 +328,33 @@ impl DriveApp {
         match &self.side {
             Side::Writer(_) => ("writer", self.base.state.version),
             Side::Reader(rd) => ("reader", rd.applied_version()),
+            Side::TwoWay(t) => (t.role(), t.version()),
+            Side::Switching => ("reader", 0),
+        }
+    }
+
+    /// A one-writer side that met a two-way folder (an `Allow` in the folder's feed) goes on
+    /// as a two-way one.
+    fn switch_if_two_way(&mut self, r: &mut Replicator<DiskStorage>) {
+        let b = &mut self.base;
+        let founder = r.feed(b.meta).public_key();
+        match std::mem::replace(&mut self.side, Side::Switching) {
+            Side::Reader(rd) if rd.two_way_seen => {
+                let mut t = TwoWay::new(b, *rd, None, founder);
+                t.start(b, r, false);
+                self.side = Side::TwoWay(Box::new(t));
+            }
+            Side::Writer(w) if w.two_way_seen => {
+                drop(w); // its watcher stops: the two-way side has its own
+                let reader = Reader::new(b.state.clone());
+                let mut t = TwoWay::new(b, reader, Some((founder, b.meta)), founder);
+                if let Some(waker) = &self.waker {
+                    t.set_waker(waker.clone());
+                }
+                t.start(b, r, true);
+                self.side = Side::TwoWay(Box::new(t));
+            }
+            other => self.side = other,
         }
     }
 
@@ -264,14 +366,19 @@ impl DriveApp {
 
 impl App for DriveApp {
     fn set_waker(&mut self, waker: Waker) {
-        if let Side::Writer(w) = &mut self.side {
-            w.set_waker(waker);
+        match &mut self.side {
+            Side::Writer(w) => w.set_waker(waker.clone()),
+            Side::TwoWay(t) => t.set_waker(waker.clone()),
+            _ => {}
         }
+        self.waker = Some(waker);
     }
 
     fn on_wake(&mut self, r: &mut Replicator<DiskStorage>) {
-        if let Side::Writer(w) = &mut self.side {
-            w.on_wake(&mut self.base, r);
+        match &mut self.side {
+            Side::Writer(w) => w.on_wake(&mut self.base, r),
+            Side::TwoWay(t) => t.on_wake(&mut self.base, r),
+            _ => {}
         }
     }
 
@@ -279,6 +386,8 @@ impl App for DriveApp {
         match &mut self.side {
             Side::Writer(w) => w.start(&mut self.base, r),
             Side::Reader(rd) => rd.start(&mut self.base, r),
+            Side::TwoWay(t) => t.start(&mut self.base, r, true),
+            Side::Switching => {}
         }
         let (role, version) = self.role();
         self.base.write_status(r, role, version);
@@ -296,6 +405,8 @@ impl App for DriveApp {
         match &mut self.side {
             Side::Writer(w) => w.on_event(&mut self.base, event),
             Side::Reader(rd) => rd.on_event(&mut self.base, r, event),
+            Side::TwoWay(t) => t.on_event(&mut self.base, r, event),
+            Side::Switching => {}
         }
     }
 
@@ -304,12 +415,17 @@ impl App for DriveApp {
         match &mut self.side {
             Side::Writer(w) => w.on_tick(&mut self.base, r, now),
             Side::Reader(rd) => rd.on_tick(&mut self.base, r, now),
+            Side::TwoWay(t) => t.on_tick(&mut self.base, r, now),
+            Side::Switching => {}
         }
+        self.switch_if_two_way(r);
         if !self.base.second_due(now) {
             return;
         }
-        if let Side::Reader(rd) = &mut self.side {
-            rd.each_second(&mut self.base, r);
+        match &mut self.side {
+            Side::Reader(rd) => rd.each_second(&mut self.base, r),
+            Side::TwoWay(t) => t.each_second(&mut self.base, r),
+            _ => {}
         }
         let (role, version) = self.role();
         self.base.each_second(r, now, role, version);
@@ -317,8 +433,9 @@ impl App for DriveApp {
 
     fn is_done(&self, r: &Replicator<DiskStorage>) -> bool {
         match &self.side {
-            Side::Writer(_) => false,
+            Side::Writer(_) | Side::Switching => false,
             Side::Reader(rd) => rd.is_done(&self.base, r),
+            Side::TwoWay(t) => t.is_done(&self.base, r),
         }
     }
 
@@ -329,6 +446,8 @@ impl App for DriveApp {
                 let _ = self.base.sync_folder();
             }
             Side::Reader(rd) => rd.shutdown(&mut self.base, r),
+            Side::TwoWay(t) => t.shutdown(&mut self.base, r),
+            Side::Switching => {}
         }
         let (role, version) = self.role();
         self.base.write_status(r, role, version);

@@ -154,6 +154,19 @@ fn merged(root: &Path) -> Result<Merge, DriveError> {
             state.join("device-meta"),
         )?)?);
     }
+    // Other devices' feeds a running two-way node opened (`twoway.rs`), in a fixed order.
+    if let Ok(dir) = std::fs::read_dir(state.join("devices")) {
+        let mut names: Vec<_> = dir.filter_map(Result::ok).map(|e| e.path()).collect();
+        names.sort();
+        for d in names.into_iter().take(super::merge::MAX_DEVICES) {
+            if d.join("meta/header").exists()
+                && let Ok(store) = DiskStorage::open_read_only(d.join("meta"))
+                && let Ok(feed) = Feed::open(store)
+            {
+                feeds.push(feed);
+            }
+        }
+    }
     // A merge that needs a rebuild (a denial that arrived late) still has the members right:
     // they come from every membership record it holds, whatever the tree says.
     Ok(merge_feeds(&mut feeds))
@@ -223,6 +236,9 @@ pub fn list(root: &Path) -> Result<Vec<DeviceInfo>, DriveError> {
 /// it at most `wait`), else directly in the store.
 pub fn change(root: &Path, change: Change, wait: Duration) -> Result<Outcome, DriveError> {
     let root = canonical(root)?;
+    if root.join(STATE_DIR).join("device-meta/header").exists() {
+        return change_as_device(&root, change, wait);
+    }
     if !root.join(STATE_DIR).join("meta/secret_key").exists() {
         // A clone, or a joined device: no node of it could record this either.
         if !root.join(STATE_DIR).join("meta/header").exists() {
@@ -255,6 +271,42 @@ pub fn change(root: &Path, change: Change, wait: Duration) -> Result<Outcome, Dr
         }
         Err(e) => Err(e),
     }
+}
+
+/// `allow`/`deny` on a joined device: recorded in its own feed, if the members let it write.
+fn change_as_device(root: &Path, change: Change, wait: Duration) -> Result<Outcome, DriveError> {
+    let root_dir = dirs::open_folder(root)?;
+    let state = dirs::open_state(&*root_dir, root, false)?;
+    let store = match dirs::open_store(&*state, root, "device-meta", false, None) {
+        Ok(s) => s,
+        Err(DriveError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            return ask_running(root, change, wait);
+        }
+        Err(e) => return Err(e),
+    };
+    let (store, _lock) = store;
+    let mut own = Feed::open(store)?;
+    let me = own.public_key();
+    let m = merged(root)?;
+    if !m.members().may_write(&me) {
+        return Ok(refuse_reader());
+    }
+    if let Some(refused) = refusal(&m, change) {
+        return Ok(refused);
+    }
+    let Some(recs) = records_for(&m, change) else {
+        return Ok(Outcome::Unchanged);
+    };
+    let mut block = vec![
+        Record::now(),
+        Record::Clock {
+            clock: m.clock_for(&me),
+        },
+    ];
+    block.extend(recs);
+    own.append(&record::encode(&block))?;
+    own.sync()?;
+    Ok(Outcome::Recorded { version: own.len() })
 }
 
 fn refuse_reader() -> Outcome {

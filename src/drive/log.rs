@@ -145,8 +145,21 @@ pub fn changes(state: &State, records: &[Record]) -> Vec<Change> {
         }
     }
     for r in records {
+        // A file citing other devices' content is, for the log, a file put.
+        let put_from;
+        let r = match r {
+            Record::PutFrom { path, file, .. } => {
+                put_from = Record::Put {
+                    path: path.clone(),
+                    entry: Entry::File(file.clone()),
+                };
+                &put_from
+            }
+            r => r,
+        };
         match r {
             Record::Init { .. } | Record::Time { .. } | Record::Clock { .. } => {}
+            Record::PutFrom { .. } => unreachable!("made a put above"),
             Record::Allow { device } => out.push(Change::Allow { device: *device }),
             Record::Deny { device, upto } => out.push(Change::Deny {
                 device: *device,

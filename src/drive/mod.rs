@@ -53,6 +53,7 @@ pub mod reconcile;
 pub mod record;
 mod state;
 mod transfer;
+mod twoway;
 mod writer;
 
 pub use app::{AppOptions, DriveApp, Drives};
@@ -228,7 +229,7 @@ impl Drive {
         let layout = layout::Layout::new(root_dir.clone(), root.clone(), true);
         let (meta_store, meta_lock) = dirs::open_store(&*state_handle, &root, "meta", true, None)?;
         let mut meta = Feed::create(meta_store, key)?;
-        let blocks = Box::new(FolderBlocks(layout.clone()));
+        let blocks = Box::new(FolderBlocks::new(layout.clone()));
         let (content_store, content_lock) =
             dirs::open_store(&*state_handle, &root, "content", true, Some(blocks))?;
         let content = Feed::create(content_store, ckey.clone())?;
@@ -358,8 +359,11 @@ impl Drive {
         let writer = meta.is_writable();
         let layout = layout::Layout::new(root_dir.clone(), root.clone(), writer);
         let mut locks = vec![meta_lock];
-        let content = if state_handle.metadata("content/header")?.is_some() {
-            let blocks = Box::new(FolderBlocks(layout.clone()));
+        // A joined device's tag-0 content feed is its own (`device-content`); the founder's
+        // is opened by the two-way side, as one device's among others.
+        let joined = state_handle.metadata("device-meta/header")?.is_some();
+        let content = if !joined && state_handle.metadata("content/header")?.is_some() {
+            let blocks = Box::new(FolderBlocks::new(layout.clone()));
             let (store, lock) =
                 dirs::open_store(&*state_handle, &root, "content", false, Some(blocks))?;
             locks.push(lock);
@@ -537,6 +541,10 @@ impl Drive {
         options: AppOptions,
         first: FeedId,
     ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
+        let joined = self.state_handle.metadata("device-meta/header")?.is_some();
+        if joined || allows_another(&mut self.meta) {
+            return self.into_two_way(options, first, joined);
+        }
         // The writer's own versions come from its file system: replayed as written.
         let limits = if self.writer {
             Limits::unlimited()
@@ -582,6 +590,80 @@ impl Drive {
         };
         Ok((feeds, app))
     }
+}
+
+impl Drive {
+    /// [`Drive::into_app_at`] for a two-way folder (see `twoway.rs`): this device's own feeds
+    /// (a joined device's `device-meta` and `device-content`; the founder's are the drive's),
+    /// or none for a clone. Other devices' feeds are opened as the merge counts them.
+    fn into_two_way(
+        mut self,
+        options: AppOptions,
+        first: FeedId,
+        joined: bool,
+    ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
+        let founder = self.meta.public_key();
+        let mut feeds = vec![(self.meta, !self.writer)];
+        let mut me = None;
+        let mut content = None;
+        if joined {
+            let (mstore, mlock) =
+                dirs::open_store(&*self.state_handle, &self.root, "device-meta", false, None)?;
+            let own_meta = Feed::open(mstore)?;
+            let blocks = Box::new(FolderBlocks::tagged(self.layout.clone(), 0, true));
+            let (cstore, clock) = dirs::open_store(
+                &*self.state_handle,
+                &self.root,
+                "device-content",
+                false,
+                Some(blocks),
+            )?;
+            let own_content = Feed::open(cstore)?;
+            self.locks.extend([mlock, clock]);
+            me = Some((own_meta.public_key(), first + 1));
+            feeds.push((own_meta, false));
+            content = Some(first + 2);
+            feeds.push((own_content, false));
+        } else if let Some(c) = self.content {
+            if self.writer {
+                me = Some((founder, first));
+            }
+            content = Some(first + 1);
+            feeds.push((c, !self.writer));
+        }
+        let mut base = app::Base::new(
+            self.root,
+            self.state_dir,
+            self.root_dir,
+            self.state_handle,
+            self.layout,
+            first,
+            content,
+            State::default(),
+            options,
+        );
+        base.locks = self.locks;
+        let side = twoway::TwoWay::new(&base, reader::Reader::new(State::default()), me, founder);
+        Ok((feeds, DriveApp::two_way(base, side)))
+    }
+}
+
+/// Whether the folder's feed (as held) lets a device other than the founder write: then the
+/// folder is a two-way one, read through the merge.
+fn allows_another(meta: &mut Feed<DiskStorage>) -> bool {
+    for i in 0..meta.len() {
+        if !meta.has(i) {
+            break;
+        }
+        let Ok(block) = meta.get(i) else { break };
+        let Ok(recs) = record::decode(i, &block) else {
+            break;
+        };
+        if recs.iter().any(|r| matches!(r, Record::Allow { .. })) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Whether the folder `root` holds anything but its state directory (a leftover state

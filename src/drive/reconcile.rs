@@ -9,6 +9,7 @@
 //! Whether a file removed is still ours to delete is decided when the plan is carried out,
 //! against the file on disk.
 
+use crate::drive::layout::{key, split};
 use crate::drive::ledger::Ledger;
 use crate::drive::record::{Entry, FileInfo, LinkInfo};
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,16 +68,17 @@ pub struct Plan {
 
 /// Plans the way from `previous` (the version the folder is at) to `target`, given what this
 /// reader wrote (`ledger`), the files the layout knows (`local`: path -> its current slot) and
-/// the content blocks held (`held`). Files of versions in between that `target` no longer has
-/// are removed too: without that a clone would wait for them forever. A file reaching past
-/// `content_len` (the content feed's verified length) waits: a record's block numbers are
+/// the content blocks held (`held`, by layout key). Files of versions in between that `target`
+/// no longer has are removed too: without that a clone would wait for them forever. A file
+/// reaching past `content_len(tag)` (the verified length of the content feed with that tag;
+/// see [`layout::key`](crate::drive::layout::key)) waits: a record's block numbers are
 /// trusted only as far as the signed content goes.
 pub fn plan(
     previous: &BTreeMap<String, Entry>,
     target: &BTreeMap<String, Entry>,
     ledger: &Ledger,
     local: &BTreeMap<String, Local>,
-    content_len: u64,
+    content_len: impl Fn(u16) -> u64,
     held: impl Fn(u64) -> bool,
 ) -> Plan {
     let mut gone: Vec<String> = Vec::new();
@@ -129,8 +131,11 @@ pub fn plan(
         let lacks = info
             .extents
             .iter()
-            .filter(|e| e.start.saturating_add(e.count) > content_len)
-            .map(|e| e.start.max(content_len))
+            .filter_map(|e| {
+                let (tag, start) = split(e.start);
+                let len = content_len(tag);
+                (start.saturating_add(e.count) > len).then(|| key(tag, start.max(len)))
+            })
             .min();
         if let Some(block) = lacks {
             waiting.push((path.clone(), block));
@@ -211,7 +216,7 @@ mod tests {
             &next,
             &Ledger::default(),
             &in_place(&prev),
-            u64::MAX,
+            |_| u64::MAX,
             |b| b < 3,
         );
         assert_eq!(
@@ -237,7 +242,7 @@ mod tests {
             &next,
             &Ledger::default(),
             &in_place(&prev),
-            u64::MAX,
+            |_| u64::MAX,
             |b| b < 3,
         );
         assert_eq!(
@@ -265,7 +270,7 @@ mod tests {
             &next,
             &Ledger::default(),
             &BTreeMap::new(),
-            u64::MAX,
+            |_| u64::MAX,
             |_| false,
         );
         assert!(p.remove_dirs.is_empty(), "not made here: left alone");
@@ -273,7 +278,14 @@ mod tests {
             dirs: ["d", "d/e", "d/e/f", "x"].map(String::from).into(),
             ..Ledger::default()
         };
-        let p = plan(&prev, &next, &made, &BTreeMap::new(), u64::MAX, |_| false);
+        let p = plan(
+            &prev,
+            &next,
+            &made,
+            &BTreeMap::new(),
+            |_| u64::MAX,
+            |_| false,
+        );
         assert_eq!(p.remove_dirs, vec!["d/e/f", "d/e", "d"]);
         assert_eq!(p.make_dirs, vec!["x", "x/y"]);
     }
@@ -295,7 +307,7 @@ mod tests {
             &BTreeMap::new(),
             &Ledger::default(),
             &local,
-            u64::MAX,
+            |_| u64::MAX,
             |_| true,
         );
         assert_eq!(p.remove, vec![Removal { path: "m".into() }]);
@@ -318,7 +330,7 @@ mod tests {
             &next,
             &Ledger::default(),
             &local,
-            u64::MAX,
+            |_| u64::MAX,
             |_| false,
         );
         assert_eq!(p, Plan::default());
@@ -335,7 +347,7 @@ mod tests {
             &next,
             &Ledger::default(),
             &BTreeMap::new(),
-            4,
+            |_| 4,
             |_| false,
         );
         assert_eq!(p.waiting, vec![("far".to_string(), (1 << 48) - 1)]);
@@ -346,7 +358,7 @@ mod tests {
             &next,
             &Ledger::default(),
             &BTreeMap::new(),
-            1,
+            |_| 1,
             |_| false,
         );
         assert_eq!(p.waiting.len(), 2, "near reaches block 1 of a feed 1 long");
@@ -363,7 +375,7 @@ mod tests {
             &next,
             &Ledger::default(),
             &BTreeMap::new(),
-            u64::MAX,
+            |_| u64::MAX,
             |_| true,
         );
         assert_eq!(p.fetch[0].reuse, vec![4]);
@@ -410,9 +422,14 @@ mod link_tests {
         for p in ["same", "changed", "gone", "to_file"] {
             ledger.files.insert(p.into(), written.clone());
         }
-        let p = plan(&prev, &target, &ledger, &BTreeMap::new(), u64::MAX, |_| {
-            false
-        });
+        let p = plan(
+            &prev,
+            &target,
+            &ledger,
+            &BTreeMap::new(),
+            |_| u64::MAX,
+            |_| false,
+        );
         let paths: Vec<&str> = p.links.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             paths,
@@ -429,9 +446,14 @@ mod link_tests {
         );
         // Not made here (a failed attempt, a restart before the ledger): made.
         ledger.files.remove("same");
-        let p = plan(&prev, &target, &ledger, &BTreeMap::new(), u64::MAX, |_| {
-            false
-        });
+        let p = plan(
+            &prev,
+            &target,
+            &ledger,
+            &BTreeMap::new(),
+            |_| u64::MAX,
+            |_| false,
+        );
         assert_eq!(p.links.len(), 3);
     }
 }
@@ -468,7 +490,7 @@ mod ledger_tests {
             &BTreeMap::new(),
             &ledger,
             &BTreeMap::new(),
-            u64::MAX,
+            |_| u64::MAX,
             |_| false,
         );
         assert_eq!(p.remove, vec![Removal { path: "f".into() }]);
@@ -480,7 +502,7 @@ mod ledger_tests {
             &target,
             &ledger,
             &BTreeMap::new(),
-            u64::MAX,
+            |_| u64::MAX,
             |_| false,
         );
         assert!(p.remove.is_empty());

@@ -88,6 +88,45 @@ pub enum Record {
         /// How many of its blocks the denying device had applied: those keep counting.
         upto: u64,
     },
+    /// Two-way folders: `path` now is the regular file `file`, whose extents are (some or all)
+    /// blocks of *other* devices' content feeds, as `from` says. A rename, a copy or an
+    /// unchanged block on one device of bytes another device wrote cites that device's blocks,
+    /// so a third device that holds them fetches nothing (it reuses by (feed, block) as a
+    /// one-writer folder does). A one-writer folder never holds one (refused there).
+    PutFrom {
+        /// Relative path.
+        path: String,
+        /// The file; `extents` index the content feeds `from` names.
+        file: FileInfo,
+        /// Runs over `file.extents`, in order, covering each extent exactly once: the next
+        /// `extents` extents are blocks of `device`'s content feed (which may be the writer's
+        /// own).
+        from: Vec<Borrow>,
+    },
+}
+
+/// A run of a [`Record::PutFrom`]'s extents that are blocks of one device's content feed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Borrow {
+    /// The device whose content feed holds them.
+    pub device: DeviceId,
+    /// How many consecutive extents.
+    pub extents: u32,
+}
+
+/// Checks that `from` covers `extents` extents exactly, with no empty run.
+pub fn check_borrows(from: &[Borrow], extents: usize) -> Result<(), RecordError> {
+    let mut total = 0usize;
+    for b in from {
+        if b.extents == 0 {
+            return Err(RecordError::BadExtent);
+        }
+        total = total.saturating_add(b.extents as usize);
+    }
+    if total != extents {
+        return Err(RecordError::BadExtent);
+    }
+    Ok(())
 }
 
 impl Record {
@@ -329,6 +368,10 @@ pub enum RecordError {
     /// than [`merge::MAX_DEVICES`](super::merge::MAX_DEVICES) entries.
     #[error("malformed version vector: {0}")]
     Clock(&'static str),
+    /// A [`Record::PutFrom`] in a folder read as one writer's (only two-way folders hold
+    /// them).
+    #[error("a file citing another device's content, in a folder read as one writer's")]
+    TwoWayOnly,
     /// The version would take the folder over one of its [`Limits`].
     #[error("{what} {value} is over the limit of {limit}")]
     Limit {
@@ -424,6 +467,11 @@ pub fn decode(index: u64, block: &[u8]) -> Result<Vec<Record>, RecordError> {
                     Entry::Link(l) => l.check()?,
                     Entry::Directory(d) => d.check()?,
                 }
+            }
+            Record::PutFrom { path, file, from } => {
+                check_path(path)?;
+                file.check()?;
+                check_borrows(from, file.extents.len())?;
             }
             Record::Remove { path } => check_path(path)?,
             Record::Time { .. } | Record::Allow { .. } | Record::Deny { .. } => {}

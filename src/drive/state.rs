@@ -121,6 +121,8 @@ impl State {
                 self.remove_under(&path, undo.as_deref_mut());
                 self.set(path, None, undo);
             }
+            // Read through `merge` only (a one-writer state has no other devices' feeds).
+            Record::PutFrom { .. } => return Err(RecordError::TwoWayOnly),
             Record::Time { .. }
             | Record::Clock { .. }
             | Record::Allow { .. }
@@ -202,6 +204,24 @@ impl State {
             .collect();
         for p in under {
             self.set(p, None, undo.as_deref_mut());
+        }
+    }
+
+    /// A state holding `entries` as they are (a two-way folder's merged tree, checked by the
+    /// merge), at `version`.
+    pub fn from_entries(entries: BTreeMap<String, Entry>, version: u64) -> Self {
+        let bytes = entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::File(f) => Some(f.size),
+                _ => None,
+            })
+            .fold(0u64, u64::saturating_add);
+        Self {
+            content_key: None,
+            entries,
+            version,
+            bytes,
         }
     }
 

@@ -5,12 +5,13 @@
 //! paths and calls [`Waker::wake`], the loop calls `on_wake`, and the scan runs on the first
 //! tick after the debounce time (a burst of writes makes one scan).
 
-use crate::core::replicator::{Event, Replicator};
+use crate::core::replicator::{Event, FeedId, Replicator};
 use crate::drive::app::Base;
 use crate::drive::devices;
 use crate::drive::event::DriveProblem;
 use crate::drive::import::{Importer, is_ours};
 use crate::drive::layout;
+use crate::drive::record::Record;
 use crate::storage::DiskStorage;
 use crate::sync::Waker;
 use std::collections::BTreeSet;
@@ -36,6 +37,11 @@ pub(super) struct Writer {
     changed: ChangedPaths,
     /// When `allow`/`deny` requests were last looked for (see `drive::devices`).
     last_requests: Instant,
+    /// A device of a two-way folder: its own metadata feed (the drive's is the founder's).
+    /// Its scans are driven by `twoway.rs`: none at start, no requests here.
+    device_meta: Option<FeedId>,
+    /// Recorded an `Allow`: the folder is a two-way one from now on (the app switches).
+    pub two_way_seen: bool,
 }
 
 impl Writer {
@@ -48,7 +54,28 @@ impl Writer {
             change_seen: None,
             changed: ChangedPaths::default(),
             last_requests: Instant::now(),
+            device_meta: None,
+            two_way_seen: false,
         }
+    }
+
+    /// The writer of a device of a two-way folder, whose own metadata feed is `meta`.
+    pub fn device(meta: FeedId) -> Self {
+        Self {
+            device_meta: Some(meta),
+            ..Self::new()
+        }
+    }
+
+    /// The importer (once started).
+    pub fn importer_mut(&mut self) -> Option<&mut Importer> {
+        self.importer.as_mut()
+    }
+
+    /// Scans the whole folder on the next tick.
+    pub fn rescan_soon(&mut self) {
+        self.changed.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.change_seen = Some(Instant::now() - std::time::Duration::from_secs(1));
     }
 
     pub fn set_waker(&mut self, waker: Waker) {
@@ -60,7 +87,7 @@ impl Writer {
         let content = b.content.expect("a writer opens its content feed");
         match Importer::new(
             r,
-            b.meta,
+            self.device_meta.unwrap_or(b.meta),
             content,
             b.layout.clone(),
             b.root_dir.clone(),
@@ -80,7 +107,9 @@ impl Writer {
         if b.options.follow {
             self.start_watch(b);
         }
-        self.scan(b, r, true);
+        if self.device_meta.is_none() {
+            self.scan(b, r, true);
+        }
     }
 
     /// A file changed in a way its size and mtime did not show (or before the watcher said
@@ -110,7 +139,9 @@ impl Writer {
     }
 
     pub fn on_tick(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, now: Instant) {
-        if now.duration_since(self.last_requests) >= devices::REQUEST_POLL {
+        if self.device_meta.is_none()
+            && now.duration_since(self.last_requests) >= devices::REQUEST_POLL
+        {
             self.last_requests = now;
             self.take_requests(b, r);
         }
@@ -139,7 +170,9 @@ impl Writer {
         }
         let merge = devices::merge_of(r.feed_mut(b.meta));
         let state = &mut b.state;
+        let seen = &mut self.two_way_seen;
         devices::take_requests(&*b.state_handle, &stems, &merge, |recs| {
+            *seen |= recs.iter().any(|r| matches!(r, Record::Allow { .. }));
             importer
                 .commit(r, state, recs)
                 .map(|_| state.version)

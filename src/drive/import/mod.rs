@@ -25,8 +25,8 @@ pub use read::{stamp, stamp_time};
 pub use walk::is_ours;
 
 use crate::drive::record::{
-    BLOCK_SIZE, DirInfo, Entry, FileInfo, LinkInfo, MAX_BATCH_BYTES, MAX_LINK_LEN, Record, State,
-    check_path, encode,
+    BLOCK_SIZE, Borrow, Clock, DeviceId, DirInfo, Entry, FileInfo, LinkInfo, MAX_BATCH_BYTES,
+    MAX_LINK_LEN, Record, State, check_path, encode,
 };
 use crate::fsio::{Dir, Kind, Meta};
 use crate::storage::DiskStorage;
@@ -91,6 +91,60 @@ pub struct Importer {
     /// Paths to re-read on the next scan even if size and mtime look unchanged: serving found
     /// bytes in them that no longer match their hash.
     forced: BTreeSet<String>,
+    /// A two-way folder's other content feeds (tags 1, 2...: see [`layout::key`]), whose
+    /// blocks in local files are deduplicated against too.
+    others: Vec<FeedId>,
+    /// Slots below this id were looked at for dedup ([`Importer::learn`]).
+    learned: layout::SlotId,
+    /// Two-way folders: how records go on the wire (`None`: as they are, one writer's).
+    wire: Option<Wire>,
+}
+
+/// How a device of a two-way folder writes its records (see [`Importer::set_wire`]).
+#[derive(Debug, Clone, Default)]
+pub struct Wire {
+    /// The clock each block carries ([`Record::Clock`]).
+    pub clock: Clock,
+    /// The device of each content feed tag (tag 0: this device).
+    pub devices: Vec<DeviceId>,
+    /// The conflict copies of losers at a path, as records that keep them (see
+    /// [`Merge::preserve`](crate::drive::merge::Merge::preserve)): written with any record
+    /// at that path.
+    pub copies: HashMap<String, Vec<Record>>,
+}
+
+impl Wire {
+    /// The record as it goes in the feed: a file holding other devices' blocks cites them
+    /// ([`Record::PutFrom`]); anything else as it is. `None`: a block of a feed with no
+    /// device (cannot happen: tags are given to device feeds only).
+    fn record(&self, rec: &Record) -> Option<Record> {
+        let Record::Put {
+            path,
+            entry: Entry::File(info),
+        } = rec
+        else {
+            return Some(rec.clone());
+        };
+        if info.extents.iter().all(|e| layout::split(e.start).0 == 0) {
+            return Some(rec.clone()); // tag 0 keys are this device's block indices
+        }
+        let mut file = info.clone();
+        let mut from: Vec<Borrow> = Vec::new();
+        for e in &mut file.extents {
+            let (tag, start) = layout::split(e.start);
+            let device = *self.devices.get(usize::from(tag))?;
+            e.start = start;
+            match from.last_mut() {
+                Some(b) if b.device == device => b.extents += 1,
+                _ => from.push(Borrow { device, extents: 1 }),
+            }
+        }
+        Some(Record::PutFrom {
+            path: path.clone(),
+            file,
+            from,
+        })
+    }
 }
 
 impl Importer {
@@ -133,7 +187,64 @@ impl Importer {
             kept_out: None,
             rules: walk::Rules::default(),
             forced: BTreeSet::new(),
+            others: Vec::new(),
+            learned: 0,
+            wire: None,
         })
+    }
+
+    /// A two-way folder's content feeds other than this device's own (tags 1, 2...).
+    pub fn set_others(&mut self, others: Vec<FeedId>) {
+        self.others = others;
+    }
+
+    /// Two-way folders: the clock, devices and copies the next commits write with.
+    pub fn set_wire(&mut self, wire: Option<Wire>) {
+        self.wire = wire;
+    }
+
+    /// The feed and index of layout key `key`.
+    fn locate(&self, key: u64) -> Option<(FeedId, u64)> {
+        let (tag, index) = layout::split(key);
+        match tag {
+            0 => Some((self.content, index)),
+            t => self.others.get(usize::from(t) - 1).map(|f| (*f, index)),
+        }
+    }
+
+    /// Learns the leaf hashes of the blocks of files the layout gained since the last call
+    /// (files another device wrote, published here): a rename, a copy or an edit of them
+    /// here cites those blocks instead of appending them again. Cost: the new files' blocks.
+    pub fn learn(&mut self, r: &mut Replicator<DiskStorage>) {
+        let keys: Vec<u64> = {
+            let l = layout::lock(&self.layout);
+            let mut next = self.learned;
+            let keys = l
+                .slots()
+                .filter(|(id, s)| *id >= self.learned && s.pending.is_none())
+                .inspect(|(id, _)| next = next.max(id + 1))
+                .flat_map(|(_, s)| s.info.block_at().collect::<Vec<_>>())
+                .collect();
+            // Pending slots are looked at again once published (their ids stay).
+            let oldest_pending = l
+                .slots()
+                .filter(|(id, s)| *id >= self.learned && s.pending.is_some())
+                .map(|(id, _)| id)
+                .min();
+            self.learned = oldest_pending.map_or(next, |p| p.min(next));
+            keys
+        };
+        for k in keys {
+            let Some((feed, x)) = self.locate(k) else {
+                continue;
+            };
+            if !r.feed(feed).has(x) {
+                continue;
+            }
+            if let Ok(h) = r.feed_mut(feed).leaf_hash(x) {
+                self.dedup.entry(h).or_insert(k);
+            }
+        }
     }
 
     fn flush(&mut self, r: &mut Replicator<DiskStorage>) -> Result<(), FeedError> {
@@ -384,22 +495,53 @@ impl Importer {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        // Each batch twice: as this node's state and layout take it (`batches`: blocks by
+        // layout key) and as it goes in the feed (`wired`: see `Wire`).
         let mut batches: Vec<Vec<Record>> = vec![Vec::new()];
+        let mut wired: Vec<Vec<Record>> = vec![Vec::new()];
         let mut size = 0;
+        let mut preserved: BTreeSet<String> = BTreeSet::new();
         for rec in records {
-            let n = encode(std::slice::from_ref(&rec)).len();
+            let mut out = Vec::new();
+            match &self.wire {
+                None => out.push(rec.clone()),
+                Some(w) => {
+                    // The copies first: they exist as records before the heads they lost to
+                    // are superseded, whichever block the record lands in.
+                    if let Record::Put { path, .. } | Record::Remove { path } = &rec
+                        && preserved.insert(path.clone())
+                    {
+                        out.extend(w.copies.get(path).into_iter().flatten().cloned());
+                    }
+                    out.extend(w.record(&rec));
+                }
+            }
+            let n: usize = out
+                .iter()
+                .map(|r| encode(std::slice::from_ref(r)).len())
+                .sum();
             if size + n > MAX_BATCH_BYTES && !batches.last().expect("non-empty").is_empty() {
                 batches.push(Vec::new());
+                wired.push(Vec::new());
                 size = 0;
             }
             size += n;
             batches.last_mut().expect("non-empty").push(rec);
+            wired.last_mut().expect("non-empty").extend(out);
         }
         let time = Record::now();
-        for b in &mut batches {
+        for b in &mut wired {
+            if let Some(w) = &self.wire {
+                b.insert(
+                    0,
+                    Record::Clock {
+                        clock: w.clock.clone(),
+                    },
+                );
+            }
             b.insert(0, time.clone());
         }
-        let blocks: Vec<Vec<u8>> = batches.iter().map(|b| encode(b)).collect();
+        let blocks: Vec<Vec<u8>> = wired.iter().map(|b| encode(b)).collect();
         r.append(self.meta, &blocks)?;
         let mut orphans = BTreeSet::new();
         {
@@ -438,7 +580,10 @@ impl Importer {
                                 l.add_live(path.clone(), info.clone());
                             }
                         }
-                        Record::Init { .. }
+                        // The wire form of a file put (see `Importer::set_wire`): never in
+                        // the importer's own records, which cite blocks by layout key.
+                        Record::PutFrom { .. }
+                        | Record::Init { .. }
                         | Record::Time { .. }
                         | Record::Clock { .. }
                         | Record::Allow { .. }
@@ -454,7 +599,7 @@ impl Importer {
             state.apply(batch);
             versions.push((state.version, counts));
         }
-        // Consecutive orphans go in one Unhave.
+        // Consecutive orphans (of one feed) go in one Unhave.
         let orphans: Vec<u64> = orphans.into_iter().collect();
         let mut i = 0;
         while i < orphans.len() {
@@ -462,7 +607,20 @@ impl Importer {
             while j < orphans.len() && orphans[j] == orphans[j - 1] + 1 {
                 j += 1;
             }
-            r.forget(self.content, orphans[i]..orphans[j - 1] + 1)?;
+            // Keys of one tag are consecutive only within it (indices stay below 2^48).
+            let mut k = i;
+            while k < j {
+                let tag = layout::split(orphans[k]).0;
+                let mut e = k + 1;
+                while e < j && layout::split(orphans[e]).0 == tag {
+                    e += 1;
+                }
+                if let Some((feed, x)) = self.locate(orphans[k]) {
+                    let n = orphans[e - 1] - orphans[k] + 1;
+                    r.forget(feed, x..x + n)?;
+                }
+                k = e;
+            }
             i = j;
         }
         self.dedup.retain(|_, b| orphans.binary_search(b).is_err());

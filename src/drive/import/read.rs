@@ -32,7 +32,14 @@ impl Importer {
                 }
             };
             match extents.last_mut() {
-                Some(e) if e.start + e.count == index => e.count += 1,
+                // Never across content feeds (a key's tag is in its high bits).
+                Some(e)
+                    if e.start + e.count == index
+                        && crate::drive::layout::split(e.start).0
+                            == crate::drive::layout::split(index).0 =>
+                {
+                    e.count += 1
+                }
                 _ => extents.push(Extent {
                     start: index,
                     count: 1,

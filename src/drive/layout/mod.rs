@@ -406,13 +406,59 @@ pub fn block_at_pos(info: &FileInfo, pos: u64) -> Option<u64> {
     None
 }
 
-/// The content feed's block storage: see the module docs.
+/// Bits of a layout block key that hold the block's index in its content feed; the bits
+/// above hold the feed's *tag*. A one-writer drive has one content feed (tag 0: keys are
+/// block indices); a two-way folder has one per device (tag 0: this device's own, or the
+/// founder's on a clone), and a file may hold blocks of several. Feed indices are below
+/// 2^48 ([`Extent::check`](crate::drive::record::FileInfo::check)), so a key is one `u64`
+/// and everything keyed by block stays as it was.
+pub const TAG_SHIFT: u32 = 48;
+
+/// The layout key of block `index` of the content feed tagged `tag`.
+pub fn key(tag: u16, index: u64) -> u64 {
+    (u64::from(tag) << TAG_SHIFT) | (index & ((1 << TAG_SHIFT) - 1))
+}
+
+/// The (tag, index) of a layout key.
+pub fn split(key: u64) -> (u16, u64) {
+    ((key >> TAG_SHIFT) as u16, key & ((1 << TAG_SHIFT) - 1))
+}
+
+/// A content feed's block storage: see the module docs.
 #[derive(Debug)]
-pub struct FolderBlocks(pub Shared);
+pub struct FolderBlocks {
+    layout: Shared,
+    /// Which content feed this is the storage of (see [`TAG_SHIFT`]).
+    tag: u16,
+    /// `Some(true)`: this node writes the feed (its blocks are in the files when appended);
+    /// `None`: as the layout says (a one-writer drive's writer).
+    own: Option<bool>,
+}
+
+impl FolderBlocks {
+    /// The storage of the drive's content feed (tag 0).
+    pub fn new(layout: Shared) -> Self {
+        Self {
+            layout,
+            tag: 0,
+            own: None,
+        }
+    }
+
+    /// The storage of the content feed tagged `tag`; `own` if this node writes it.
+    pub fn tagged(layout: Shared, tag: u16, own: bool) -> Self {
+        Self {
+            layout,
+            tag,
+            own: Some(own),
+        }
+    }
+}
 
 impl BlockData for FolderBlocks {
     fn read(&mut self, index: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut layout = lock(&self.0);
+        let index = key(self.tag, index);
+        let mut layout = lock(&self.layout);
         let holders = layout.owners.get(&index).cloned().unwrap_or_default();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no file holds this block");
         for id in holders {
@@ -438,8 +484,9 @@ impl BlockData for FolderBlocks {
     }
 
     fn write(&mut self, index: u64, data: &[u8]) -> io::Result<()> {
-        let mut layout = lock(&self.0);
-        if layout.writer {
+        let index = key(self.tag, index);
+        let mut layout = lock(&self.layout);
+        if self.own.unwrap_or(layout.writer) {
             // The writer appends blocks it just read from its own files: they are there.
             return Ok(());
         }

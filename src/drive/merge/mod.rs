@@ -38,7 +38,7 @@
 //! there ([`MergeError`]); other devices go on.
 
 use super::conflict::device_conflict_path;
-use super::record::{Entry, Limits, Record, RecordError};
+use super::record::{Borrow, Entry, Limits, Record, RecordError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -174,6 +174,9 @@ pub struct Resolved {
     pub entry: Entry,
     /// Why.
     pub source: Source,
+    /// For a file: whose content feed each run of its extents is in (every extent covered;
+    /// see [`Record::PutFrom`]). Empty for anything else.
+    pub feeds: Vec<Borrow>,
 }
 
 /// The merged tree: every path and what is there, parents before children.
@@ -198,6 +201,8 @@ struct Rec {
     device: u16,
     seq: u64,
     entry: Option<Entry>,
+    /// A [`Record::PutFrom`]'s runs (empty: every extent is the writer's own).
+    from: Vec<Borrow>,
     /// Where this device's run of puts at this path (edits of one file, no removal between)
     /// began (0: this is a removal).
     run: u64,
@@ -430,7 +435,7 @@ impl Merge {
                     recount = true;
                 }
                 Record::Time { .. } | Record::Clock { .. } => {}
-                Record::Put { .. } | Record::Remove { .. } => {}
+                Record::Put { .. } | Record::PutFrom { .. } | Record::Remove { .. } => {}
             }
         }
         let bound = self
@@ -452,11 +457,21 @@ impl Merge {
                     if !entry.is_dir() {
                         self.set_under(path, dev, seq);
                     }
-                    self.set(path, dev, seq, Some(entry.clone()));
+                    self.set(path, dev, seq, Some(entry.clone()), Vec::new());
+                }
+                Record::PutFrom { path, file, from } => {
+                    self.set_under(path, dev, seq);
+                    self.set(
+                        path,
+                        dev,
+                        seq,
+                        Some(Entry::File(file.clone())),
+                        from.clone(),
+                    );
                 }
                 Record::Remove { path } => {
                     self.set_under(path, dev, seq);
-                    self.set(path, dev, seq, None);
+                    self.set(path, dev, seq, None, Vec::new());
                 }
                 _ => {}
             }
@@ -472,7 +487,9 @@ impl Merge {
         let mut new_paths = 0u64;
         for r in records {
             let path = match r {
-                Record::Put { path, .. } | Record::Remove { path } => path,
+                Record::Put { path, .. }
+                | Record::PutFrom { path, .. }
+                | Record::Remove { path } => path,
                 _ => continue,
             };
             let depth = path.split('/').count() as u64;
@@ -498,7 +515,7 @@ impl Merge {
         Ok(())
     }
 
-    fn set(&mut self, path: &str, device: u16, seq: u64, entry: Option<Entry>) {
+    fn set(&mut self, path: &str, device: u16, seq: u64, entry: Option<Entry>, from: Vec<Borrow>) {
         let recs = self.paths.entry(path.to_owned()).or_default();
         match recs.iter_mut().find(|r| r.device == device) {
             Some(r) => {
@@ -513,12 +530,14 @@ impl Merge {
                 };
                 r.seq = seq;
                 r.entry = entry;
+                r.from = from;
             }
             None => recs.push(Rec {
                 device,
                 seq,
                 run: if entry.is_some() { seq } else { 0 },
                 entry,
+                from,
                 prev: 0,
                 prev_run: 0,
             }),
@@ -537,7 +556,7 @@ impl Merge {
             .map(|(p, _)| p.clone())
             .collect();
         for p in under {
-            self.set(&p, device, seq, None);
+            self.set(&p, device, seq, None, Vec::new());
         }
     }
 
@@ -592,6 +611,18 @@ impl Merge {
         }
         let clock = &self.logs[s.device as usize].clocks[(s.seq - 1) as usize];
         clock.get(&self.logs[r.device as usize].id) >= r.seq
+    }
+
+    /// Whose content feed each run of `r`'s extents is in (empty if `r` is no file).
+    fn feeds_of(&self, r: &Rec) -> Vec<Borrow> {
+        match &r.entry {
+            Some(Entry::File(f)) if !r.from.is_empty() => r.from.clone(),
+            Some(Entry::File(f)) if !f.extents.is_empty() => vec![Borrow {
+                device: self.logs[r.device as usize].id,
+                extents: f.extents.len() as u32,
+            }],
+            _ => Vec::new(),
+        }
     }
 
     fn dot(&self, r: &Rec) -> Dot {
@@ -708,6 +739,7 @@ impl Merge {
                 Resolved {
                     entry: w.entry.clone().expect("the winner is never a removal"),
                     source: Source::Record(self.dot(w)),
+                    feeds: self.feeds_of(w),
                 },
             );
         }
@@ -748,6 +780,7 @@ impl Merge {
                                 Resolved {
                                     entry,
                                     source: Source::Conflict { dot, of },
+                                    feeds: self.feeds_of(&loser),
                                 },
                             );
                             break;
@@ -784,6 +817,7 @@ impl Merge {
                 device: s.device,
                 seq: s.prev_run,
                 entry: None,
+                from: Vec::new(),
                 run: 0,
                 prev: 0,
                 prev_run: 0,
@@ -824,10 +858,17 @@ impl Merge {
         self.tree()
             .into_iter()
             .filter_map(|(name, r)| match r.source {
-                Source::Conflict { of, .. } if paths.contains(of.as_str()) => Some(Record::Put {
-                    path: name,
-                    entry: r.entry,
-                }),
+                Source::Conflict { of, .. } if paths.contains(of.as_str()) => {
+                    Some(match r.entry {
+                        // The loser's bytes stay where they are: cited, not copied.
+                        Entry::File(file) => Record::PutFrom {
+                            path: name,
+                            file,
+                            from: r.feeds,
+                        },
+                        entry => Record::Put { path: name, entry },
+                    })
+                }
                 _ => None,
             })
             .collect()
@@ -894,6 +935,7 @@ fn shape_of(m: &Merge, tree: &mut Tree) {
                                             dot,
                                             of: parent.clone(),
                                         },
+                                        feeds: r.feeds,
                                     },
                                 );
                                 break;
@@ -906,6 +948,7 @@ fn shape_of(m: &Merge, tree: &mut Tree) {
                     Resolved {
                         entry: Entry::Dir,
                         source: Source::Implied,
+                        feeds: Vec::new(),
                     },
                 );
             }
@@ -915,6 +958,7 @@ fn shape_of(m: &Merge, tree: &mut Tree) {
                     Resolved {
                         entry: Entry::Dir,
                         source: Source::Implied,
+                        feeds: Vec::new(),
                     },
                 );
             }

@@ -71,11 +71,7 @@ impl Reader {
                     "flushing the folder to disk failed ({e}): files not published, fetched again"
                 ),
             });
-            if let Some(content) = b.content {
-                for x in lost {
-                    let _ = r.forget(content, x..x + 1);
-                }
-            }
+            b.forget_keys(r, lost);
             update_want(b, r);
             return false;
         }
@@ -132,11 +128,7 @@ impl Reader {
             b.problem(p);
         }
         b.stats.on_disk = self.ledger.on_disk.clone();
-        if let Some(content) = b.content {
-            for x in orphans {
-                let _ = r.forget(content, x..x + 1);
-            }
-        }
+        b.forget_keys(r, orphans);
         b.dirty_since.get_or_insert_with(Instant::now);
         true
     }

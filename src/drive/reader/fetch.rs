@@ -27,12 +27,15 @@ pub(super) fn drop_stale_pending(b: &Base, path: &str, orphans: &mut BTreeSet<u6
 pub(super) fn fill_from_local(
     b: &mut Base,
     r: &mut Replicator<DiskStorage>,
-    content: FeedId,
     id: u32,
     reuse: &[u64],
 ) {
     let mut buf = vec![0u8; BLOCK_SIZE];
-    for &x in reuse {
+    for &key in reuse {
+        // The layout is keyed by (feed tag, index): `key`; the feed by its own index: `x`.
+        let Some((content, x)) = b.locate(key) else {
+            continue;
+        };
         if !r.feed(content).has(x) {
             continue; // given up meanwhile (found changed while filling another file)
         }
@@ -44,10 +47,10 @@ pub(super) fn fill_from_local(
         };
         let buf = &mut buf[..size as usize];
         let mut l = layout::lock(&b.layout);
-        if l.read_pending(id, x, buf).is_ok() && crate::core::crypto::leaf_hash(buf) == leaf {
+        if l.read_pending(id, key, buf).is_ok() && crate::core::crypto::leaf_hash(buf) == leaf {
             // Found at its first position; written again at every position (a kill may have
             // come between them).
-            let written = l.write_pending(id, x, buf);
+            let written = l.write_pending(id, key, buf);
             let temp = l
                 .slot(id)
                 .and_then(|s| s.pending.as_ref())
@@ -61,7 +64,10 @@ pub(super) fn fill_from_local(
         drop(l);
         match r.feed_mut(content).get(x) {
             Ok(data) => {
-                let mut fb = FolderBlocks(b.layout.clone());
+                // Into every pending file that holds it, as the feed's storage would (even a
+                // block of this device's own feed: here it is copied, not appended).
+                let tag = layout::split(key).0;
+                let mut fb = FolderBlocks::tagged(b.layout.clone(), tag, false);
                 if let Err(e) = crate::storage::BlockData::write(&mut fb, x, &data) {
                     b.problem(DriveProblem::io(&b.root, &e));
                 }
@@ -78,18 +84,26 @@ pub(super) fn fill_from_local(
 /// block up to the highest wanted), so it is built only within the content feed's verified
 /// length: pending files never reach past it (see `reconcile`), and this keeps it so.
 pub(super) fn update_want(b: &Base, r: &mut Replicator<DiskStorage>) {
-    let Some(content) = b.content else { return };
-    let len = r.feed(content).len();
-    let mut want = Bitfield::new();
+    let feeds: Vec<(u16, FeedId)> = b.content_feeds().collect();
+    let mut wants: Vec<Bitfield> = feeds.iter().map(|_| Bitfield::new()).collect();
     {
         let l = layout::lock(&b.layout);
         for (id, s) in l.slots() {
             if s.pending.is_some() {
                 for x in l.pending_wants(id) {
-                    want.set_range(x.start.min(len)..x.end.min(len), true);
+                    // A run never crosses feeds: an extent is within one.
+                    let (tag, start) = layout::split(x.start);
+                    let Some(k) = feeds.iter().position(|(t, _)| *t == tag) else {
+                        continue;
+                    };
+                    let len = r.feed(feeds[k].1).len();
+                    let end = start + (x.end - x.start);
+                    wants[k].set_range(start.min(len)..end.min(len), true);
                 }
             }
         }
     }
-    r.set_want(content, Some(want));
+    for ((_, feed), want) in feeds.into_iter().zip(wants) {
+        r.set_want(feed, Some(want));
+    }
 }

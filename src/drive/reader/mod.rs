@@ -56,6 +56,12 @@ pub(super) struct Reader {
     ledger_saved: Option<Instant>,
     /// The version whose directories were last given their recorded mtimes and modes.
     stamped: Option<u64>,
+    /// A two-way folder's: `twoway.rs` merges the devices' metadata into the state and asks
+    /// for a reconcile; this reader applies no metadata itself.
+    merged: bool,
+    /// Met a [`Record::Allow`](record::Record::Allow) in the folder's feed: the folder is a
+    /// two-way one, to be read through the merge from here on (applied no further).
+    pub two_way_seen: bool,
 }
 
 impl Reader {
@@ -70,7 +76,20 @@ impl Reader {
             journal: None,
             ledger_saved: None,
             stamped: None,
+            merged: false,
+            two_way_seen: false,
         }
+    }
+
+    /// Reads a two-way folder from here on (see the field).
+    pub fn set_merged(&mut self) {
+        self.merged = true;
+    }
+
+    /// What this reader wrote (two-way: and what this device's importer read).
+    pub fn ledger_mut(&mut self) -> &mut Ledger {
+        self.ledger_dirty = true;
+        &mut self.ledger
     }
 
     /// The version the folder was last brought to.
@@ -92,11 +111,7 @@ impl Reader {
             .replay(&*b.root_dir, Journal::read(&*b.state_handle));
         self.journal = Some(Journal::new(b.state_handle.clone()));
         let orphans = guard::check_in_place(b, &mut self.ledger, &self.previous);
-        if let Some(c) = b.content {
-            for x in orphans {
-                let _ = r.forget(c, x..x + 1);
-            }
-        }
+        b.forget_keys(r, orphans);
         self.ledger_dirty = true;
         b.stats.on_disk = self.ledger.on_disk.clone();
         // Metadata held from an earlier run: bring the folder up to it.
@@ -109,18 +124,18 @@ impl Reader {
 
     pub fn on_event(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, event: &Event) {
         match event {
-            Event::Downloaded { feed, bytes, .. } if Some(*feed) == b.content => {
+            Event::Downloaded { feed, bytes, .. } if b.is_content(*feed) => {
                 b.stats.received += bytes;
                 self.publish_ready(b, r);
             }
             Event::Downloaded { feed, .. } | Event::Upgraded { feed, .. } if *feed == b.meta => {
                 self.apply_metadata(b, r);
             }
-            Event::Upgraded { feed, .. } if Some(*feed) == b.content && self.deferred() => {
+            Event::Upgraded { feed, .. } if b.is_content(*feed) && self.deferred() => {
                 // Files waiting for the content feed to be long enough.
                 self.reconcile(b, r);
             }
-            Event::StorageError { feed, error } if *feed == b.meta || Some(*feed) == b.content => {
+            Event::StorageError { feed, error } if *feed == b.meta || b.is_content(*feed) => {
                 let what = if *feed == b.meta {
                     "storing metadata"
                 } else {
@@ -147,7 +162,7 @@ impl Reader {
     }
 
     /// Files of the newest version not taken on yet (see the fields).
-    fn deferred(&self) -> bool {
+    pub fn deferred(&self) -> bool {
         self.over_budget || self.waiting.is_some()
     }
 
@@ -171,9 +186,9 @@ impl Reader {
             layout::lock(&b.layout).requeue_complete();
             self.publish_ready(b, r);
         }
-        if let Some((path, block, since)) = &self.waiting
+        if let Some((path, key, since)) = &self.waiting
             && since.elapsed() >= WAIT_REPORT
-            && let Some(content) = b.content
+            && let Some((content, block)) = b.locate(*key)
         {
             // An honest writer signs content before the records naming it: a wait that lasts
             // is a writer's records pointing past its content.
@@ -181,7 +196,7 @@ impl Reader {
                 folder: b.root.clone(),
                 version: b.state.version,
                 path: path.clone(),
-                block: *block,
+                block,
                 signed: r.feed(content).len(),
             };
             b.problem(p);
@@ -222,6 +237,9 @@ impl Reader {
 
     /// Applies newly verified metadata blocks.
     fn apply_metadata(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        if self.merged || self.two_way_seen {
+            return;
+        }
         let mut changed = false;
         loop {
             let i = b.state.version;
@@ -247,6 +265,16 @@ impl Reader {
                 }
             };
             let checked = match record::decode(i, &block) {
+                Ok(recs)
+                    if recs
+                        .iter()
+                        .any(|r| matches!(r, record::Record::Allow { .. })) =>
+                {
+                    // Another device may write: read through the merge from here (the app
+                    // switches this reader over on its next tick).
+                    self.two_way_seen = true;
+                    break;
+                }
                 Ok(recs) => content_key_free(b, r, &recs).and_then(|()| {
                     let counts = Counts::of(&log::changes(&b.state, &recs));
                     let limits = b.options.limits;
@@ -281,7 +309,7 @@ impl Reader {
                 &b.root,
                 "content",
                 true,
-                Some(Box::new(FolderBlocks(b.layout.clone()))),
+                Some(Box::new(FolderBlocks::new(b.layout.clone()))),
             );
             match store.map_err(|e| e.to_string()).and_then(|(s, lock)| {
                 let feed = Feed::create_replica(s, key).map_err(|e| e.to_string())?;
@@ -310,7 +338,7 @@ impl Reader {
     }
 
     /// Brings the folder from `previous` towards the newest state: plans, then carries out.
-    fn reconcile(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+    pub fn reconcile(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         let Some(content) = b.content else {
             return;
         };
@@ -327,16 +355,20 @@ impl Reader {
                 })
                 .collect()
         };
-        let content_len = r.feed(content).len();
+        let _ = content;
         let plan = {
-            let held = r.feed(content).bitfield();
+            let lens: Vec<(u16, u64)> = b
+                .content_feeds()
+                .map(|(t, f)| (t, r.feed(f).len()))
+                .collect();
+            let held = |k| b.holds(r, k);
             reconcile::plan(
                 &self.previous.entries,
                 &b.state.entries,
                 &self.ledger,
                 &local,
-                content_len,
-                |x| held.get(x),
+                |tag| lens.iter().find(|(t, _)| *t == tag).map_or(0, |(_, n)| *n),
+                held,
             )
         };
         let mut orphans = BTreeSet::new();
@@ -391,7 +423,7 @@ impl Reader {
             }
             budget = budget.saturating_sub(blocks);
             let id = layout::lock(&b.layout).add_pending(f.path, f.info);
-            fill_from_local(b, r, content, id, &f.reuse);
+            fill_from_local(b, r, id, &f.reuse);
         }
         // 2. Removals: only what this reader wrote and nobody changed since.
         for rm in &plan.remove {
@@ -462,9 +494,7 @@ impl Reader {
             let l = layout::lock(&b.layout);
             let orphans: Vec<u64> = orphans.into_iter().filter(|x| !l.is_owned(*x)).collect();
             drop(l);
-            for x in orphans {
-                let _ = r.forget(content, x..x + 1);
-            }
+            b.forget_keys(r, orphans);
         }
         self.publish_ready(b, r);
         update_want(b, r);
@@ -519,7 +549,7 @@ fn content_key_free(
 }
 
 /// No file pending.
-fn settled(b: &Base) -> bool {
+pub(super) fn settled(b: &Base) -> bool {
     layout::lock(&b.layout).pending_count() == 0
 }
 

@@ -1,0 +1,311 @@
+//! Two-way folders (#13) with real processes on loopback: three devices (the founder's `share`,
+//! two `join`ed devices it allowed) edit one folder at once; a partition cuts one device off
+//! while both sides edit the same files, and heals; a device is killed mid-transfer and
+//! restarted. Every device ends with the same tree, every concurrent edit is there as the
+//! winner or as a conflict copy with the right name and bytes.
+//!
+//! The partition is real: every link between devices goes through a TCP proxy in this test,
+//! which can drop its connections and refuse new ones (and later let them through again).
+
+mod common;
+
+use common::{Proc, assert_same_tree, bytes, run, same_tree, share, text, wait_until};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const SKIP: &[&str] = &[".feedsync"];
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// A TCP proxy on loopback to `target` that can be cut (every connection through it dropped,
+/// new ones refused at once) and healed.
+struct Proxy {
+    addr: String,
+    up: Arc<AtomicBool>,
+    target: Arc<Mutex<String>>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn new(target: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let up = Arc::new(AtomicBool::new(true));
+        let target = Arc::new(Mutex::new(target.to_string()));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (u, t, c) = (up.clone(), target.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                if !u.load(Ordering::SeqCst) {
+                    continue; // dropped: the dialler sees the connection close
+                }
+                let to = t.lock().unwrap().clone();
+                let Ok(outbound) = TcpStream::connect(&to) else {
+                    continue;
+                };
+                let mut list = c.lock().unwrap();
+                list.push(inbound.try_clone().unwrap());
+                list.push(outbound.try_clone().unwrap());
+                drop(list);
+                pipe(inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+                pipe(outbound, inbound);
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            target,
+            conns,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    fn retarget(&self, target: &str) {
+        *self.target.lock().unwrap() = target.to_string();
+    }
+}
+
+/// Copies `from` to `to` on a thread until either side closes.
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+/// `join URL DIR --listen 127.0.0.1:0 --peer P...`, discovery off; its id and address.
+fn join(url: &str, dir: &Path, peers: &[&str]) -> (Proc, String, String) {
+    let mut args = vec![
+        "join",
+        url,
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+    ];
+    for p in peers {
+        args.extend(["--peer", p]);
+    }
+    let p = Proc::feedsync(&args);
+    let id = p.wait_line(LIMIT, "device id", |_| true);
+    let addr = p.listen_addr();
+    (p, id, addr)
+}
+
+/// `sync DIR` for a device that ran before.
+fn sync(dir: &Path, peers: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "sync",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+    ];
+    for p in peers {
+        args.extend(["--peer", p]);
+    }
+    let p = Proc::feedsync(&args);
+    let addr = p.listen_addr();
+    (p, addr)
+}
+
+fn allow(dir: &Path, id: &str) {
+    let out = run(&["allow", dir.to_str().unwrap(), id]);
+    assert!(out.status.success(), "allow: {}", text(&out.stderr));
+}
+
+/// Writes `bytes` at `rel` in one step (made beside the folder, then renamed in) with the
+/// modification time `mtime` (seconds since the epoch): the watcher sees one finished file.
+fn put(dir: &Path, rel: &str, bytes: &[u8], mtime: u64) {
+    let tmp = dir
+        .parent()
+        .unwrap()
+        .join(format!(".incoming-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).unwrap();
+    let f = std::fs::File::options().write(true).open(&tmp).unwrap();
+    f.set_modified(UNIX_EPOCH + Duration::from_secs(mtime))
+        .unwrap();
+    drop(f);
+    let dest = dir.join(rel);
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    std::fs::rename(&tmp, dest).unwrap();
+}
+
+fn read(dir: &Path, rel: &str) -> Option<Vec<u8>> {
+    std::fs::read(dir.join(rel)).ok()
+}
+
+/// `YYYYMMDD-HHMMSS` of `secs` in UTC, as `date` prints it.
+fn utc_stamp(secs: u64) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y%m%d-%H%M%S"])
+        .output()
+        .unwrap();
+    text(&out.stdout).trim().to_string()
+}
+
+fn all_same(dirs: &[&PathBuf]) -> bool {
+    dirs.windows(2).all(|w| same_tree(w[0], w[1], SKIP))
+}
+
+#[test]
+fn three_devices_edit_at_once_through_a_partition_and_a_kill_and_converge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    std::fs::create_dir(&a).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (rel, seed) in [
+        ("same.txt", 1),
+        ("del.txt", 2),
+        ("keep.txt", 3),
+        ("dir/x.txt", 4),
+    ] {
+        put(&a, rel, &bytes(seed, 3000), now - 1000);
+    }
+    put(&a, "big.bin", &bytes(5, 2 << 20), now - 1000);
+
+    let (mut pa, url, a_addr) = share(&a);
+    let ab = Proxy::new(&a_addr); // B -> A
+    let ac = Proxy::new(&a_addr); // C -> A
+    let (mut pb, b_id, b_addr) = join(&url, &b, &[&ab.addr]);
+    let bc = Proxy::new(&b_addr); // C -> B
+    let (mut pc, c_id, _) = join(&url, &c, &[&ac.addr, &bc.addr]);
+    allow(&a, &b_id);
+    allow(&a, &c_id);
+    wait_until(LIMIT, "both devices to receive the folder", || {
+        all_same(&[&a, &b, &c])
+    });
+
+    // 1. Connected, every device edits at once: new files, a rename.
+    put(&a, "new_a.txt", b"from a", now);
+    put(&b, "new_b.txt", b"from b", now);
+    put(&c, "new_c.txt", b"from c", now);
+    std::fs::rename(b.join("keep.txt"), b.join("kept.txt")).unwrap();
+    wait_until(LIMIT, "the connected edits to converge", || {
+        all_same(&[&a, &b, &c])
+            && read(&a, "new_b.txt").is_some()
+            && read(&b, "new_c.txt").is_some()
+            && read(&c, "new_a.txt").is_some()
+            && read(&c, "kept.txt").is_some()
+    });
+    assert_eq!(
+        read(&c, "keep.txt"),
+        None,
+        "the rename removed the old name"
+    );
+
+    // 2. C is cut off; both sides edit the same files.
+    ac.cut();
+    bc.cut();
+    put(&b, "same.txt", b"same, as B left it", now + 100);
+    put(&c, "same.txt", b"same, as C left it", now + 200);
+    std::fs::remove_file(b.join("del.txt")).unwrap();
+    put(&c, "del.txt", b"del, edited on C", now + 150);
+    put(&a, "dir/x.txt", b"x, edited on A", now + 50);
+    put(&c, "only_c.txt", b"written while cut off", now);
+    wait_until(LIMIT, "A and B to agree while C is cut off", || {
+        same_tree(&a, &b, SKIP)
+            && read(&a, "same.txt").as_deref() == Some(&b"same, as B left it"[..])
+            && read(&a, "del.txt").is_none()
+    });
+    assert_eq!(
+        read(&c, "same.txt").as_deref(),
+        Some(&b"same, as C left it"[..]),
+        "nothing crossed the partition"
+    );
+    assert_eq!(
+        read(&a, "only_c.txt"),
+        None,
+        "nothing crossed the partition"
+    );
+
+    ac.heal();
+    bc.heal();
+    let copy = format!(
+        "same.sync-conflict-{}-{}.txt",
+        utc_stamp(now + 100),
+        &b_id[..8]
+    );
+    wait_until(LIMIT, "the partition's edits to converge", || {
+        all_same(&[&a, &b, &c]) && read(&a, &copy).is_some() && read(&b, "only_c.txt").is_some()
+    });
+    for d in [&a, &b, &c] {
+        // The newer edit wins; the other is kept under the loser's name and time.
+        assert_eq!(read(d, "same.txt").unwrap(), b"same, as C left it");
+        assert_eq!(read(d, &copy).unwrap(), b"same, as B left it");
+        // An edit beats a concurrent delete.
+        assert_eq!(read(d, "del.txt").unwrap(), b"del, edited on C");
+        assert_eq!(read(d, "dir/x.txt").unwrap(), b"x, edited on A");
+    }
+
+    // 3. C writes a big file; B is killed while fetching it, then restarted.
+    let big = bytes(6, 48 << 20);
+    put(&c, "big2.bin", &big, now);
+    wait_until(LIMIT, "B to start fetching big2.bin", || {
+        std::fs::read_dir(&b).unwrap().any(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.starts_with(".big2.bin") && name.contains("feedsync")
+        })
+    });
+    pb.kill();
+    assert_ne!(
+        read(&b, "big2.bin").map(|x| x.len()),
+        Some(big.len()),
+        "killed before B had the whole file"
+    );
+    let (pb2, b_addr2) = sync(&b, &[&ab.addr]);
+    bc.retarget(&b_addr2);
+    wait_until(
+        LIMIT,
+        "every device to hold big2.bin after the restart",
+        || all_same(&[&a, &b, &c]) && read(&b, "big2.bin").is_some_and(|x| x == big),
+    );
+    assert_same_tree(&a, &b, SKIP);
+    assert_same_tree(&a, &c, SKIP);
+
+    // `status` shows the conflict; `devices` lists all three.
+    let status = text(&run(&["status", a.to_str().unwrap()]).stdout);
+    assert!(
+        status.contains(&copy),
+        "status shows the conflict copy: {status}"
+    );
+    let list = text(&run(&["devices", c.to_str().unwrap()]).stdout);
+    for id in [&b_id, &c_id] {
+        assert!(list.contains(id.as_str()), "{list}");
+    }
+    drop(pb2);
+    pa.kill();
+    pc.kill();
+}
