@@ -452,6 +452,118 @@ print(json.dumps({"name": found[0], "port": info.port,
         assert_same_tree(&src, &dst_c, &[]);
     }
 
+    /// Two-way folders between daemons found over mDNS (#13): a daemon shares, another joins
+    /// (`join = true`, no address given), the founder's daemon allows it through `feedsync
+    /// allow`, and edits go both ways; a concurrent edit of one file ends as the same winner
+    /// and conflict copy on both.
+    #[test]
+    fn two_way_folders_between_daemons_found_over_mdns() {
+        let lan = Lan::new(2);
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        fs::create_dir_all(&src).unwrap();
+        random_file(&src.join("start.bin"), 11, 300_000);
+        fs::write(src.join("same.txt"), b"before").unwrap();
+        let state = |n: &str| tmp.path().join(format!("state-{n}"));
+        let conf = |n: &str, body: String| {
+            let p = tmp.path().join(format!("{n}.toml"));
+            fs::write(&p, format!("state_dir = {:?}\n{body}", state(n))).unwrap();
+            p
+        };
+        let mut a = start_daemon(&lan, 0, &conf("a", format!("[[folder]]\npath = {src:?}\n")));
+        let mut url = String::new();
+        wait_until(Duration::from_secs(30), "the sharing daemon", || {
+            daemon_status(&state("a")).is_some_and(|v| {
+                url = v["folders"][0]["url"].as_str().unwrap_or("").to_string();
+                !url.is_empty()
+            })
+        });
+        let mut b = start_daemon(
+            &lan,
+            1,
+            &conf(
+                "b",
+                format!("[[folder]]\npath = {dst:?}\nurl = {url:?}\njoin = true\n"),
+            ),
+        );
+        wait_until(
+            Duration::from_secs(60),
+            "the joined daemon to receive",
+            || fs::read(dst.join("same.txt")).is_ok_and(|x| x == b"before"),
+        );
+        let run = |args: &[&str]| {
+            let out = Command::new(BIN).args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.stdout
+        };
+        let list: serde_json::Value =
+            serde_json::from_slice(&run(&["devices", dst.to_str().unwrap(), "--json"])).unwrap();
+        let id = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["this"] == true)
+            .and_then(|d| d["device"].as_str())
+            .expect("the joined daemon's device")
+            .to_string();
+        run(&["allow", src.to_str().unwrap(), &id]);
+        // B -> A, and A -> B.
+        fs::write(dst.join("from_b.txt"), b"written on B").unwrap();
+        fs::write(src.join("from_a.txt"), b"written on A").unwrap();
+        wait_until(Duration::from_secs(60), "edits both ways", || {
+            fs::read(src.join("from_b.txt")).is_ok_and(|x| x == b"written on B")
+                && fs::read(dst.join("from_a.txt")).is_ok_and(|x| x == b"written on A")
+        });
+        // One file edited on both at once: the same winner and copy on both.
+        fs::write(src.join("same.txt"), b"A's edit").unwrap();
+        fs::write(dst.join("same.txt"), b"B's edit").unwrap();
+        let copies = |d: &Path| -> Vec<(String, Vec<u8>)> {
+            let mut v: Vec<_> = fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("same.sync-conflict-")
+                })
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        fs::read(e.path()).unwrap(),
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        wait_until(
+            Duration::from_secs(60),
+            "the conflict resolved alike",
+            || {
+                let (x, y) = (
+                    fs::read(src.join("same.txt")),
+                    fs::read(dst.join("same.txt")),
+                );
+                let (cx, cy) = (copies(&src), copies(&dst));
+                x.is_ok() && x.ok() == y.ok() && cx.len() == 1 && cx == cy
+            },
+        );
+        let (winner, copy) = (fs::read(src.join("same.txt")).unwrap(), copies(&src));
+        let mut both = vec![winner, copy[0].1.clone()];
+        both.sort();
+        assert_eq!(
+            both,
+            vec![b"A's edit".to_vec(), b"B's edit".to_vec()],
+            "no edit lost"
+        );
+        stop(&mut a, "sharing daemon");
+        stop(&mut b, "joined daemon");
+    }
+
     /// IPv6 only: no IPv4 address anywhere, discovery over ff02::fb and the transfer over IPv6.
     #[test]
     fn discovery_and_transfer_work_over_ipv6_only() {

@@ -204,6 +204,8 @@ fn folders_json_holds_the_old_or_the_new_list() {
                 url: None,
                 peers: Vec::new(),
                 allow: Vec::new(),
+                join: false,
+                kind: None,
             })
             .collect()
     };

@@ -309,3 +309,105 @@ fn three_devices_edit_at_once_through_a_partition_and_a_kill_and_converge() {
     pa.kill();
     pc.kill();
 }
+
+/// Folder kinds: a receive-only device takes every edit and sends none (its own edit that a
+/// new version replaces is kept as a conflict copy); a send-only device sends its edits and
+/// applies none (an edit elsewhere to a file it changed is a conflict the others resolve).
+#[test]
+fn receive_only_and_send_only_devices_do_what_their_kind_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    std::fs::create_dir(&a).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    put(&a, "f.txt", b"f, first", now - 1000);
+    put(&a, "g.txt", b"g, first", now - 1000);
+    let (mut pa, url, a_addr) = share(&a);
+    let args = |dir: &Path, kind: &'static str| {
+        vec![
+            "join".to_string(),
+            url.clone(),
+            dir.to_str().unwrap().to_string(),
+            "--kind".into(),
+            kind.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--no-discovery".into(),
+            "--peer".into(),
+            a_addr.clone(),
+        ]
+    };
+    let start = |dir: &Path, kind| {
+        let v = args(dir, kind);
+        let p = Proc::feedsync(&v.iter().map(String::as_str).collect::<Vec<_>>());
+        let id = p.wait_line(LIMIT, "device id", |_| true);
+        (p, id)
+    };
+    let (mut pb, b_id) = start(&b, "receive-only");
+    wait_until(LIMIT, "B's join to get the folder first", || {
+        read(&b, "g.txt").is_some()
+    });
+    let (mut pc, c_id) = start(&c, "send-only");
+    allow(&a, &b_id);
+    allow(&a, &c_id);
+
+    // The send-only device's new file reaches everyone.
+    put(&c, "from_c.txt", b"written on the send-only device", now);
+    wait_until(LIMIT, "C's file on A and B", || {
+        read(&a, "from_c.txt").is_some() && read(&b, "from_c.txt").is_some()
+    });
+    // A's edit reaches the receive-only device, not the send-only one.
+    put(&a, "g.txt", b"g, edited on A", now + 10);
+    wait_until(LIMIT, "A's edit on B", || {
+        read(&b, "g.txt").as_deref() == Some(&b"g, edited on A"[..])
+    });
+    // The receive-only device's edit goes nowhere; a new version keeps it as a copy.
+    put(
+        &b,
+        "f.txt",
+        b"f, edited on the receive-only device",
+        now + 20,
+    );
+    put(&a, "h.txt", b"a later change on A", now + 30);
+    wait_until(LIMIT, "A's later change on B", || {
+        read(&b, "h.txt").is_some()
+    });
+    assert_eq!(read(&a, "f.txt").unwrap(), b"f, first", "nothing left B");
+    put(&a, "f.txt", b"f, edited on A", now + 40);
+    wait_until(LIMIT, "A's f.txt on B, B's own kept aside", || {
+        read(&b, "f.txt").as_deref() == Some(&b"f, edited on A"[..])
+            && std::fs::read_dir(&b).unwrap().any(|e| {
+                let e = e.unwrap();
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("f.sync-conflict-")
+                    && std::fs::read(e.path()).unwrap() == b"f, edited on the receive-only device"
+            })
+    });
+    // A send-only device never applies what others write, not even the files it joined to.
+    assert_eq!(read(&c, "g.txt"), None, "C applies nothing");
+    assert_eq!(read(&c, "h.txt"), None, "C applies nothing");
+    // C writes a file A edited too: the newer (C's) wins on A and B, A's edit is a copy there.
+    put(&c, "g.txt", b"g, edited on C", now + 50);
+    let copy = format!(
+        "g.sync-conflict-{}-{}.txt",
+        utc_stamp(now + 10),
+        &url[11..19]
+    );
+    wait_until(LIMIT, "the conflict resolved alike on A and B", || {
+        [&a, &b].iter().all(|d| {
+            read(d, "g.txt").as_deref() == Some(&b"g, edited on C"[..])
+                && read(d, &copy).as_deref() == Some(&b"g, edited on A"[..])
+        })
+    });
+    assert_eq!(read(&c, &copy), None, "C applies nothing");
+    pa.kill();
+    pb.kill();
+    pc.kill();
+}

@@ -2,6 +2,7 @@
 //! flattened once here, so `share`, `clone` and `sync` reach peers the same way.
 
 use clap::{Parser, Subcommand};
+use feedsync::drive::FolderKind;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ pub enum Command {
     Share {
         /// The folder to share.
         dir: PathBuf,
+        /// send-receive (the default), receive-only or send-only; kept for later runs.
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<FolderKind>,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -47,9 +51,9 @@ pub enum Command {
         once: OnceArgs,
     },
     /// Join the two-way folder at URL from a new device: print this device's id (first line of
-    /// stdout), then sync DIR like `clone`. Once a device that may write runs
-    /// `feedsync allow DIR DEVICE`, this device may write too (see the README: two-way folders
-    /// are being built; today a joined device receives like a clone).
+    /// stdout), then sync DIR both ways. Until a device that may write runs
+    /// `feedsync allow DIR DEVICE`, this device receives like a clone and keeps its own edits
+    /// on disk; they go out the moment it is allowed.
     Join {
         /// feedsync://<key> as printed by `share`.
         url: String,
@@ -58,6 +62,9 @@ pub enum Command {
         /// Join with a folder that already holds files (as `clone --adopt`).
         #[arg(long)]
         adopt: bool,
+        /// send-receive (the default), receive-only or send-only; kept for later runs.
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<FolderKind>,
         #[command(flatten)]
         perms: PermArgs,
         #[command(flatten)]
@@ -94,6 +101,9 @@ pub enum Command {
     Sync {
         /// The folder.
         dir: PathBuf,
+        /// Change the folder's kind on this device (send-receive, receive-only, send-only).
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<FolderKind>,
         #[command(flatten)]
         perms: PermArgs,
         #[command(flatten)]
@@ -257,4 +267,9 @@ pub enum FeedCommand {
         #[arg(long)]
         once: bool,
     },
+}
+
+/// `--kind`.
+fn parse_kind(s: &str) -> Result<FolderKind, String> {
+    s.parse()
 }

@@ -10,7 +10,7 @@ use crate::cli::error::{CliError, runtime, usage};
 use crate::cli::render::{Reporter, bytes};
 use crossbeam_channel::select;
 use feedsync::core::Event;
-use feedsync::drive::{Drive, DriveEvent};
+use feedsync::drive::{Drive, DriveEvent, FolderKind};
 use feedsync::sync::{Command as NodeCommand, NodeConfig, NodeEvent};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
@@ -29,7 +29,7 @@ const WAITING_FIRST: Duration = Duration::from_secs(10);
 const WAITING_MAX: Duration = Duration::from_secs(60);
 
 /// `feedsync share DIR`.
-pub fn share(dir: &Path, net: &NetArgs) -> Result<(), CliError> {
+pub fn share(dir: &Path, kind: Option<FolderKind>, net: &NetArgs) -> Result<(), CliError> {
     if !dir.exists() {
         return Err(usage(format!(
             "{}: no such folder; create it first or give the folder to share",
@@ -43,6 +43,9 @@ pub fn share(dir: &Path, net: &NetArgs) -> Result<(), CliError> {
         )));
     }
     let drive = Drive::share(dir)?;
+    if let Some(k) = kind {
+        drive.set_kind(k)?;
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", drive.url())?;
     out.flush()?;
@@ -88,11 +91,15 @@ pub fn join(
     url: &str,
     dir: &Path,
     adopt: bool,
+    kind: Option<FolderKind>,
     net: &NetArgs,
     once: OnceArgs,
 ) -> Result<(), CliError> {
     let key = clone_target(url, dir)?;
     let (drive, device) = Drive::join(dir, key, adopt).map_err(not_empty_is_usage)?;
+    if let Some(k) = kind {
+        drive.set_kind(k)?;
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", feedsync::util::hex(&device))?;
     out.flush()?;
@@ -123,7 +130,12 @@ fn not_empty_is_usage(e: feedsync::drive::DriveError) -> CliError {
 }
 
 /// `feedsync sync DIR`.
-pub fn sync(dir: &Path, net: &NetArgs, once: OnceArgs) -> Result<(), CliError> {
+pub fn sync(
+    dir: &Path,
+    kind: Option<FolderKind>,
+    net: &NetArgs,
+    once: OnceArgs,
+) -> Result<(), CliError> {
     if !dir.is_dir() {
         return Err(usage(format!(
             "{}: no such folder; `feedsync clone URL {}` makes one",
@@ -132,6 +144,9 @@ pub fn sync(dir: &Path, net: &NetArgs, once: OnceArgs) -> Result<(), CliError> {
         )));
     }
     let drive = Drive::open(dir)?;
+    if let Some(k) = kind {
+        drive.set_kind(k)?;
+    }
     run(drive, dir, net, once.limit(), false).and_then(Ran::result)
 }
 

@@ -28,7 +28,7 @@ use error::CliError;
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Share { dir, net } => folder::share(&dir, &net),
+        Command::Share { dir, kind, net } => folder::share(&dir, kind, &net),
         Command::Clone {
             url,
             dir,
@@ -44,24 +44,26 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             url,
             dir,
             adopt,
+            kind,
             perms,
             net,
             once,
         } => {
             folder::set_umask(perms)?;
-            folder::join(&url, &dir, adopt, &net, once)
+            folder::join(&url, &dir, adopt, kind, &net, once)
         }
         Command::Allow { dir, device } => devices::change(&dir, &device, true),
         Command::Deny { dir, device } => devices::change(&dir, &device, false),
         Command::Devices { dir, json } => devices::list(&dir, json),
         Command::Sync {
             dir,
+            kind,
             perms,
             net,
             once,
         } => {
             folder::set_umask(perms)?;
-            folder::sync(&dir, &net, once)
+            folder::sync(&dir, kind, &net, once)
         }
         Command::Status {
             dir: Some(dir),

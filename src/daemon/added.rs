@@ -115,6 +115,8 @@ mod tests {
             url: None,
             peers: Vec::new(),
             allow: Vec::new(),
+            join: false,
+            kind: None,
         }
     }
 

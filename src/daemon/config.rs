@@ -52,6 +52,12 @@ pub struct FolderConfig {
     /// recorded in the folder's signed feed when the daemon opens it (a folder it shares).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// With `url`: join the folder as a device of its own (two-way), not as a clone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
+    /// `send-receive`, `receive-only` or `send-only` (absent: as the folder was left).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// The daemon's configuration.
@@ -105,6 +111,9 @@ struct RawFolder {
     peers: Vec<Spanned<String>>,
     #[serde(default)]
     allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    join: Option<Spanned<bool>>,
+    kind: Option<Spanned<String>>,
 }
 
 /// The platform's data directory for feedsync (e.g. `~/.local/share/feedsync`).
@@ -237,11 +246,27 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             })?;
             allow.push(crate::util::hex(&id));
         }
+        if let Some(j) = &f.join
+            && *j.get_ref()
+            && f.url.is_none()
+        {
+            return Err(at(
+                j.span().start,
+                "join needs the folder's url (a folder this node founds is shared)",
+            ));
+        }
+        if let Some(k) = &f.kind {
+            k.get_ref()
+                .parse::<crate::drive::FolderKind>()
+                .map_err(|e| at(k.span().start, &e))?;
+        }
         folders.push(FolderConfig {
             path: p,
             url: f.url.map(|u| u.into_inner()),
             peers,
             allow,
+            join: f.join.is_some_and(|j| j.into_inner()),
+            kind: f.kind.map(|k| k.into_inner()),
         });
     }
     Ok(Config {

@@ -187,8 +187,17 @@ impl Daemon {
         for f in &folders {
             let drive = match &f.url {
                 None => Drive::share(&f.path),
+                Some(u) if f.join => crate::drive::parse_url(u)
+                    .and_then(|k| Drive::join(&f.path, k, false))
+                    .map(|(d, _)| d),
                 Some(u) => crate::drive::parse_url(u).and_then(|k| Drive::clone_into(&f.path, k)),
             };
+            let drive = drive.and_then(|d| {
+                if let Some(k) = f.kind.as_deref().and_then(|k| k.parse().ok()) {
+                    d.set_kind(k)?;
+                }
+                Ok(d)
+            });
             // Each folder's events (versions applied, problems, skipped paths) are logged
             // under its path.
             let (tx, rx) = crossbeam_channel::bounded(256);
@@ -372,6 +381,8 @@ impl Daemon {
             url,
             peers: Vec::new(),
             allow: Vec::new(),
+            join: false,
+            kind: None,
         });
         if let Err(e) = self.apply(self.config.clone(), added) {
             return Reply::error(e);

@@ -300,10 +300,10 @@ pub struct DriveApp {
 }
 
 impl DriveApp {
-    pub(super) fn writer(base: Base) -> Self {
+    pub(super) fn writer(base: Base, writer: Writer) -> Self {
         Self {
             base,
-            side: Side::Writer(Box::new(Writer::new())),
+            side: Side::Writer(Box::new(writer)),
             waker: None,
         }
     }

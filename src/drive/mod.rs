@@ -146,6 +146,49 @@ pub enum DriveError {
     Scan(#[from] import::ScanError),
 }
 
+/// What a device does with a two-way folder (#13), as Syncthing users know it. Kept in the
+/// state directory (`kind`), so a restarted node keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FolderKind {
+    /// Edits go out, other devices' edits come in (the default).
+    #[default]
+    SendReceive,
+    /// Other devices' edits come in; this device's are never sent (a local edit a new version
+    /// would replace is kept as a conflict copy, as on a clone).
+    ReceiveOnly,
+    /// This device's edits go out; other devices' edits are never applied here. Its records
+    /// cite nothing of other devices, so an edit elsewhere to a file it also changed is a
+    /// conflict every device resolves alike.
+    SendOnly,
+}
+
+impl std::str::FromStr for FolderKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "send-receive" => Ok(Self::SendReceive),
+            "receive-only" => Ok(Self::ReceiveOnly),
+            "send-only" => Ok(Self::SendOnly),
+            other => Err(format!(
+                "not a folder kind: {other:?} (send-receive, receive-only or send-only)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for FolderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SendReceive => "send-receive",
+            Self::ReceiveOnly => "receive-only",
+            Self::SendOnly => "send-only",
+        })
+    }
+}
+
+/// The state file that keeps a folder's [`FolderKind`].
+const KIND_FILE: &str = "kind";
+
 /// The URL of a drive: its metadata feed's public key.
 pub fn url(key: &[u8; 32]) -> String {
     format!("feedsync://{}", crate::util::hex(key))
@@ -420,6 +463,33 @@ impl Drive {
         Ok(())
     }
 
+    /// This folder's kind on this device (send-receive unless set).
+    pub fn kind(&self) -> FolderKind {
+        let mut buf = Vec::new();
+        let read = self
+            .state_handle
+            .open(KIND_FILE, crate::fsio::OpenHow::READ)
+            .and_then(|f| {
+                buf.resize(64, 0);
+                let n = f.read_at(&mut buf, 0)?;
+                buf.truncate(n);
+                Ok(())
+            });
+        match read {
+            Ok(()) => std::str::from_utf8(&buf)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or_default(),
+            Err(_) => FolderKind::default(),
+        }
+    }
+
+    /// Sets (and keeps) this folder's kind on this device.
+    pub fn set_kind(&self, kind: FolderKind) -> io::Result<()> {
+        self.state_handle
+            .write_atomic(KIND_FILE, format!("{kind}\n").as_bytes(), 0o644)
+    }
+
     /// The drive's URL.
     pub fn url(&self) -> String {
         url(&self.meta.public_key())
@@ -542,8 +612,14 @@ impl Drive {
         first: FeedId,
     ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
         let joined = self.state_handle.metadata("device-meta/header")?.is_some();
-        if joined || allows_another(&mut self.meta) {
-            return self.into_two_way(options, first, joined);
+        let kind = self.kind();
+        if joined && kind == FolderKind::SendOnly {
+            return self.into_send_only_device(options, first);
+        }
+        // A send-only founder stays a one-writer share of its own feed.
+        let one_writer = self.writer && kind == FolderKind::SendOnly;
+        if !one_writer && (joined || allows_another(&mut self.meta)) {
+            return self.into_two_way(options, first, joined, kind);
         }
         // The writer's own versions come from its file system: replayed as written.
         let limits = if self.writer {
@@ -584,7 +660,7 @@ impl Drive {
         );
         base.locks = self.locks;
         let app = if self.writer {
-            DriveApp::writer(base)
+            DriveApp::writer(base, writer::Writer::new().with_kind(kind))
         } else {
             DriveApp::reader(base, previous)
         };
@@ -601,6 +677,7 @@ impl Drive {
         options: AppOptions,
         first: FeedId,
         joined: bool,
+        kind: FolderKind,
     ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
         let founder = self.meta.public_key();
         let mut feeds = vec![(self.meta, !self.writer)];
@@ -643,8 +720,49 @@ impl Drive {
             options,
         );
         base.locks = self.locks;
-        let side = twoway::TwoWay::new(&base, reader::Reader::new(State::default()), me, founder);
+        let mut side =
+            twoway::TwoWay::new(&base, reader::Reader::new(State::default()), me, founder);
+        side.receive_only = kind == FolderKind::ReceiveOnly;
         Ok((feeds, DriveApp::two_way(base, side)))
+    }
+
+    /// A joined device of a send-only folder: a one-writer share of its own feeds (what it
+    /// wrote is its state; nothing of other devices is applied), beside the folder's feed.
+    fn into_send_only_device(
+        mut self,
+        options: AppOptions,
+        first: FeedId,
+    ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
+        let (mstore, mlock) =
+            dirs::open_store(&*self.state_handle, &self.root, "device-meta", false, None)?;
+        let mut own_meta = Feed::open(mstore)?;
+        let blocks = Box::new(FolderBlocks::tagged(self.layout.clone(), 0, true));
+        let (cstore, clock) = dirs::open_store(
+            &*self.state_handle,
+            &self.root,
+            "device-content",
+            false,
+            Some(blocks),
+        )?;
+        let own_content = Feed::open(cstore)?;
+        self.locks.extend([mlock, clock]);
+        let state = Self::replay_with(&mut own_meta, u64::MAX, &Limits::unlimited())?;
+        layout::lock(&self.layout).adopt_in_place(&state, &state, true);
+        let feeds = vec![(self.meta, true), (own_meta, false), (own_content, false)];
+        let mut base = app::Base::new(
+            self.root,
+            self.state_dir,
+            self.root_dir,
+            self.state_handle,
+            self.layout,
+            first,
+            Some(first + 2),
+            state,
+            options,
+        );
+        base.locks = self.locks;
+        let writer = writer::Writer::send_only(first + 1);
+        Ok((feeds, DriveApp::writer(base, writer)))
     }
 }
 

@@ -25,6 +25,8 @@
 //!   files arrive are scanned right after. A file the importer reads is recorded in the
 //!   ledger as ours (`adopt_own`), so another device's later removal or edit of it applies
 //!   here; one it did not read stays protected.
+//! - **Kinds.** A receive-only device never scans (a clone with an identity); a send-only
+//!   device does not come here at all (a one-writer share of its own feeds, `Drive::into_app`).
 //! - **Not allowed (yet).** A joined device the members have not allowed receives like a clone
 //!   and writes nothing; its edits stay on disk and are scanned in the moment it is allowed.
 //!
@@ -79,6 +81,8 @@ pub(super) struct TwoWay {
     copies: HashMap<String, Vec<Record>>,
     /// The own feed's length when the tree was last computed.
     own_len: u64,
+    /// A receive-only device: its importer never scans (see [`FolderKind`](crate::drive::FolderKind)).
+    pub receive_only: bool,
 }
 
 impl TwoWay {
@@ -115,6 +119,7 @@ impl TwoWay {
             unopened: HashSet::new(),
             copies: HashMap::new(),
             own_len: 0,
+            receive_only: false,
         }
     }
 
@@ -152,7 +157,9 @@ impl TwoWay {
         } else {
             self.reader.reconcile(b, r);
         }
-        if let Some(w) = &mut self.writer {
+        if let Some(w) = &mut self.writer
+            && !self.receive_only
+        {
             w.start(b, r);
             // What changed here while nothing ran: scanned once the folder is settled.
             w.rescan_soon();
@@ -186,6 +193,9 @@ impl TwoWay {
             return;
         }
         self.take_requests(b, r);
+        if self.receive_only {
+            return;
+        }
         self.prepare_importer(b, r);
         let Some(w) = &mut self.writer else { return };
         w.on_tick(b, r, now);

@@ -6,6 +6,7 @@
 //! tick after the debounce time (a burst of writes makes one scan).
 
 use crate::core::replicator::{Event, FeedId, Replicator};
+use crate::drive::FolderKind;
 use crate::drive::app::Base;
 use crate::drive::devices;
 use crate::drive::event::DriveProblem;
@@ -40,6 +41,12 @@ pub(super) struct Writer {
     /// A device of a two-way folder: its own metadata feed (the drive's is the founder's).
     /// Its scans are driven by `twoway.rs`: none at start, no requests here.
     device_meta: Option<FeedId>,
+    /// Scans are driven by `twoway.rs` (none at start, no requests here).
+    driven: bool,
+    /// Never scans (a receive-only founder: nothing it changes goes out).
+    receive_only: bool,
+    /// Stays a one-writer share whatever it records (send-only).
+    one_writer: bool,
     /// Recorded an `Allow`: the folder is a two-way one from now on (the app switches).
     pub two_way_seen: bool,
 }
@@ -55,7 +62,28 @@ impl Writer {
             changed: ChangedPaths::default(),
             last_requests: Instant::now(),
             device_meta: None,
+            driven: false,
+            receive_only: false,
+            one_writer: false,
             two_way_seen: false,
+        }
+    }
+
+    /// A one-writer share of a folder of `kind` (see [`FolderKind`]).
+    pub fn with_kind(self, kind: FolderKind) -> Self {
+        Self {
+            receive_only: kind == FolderKind::ReceiveOnly,
+            one_writer: kind == FolderKind::SendOnly,
+            ..self
+        }
+    }
+
+    /// A joined device's send-only share of its own feeds (`meta` its metadata feed).
+    pub fn send_only(meta: FeedId) -> Self {
+        Self {
+            device_meta: Some(meta),
+            one_writer: true,
+            ..Self::new()
         }
     }
 
@@ -63,6 +91,7 @@ impl Writer {
     pub fn device(meta: FeedId) -> Self {
         Self {
             device_meta: Some(meta),
+            driven: true,
             ..Self::new()
         }
     }
@@ -107,7 +136,7 @@ impl Writer {
         if b.options.follow {
             self.start_watch(b);
         }
-        if self.device_meta.is_none() {
+        if !self.driven {
             self.scan(b, r, true);
         }
     }
@@ -139,9 +168,7 @@ impl Writer {
     }
 
     pub fn on_tick(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, now: Instant) {
-        if self.device_meta.is_none()
-            && now.duration_since(self.last_requests) >= devices::REQUEST_POLL
-        {
+        if !self.driven && now.duration_since(self.last_requests) >= devices::REQUEST_POLL {
             self.last_requests = now;
             self.take_requests(b, r);
         }
@@ -168,11 +195,12 @@ impl Writer {
         if stems.is_empty() {
             return;
         }
-        let merge = devices::merge_of(r.feed_mut(b.meta));
+        let merge = devices::merge_of(r.feed_mut(self.device_meta.unwrap_or(b.meta)));
         let state = &mut b.state;
         let seen = &mut self.two_way_seen;
+        let one_writer = self.one_writer;
         devices::take_requests(&*b.state_handle, &stems, &merge, |recs| {
-            *seen |= recs.iter().any(|r| matches!(r, Record::Allow { .. }));
+            *seen |= !one_writer && recs.iter().any(|r| matches!(r, Record::Allow { .. }));
             importer
                 .commit(r, state, recs)
                 .map(|_| state.version)
@@ -234,6 +262,9 @@ impl Writer {
     }
 
     fn scan(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, full: bool) {
+        if self.receive_only {
+            return;
+        }
         let Some(importer) = &mut self.importer else {
             return;
         };
