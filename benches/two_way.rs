@@ -1,6 +1,8 @@
 //! Three devices, W2 (10,000 files of 4 KiB in 100 directories), everyone editing (#13): the
-//! figure the issue asks for, measured here for **Syncthing** on the same machine so that ours
-//! has a yardstick when two-way folders are wired into the drive (`notes/two-way.md`).
+//! figure the issue asks for, for **feedsync** (`share`, two `join`s, `allow`) and for
+//! **Syncthing** on the same machine, one after the other (`--only feedsync|syncthing`). Ours
+//! also measures the live figure: one small file written on one device, until the others
+//! hold it.
 //!
 //! What runs: device 0 holds W2; three Syncthing instances share it send-receive, each knowing
 //! the others by a loopback address. Measured: the initial sync (devices 1 and 2 empty), then
@@ -17,8 +19,8 @@
 //! the configuration turns off global and local discovery, relays, NAT traversal, usage and
 //! crash reporting and upgrades anyway.
 //!
-//! `cargo bench --bench two_way [-- --rounds N]` (needs `syncthing` on PATH; Debian: `apt
-//! install syncthing`).
+//! `cargo bench --bench two_way [-- --rounds N] [--only feedsync|syncthing]` (Syncthing's side
+//! needs `syncthing` on PATH; Debian: `apt install syncthing`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,25 +31,199 @@ const INSIDE: &str = "FEEDSYNC_BENCH_NETNS";
 const DEVICES: usize = 3;
 const CHANGED: usize = 100;
 
+const BIN: &str = env!("CARGO_BIN_EXE_feedsync");
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if Command::new("syncthing").arg("--version").output().is_err() {
-        println!(
-            "two_way: syncthing is not installed (Debian: apt install syncthing); nothing measured"
-        );
-        return;
-    }
     if std::env::var_os(INSIDE).is_none() {
         reexec_isolated(&args);
         return;
     }
-    let rounds = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(3);
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let rounds = arg("--rounds").and_then(|n| n.parse().ok()).unwrap_or(3);
+    let only = arg("--only");
+    if only.as_deref() != Some("syncthing") {
+        feedsync(rounds);
+    }
+    if only.as_deref() == Some("feedsync") {
+        return;
+    }
+    if Command::new("syncthing").arg("--version").output().is_err() {
+        println!(
+            "two_way: syncthing is not installed (Debian: apt install syncthing); its side not measured"
+        );
+        return;
+    }
     syncthing(rounds);
+}
+
+/// A feedsync process and the address it listens on.
+struct Node {
+    child: Child,
+    addr: String,
+    out: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `feedsync ARGS` and waits for its `listening on` line.
+fn node(args: &[&str]) -> Node {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start feedsync");
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let pipe = child.stdout.take().unwrap();
+    let sink = out.clone();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    let mut addr = String::new();
+    until(Duration::from_secs(60), "feedsync to listen", || {
+        let lines = out.lock().unwrap();
+        match lines.iter().find_map(|l| l.strip_prefix("listening on ")) {
+            Some(a) => {
+                addr = a.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    Node { child, addr, out }
+}
+
+/// Our side: the same folder, devices and rounds, with `share`, `join` and `allow`; then the
+/// live figure (one small file written on one device, until the other two hold it).
+fn feedsync(rounds: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..DEVICES)
+        .map(|k| tmp.path().join(format!("dev{k}")))
+        .collect();
+    for d in 0..100 {
+        fs::create_dir_all(dirs[0].join(format!("d{d:03}"))).unwrap();
+    }
+    for n in 0..10_000 {
+        random_file(&w2_path(&dirs[0], n), n as u64, 4096);
+    }
+    let d0 = dirs[0].to_str().unwrap();
+    let share = node(&["share", d0, "--listen", "127.0.0.1:0", "--no-discovery"]);
+    let url = share.out.lock().unwrap()[0].clone();
+    let start = Instant::now();
+    let mut nodes = vec![share];
+    for dir in &dirs[1..] {
+        let mut a = vec![
+            "join".to_string(),
+            url.clone(),
+            dir.to_str().unwrap().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--no-discovery".into(),
+        ];
+        for n in &nodes {
+            a.extend(["--peer".to_string(), n.addr.clone()]);
+        }
+        let n = node(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let id = n.out.lock().unwrap()[0].clone();
+        let out = Command::new(BIN).args(["allow", d0, &id]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "allow: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        nodes.push(n);
+    }
+    let complete = |dir: &Path| {
+        (0..10_000).all(|n| fs::metadata(w2_path(dir, n)).is_ok_and(|m| m.len() == 4096))
+    };
+    let initial = until(Duration::from_secs(600), "initial sync", || {
+        complete(&dirs[1]) && complete(&dirs[2])
+    });
+    println!("feedsync (this build), 3 devices on loopback, W2 (10,000 x 4 KiB)");
+    println!(
+        "  initial sync of devices 1 and 2 from device 0: {:.2} s (from the first join: {:.2} s)",
+        initial.as_secs_f64(),
+        start.elapsed().as_secs_f64()
+    );
+    // Every device settled (its first scan done) before the clock of a round starts.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut times = Vec::new();
+    for round in 0..rounds {
+        let base = 1_000_000 * (round as u64 + 1);
+        let t = Instant::now();
+        for (k, d) in dirs.iter().enumerate() {
+            for j in 0..CHANGED {
+                let n = (k * CHANGED + j) * 31 % 10_000;
+                fs::write(w2_path(d, n), content(base + n as u64)).unwrap();
+            }
+        }
+        let agreed = until(Duration::from_secs(300), "all three to agree", || {
+            dirs.iter().all(|d| {
+                (0..DEVICES * CHANGED).all(|i| {
+                    let n = i * 31 % 10_000;
+                    fs::read(w2_path(d, n)).is_ok_and(|b| b == content(base + n as u64))
+                })
+            })
+        });
+        times.push(t.elapsed().as_secs_f64());
+        let _ = agreed;
+        println!(
+            "  round {}: each device rewrote {CHANGED} files; all three agree after {:.2} s",
+            round + 1,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    times.sort_by(f64::total_cmp);
+    // Live: one small file on one device (in turn), until both others hold it.
+    let mut live = Vec::new();
+    for i in 0..30 {
+        let from = i % DEVICES;
+        let name = format!("live-{i}.txt");
+        let body = content(9_000_000 + i as u64);
+        let t = Instant::now();
+        fs::write(dirs[from].join(&name), &body).unwrap();
+        until(Duration::from_secs(30), "a live edit to arrive", || {
+            dirs.iter()
+                .all(|d| fs::read(d.join(&name)).is_ok_and(|b| b == body))
+        });
+        live.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    live.sort_by(f64::total_cmp);
+    let rss: Vec<u64> = nodes.iter().map(|n| peak_rss_mib(n.child.id())).collect();
+    println!(
+        "  time until all three agree: median {:.2} s (min {:.2}, max {:.2}); peak RSS per device: {:?} MiB",
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1],
+        rss
+    );
+    println!(
+        "  live: one 4 KiB file written on one device, on both others after: median {:.0} ms, p90 {:.0} ms, max {:.0} ms ({} edits)",
+        live[live.len() / 2],
+        live[live.len() * 9 / 10],
+        live[live.len() - 1],
+        live.len()
+    );
+    let conflicts: usize = dirs
+        .iter()
+        .map(|d| walk_count(d, &|name: &str| name.contains(".sync-conflict-")))
+        .sum();
+    println!("  conflict copies: {conflicts} (none expected: each device edits its own files)");
 }
 
 /// Runs this bench again inside a network namespace of its own with only loopback up.

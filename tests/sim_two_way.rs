@@ -329,8 +329,8 @@ impl World {
         block.extend(op.records);
         let seq = self.logs[d].len() as u64 + 1;
         for r in &block {
-            if let Record::Put { entry, .. } = r
-                && let Some(c) = content(entry)
+            if let Some((_, entry)) = put_of(r)
+                && let Some(c) = content(&entry)
             {
                 let puts = self.puts.entry(c).or_default();
                 // Content put again (renamed, or a copy preserved as a real file) moves.
@@ -782,14 +782,14 @@ impl World {
             };
             let d = self.index(&dot.device);
             let block = &self.logs[d][(dot.seq - 1) as usize];
-            let last = block.iter().rev().find_map(|rec| match rec {
-                Record::Put { path, entry } if path == of => Some(Some(entry)),
-                Record::Remove { path } if path == of => Some(None),
+            let last = block.iter().rev().find_map(|rec| match (rec, put_of(rec)) {
+                (_, Some((path, entry))) if path == of => Some(Some(entry)),
+                (Record::Remove { path }, _) if path == of => Some(None),
                 _ => None,
             });
             assert_eq!(
                 last,
-                Some(Some(&r.entry)),
+                Some(Some(r.entry.clone())),
                 "the copy {name} holds what device {d}'s block {} put at {of}",
                 dot.seq
             );
@@ -901,12 +901,25 @@ fn resolved(r: &Resolved) -> String {
     format!("{} ({from})", entry(&r.entry))
 }
 
+/// A record that puts something at a path: a `Put`, or a `PutFrom` (a file citing other
+/// devices' content; the merge reads it as a put of the file).
+fn put_of(r: &Record) -> Option<(&str, Entry)> {
+    match r {
+        Record::Put { path, entry } => Some((path, entry.clone())),
+        Record::PutFrom { path, file, .. } => Some((path, Entry::File(file.clone()))),
+        _ => None,
+    }
+}
+
 /// A block's records, short.
 fn records(block: &[Record]) -> String {
     let parts: Vec<String> = block
         .iter()
         .map(|r| match r {
             Record::Put { path, entry: e } => format!("put {path}={}", entry(e)),
+            Record::PutFrom { path, file, .. } => {
+                format!("put {path}={} (cited)", entry(&Entry::File(file.clone())))
+            }
             Record::Remove { path } => format!("rm {path}"),
             Record::Clock { clock } => {
                 let v: Vec<String> = clock

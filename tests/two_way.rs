@@ -169,6 +169,19 @@ fn utc_stamp(secs: u64) -> String {
     text(&out.stdout).trim().to_string()
 }
 
+/// (version, content bytes received) from the device's `status.json` (rewritten each second
+/// while it changes).
+fn received(dir: &Path) -> (u64, u64) {
+    let v: serde_json::Value = std::fs::read(dir.join(".feedsync/status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    (
+        v["version"].as_u64().unwrap_or(0),
+        v["received"].as_u64().unwrap_or(0),
+    )
+}
+
 fn all_same(dirs: &[&PathBuf]) -> bool {
     dirs.windows(2).all(|w| same_tree(w[0], w[1], SKIP))
 }
@@ -208,22 +221,40 @@ fn three_devices_edit_at_once_through_a_partition_and_a_kill_and_converge() {
         all_same(&[&a, &b, &c])
     });
 
-    // 1. Connected, every device edits at once: new files, a rename.
+    // 1. Connected, every device edits at once: new files, renames (one of a 2 MiB file the
+    //    founder wrote: C must take its bytes from its own old file, not fetch them again).
+    // What C received for the folder so far, once its status counts all of it.
+    wait_until(LIMIT, "C's status to count the first sync", || {
+        received(&c).1 >= (2 << 20) + 4 * 3000
+    });
+    let before = received(&c);
     put(&a, "new_a.txt", b"from a", now);
     put(&b, "new_b.txt", b"from b", now);
     put(&c, "new_c.txt", b"from c", now);
     std::fs::rename(b.join("keep.txt"), b.join("kept.txt")).unwrap();
+    std::fs::rename(b.join("big.bin"), b.join("moved.bin")).unwrap();
     wait_until(LIMIT, "the connected edits to converge", || {
         all_same(&[&a, &b, &c])
             && read(&a, "new_b.txt").is_some()
             && read(&b, "new_c.txt").is_some()
             && read(&c, "new_a.txt").is_some()
             && read(&c, "kept.txt").is_some()
+            && read(&c, "moved.bin").is_some()
     });
     assert_eq!(
         read(&c, "keep.txt"),
         None,
         "the rename removed the old name"
+    );
+    let mut grew = 0;
+    wait_until(LIMIT, "C's status to count what it received", || {
+        let now = received(&c);
+        grew = now.1.saturating_sub(before.1);
+        now.0 > before.0 && grew > 0
+    });
+    assert!(
+        grew < 256 << 10,
+        "a rename on B moved no file bytes to C, yet C received {grew} bytes"
     );
 
     // 2. C is cut off; both sides edit the same files.
@@ -409,5 +440,131 @@ fn receive_only_and_send_only_devices_do_what_their_kind_says() {
     assert_eq!(read(&c, &copy), None, "C applies nothing");
     pa.kill();
     pb.kill();
+    pc.kill();
+}
+
+/// A hostile *allowed* device: its signed blocks cite a device that does not exist, claim a
+/// file far beyond the content it signed, hide a path that leaves the folder in a block, and
+/// cite history that never comes. The other devices keep running and syncing with each other,
+/// nothing is written outside any folder, and the refused block is reported naming the device.
+#[test]
+fn a_hostile_allowed_device_stops_only_itself() {
+    use feedsync::core::Feed;
+    use feedsync::drive::record::{Borrow, Clock, Entry, Extent, FileInfo, Record, encode};
+    use feedsync::storage::DiskStorage;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    std::fs::create_dir(&a).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    put(&a, "start.txt", b"start", now - 100);
+    let (mut pa, url, a_addr) = share(&a);
+    let (mut pb, b_id, _) = join(&url, &b, &[&a_addr]);
+    let (mut pc, c_id, _) = join(&url, &c, &[&a_addr]);
+    allow(&a, &b_id);
+    allow(&a, &c_id);
+    wait_until(LIMIT, "both devices to receive", || all_same(&[&a, &b, &c]));
+
+    // B goes hostile: blocks signed with its own key, appended to its own feed.
+    pb.terminate(Duration::from_secs(20));
+    let mut feed = Feed::open(DiskStorage::open(b.join(".feedsync/device-meta")).unwrap()).unwrap();
+    let file = |size: u64, start: u64, count: u64| FileInfo {
+        size,
+        mode: 0o644,
+        mtime_secs: now as i64,
+        mtime_nanos: 0,
+        hash: [7; 32],
+        extents: vec![Extent { start, count }],
+    };
+    let blocks = [
+        // Valid on its face: a file citing a device that does not exist, and one claiming
+        // ~1 TiB of content B never signed. Neither may cost anyone more than a wait.
+        vec![
+            Record::PutFrom {
+                path: "ghost.bin".into(),
+                file: file(65536, 0, 1),
+                from: vec![Borrow {
+                    device: [9; 32],
+                    extents: 1,
+                }],
+            },
+            Record::Put {
+                path: "huge.bin".into(),
+                entry: Entry::File(file(1 << 40, 0, (1 << 40) / 65536)),
+            },
+        ],
+        // Refused whole when decoded: a path out of the folder. B's feed stops here.
+        vec![
+            Record::Put {
+                path: "fine.txt".into(),
+                entry: Entry::File(file(0, 0, 0)),
+            },
+            Record::Put {
+                path: "../escape".into(),
+                entry: Entry::File(file(0, 0, 0)),
+            },
+        ],
+        // Never applied: after the refused block, and citing history that never comes.
+        vec![Record::Clock {
+            clock: Clock::new([([3; 32], 1_000_000)]),
+        }],
+    ];
+    for recs in &blocks {
+        feed.append(&encode(recs)).unwrap();
+    }
+    feed.sync().unwrap();
+    drop(feed);
+    let (pb2, _) = sync(&b, &[&a_addr]);
+
+    let problem = format!("device {}", &b_id[..8]);
+    wait_until(LIMIT, "A to refuse B's block and say so", || {
+        let st = text(&run(&["status", a.to_str().unwrap()]).stdout);
+        st.contains(&problem)
+    });
+    // A and C go on, and keep syncing with each other.
+    put(&c, "after.txt", b"written on C after B went hostile", now);
+    put(&a, "after_a.txt", b"written on A after B went hostile", now);
+    wait_until(LIMIT, "A and C to keep syncing", || {
+        read(&a, "after.txt").is_some() && read(&c, "after_a.txt").is_some()
+    });
+    assert!(
+        pa.exited().is_none() && pc.exited().is_none(),
+        "nobody crashed"
+    );
+    for d in [&a, &c] {
+        assert_eq!(
+            read(d, "fine.txt"),
+            None,
+            "the refused block counts for nothing"
+        );
+        assert_eq!(
+            read(d, "ghost.bin"),
+            None,
+            "nothing is made of content nobody has"
+        );
+        assert_eq!(
+            read(d, "huge.bin"),
+            None,
+            "nothing is made of content nobody signed"
+        );
+    }
+    let outside: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !["a", "b", "c"].contains(&n.as_str()))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "written outside the folders: {outside:?}"
+    );
+    drop(pb2);
+    pa.kill();
     pc.kill();
 }

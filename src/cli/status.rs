@@ -96,7 +96,7 @@ pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
     };
     for c in g("conflicts").as_array().into_iter().flatten() {
         println!(
-            "conflict: {} (your version is kept as {})",
+            "conflict: {} (the other version is kept as {})",
             s(c, "path"),
             s(c, "copy")
         );

@@ -73,6 +73,8 @@ pub(super) struct Base {
     pub others: Vec<FeedId>,
     /// A two-way folder's conflict copies (the merged tree's), for `status`.
     pub merge_conflicts: Vec<crate::drive::ledger::ConflictCopy>,
+    /// A two-way folder's newest version (every device's metadata blocks held), for `status`.
+    pub latest: Option<u64>,
     /// Newest verified state (writer: current).
     pub state: State,
     pub options: AppOptions,
@@ -115,6 +117,7 @@ impl Base {
             content,
             others: Vec::new(),
             merge_conflicts: Vec::new(),
+            latest: None,
             state,
             options,
             dirty_since: None,
@@ -216,7 +219,7 @@ impl Base {
             url: crate::drive::url(&r.feed(self.meta).public_key()),
             role,
             version,
-            latest_version: r.feed(self.meta).len(),
+            latest_version: self.latest.unwrap_or_else(|| r.feed(self.meta).len()),
             files_total,
             files_done,
             bytes_total,

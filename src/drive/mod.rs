@@ -318,8 +318,8 @@ impl Drive {
 
     /// `join` (#13): a clone of the folder `key` that also has a device of its own — its own
     /// metadata and content feeds, made once and kept (see [`devices`]). Returns the drive
-    /// and this device's id. Until the integration of two-way folders lands, the device
-    /// receives like a clone; see `notes/two-way.md`.
+    /// and this device's id. Until a member allows it, the device receives like a clone; see
+    /// `notes/two-way.md`.
     pub fn join(root: &Path, key: [u8; 32], adopt: bool) -> Result<(Self, [u8; 32]), DriveError> {
         let d = Self::clone_with(root, key, adopt)?;
         if d.writer {
@@ -327,6 +327,13 @@ impl Drive {
             return Ok((d, key));
         }
         let id = devices::ensure_device(&*d.state_handle, &d.root)?;
+        if d.content.is_some() {
+            // A clone joined later: its content store is the founder's, not this device's
+            // tag 0 (see `Drive::open`). Opened again as a device's.
+            let root = d.root.clone();
+            drop(d);
+            return Ok((Self::open(&root)?, id));
+        }
         Ok((d, id))
     }
 

@@ -187,23 +187,62 @@ impl TwoWay {
         if !self.merge.members().may_write(&me) {
             return;
         }
-        // Scanned only with the folder at the tree (see the module docs).
-        let quiet = settled(b) && !self.reader.deferred() && b.dirty_since.is_none();
+        // Scanned only with the folder at the tree (see the module docs): nothing being
+        // fetched, nothing left for later, the last batch flushed. Files waiting for content
+        // no device signed yet do not hold it up (a device could make them wait forever):
+        // they are left out of what the scan compares with.
+        let quiet = settled(b) && !self.reader.over_budget() && b.dirty_since.is_none();
         if !quiet {
             return;
         }
         self.take_requests(b, r);
-        if self.receive_only {
+        if self.receive_only || !self.writer.as_ref().is_some_and(|w| w.scan_due(b, now)) {
             return;
         }
         self.prepare_importer(b, r);
-        let Some(w) = &mut self.writer else { return };
-        w.on_tick(b, r, now);
+        let on_disk = self.on_disk(b);
+        let tree = std::mem::replace(&mut b.state, on_disk);
+        if let Some(w) = &mut self.writer {
+            w.on_tick(b, r, now);
+        }
+        b.state = tree;
         self.after_local_change(b, r);
+    }
+
+    /// The tree as this device has it on disk, for its importer to compare the folder with:
+    /// a file of the tree not in place yet (waiting for content) is what the folder held
+    /// before it, or nothing — so it is neither taken for a local removal nor its older
+    /// version for a local edit.
+    fn on_disk(&self, b: &Base) -> State {
+        let l = layout::lock(&b.layout);
+        let previous = &self.reader.previous().entries;
+        let mut entries = b.state.entries.clone();
+        entries.retain(|path, e| match e {
+            Entry::File(info) => {
+                l.slot_at(path)
+                    .and_then(|id| l.slot(id))
+                    .is_some_and(|s| s.pending.is_none() && s.info == *info)
+                    || matches!(previous.get(path), Some(Entry::File(_)))
+            }
+            _ => true,
+        });
+        for (path, e) in entries.iter_mut() {
+            if let Entry::File(info) = e {
+                let in_place = l
+                    .slot_at(path)
+                    .and_then(|id| l.slot(id))
+                    .is_some_and(|s| s.pending.is_none() && s.info == *info);
+                if !in_place && let Some(old @ Entry::File(_)) = previous.get(path) {
+                    *e = old.clone();
+                }
+            }
+        }
+        State::from_entries(entries, b.state.version)
     }
 
     pub fn each_second(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         self.reader.each_second(b, r);
+        b.latest = Some(self.metas.iter().map(|(_, f)| r.feed(*f).len()).sum());
     }
 
     /// Every device's metadata complete as a peer proved it, merged, and every file in place.

@@ -185,6 +185,16 @@ impl Writer {
         }
     }
 
+    /// Whether the next tick scans (a change seen and quiet for the debounce time, or the
+    /// periodic rescan due).
+    pub fn scan_due(&self, b: &Base, now: Instant) -> bool {
+        b.options.follow
+            && (self
+                .change_seen
+                .is_some_and(|t| now.duration_since(t) >= b.options.debounce)
+                || now.duration_since(self.last_scan) >= b.options.rescan_interval)
+    }
+
     /// Answers `allow`/`deny` requests left by the CLI: the records go through the importer's
     /// commit, like a scan's (flushed before any peer hears of them).
     fn take_requests(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {

@@ -166,6 +166,17 @@ impl Reader {
         self.over_budget || self.waiting.is_some()
     }
 
+    /// Files of the newest version not taken on yet because of the budget (they come as soon
+    /// as those taken on are done).
+    pub fn over_budget(&self) -> bool {
+        self.over_budget
+    }
+
+    /// What the folder held when it was last brought to a version completely.
+    pub fn previous(&self) -> &State {
+        &self.previous
+    }
+
     /// Once per version reached: made durable, then [`DriveEvent::Complete`].
     fn report_complete(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         if self.complete_at != Some(b.state.version)
