@@ -326,6 +326,16 @@ fn three_devices_edit_at_once_through_a_partition_and_a_kill_and_converge() {
     assert_same_tree(&a, &b, SKIP);
     assert_same_tree(&a, &c, SKIP);
 
+    // `log` tells who changed what: B's rename (one block, or two if the watcher split it),
+    // from B's feed as A holds it, with what B had seen.
+    let log = text(&run(&["log", a.to_str().unwrap()]).stdout);
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("by {}", &b_id[..8]))
+                && l.contains(" after ")
+                && l.contains("moved.bin")),
+        "{log}"
+    );
     // `status` shows the conflict; `devices` lists all three.
     let status = text(&run(&["status", a.to_str().unwrap()]).stdout);
     assert!(
@@ -471,6 +481,12 @@ fn a_hostile_allowed_device_stops_only_itself() {
     allow(&a, &b_id);
     allow(&a, &c_id);
     wait_until(LIMIT, "both devices to receive", || all_same(&[&a, &b, &c]));
+    // One honest file from B first: its bytes are B's content block 0, which A and C hold.
+    let honest = b"honest bytes from B";
+    put(&b, "b_honest.txt", honest, now - 50);
+    wait_until(LIMIT, "B's honest file everywhere", || {
+        all_same(&[&a, &b, &c]) && read(&a, "b_honest.txt").is_some()
+    });
 
     // B goes hostile: blocks signed with its own key, appended to its own feed.
     pb.terminate(Duration::from_secs(20));
@@ -498,6 +514,12 @@ fn a_hostile_allowed_device_stops_only_itself() {
             Record::Put {
                 path: "huge.bin".into(),
                 entry: Entry::File(file(1 << 40, 0, (1 << 40) / 65536)),
+            },
+            // Content B signed, under a whole-file hash it does not have: never published,
+            // and it must not keep A from sending its own edits.
+            Record::Put {
+                path: "wrong_hash.bin".into(),
+                entry: Entry::File(file(honest.len() as u64, 0, 1)),
             },
         ],
         // Refused whole when decoded: a path out of the folder. B's feed stops here.
@@ -554,6 +576,11 @@ fn a_hostile_allowed_device_stops_only_itself() {
             None,
             "nothing is made of content nobody signed"
         );
+        assert_eq!(
+            read(d, "wrong_hash.bin"),
+            None,
+            "nothing is published unverified"
+        );
     }
     let outside: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -567,4 +594,51 @@ fn a_hostile_allowed_device_stops_only_itself() {
     drop(pb2);
     pa.kill();
     pc.kill();
+}
+
+/// Edits made on a device while it was off are its edits when it comes back (never taken for
+/// stale files and overwritten): one that another device's edit of the same file never saw
+/// is a conflict both keep; a file changed or removed only here goes out as such.
+#[test]
+fn edits_made_while_a_device_was_off_go_out_and_conflict_with_what_it_never_saw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir(&a).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for rel in ["f.txt", "g.txt", "h.txt"] {
+        put(&a, rel, format!("{rel}, first").as_bytes(), now - 1000);
+    }
+    let (mut pa, url, a_addr) = share(&a);
+    let (mut pb, b_id, _) = join(&url, &b, &[&a_addr]);
+    allow(&a, &b_id);
+    wait_until(LIMIT, "B to receive", || all_same(&[&a, &b]));
+    // B writes once while on, so its own feed and clock are in use before it stops.
+    put(&b, "on.txt", b"written on B while on", now);
+    wait_until(LIMIT, "A to get it", || read(&a, "on.txt").is_some());
+    pb.terminate(Duration::from_secs(20));
+
+    put(&b, "f.txt", b"f, edited on B while off", now + 10);
+    put(&b, "g.txt", b"g, edited on B while off", now + 10);
+    std::fs::remove_file(b.join("h.txt")).unwrap();
+    put(&a, "f.txt", b"f, edited on A meanwhile", now + 20);
+    wait_until(LIMIT, "A to commit its edit", || {
+        text(&run(&["log", a.to_str().unwrap()]).stdout).contains("modify  f.txt")
+    });
+
+    let (pb2, _) = sync(&b, &[&a_addr]);
+    let copy = format!("f.sync-conflict-{}-{}.txt", utc_stamp(now + 10), &b_id[..8]);
+    wait_until(LIMIT, "both to agree", || {
+        all_same(&[&a, &b]) && read(&a, &copy).is_some() && read(&a, "h.txt").is_none()
+    });
+    for d in [&a, &b] {
+        assert_eq!(read(d, "f.txt").unwrap(), b"f, edited on A meanwhile");
+        assert_eq!(read(d, &copy).unwrap(), b"f, edited on B while off");
+        assert_eq!(read(d, "g.txt").unwrap(), b"g, edited on B while off");
+        assert_eq!(read(d, "h.txt"), None, "removed on B while off");
+    }
+    drop(pb2);
+    pa.kill();
 }

@@ -231,17 +231,49 @@ pub fn time(records: &[Record]) -> Option<SystemTime> {
     })
 }
 
-/// Every version of the drive in `root`, read without the writer's lock.
+/// Every version of the drive in `root`, read without the writer's lock: the folder's feed,
+/// then (a two-way folder, #13) every other device's feed this node holds, all in the order
+/// their writers committed them (each entry's `version` is its position in its device's feed).
 pub fn read(root: &Path) -> Result<Vec<LogEntry>, DriveError> {
     let root = std::fs::canonicalize(root).map_err(|error| DriveError::Missing {
         path: root.to_path_buf(),
         error,
     })?;
-    let dir = root.join(STATE_DIR).join("meta");
+    let state_dir = root.join(STATE_DIR);
+    let dir = state_dir.join("meta");
     if !dir.join("header").exists() {
         return Err(DriveError::NotADrive(root));
     }
-    let mut meta = Feed::open(DiskStorage::open_read_only(&dir)?)?;
+    let mut out = read_feed(&dir, true)?;
+    let mut others = vec![state_dir.join("device-meta")];
+    if let Ok(list) = std::fs::read_dir(state_dir.join("devices")) {
+        let mut names: Vec<_> = list.filter_map(Result::ok).map(|e| e.path()).collect();
+        names.sort();
+        others.extend(
+            names
+                .into_iter()
+                .take(crate::drive::merge::MAX_DEVICES)
+                .map(|d| d.join("meta")),
+        );
+    }
+    let several = others.iter().any(|d| d.join("header").exists());
+    for d in others {
+        if d.join("header").exists() {
+            // Another device's feed that does not read is left out, not the whole log.
+            out.extend(read_feed(&d, false).unwrap_or_default());
+        }
+    }
+    if several {
+        // One history: by commit time (the writers' clocks), then device and position.
+        out.sort_by_key(|e| (e.time, e.device, e.version));
+    }
+    Ok(out)
+}
+
+/// The versions of the metadata feed stored in `dir`. `strict`: a version that does not
+/// decode is an error (the folder's own feed); otherwise the listing stops there.
+fn read_feed(dir: &Path, strict: bool) -> Result<Vec<LogEntry>, DriveError> {
+    let mut meta = Feed::open(DiskStorage::open_read_only(dir)?)?;
     let device = meta.public_key();
     let mut state = State::default();
     let mut out = Vec::new();
@@ -265,7 +297,11 @@ pub fn read(root: &Path) -> Result<Vec<LogEntry>, DriveError> {
             });
             continue;
         };
-        let recs = record::decode(i, &block).map_err(|e| DriveError::Record(i + 1, e))?;
+        let recs = match record::decode(i, &block) {
+            Ok(recs) => recs,
+            Err(e) if strict => return Err(DriveError::Record(i + 1, e)),
+            Err(_) => break,
+        };
         let clock = recs
             .iter()
             .find_map(|r| match r {
@@ -281,6 +317,17 @@ pub fn read(root: &Path) -> Result<Vec<LogEntry>, DriveError> {
             device,
             clock,
         });
+        // A file citing other devices' content is, for this device's own history, a put.
+        let recs = recs
+            .into_iter()
+            .map(|r| match r {
+                Record::PutFrom { path, file, .. } => Record::Put {
+                    path,
+                    entry: Entry::File(file),
+                },
+                r => r,
+            })
+            .collect();
         state.apply(recs);
     }
     Ok(out)

@@ -44,7 +44,7 @@ use crate::drive::guard;
 use crate::drive::import::{Wire, stamp_time};
 use crate::drive::layout::{self, FolderBlocks};
 use crate::drive::ledger::ConflictCopy;
-use crate::drive::merge::{DeviceId, Merge, Offer, Source, Tree};
+use crate::drive::merge::{Clock, DeviceId, Merge, Offer, Source, Tree};
 use crate::drive::reader::{Reader, settled};
 use crate::drive::record::{self, Entry, Record, State};
 use crate::drive::writer::Writer;
@@ -83,7 +83,20 @@ pub(super) struct TwoWay {
     own_len: u64,
     /// A receive-only device: its importer never scans (see [`FolderKind`](crate::drive::FolderKind)).
     pub receive_only: bool,
+    /// The tree `b.state` was made from: its version and the clock of what it merged.
+    state_clock: (u64, Clock),
+    /// The clock of the last tree the folder was brought to completely (every file in place,
+    /// flushed): what this device has *on disk* of the others. Its blocks carry this, not
+    /// what it merged, so an edit here never covers another device's version it has not put
+    /// on disk (that would lose it): such an edit is concurrent, and both stay. Kept in
+    /// `.feedsync/applied-clock` across restarts.
+    applied_clock: Clock,
+    /// This device was seen allowed to write in this run.
+    allowed_seen: bool,
 }
+
+/// The state file that keeps [`TwoWay::applied_clock`].
+const APPLIED_CLOCK: &str = "applied-clock";
 
 impl TwoWay {
     /// A two-way side for a device (`me`, with its own metadata feed `own_meta`; its own
@@ -120,6 +133,9 @@ impl TwoWay {
             copies: HashMap::new(),
             own_len: 0,
             receive_only: false,
+            state_clock: (0, Clock::default()),
+            applied_clock: Clock::default(),
+            allowed_seen: false,
         }
     }
 
@@ -151,19 +167,74 @@ impl TwoWay {
 
     /// `fresh`: the reader was not started before (a one-writer reader switching over was).
     pub fn start(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, fresh: bool) {
+        self.applied_clock = load_clock(b);
         self.advance(b, r, false);
         if fresh {
-            self.reader.start(b, r);
-        } else {
-            self.reader.reconcile(b, r);
+            self.reader.load(b, r);
         }
         if let Some(w) = &mut self.writer
             && !self.receive_only
         {
             w.start(b, r);
-            // What changed here while nothing ran: scanned once the folder is settled.
-            w.rescan_soon();
         }
+        if fresh && self.may_write() {
+            // What changed here while nothing ran is this device's edit, scanned before the
+            // folder is brought to the tree (which would otherwise take it for a stale file).
+            self.prepare_importer(b, r);
+            let on_disk = self.as_left(b);
+            let tree = std::mem::replace(&mut b.state, on_disk);
+            if let Some(w) = &mut self.writer {
+                w.scan_now(b, r);
+            }
+            b.state = tree;
+            self.after_local_change(b, r);
+        }
+        if let Some(c) = b.content {
+            r.set_ordered(c, true);
+        }
+        self.reader.reconcile(b, r);
+    }
+
+    /// Whether this device scans and writes: a device (not a clone), allowed, not
+    /// receive-only, its importer running.
+    fn may_write(&self) -> bool {
+        !self.receive_only
+            && self
+                .me
+                .is_some_and(|me| self.merge.members().may_write(&me))
+            && self.writer.as_ref().is_some_and(|w| w.has_importer())
+    }
+
+    /// The folder as the last run left it, for the first scan: what the ledger says this
+    /// device wrote or read, as the tree has it if the contents match, else as the ledger
+    /// describes it. A file of the tree never put on disk here is not in it (its absence is
+    /// no removal); a file changed since the ledger recorded it is this device's edit.
+    fn as_left(&self, b: &Base) -> State {
+        let ledger = self.reader.ledger();
+        let mut entries = std::collections::BTreeMap::new();
+        for (path, w) in &ledger.files {
+            let entry = match b.state.entries.get(path) {
+                Some(Entry::File(info)) if info.hash == w.hash => Entry::File(info.clone()),
+                Some(e @ Entry::Link(l)) if guard::link_hash(&l.target) == w.hash => e.clone(),
+                _ => Entry::File(record::FileInfo {
+                    size: w.size,
+                    mode: w.mode & 0o777,
+                    mtime_secs: w.mtime.0,
+                    mtime_nanos: u32::try_from(w.mtime.1).unwrap_or(0),
+                    hash: w.hash,
+                    extents: Vec::new(),
+                }),
+            };
+            entries.insert(path.clone(), entry);
+        }
+        for d in &ledger.dirs {
+            let entry = match b.state.entries.get(d) {
+                Some(e) if e.is_dir() => e.clone(),
+                _ => Entry::Dir,
+            };
+            entries.insert(d.clone(), entry);
+        }
+        State::from_entries(entries, b.state.version)
     }
 
     pub fn on_event(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, event: &Event) {
@@ -183,16 +254,22 @@ impl TwoWay {
 
     pub fn on_tick(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, now: Instant) {
         self.reader.on_tick(b, r, now);
+        self.note_applied(b);
         let Some(me) = self.me else { return };
         if !self.merge.members().may_write(&me) {
             return;
         }
-        // Scanned only with the folder at the tree (see the module docs): nothing being
-        // fetched, nothing left for later, the last batch flushed. Files waiting for content
-        // no device signed yet do not hold it up (a device could make them wait forever):
-        // they are left out of what the scan compares with.
-        let quiet = settled(b) && !self.reader.over_budget() && b.dirty_since.is_none();
-        if !quiet {
+        if !self.allowed_seen {
+            // Allowed now: what was edited here meanwhile goes out.
+            self.allowed_seen = true;
+            if let Some(w) = &mut self.writer {
+                w.rescan_soon();
+            }
+        }
+        // Scanned against what is on disk (`on_disk`), with the clock of what is on disk
+        // (`applied_clock`): files still being fetched, or waiting for content a device may
+        // never send, hold nothing up. Only a batch published and not yet flushed waits.
+        if b.dirty_since.is_some() {
             return;
         }
         self.take_requests(b, r);
@@ -209,10 +286,26 @@ impl TwoWay {
         self.after_local_change(b, r);
     }
 
+    /// Takes the tree the reader last brought the folder to completely as what is on disk
+    /// (see `applied_clock`), and keeps its clock.
+    fn note_applied(&mut self, b: &Base) {
+        let (version, clock) = &self.state_clock;
+        if self.reader.previous().version == *version && self.applied_clock != *clock {
+            self.applied_clock = clock.clone();
+            if let Ok(bytes) = postcard::to_stdvec(&self.applied_clock)
+                && let Err(e) = b.write_state_file(APPLIED_CLOCK, &bytes)
+            {
+                // Kept in memory; after a restart this device's edits are concurrent with
+                // more than they need be (conflict copies, never a lost edit).
+                tracing::warn!("keeping the applied clock: {e}");
+            }
+        }
+    }
+
     /// The tree as this device has it on disk, for its importer to compare the folder with:
-    /// a file of the tree not in place yet (waiting for content) is what the folder held
-    /// before it, or nothing — so it is neither taken for a local removal nor its older
-    /// version for a local edit.
+    /// a file of the tree not in place yet (being fetched, or waiting for content) is what the
+    /// folder held before it, or nothing — so it is neither taken for a local removal nor its
+    /// older version for a local edit.
     fn on_disk(&self, b: &Base) -> State {
         let l = layout::lock(&b.layout);
         let previous = &self.reader.previous().entries;
@@ -307,6 +400,11 @@ impl TwoWay {
             })
             .collect();
         b.state = self.local_state(tree);
+        self.state_clock = (
+            b.state.version,
+            self.merge
+                .clock_for(&self.me.unwrap_or(self.merge.founder())),
+        );
         if reconcile {
             self.reader.reconcile(b, r);
         }
@@ -499,8 +597,9 @@ impl TwoWay {
         let Some(i) = w.importer_mut() else { return };
         i.set_others(b.others.clone());
         i.learn(r);
+        let _ = me;
         i.set_wire(Some(Wire {
-            clock: self.merge.clock_for(&me),
+            clock: self.applied_clock.clone(),
             devices: self.tags.clone(),
             copies: self.copies.clone(),
         }));
@@ -649,4 +748,21 @@ fn open_replica(
     };
     b.locks.push(lock);
     Ok(r.add_feed(feed, true))
+}
+
+/// The applied clock the last run kept (none: an empty clock, which covers nothing — this
+/// device's first edits are then concurrent with everything, never superseding unseen work).
+fn load_clock(b: &Base) -> Clock {
+    let mut buf = vec![0u8; 64 * 1024];
+    let read = b
+        .state_handle
+        .open(APPLIED_CLOCK, crate::fsio::OpenHow::READ)
+        .and_then(|f| f.read_at(&mut buf, 0));
+    match read {
+        Ok(n) => postcard::from_bytes::<Clock>(&buf[..n])
+            .ok()
+            .filter(|c| c.check().is_ok())
+            .unwrap_or_default(),
+        Err(_) => Clock::default(),
+    }
 }

@@ -96,6 +96,12 @@ impl Writer {
         }
     }
 
+    /// Whether its importer runs (it could not be made for a folder whose state directory
+    /// cannot be told apart).
+    pub fn has_importer(&self) -> bool {
+        self.importer.is_some()
+    }
+
     /// The importer (once started).
     pub fn importer_mut(&mut self) -> Option<&mut Importer> {
         self.importer.as_mut()
@@ -183,6 +189,13 @@ impl Writer {
             self.change_seen = None;
             self.scan(b, r, periodic);
         }
+    }
+
+    /// Scans the whole folder now (a two-way device's first scan, before its first
+    /// reconcile).
+    pub fn scan_now(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        self.change_seen = None;
+        self.scan(b, r, true);
     }
 
     /// Whether the next tick scans (a change seen and quiet for the debounce time, or the

@@ -204,7 +204,7 @@ impl Importer {
     }
 
     /// The feed and index of layout key `key`.
-    fn locate(&self, key: u64) -> Option<(FeedId, u64)> {
+    pub(super) fn locate(&self, key: u64) -> Option<(FeedId, u64)> {
         let (tag, index) = layout::split(key);
         match tag {
             0 => Some((self.content, index)),
@@ -502,32 +502,38 @@ impl Importer {
         let mut size = 0;
         let mut preserved: BTreeSet<String> = BTreeSet::new();
         for rec in records {
-            let mut out = Vec::new();
-            match &self.wire {
-                None => out.push(rec.clone()),
+            // The copies first, each on its own (several big ones may not fit one block with
+            // the record): they exist as records before the heads they lost to are
+            // superseded, whichever block the record lands in.
+            let mut copies = Vec::new();
+            let wire_rec = match &self.wire {
+                None => rec.clone(),
                 Some(w) => {
-                    // The copies first: they exist as records before the heads they lost to
-                    // are superseded, whichever block the record lands in.
                     if let Record::Put { path, .. } | Record::Remove { path } = &rec
                         && preserved.insert(path.clone())
                     {
-                        out.extend(w.copies.get(path).into_iter().flatten().cloned());
+                        copies.extend(w.copies.get(path).into_iter().flatten().cloned());
                     }
-                    out.extend(w.record(&rec));
+                    // A key of a feed no device has cannot be made (tags are given to device
+                    // feeds only): the record goes as it is.
+                    w.record(&rec).unwrap_or_else(|| rec.clone())
                 }
+            };
+            for (local, wire) in copies
+                .into_iter()
+                .map(|c| (None, c))
+                .chain(std::iter::once((Some(rec), wire_rec)))
+            {
+                let n = encode(std::slice::from_ref(&wire)).len();
+                if size + n > MAX_BATCH_BYTES && !wired.last().expect("non-empty").is_empty() {
+                    batches.push(Vec::new());
+                    wired.push(Vec::new());
+                    size = 0;
+                }
+                size += n;
+                batches.last_mut().expect("non-empty").extend(local);
+                wired.last_mut().expect("non-empty").push(wire);
             }
-            let n: usize = out
-                .iter()
-                .map(|r| encode(std::slice::from_ref(r)).len())
-                .sum();
-            if size + n > MAX_BATCH_BYTES && !batches.last().expect("non-empty").is_empty() {
-                batches.push(Vec::new());
-                wired.push(Vec::new());
-                size = 0;
-            }
-            size += n;
-            batches.last_mut().expect("non-empty").push(rec);
-            wired.last_mut().expect("non-empty").extend(out);
         }
         let time = Record::now();
         for b in &mut wired {

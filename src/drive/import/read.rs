@@ -21,9 +21,11 @@ impl Importer {
     ) -> Result<(), ScanError> {
         for block in data.chunks(BLOCK_SIZE) {
             let leaf = crypto::leaf_hash(block);
+            // A block cited must still be held here (given up since: appended again).
+            let held = |key: u64| self.locate(key).is_some_and(|(f, x)| r.feed(f).has(x));
             let index = match self.dedup.get(&leaf) {
-                Some(&b) => b,
-                None => {
+                Some(&b) if held(b) => b,
+                _ => {
                     let b = r.feed(self.content).len() + self.pending.len() as u64;
                     self.pending.push(block.to_vec());
                     self.leaves.push(leaf);

@@ -141,7 +141,11 @@ impl Reader {
         if !self.flush_staged(b, r) || b.sync_folder().is_err() {
             return false;
         }
-        let at_version = settled(b) && !self.deferred() && r.feed(b.meta).len() == b.state.version;
+        // At the newest version: a two-way folder's is the merged tree (its version counts
+        // every device's blocks merged), a one-writer folder's the feed's length.
+        let at_version = settled(b)
+            && !self.deferred()
+            && (self.merged || r.feed(b.meta).len() == b.state.version);
         if at_version {
             self.previous = b.state.clone();
             if self.ledger.applied != self.previous.version {

@@ -98,6 +98,19 @@ impl Reader {
     }
 
     pub fn start(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        self.load(b, r);
+        // Metadata held from an earlier run: bring the folder up to it.
+        if let Some(c) = b.content {
+            r.set_ordered(c, true);
+            self.reconcile(b, r);
+        }
+        self.apply_metadata(b, r);
+    }
+
+    /// The first half of [`Reader::start`]: the ledger (and what a killed run was about to
+    /// write), and the files found in place checked against it. A two-way device scans its
+    /// own edits between this and its first reconcile.
+    pub fn load(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         self.ledger = match Ledger::load(&*b.state_handle) {
             Ok(l) => l,
             Err(e) => {
@@ -114,12 +127,11 @@ impl Reader {
         b.forget_keys(r, orphans);
         self.ledger_dirty = true;
         b.stats.on_disk = self.ledger.on_disk.clone();
-        // Metadata held from an earlier run: bring the folder up to it.
-        if let Some(c) = b.content {
-            r.set_ordered(c, true);
-            self.reconcile(b, r);
-        }
-        self.apply_metadata(b, r);
+    }
+
+    /// What this reader wrote (and, two-way, what this device's importer read).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     pub fn on_event(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, event: &Event) {
@@ -164,12 +176,6 @@ impl Reader {
     /// Files of the newest version not taken on yet (see the fields).
     pub fn deferred(&self) -> bool {
         self.over_budget || self.waiting.is_some()
-    }
-
-    /// Files of the newest version not taken on yet because of the budget (they come as soon
-    /// as those taken on are done).
-    pub fn over_budget(&self) -> bool {
-        self.over_budget
     }
 
     /// What the folder held when it was last brought to a version completely.
