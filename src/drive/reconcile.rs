@@ -16,9 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// A file the layout knows at a path (its current slot there).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Local {
+pub struct Local<'a> {
     /// The version of the file the slot is for.
-    pub info: FileInfo,
+    pub info: &'a FileInfo,
     /// Whether that file is in place (published or found on disk), not still being fetched.
     pub in_place: bool,
 }
@@ -77,7 +77,7 @@ pub fn plan(
     previous: &BTreeMap<String, Entry>,
     target: &BTreeMap<String, Entry>,
     ledger: &Ledger,
-    local: &BTreeMap<String, Local>,
+    local: &BTreeMap<&str, Local<'_>>,
     content_len: impl Fn(u16) -> u64,
     held: impl Fn(u64) -> bool,
 ) -> Plan {
@@ -96,13 +96,13 @@ pub fn plan(
         .filter(|d| !target.get(*d).is_some_and(Entry::is_dir))
         .cloned()
         .collect();
-    for (path, l) in local {
-        let wanted = matches!(target.get(path), Some(Entry::File(i)) if *i == l.info);
+    for (&path, l) in local {
+        let wanted = matches!(target.get(path), Some(Entry::File(i)) if i == l.info);
         // Already in `gone` exactly when the loop above put it there (one lookup, not a scan
         // of `gone`: a version removing 100k files met 100k local files).
         let from_previous = matches!(previous.get(path), Some(old @ Entry::File(_)) if target.get(path) != Some(old));
         if !wanted && !from_previous {
-            gone.push(path.clone());
+            gone.push(path.to_owned());
         }
     }
     let mut fetch = Vec::new();
@@ -125,7 +125,7 @@ pub fn plan(
             }
             Entry::File(info) => info,
         };
-        if local.get(path).is_some_and(|l| l.info == *info) {
+        if local.get(path.as_str()).is_some_and(|l| l.info == info) {
             continue;
         }
         let lacks = info
@@ -190,14 +190,14 @@ mod tests {
             .collect()
     }
 
-    fn in_place(state: &BTreeMap<String, Entry>) -> BTreeMap<String, Local> {
+    fn in_place(state: &BTreeMap<String, Entry>) -> BTreeMap<&str, Local<'_>> {
         state
             .iter()
             .filter_map(|(p, e)| match e {
                 Entry::File(info) => Some((
-                    p.clone(),
+                    p.as_str(),
                     Local {
-                        info: info.clone(),
+                        info,
                         in_place: true,
                     },
                 )),
@@ -296,9 +296,9 @@ mod tests {
         // newest version removed it again.
         let mid = file(0, 1, 9);
         let local = BTreeMap::from([(
-            "m".to_string(),
+            "m",
             Local {
-                info: mid.clone(),
+                info: &mid,
                 in_place: false,
             },
         )]);
@@ -319,9 +319,9 @@ mod tests {
         let a = file(0, 2, 1);
         let next = map(&[("a", Entry::File(a.clone()))]);
         let local = BTreeMap::from([(
-            "a".to_string(),
+            "a",
             Local {
-                info: a,
+                info: &a,
                 in_place: false,
             },
         )]);

@@ -93,6 +93,8 @@ pub(super) struct TwoWay {
     applied_clock: Clock,
     /// This device was seen allowed to write in this run.
     allowed_seen: bool,
+    /// The paths of the last tree whose record is this device's (for `adopt_own`).
+    own_paths: Vec<String>,
 }
 
 /// The state file that keeps [`TwoWay::applied_clock`].
@@ -136,6 +138,7 @@ impl TwoWay {
             state_clock: (0, Clock::default()),
             applied_clock: Clock::default(),
             allowed_seen: false,
+            own_paths: Vec::new(),
         }
     }
 
@@ -269,20 +272,43 @@ impl TwoWay {
         // Scanned against what is on disk (`on_disk`), with the clock of what is on disk
         // (`applied_clock`): files still being fetched, or waiting for content a device may
         // never send, hold nothing up. Only a batch published and not yet flushed waits.
-        if b.dirty_since.is_some() {
+        // While files are being fetched, the reader's own publishing looks like changes: only
+        // the periodic rescan runs then (so a device that never sends what it signed delays
+        // this device's edits by at most that long, and stops nothing).
+        let busy = !settled(b);
+        let mut due = false;
+        if !self.receive_only
+            && let Some(w) = &mut self.writer
+            && w.scan_due(b, now)
+        {
+            if busy && !w.rescan_due(b, now) && only_ours(b, w) {
+                w.forget_changes();
+            } else {
+                due = true;
+            }
+        }
+        if b.dirty_since.is_some() && (!due || !self.reader.flush_now(b, r)) {
+            // Flushed on a later tick; a scan due now flushes first (a live edit waits for
+            // no timer).
             return;
         }
         self.take_requests(b, r);
-        if self.receive_only || !self.writer.as_ref().is_some_and(|w| w.scan_due(b, now)) {
+        if !due {
             return;
         }
         self.prepare_importer(b, r);
-        let on_disk = self.on_disk(b);
-        let tree = std::mem::replace(&mut b.state, on_disk);
+        // Everything in place (the common case): the tree is what is on disk, as it is.
+        let at_tree = !busy && !self.reader.deferred();
+        let tree = (!at_tree).then(|| {
+            let on_disk = self.on_disk(b);
+            std::mem::replace(&mut b.state, on_disk)
+        });
         if let Some(w) = &mut self.writer {
             w.on_tick(b, r, now);
         }
-        b.state = tree;
+        if let Some(tree) = tree {
+            b.state = tree;
+        }
         self.after_local_change(b, r);
     }
 
@@ -349,6 +375,8 @@ impl TwoWay {
 
     pub fn shutdown(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
         self.reader.shutdown(b, r);
+        // The tree the last flush reached is what the next run's first scan is judged against.
+        self.note_applied(b);
     }
 
     /// The blocks of this device's own feed appended since the tree was computed: merged at
@@ -399,6 +427,14 @@ impl TwoWay {
                 _ => None,
             })
             .collect();
+        self.own_paths = match self.me {
+            Some(me) => tree
+                .iter()
+                .filter(|(_, res)| matches!(res.source, Source::Record(d) if d.device == me))
+                .map(|(path, _)| path.clone())
+                .collect(),
+            None => Vec::new(),
+        };
         b.state = self.local_state(tree);
         self.state_clock = (
             b.state.version,
@@ -608,41 +644,39 @@ impl TwoWay {
     /// Records in the ledger, as ours, what this device's records describe and the disk still
     /// holds as recorded: another device's removal or edit of it then applies here.
     fn adopt_own(&mut self, b: &mut Base) {
-        let Some(me) = self.me else { return };
-        let mut own: Vec<(String, Entry)> = Vec::new();
-        for (path, res) in self.merge.tree() {
-            if matches!(res.source, Source::Record(d) if d.device == me) {
-                own.push((path, res.entry));
-            }
-        }
         let ledger = self.reader.ledger_mut();
-        for (path, entry) in own {
+        for path in &self.own_paths {
+            let Some(entry) = b.state.entries.get(path) else {
+                continue;
+            };
             match entry {
                 Entry::File(info) => {
-                    if ledger.files.get(&path).is_some_and(|w| w.hash == info.hash) {
+                    if ledger.files.get(path).is_some_and(|w| w.hash == info.hash) {
                         continue;
                     }
-                    if let Ok(Some(m)) = b.root_dir.metadata(&path)
+                    if let Ok(Some(m)) = b.root_dir.metadata(path)
                         && m.kind == Kind::File
                         && m.len == info.size
                         && stamp_time(m.mtime) == (info.mtime_secs, info.mtime_nanos)
                     {
-                        ledger.wrote(&path, &m, info.hash);
+                        ledger.wrote(path, &m, info.hash);
                     }
                 }
                 Entry::Link(l) => {
                     let hash = guard::link_hash(&l.target);
-                    if ledger.files.get(&path).is_some_and(|w| w.hash == hash) {
+                    if ledger.files.get(path).is_some_and(|w| w.hash == hash) {
                         continue;
                     }
-                    if let Ok(Some(m)) = b.root_dir.metadata(&path)
+                    if let Ok(Some(m)) = b.root_dir.metadata(path)
                         && m.kind == Kind::Symlink
                     {
-                        ledger.wrote(&path, &m, hash);
+                        ledger.wrote(path, &m, hash);
                     }
                 }
                 Entry::Dir | Entry::Directory(_) => {
-                    ledger.dirs.insert(path);
+                    if !ledger.dirs.contains(path) {
+                        ledger.dirs.insert(path.clone());
+                    }
                 }
             }
         }
@@ -765,4 +799,25 @@ fn load_clock(b: &Base) -> Clock {
             .unwrap_or_default(),
         Err(_) => Clock::default(),
     }
+}
+
+/// Whether every change notification since the last scan names a file this node just
+/// published (in place as its slot records it): then there is nothing of the user's to scan,
+/// and while files arrive that is most of them. Overflowed notifications count as ours (the
+/// periodic rescan looks at everything).
+fn only_ours(b: &Base, w: &Writer) -> bool {
+    let Some(paths) = w.changed_paths(b) else {
+        return true;
+    };
+    let l = layout::lock(&b.layout);
+    paths.iter().all(|rel| {
+        let Some(s) = l.slot_at(rel).and_then(|id| l.slot(id)) else {
+            return false;
+        };
+        s.pending.is_none()
+            && matches!(b.root_dir.metadata(rel), Ok(Some(m))
+                if m.kind == Kind::File
+                    && m.len == s.info.size
+                    && stamp_time(m.mtime) == (s.info.mtime_secs, s.info.mtime_nanos))
+    })
 }

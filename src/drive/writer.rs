@@ -208,6 +208,38 @@ impl Writer {
                 || now.duration_since(self.last_scan) >= b.options.rescan_interval)
     }
 
+    /// The paths change notifications named since the last scan (relative to the folder),
+    /// or `None` if they overflowed or one is outside it.
+    pub fn changed_paths(&self, b: &Base) -> Option<Vec<String>> {
+        let c = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+        if c.1 {
+            return None;
+        }
+        c.0.iter()
+            .map(|p| {
+                p.strip_prefix(&b.root)
+                    .ok()
+                    .and_then(|r| r.to_str())
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// Forgets the change notifications seen (they were this node's own writes).
+    pub fn forget_changes(&mut self) {
+        self.changed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clear();
+        self.change_seen = None;
+    }
+
+    /// Whether the periodic rescan is due.
+    pub fn rescan_due(&self, b: &Base, now: Instant) -> bool {
+        now.duration_since(self.last_scan) >= b.options.rescan_interval
+    }
+
     /// Answers `allow`/`deny` requests left by the CLI: the records go through the importer's
     /// commit, like a scan's (flushed before any peer hears of them).
     fn take_requests(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {

@@ -633,7 +633,15 @@ impl Merge {
     }
 
     /// The heads at `path`: counted records no other counted record supersedes.
-    fn heads(&self, recs: &[Rec]) -> Vec<Rec> {
+    fn heads<'a>(&self, recs: &'a [Rec]) -> Vec<&'a Rec> {
+        // Most paths have one device's record: no pair to compare.
+        if let [one] = recs {
+            return if self.counts(one) {
+                vec![one]
+            } else {
+                Vec::new()
+            };
+        }
         let counted: Vec<&Rec> = recs.iter().filter(|r| self.counts(r)).collect();
         counted
             .iter()
@@ -642,14 +650,15 @@ impl Merge {
                     .iter()
                     .any(|s| s.device != r.device && self.covers(s, r))
             })
-            .map(|r| (*r).clone())
+            .copied()
             .collect()
     }
 
     /// The winner among heads (`None`: all removals), by the rule in the module docs.
-    fn winner<'a>(&self, heads: &'a [Rec]) -> Option<&'a Rec> {
+    fn winner<'a>(&self, heads: &[&'a Rec]) -> Option<&'a Rec> {
         heads
             .iter()
+            .copied()
             .filter(|r| r.entry.is_some())
             .max_by(|a, b| self.rank(a).cmp(&self.rank(b)))
     }
@@ -701,10 +710,11 @@ impl Merge {
     }
 
     /// The conflict copies the losers at `path` make: (copy path, loser).
-    fn copies_of(&self, path: &str, heads: &[Rec], winner: &Rec) -> Vec<(String, Rec)> {
+    fn copies_of(&self, path: &str, heads: &[&Rec], winner: &Rec) -> Vec<(String, Rec)> {
         let w = winner.entry.as_ref();
         heads
             .iter()
+            .copied()
             .filter(|r| r.device != winner.device)
             .filter(|r| match &r.entry {
                 None => false,
@@ -879,13 +889,23 @@ impl Merge {
 /// conflict copy of itself beside the directory; every parent of an entry exists.
 /// Makes the tree one a file system can hold (see [`Merge::tree`]).
 fn shape_of(m: &Merge, tree: &mut Tree) {
-    let paths: Vec<String> = tree.keys().cloned().collect();
     // Sorted (outer directories first), so every device makes the same copies in the same
-    // order: a copy's alternative name depends on what is already in the tree.
+    // order: a copy's alternative name depends on what is already in the tree. Paths come
+    // sorted, so a run of paths in one directory adds its parents once.
     let mut parents: BTreeSet<String> = BTreeSet::new();
-    for p in &paths {
+    let mut last_dir = "";
+    for p in tree.keys() {
+        let Some((dir, _)) = p.rsplit_once('/') else {
+            continue;
+        };
+        if dir == last_dir {
+            continue;
+        }
+        last_dir = dir;
         for (i, _) in p.match_indices('/') {
-            parents.insert(p[..i].to_owned());
+            if !parents.contains(&p[..i]) {
+                parents.insert(p[..i].to_owned());
+            }
         }
     }
     for parent in parents.iter() {

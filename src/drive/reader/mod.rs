@@ -129,6 +129,12 @@ impl Reader {
         b.stats.on_disk = self.ledger.on_disk.clone();
     }
 
+    /// Makes what was published durable now (instead of on a later tick): a two-way device
+    /// about to scan its own edits. Whether it succeeded (a failure is reported).
+    pub fn flush_now(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) -> bool {
+        self.make_durable(b, r)
+    }
+
     /// What this reader wrote (and, two-way, what this device's importer read).
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
@@ -359,21 +365,21 @@ impl Reader {
         let Some(content) = b.content else {
             return;
         };
-        let local: BTreeMap<String, Local> = {
+        let _ = content;
+        let plan = {
+            // Borrowed from the layout, locked while planning (no copy of every slot's record).
             let l = layout::lock(&b.layout);
-            l.slots()
+            let local: BTreeMap<&str, Local<'_>> = l
+                .slots()
                 .filter(|(id, s)| l.slot_at(&s.path) == Some(*id)) // not a shadowed old one
                 .map(|(_, s)| {
                     let local = Local {
-                        info: s.info.clone(),
+                        info: &s.info,
                         in_place: s.pending.is_none(),
                     };
-                    (s.path.clone(), local)
+                    (s.path.as_str(), local)
                 })
-                .collect()
-        };
-        let _ = content;
-        let plan = {
+                .collect();
             let lens: Vec<(u16, u64)> = b
                 .content_feeds()
                 .map(|(t, f)| (t, r.feed(f).len()))
