@@ -215,10 +215,26 @@ fn three_devices_edit_at_once_through_a_partition_and_a_kill_and_converge() {
     let (mut pb, b_id, b_addr) = join(&url, &b, &[&ab.addr]);
     let bc = Proxy::new(&b_addr); // C -> B
     let (mut pc, c_id, _) = join(&url, &c, &[&ac.addr, &bc.addr]);
+    // C edits before anyone allowed it: kept on its disk, sent once it is allowed.
+    wait_until(LIMIT, "C to receive the folder", || {
+        read(&c, "keep.txt").is_some()
+    });
+    put(
+        &c,
+        "before_allowed.txt",
+        b"written on C before it was allowed",
+        now,
+    );
     allow(&a, &b_id);
-    allow(&a, &c_id);
+    wait_until(LIMIT, "B to know it is allowed", || {
+        text(&run(&["devices", b.to_str().unwrap()]).stdout)
+            .lines()
+            .any(|l| l.starts_with(&b_id) && !l.contains("not allowed"))
+    });
+    // A joined device that may write allows another, while it runs (its node answers).
+    allow(&b, &c_id);
     wait_until(LIMIT, "both devices to receive the folder", || {
-        all_same(&[&a, &b, &c])
+        all_same(&[&a, &b, &c]) && read(&a, "before_allowed.txt").is_some()
     });
 
     // 1. Connected, every device edits at once: new files, renames (one of a 2 MiB file the

@@ -21,8 +21,12 @@ impl Importer {
     ) -> Result<(), ScanError> {
         for block in data.chunks(BLOCK_SIZE) {
             let leaf = crypto::leaf_hash(block);
-            // A block cited must still be held here (given up since: appended again).
-            let held = |key: u64| self.locate(key).is_some_and(|(f, x)| r.feed(f).has(x));
+            // A block cited must still be held here (given up since: appended again). One of
+            // this scan's own, not appended yet, is past the feed's length.
+            let held = |key: u64| {
+                self.locate(key)
+                    .is_some_and(|(f, x)| x >= r.feed(f).len() || r.feed(f).has(x))
+            };
             let index = match self.dedup.get(&leaf) {
                 Some(&b) if held(b) => b,
                 _ => {
