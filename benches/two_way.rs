@@ -48,6 +48,7 @@ fn main() {
     let rounds = arg("--rounds").and_then(|n| n.parse().ok()).unwrap_or(3);
     let only = arg("--only");
     if only.as_deref() != Some("syncthing") {
+        live_small();
         feedsync(rounds);
     }
     if only.as_deref() == Some("feedsync") {
@@ -107,23 +108,39 @@ fn node(args: &[&str]) -> Node {
     Node { child, addr, out }
 }
 
-/// Our side: the same folder, devices and rounds, with `share`, `join` and `allow`; then the
-/// live figure (one small file written on one device, until the other two hold it).
-fn feedsync(rounds: usize) {
+/// Three devices joined to a folder of one file: one small file written on one device
+/// (in turn), until both others hold it. The live figure without the cost of a big tree.
+fn live_small() {
     let tmp = tempfile::tempdir().unwrap();
     let dirs: Vec<PathBuf> = (0..DEVICES)
         .map(|k| tmp.path().join(format!("dev{k}")))
         .collect();
-    for d in 0..100 {
-        fs::create_dir_all(dirs[0].join(format!("d{d:03}"))).unwrap();
-    }
-    for n in 0..10_000 {
-        random_file(&w2_path(&dirs[0], n), n as u64, 4096);
-    }
+    fs::create_dir_all(&dirs[0]).unwrap();
+    fs::write(dirs[0].join("start.txt"), b"start").unwrap();
+    let nodes = devices(&dirs);
+    until(
+        Duration::from_secs(60),
+        "the small folder on every device",
+        || dirs.iter().all(|d| d.join("start.txt").exists()),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let live = live_edits(&dirs);
+    println!(
+        "feedsync, 3 devices, a folder of one file: live edit on both others after median {:.0} ms, p90 {:.0} ms, max {:.0} ms ({} edits)",
+        live[live.len() / 2],
+        live[live.len() * 9 / 10],
+        live[live.len() - 1],
+        live.len()
+    );
+    drop(nodes);
+}
+
+/// `share` on `dirs[0]`, `join` on the others (each dialling those before it), every join
+/// allowed through the share.
+fn devices(dirs: &[PathBuf]) -> Vec<Node> {
     let d0 = dirs[0].to_str().unwrap();
     let share = node(&["share", d0, "--listen", "127.0.0.1:0", "--no-discovery"]);
     let url = share.out.lock().unwrap()[0].clone();
-    let start = Instant::now();
     let mut nodes = vec![share];
     for dir in &dirs[1..] {
         let mut a = vec![
@@ -147,6 +164,45 @@ fn feedsync(rounds: usize) {
         );
         nodes.push(n);
     }
+    nodes
+}
+
+/// 30 live edits, each a 4 KiB file written on one device (in turn) until every device holds
+/// it; the times in ms, sorted.
+fn live_edits(dirs: &[PathBuf]) -> Vec<f64> {
+    let mut live = Vec::new();
+    for i in 0..30 {
+        let from = i % dirs.len();
+        let name = format!("live-{i}.txt");
+        let body = content(9_000_000 + i as u64);
+        let t = Instant::now();
+        fs::write(dirs[from].join(&name), &body).unwrap();
+        until(Duration::from_secs(30), "a live edit to arrive", || {
+            dirs.iter()
+                .all(|d| fs::read(d.join(&name)).is_ok_and(|b| b == body))
+        });
+        live.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    live.sort_by(f64::total_cmp);
+    live
+}
+
+/// Our side: the same folder, devices and rounds, with `share`, `join` and `allow`; then the
+/// live figure (one small file written on one device, until the other two hold it).
+fn feedsync(rounds: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..DEVICES)
+        .map(|k| tmp.path().join(format!("dev{k}")))
+        .collect();
+    for d in 0..100 {
+        fs::create_dir_all(dirs[0].join(format!("d{d:03}"))).unwrap();
+    }
+    for n in 0..10_000 {
+        random_file(&w2_path(&dirs[0], n), n as u64, 4096);
+    }
+    let start = Instant::now();
+    let nodes = devices(&dirs);
     let complete = |dir: &Path| {
         (0..10_000).all(|n| fs::metadata(w2_path(dir, n)).is_ok_and(|m| m.len() == 4096))
     };
@@ -189,21 +245,7 @@ fn feedsync(rounds: usize) {
     }
     times.sort_by(f64::total_cmp);
     // Live: one small file on one device (in turn), until both others hold it.
-    let mut live = Vec::new();
-    for i in 0..30 {
-        let from = i % DEVICES;
-        let name = format!("live-{i}.txt");
-        let body = content(9_000_000 + i as u64);
-        let t = Instant::now();
-        fs::write(dirs[from].join(&name), &body).unwrap();
-        until(Duration::from_secs(30), "a live edit to arrive", || {
-            dirs.iter()
-                .all(|d| fs::read(d.join(&name)).is_ok_and(|b| b == body))
-        });
-        live.push(t.elapsed().as_secs_f64() * 1000.0);
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    live.sort_by(f64::total_cmp);
+    let live = live_edits(&dirs);
     let rss: Vec<u64> = nodes.iter().map(|n| peak_rss_mib(n.child.id())).collect();
     println!(
         "  time until all three agree: median {:.2} s (min {:.2}, max {:.2}); peak RSS per device: {:?} MiB",

@@ -687,23 +687,15 @@ impl Drive {
         kind: FolderKind,
     ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
         let founder = self.meta.public_key();
+        let own = if joined {
+            Some(self.open_device_feeds()?)
+        } else {
+            None
+        };
         let mut feeds = vec![(self.meta, !self.writer)];
         let mut me = None;
         let mut content = None;
-        if joined {
-            let (mstore, mlock) =
-                dirs::open_store(&*self.state_handle, &self.root, "device-meta", false, None)?;
-            let own_meta = Feed::open(mstore)?;
-            let blocks = Box::new(FolderBlocks::tagged(self.layout.clone(), 0, true));
-            let (cstore, clock) = dirs::open_store(
-                &*self.state_handle,
-                &self.root,
-                "device-content",
-                false,
-                Some(blocks),
-            )?;
-            let own_content = Feed::open(cstore)?;
-            self.locks.extend([mlock, clock]);
+        if let Some((own_meta, own_content)) = own {
             me = Some((own_meta.public_key(), first + 1));
             feeds.push((own_meta, false));
             content = Some(first + 2);
@@ -733,16 +725,12 @@ impl Drive {
         Ok((feeds, DriveApp::two_way(base, side)))
     }
 
-    /// A joined device of a send-only folder: a one-writer share of its own feeds (what it
-    /// wrote is its state; nothing of other devices is applied), beside the folder's feed.
-    fn into_send_only_device(
-        mut self,
-        options: AppOptions,
-        first: FeedId,
-    ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
+    /// A joined device's own feeds (`device-meta`, `device-content`: tag 0 of the layout, its
+    /// blocks already in its files), their locks kept with the drive's.
+    fn open_device_feeds(&mut self) -> Result<(Feed<DiskStorage>, Feed<DiskStorage>), DriveError> {
         let (mstore, mlock) =
             dirs::open_store(&*self.state_handle, &self.root, "device-meta", false, None)?;
-        let mut own_meta = Feed::open(mstore)?;
+        let own_meta = Feed::open(mstore)?;
         let blocks = Box::new(FolderBlocks::tagged(self.layout.clone(), 0, true));
         let (cstore, clock) = dirs::open_store(
             &*self.state_handle,
@@ -753,6 +741,17 @@ impl Drive {
         )?;
         let own_content = Feed::open(cstore)?;
         self.locks.extend([mlock, clock]);
+        Ok((own_meta, own_content))
+    }
+
+    /// A joined device of a send-only folder: a one-writer share of its own feeds (what it
+    /// wrote is its state; nothing of other devices is applied), beside the folder's feed.
+    fn into_send_only_device(
+        mut self,
+        options: AppOptions,
+        first: FeedId,
+    ) -> Result<(crate::sync::Feeds, DriveApp), DriveError> {
+        let (mut own_meta, own_content) = self.open_device_feeds()?;
         let state = Self::replay_with(&mut own_meta, u64::MAX, &Limits::unlimited())?;
         layout::lock(&self.layout).adopt_in_place(&state, &state, true);
         let feeds = vec![(self.meta, true), (own_meta, false), (own_content, false)];
