@@ -18,13 +18,17 @@
 //! - **The reader** ([`Reader`], in merged mode) brings the folder to the tree: same guard,
 //!   ledger, journal and durability as a clone's. A local file it would replace or delete that
 //!   the ledger does not know as ours is kept (a conflict copy, or left in place).
-//! - **The importer** (this device's [`Writer`]) scans only when the reader is settled and
-//!   durable (nothing pending, nothing waiting, the last batch flushed): then the tree is what
-//!   is on disk, so the scan's baseline is the tree itself, and a block's clock
-//!   ([`Merge::clock_for`]) cites exactly what this device has materialised. Edits made while
-//!   files arrive are scanned right after. A file the importer reads is recorded in the
-//!   ledger as ours (`adopt_own`), so another device's later removal or edit of it applies
-//!   here; one it did not read stays protected.
+//! - **The importer** (this device's [`Writer`]) scans against the folder as it is on disk
+//!   (`on_disk`: a file of the tree still being fetched, or waiting for content, counts as its
+//!   older version or as absent; at start, before the first reconcile, the folder as the
+//!   ledger says the last run left it: `as_left`), so scans never wait on fetches a device may
+//!   never serve. Its blocks carry the *applied clock* — of the last tree the folder was
+//!   brought to completely — not what was merged: an edit here never supersedes a version
+//!   this device has not put on disk; it is concurrent, and both stay. While files arrive,
+//!   only notifications that are not this node's own publishes start a scan (`only_ours`),
+//!   besides the periodic rescan. A file the importer reads is recorded in the ledger as ours
+//!   (`adopt_own`), so another device's later removal or edit of it applies here; one it did
+//!   not read stays protected.
 //! - **Kinds.** A receive-only device never scans (a clone with an identity); a send-only
 //!   device does not come here at all (a one-writer share of its own feeds, `Drive::into_app`).
 //! - **Not allowed (yet).** A joined device the members have not allowed receives like a clone
