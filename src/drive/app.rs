@@ -354,6 +354,7 @@ impl DriveApp {
                 if let Some(waker) = &self.waker {
                     t.set_waker(waker.clone());
                 }
+                t.from_writer = true;
                 t.start(b, r, true);
                 self.side = Side::TwoWay(Box::new(t));
             }

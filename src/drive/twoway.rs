@@ -99,6 +99,8 @@ pub(super) struct TwoWay {
     allowed_seen: bool,
     /// The paths of the last tree whose record is this device's (for `adopt_own`).
     own_paths: Vec<String>,
+    /// A one-writer share that became two-way: its layout holds what its importer read.
+    pub from_writer: bool,
 }
 
 /// The state file that keeps [`TwoWay::applied_clock`].
@@ -143,6 +145,7 @@ impl TwoWay {
             applied_clock: Clock::default(),
             allowed_seen: false,
             own_paths: Vec::new(),
+            from_writer: false,
         }
     }
 
@@ -176,7 +179,9 @@ impl TwoWay {
     pub fn start(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>, fresh: bool) {
         self.applied_clock = load_clock(b);
         self.advance(b, r, false);
-        if fresh {
+        if fresh && self.from_writer {
+            self.reader.load_trusting(b);
+        } else if fresh {
             self.reader.load(b, r);
         }
         if let Some(w) = &mut self.writer

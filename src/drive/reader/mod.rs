@@ -111,6 +111,21 @@ impl Reader {
     /// write), and the files found in place checked against it. A two-way device scans its
     /// own edits between this and its first reconcile.
     pub fn load(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
+        self.load_ledger(b);
+        let orphans = guard::check_in_place(b, &mut self.ledger, &self.previous);
+        b.forget_keys(r, orphans);
+    }
+
+    /// [`Reader::load`] for a share becoming two-way: the files in the layout are what its own
+    /// importer read, so each still at its recorded size and mtime is taken as ours with one
+    /// `stat` (`guard::trust_in_place`), not hashed — a big folder would otherwise be read
+    /// whole inside one tick of the loop.
+    pub fn load_trusting(&mut self, b: &mut Base) {
+        self.load_ledger(b);
+        guard::trust_in_place(b, &mut self.ledger, &self.previous);
+    }
+
+    fn load_ledger(&mut self, b: &mut Base) {
         self.ledger = match Ledger::load(&*b.state_handle) {
             Ok(l) => l,
             Err(e) => {
@@ -123,8 +138,6 @@ impl Reader {
         self.ledger
             .replay(&*b.root_dir, Journal::read(&*b.state_handle));
         self.journal = Some(Journal::new(b.state_handle.clone()));
-        let orphans = guard::check_in_place(b, &mut self.ledger, &self.previous);
-        b.forget_keys(r, orphans);
         self.ledger_dirty = true;
         b.stats.on_disk = self.ledger.on_disk.clone();
     }
