@@ -361,14 +361,18 @@ pub(super) fn check_in_place(b: &Base, ledger: &mut Ledger, previous: &State) ->
     }
     orphans.retain(|x| !l.is_owned(*x));
     if legacy {
-        for (path, e) in &previous.entries {
-            if e.is_dir() && matches!(b.root_dir.metadata(path), Ok(Some(m)) if m.kind == Kind::Dir)
-            {
-                ledger.dirs.insert(path.clone());
-            }
-        }
+        take_dirs(b, ledger, previous);
     }
     orphans
+}
+
+/// Records as ours the directories of `previous` that are directories on disk.
+fn take_dirs(b: &Base, ledger: &mut Ledger, previous: &State) {
+    for (path, e) in &previous.entries {
+        if e.is_dir() && matches!(b.root_dir.metadata(path), Ok(Some(m)) if m.kind == Kind::Dir) {
+            ledger.dirs.insert(path.clone());
+        }
+    }
 }
 
 /// A share becoming two-way (see `Reader::load_trusting`): every file of the layout still at
@@ -388,11 +392,7 @@ pub(super) fn trust_in_place(b: &Base, ledger: &mut Ledger, previous: &State) {
             ledger.wrote(&s.path, &m, s.info.hash);
         }
     }
-    for (path, e) in &previous.entries {
-        if e.is_dir() && matches!(b.root_dir.metadata(path), Ok(Some(m)) if m.kind == Kind::Dir) {
-            ledger.dirs.insert(path.clone());
-        }
-    }
+    take_dirs(b, ledger, previous);
 }
 
 /// Whether `path` in the folder `root` holds exactly `info`: this reader wrote it with that

@@ -192,14 +192,8 @@ impl TwoWay {
         if fresh && self.may_write() {
             // What changed here while nothing ran is this device's edit, scanned before the
             // folder is brought to the tree (which would otherwise take it for a stale file).
-            self.prepare_importer(b, r);
-            let on_disk = self.as_left(b);
-            let tree = std::mem::replace(&mut b.state, on_disk);
-            if let Some(w) = &mut self.writer {
-                w.scan_now(b, r);
-            }
-            b.state = tree;
-            self.after_local_change(b, r);
+            let as_left = self.as_left(b);
+            self.scan(b, r, Some(as_left), |w, b, r| w.scan_now(b, r));
         }
         if let Some(c) = b.content {
             r.set_ordered(c, true);
@@ -280,10 +274,8 @@ impl TwoWay {
         }
         // Scanned against what is on disk (`on_disk`), with the clock of what is on disk
         // (`applied_clock`): files still being fetched, or waiting for content a device may
-        // never send, hold nothing up. Only a batch published and not yet flushed waits.
-        // While files are being fetched, the reader's own publishing looks like changes: only
-        // the periodic rescan runs then (so a device that never sends what it signed delays
-        // this device's edits by at most that long, and stops nothing).
+        // never send, hold nothing up. While files are being fetched, the reader's own
+        // publishing shows up as changes: those alone start no scan (`only_ours`).
         let busy = !settled(b);
         let mut due = false;
         if !self.receive_only
@@ -305,15 +297,25 @@ impl TwoWay {
         if !due {
             return;
         }
-        self.prepare_importer(b, r);
         // Everything in place (the common case): the tree is what is on disk, as it is.
         let at_tree = !busy && !self.reader.deferred();
-        let tree = (!at_tree).then(|| {
-            let on_disk = self.on_disk(b);
-            std::mem::replace(&mut b.state, on_disk)
-        });
+        let on_disk = (!at_tree).then(|| self.on_disk(b));
+        self.scan(b, r, on_disk, |w, b, r| w.on_tick(b, r, now));
+    }
+
+    /// Runs this device's importer (`scan`) with `on_disk`, if given, standing in for the tree
+    /// as what the folder holds, then merges what it wrote.
+    fn scan(
+        &mut self,
+        b: &mut Base,
+        r: &mut Replicator<DiskStorage>,
+        on_disk: Option<State>,
+        scan: impl FnOnce(&mut Writer, &mut Base, &mut Replicator<DiskStorage>),
+    ) {
+        self.prepare_importer(b, r);
+        let tree = on_disk.map(|s| std::mem::replace(&mut b.state, s));
         if let Some(w) = &mut self.writer {
-            w.on_tick(b, r, now);
+            scan(w, b, r);
         }
         if let Some(tree) = tree {
             b.state = tree;
@@ -344,27 +346,25 @@ impl TwoWay {
     fn on_disk(&self, b: &Base) -> State {
         let l = layout::lock(&b.layout);
         let previous = &self.reader.previous().entries;
-        let mut entries = b.state.entries.clone();
-        entries.retain(|path, e| match e {
-            Entry::File(info) => {
-                l.slot_at(path)
-                    .and_then(|id| l.slot(id))
-                    .is_some_and(|s| s.pending.is_none() && s.info == *info)
-                    || matches!(previous.get(path), Some(Entry::File(_)))
-            }
-            _ => true,
-        });
-        for (path, e) in entries.iter_mut() {
-            if let Entry::File(info) = e {
+        let entries = b
+            .state
+            .entries
+            .iter()
+            .filter_map(|(path, e)| {
+                let Entry::File(info) = e else {
+                    return Some((path.clone(), e.clone()));
+                };
                 let in_place = l
                     .slot_at(path)
                     .and_then(|id| l.slot(id))
                     .is_some_and(|s| s.pending.is_none() && s.info == *info);
-                if !in_place && let Some(old @ Entry::File(_)) = previous.get(path) {
-                    *e = old.clone();
+                match previous.get(path) {
+                    _ if in_place => Some((path.clone(), e.clone())),
+                    Some(old @ Entry::File(_)) => Some((path.clone(), old.clone())),
+                    _ => None,
                 }
-            }
-        }
+            })
+            .collect();
         State::from_entries(entries, b.state.version)
     }
 
@@ -636,13 +636,12 @@ impl TwoWay {
 
     /// Gives the importer what its next commit writes with.
     fn prepare_importer(&mut self, b: &Base, r: &mut Replicator<DiskStorage>) {
-        let (Some(me), Some(w)) = (self.me, &mut self.writer) else {
+        let (Some(_), Some(w)) = (self.me, &mut self.writer) else {
             return;
         };
         let Some(i) = w.importer_mut() else { return };
         i.set_others(b.others.clone());
         i.learn(r);
-        let _ = me;
         i.set_wire(Some(Wire {
             clock: self.applied_clock.clone(),
             devices: self.tags.clone(),
@@ -720,17 +719,7 @@ fn copies_of(tree: &Tree) -> HashMap<String, Vec<Record>> {
     let mut out: HashMap<String, Vec<Record>> = HashMap::new();
     for (name, res) in tree {
         if let Source::Conflict { of, .. } = &res.source {
-            let rec = match &res.entry {
-                Entry::File(file) => Record::PutFrom {
-                    path: name.clone(),
-                    file: file.clone(),
-                    from: res.feeds.clone(),
-                },
-                e => Record::Put {
-                    path: name.clone(),
-                    entry: e.clone(),
-                },
-            };
+            let rec = res.clone().into_record(name.clone());
             out.entry(of.clone()).or_default().push(rec);
         }
     }

@@ -178,14 +178,8 @@ impl Writer {
             self.last_requests = now;
             self.take_requests(b, r);
         }
-        if !b.options.follow {
-            return;
-        }
-        let debounced = self
-            .change_seen
-            .is_some_and(|t| now.duration_since(t) >= b.options.debounce);
-        let periodic = now.duration_since(self.last_scan) >= b.options.rescan_interval;
-        if debounced || periodic {
+        if self.scan_due(b, now) {
+            let periodic = self.rescan_due(b, now);
             self.change_seen = None;
             self.scan(b, r, periodic);
         }
@@ -205,7 +199,7 @@ impl Writer {
             && (self
                 .change_seen
                 .is_some_and(|t| now.duration_since(t) >= b.options.debounce)
-                || now.duration_since(self.last_scan) >= b.options.rescan_interval)
+                || self.rescan_due(b, now))
     }
 
     /// The paths change notifications named since the last scan (relative to the folder),

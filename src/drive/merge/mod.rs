@@ -867,21 +867,28 @@ impl Merge {
         let paths: HashSet<&str> = paths.iter().copied().collect();
         self.tree()
             .into_iter()
-            .filter_map(|(name, r)| match r.source {
+            .filter_map(|(name, r)| match &r.source {
                 Source::Conflict { of, .. } if paths.contains(of.as_str()) => {
-                    Some(match r.entry {
-                        // The loser's bytes stay where they are: cited, not copied.
-                        Entry::File(file) => Record::PutFrom {
-                            path: name,
-                            file,
-                            from: r.feeds,
-                        },
-                        entry => Record::Put { path: name, entry },
-                    })
+                    Some(r.into_record(name))
                 }
                 _ => None,
             })
             .collect()
+    }
+}
+
+impl Resolved {
+    /// The record that puts this entry at `path` (a kept conflict copy made a real file): a
+    /// file cites the content feeds its bytes are in, so they stay where they are.
+    pub fn into_record(self, path: String) -> Record {
+        match self.entry {
+            Entry::File(file) => Record::PutFrom {
+                path,
+                file,
+                from: self.feeds,
+            },
+            entry => Record::Put { path, entry },
+        }
     }
 }
 

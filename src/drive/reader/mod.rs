@@ -375,10 +375,9 @@ impl Reader {
 
     /// Brings the folder from `previous` towards the newest state: plans, then carries out.
     pub fn reconcile(&mut self, b: &mut Base, r: &mut Replicator<DiskStorage>) {
-        let Some(content) = b.content else {
-            return;
-        };
-        let _ = content;
+        if b.content.is_none() {
+            return; // a fresh clone's, before metadata block 0 named it
+        }
         let plan = {
             // Borrowed from the layout, locked while planning (no copy of every slot's record).
             let l = layout::lock(&b.layout);
