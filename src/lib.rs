@@ -10,6 +10,7 @@
 //! - [`sync`]: the synchronizer, one event loop per node.
 //! - [`drive`]: shared folders (a metadata feed and a content feed in the folder's files).
 //! - [`discovery`]: LAN discovery over mDNS (announce, browse, hand addresses to the peer book).
+//! - [`reach`]: beyond the LAN: the mainline DHT, UPnP port mapping, the blind relay.
 //! - [`daemon`]: the headless daemon: config, control socket, one restart path.
 //! - [`util`]: the atomic-write and hex helpers.
 //!
@@ -29,6 +30,7 @@ pub mod discovery;
 pub mod drive;
 pub mod fsio;
 pub mod net;
+pub mod reach;
 pub mod storage;
 pub mod sync;
 pub mod util;

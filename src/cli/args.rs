@@ -158,6 +158,36 @@ pub enum Command {
         /// The folder.
         dir: PathBuf,
     },
+    /// Run a blind relay: pair peers that dial out to it under the same token and forward
+    /// their (end-to-end encrypted) bytes, within caps. Runs until SIGINT/SIGTERM.
+    Relay {
+        /// Address to accept peers on, e.g. 0.0.0.0:7071.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Connections held at once.
+        #[arg(long, default_value_t = 1024)]
+        max_connections: usize,
+        /// Connections held at once from one address.
+        #[arg(long, default_value_t = 32)]
+        max_per_ip: usize,
+        /// Bytes per second one pair may move, both ways together (0: no cap).
+        #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
+        rate: u64,
+        /// Close a pair after this many seconds without a byte.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        idle: u64,
+    },
+    /// Run a mainline DHT routing node, for a private DHT (peers then use
+    /// --dht-bootstrap ADDR). Runs until SIGINT/SIGTERM.
+    DhtNode {
+        /// UDP address to serve on, IPv4, e.g. 10.0.0.1:6881.
+        #[arg(long)]
+        listen: std::net::SocketAddrV4,
+        /// Other node to join through, HOST:PORT (repeatable; none: the first node of a new
+        /// network).
+        #[arg(long = "dht-bootstrap", value_name = "HOST:PORT")]
+        bootstrap: Vec<String>,
+    },
     /// Work with a single feed store (low-level).
     #[command(subcommand)]
     Feed(FeedCommand),
@@ -179,6 +209,21 @@ pub struct NetArgs {
     /// Use only this network interface for LAN discovery (repeatable; default: all).
     #[arg(long = "interface", value_name = "NAME")]
     pub interfaces: Vec<String>,
+    /// Find peers beyond the LAN over the BitTorrent mainline DHT: announce this folder's
+    /// hashed name with our port and look it up (see the README for what that reveals). Also
+    /// asks the home router to forward the port (UPnP) unless --no-port-mapping.
+    #[arg(long)]
+    pub dht: bool,
+    /// DHT node to join through, HOST:PORT (repeatable; default: the public mainline nodes).
+    #[arg(long = "dht-bootstrap", value_name = "HOST:PORT", requires = "dht")]
+    pub dht_bootstrap: Vec<String>,
+    /// With --dht: do not ask the router for a port mapping.
+    #[arg(long, requires = "dht")]
+    pub no_port_mapping: bool,
+    /// Blind relay (`feedsync relay`) to meet peers through when no direct path works,
+    /// HOST:PORT (repeatable). The relay sees neither keys nor data.
+    #[arg(long = "relay", value_name = "HOST:PORT")]
+    pub relays: Vec<String>,
     /// Print `fetched FEED INDEX COUNT` for every verified range stored (for tests).
     #[arg(long, hide = true)]
     pub report_fetches: bool,

@@ -185,15 +185,20 @@ impl Ran {
 
 /// Resolves `--peer HOST:PORT` arguments (every address a name resolves to is dialled).
 pub fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>, CliError> {
+    resolve("--peer", peers)
+}
+
+/// Resolves `HOST:PORT` arguments of option `flag`.
+pub fn resolve(flag: &str, peers: &[String]) -> Result<Vec<SocketAddr>, CliError> {
     let mut out = Vec::new();
     for p in peers {
         let addrs = p.to_socket_addrs().map_err(|e| {
             if p.rsplit_once(':').is_none() {
                 usage(format!(
-                    "--peer {p}: give HOST:PORT, e.g. 192.168.1.20:7070"
+                    "{flag} {p}: give HOST:PORT, e.g. 192.168.1.20:7070"
                 ))
             } else {
-                runtime(format!("--peer {p}: cannot resolve: {e}"))
+                runtime(format!("{flag} {p}: cannot resolve: {e}"))
             }
         })?;
         out.extend(addrs);
@@ -227,8 +232,10 @@ fn run(
     fresh_clone: bool,
 ) -> Result<Ran, CliError> {
     let writer = drive.writer;
-    let discover = !net.no_discovery;
     let peers = resolve_peers(&net.peers)?;
+    let relays = resolve("--relay", &net.relays)?;
+    // Anything that finds or meets peers by itself: mDNS, the DHT, a relay.
+    let discover = !net.no_discovery || net.dht || !relays.is_empty();
     let state = dir.join(feedsync::drive::STATE_DIR);
     let listen = match (net.listen, writer, discover) {
         (Some(a), _, _) => Some(a),
@@ -237,11 +244,17 @@ fn run(
         (None, false, true) => Some(feedsync::sync::any_address()),
         (None, false, false) if peers.is_empty() => {
             return Err(usage(
-                "nothing to dial: give --peer HOST:PORT, --listen ADDR, or drop --no-discovery",
+                "nothing to dial: give --peer HOST:PORT, --listen ADDR, --dht, --relay \
+                 HOST:PORT, or drop --no-discovery",
             ));
         }
         (None, false, false) => None,
     };
+    let dht = net.dht.then(|| feedsync::reach::dht::DhtConfig {
+        bootstrap: net.dht_bootstrap.clone(),
+        port: None,
+        port_mapping: !net.no_port_mapping,
+    });
     let reporter = Reporter::new(std::io::stderr().is_terminal());
     let (drive_tx, drive_rx) = crossbeam_channel::bounded(1024);
     let options = feedsync::drive::AppOptions {
@@ -255,9 +268,14 @@ fn run(
         peers: peers.clone(),
         exit_when_complete: once.is_some() && !writer,
         stop: Some(crate::cli::signals::stop_channel()?),
-        discovery: discover.then(|| feedsync::discovery::DiscoveryConfig {
-            interfaces: net.interfaces.clone(),
+        discovery: (!net.no_discovery || dht.is_some()).then(|| {
+            feedsync::discovery::DiscoveryConfig {
+                mdns: !net.no_discovery,
+                interfaces: net.interfaces.clone(),
+                dht,
+            }
         }),
+        relays,
         ..NodeConfig::new()
     };
     let node =
@@ -365,11 +383,23 @@ impl Watch {
                     );
                 }
             }
-            NodeEvent::PeerConnected { peer, addr, .. } => {
+            NodeEvent::PeerConnected {
+                peer,
+                addr,
+                relayed,
+                ..
+            } => {
                 self.connected.insert(peer, addr);
                 self.dial_errors.remove(&addr);
                 self.activity();
-                reporter.line(format!("peer {addr} connected"));
+                match relayed {
+                    true => reporter.line(format!("peer connected through relay {addr}")),
+                    false => reporter.line(format!("peer {addr} connected")),
+                }
+            }
+            NodeEvent::RelayFailed { relay, error } => {
+                let _ = relay;
+                reporter.line(format!("no relayed connection: {error}"));
             }
             NodeEvent::PeerDisconnected { peer, addr, reason } => {
                 self.connected.remove(&peer);
@@ -402,7 +432,7 @@ impl Watch {
             NodeEvent::DescriptorLimit { from, to } => {
                 reporter.line(format!("raised the open-file limit from {from} to {to}"));
             }
-            NodeEvent::Discovery(note) => reporter.line(format!("LAN discovery: {note}")),
+            NodeEvent::Discovery(note) => reporter.line(format!("{}: {note}", note.source())),
             NodeEvent::Replication(Event::Downloaded {
                 feed, index, count, ..
             }) => {

@@ -18,6 +18,7 @@ pub mod devices;
 pub mod error;
 pub mod feed;
 pub mod folder;
+pub mod reach;
 pub mod render;
 pub mod signals;
 pub mod status;
@@ -83,6 +84,23 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         } => daemon::add(&dir, url, state_dir),
         Command::Remove { dir, state_dir } => daemon::remove(&dir, state_dir),
         Command::Log { dir } => status::log(&dir),
+        Command::Relay {
+            listen,
+            max_connections,
+            max_per_ip,
+            rate,
+            idle,
+        } => reach::relay(
+            listen,
+            feedsync::reach::relay::RelayLimits {
+                max_connections,
+                max_per_ip,
+                rate,
+                idle: std::time::Duration::from_secs(idle),
+                ..Default::default()
+            },
+        ),
+        Command::DhtNode { listen, bootstrap } => reach::dht_node(listen, &bootstrap),
         Command::Feed(FeedCommand::Create { store }) => feed::create(&store),
         Command::Feed(FeedCommand::Append {
             store,

@@ -236,7 +236,9 @@ impl Daemon {
                 .config
                 .discovery
                 .then(|| crate::discovery::DiscoveryConfig {
+                    mdns: true,
                     interfaces: self.config.interfaces.clone(),
+                    dht: None,
                 }),
             ..NodeConfig::new()
         };
@@ -524,7 +526,11 @@ fn log_event(event: &NodeEvent) {
             peer,
             addr,
             initiator,
-        } => tracing::info!(peer, address = %addr, dialled = initiator, "peer connected"),
+            relayed,
+        } => tracing::info!(peer, address = %addr, dialled = initiator, relayed, "peer connected"),
+        NodeEvent::RelayFailed { relay, error } => {
+            tracing::info!(relay = %relay, "no relayed connection: {error}")
+        }
         NodeEvent::PeerDisconnected { peer, addr, reason } => {
             tracing::info!(peer, address = %addr, "peer disconnected: {reason}")
         }
@@ -540,7 +546,7 @@ fn log_event(event: &NodeEvent) {
         NodeEvent::DescriptorLimit { from, to } => {
             tracing::info!("raised the open-file limit from {from} to {to}")
         }
-        NodeEvent::Discovery(note) => tracing::warn!("LAN discovery: {note}"),
+        NodeEvent::Discovery(note) => tracing::warn!("{}: {note}", note.source()),
         NodeEvent::Replication(Event::Banned { peer, reason }) => {
             tracing::warn!(peer, "peer banned: {reason}")
         }

@@ -1,4 +1,5 @@
-//! LAN discovery over multicast DNS (`mdns-sd`).
+//! Discovery: LAN discovery over multicast DNS (`mdns-sd`), and, when asked for, the mainline
+//! DHT ([`crate::reach::dht`]), both feeding one address book.
 //!
 //! Each node announces one `_feedsync._tcp.local.` service: its port, a short node id, and a
 //! short tag per feed it serves, derived from the feed's *discovery key* (itself a hash of the
@@ -46,6 +47,9 @@ pub enum DiscoveryError {
     /// The browser thread could not be started.
     #[error("mDNS browser thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The DHT could not start.
+    #[error(transparent)]
+    Dht(#[from] crate::reach::dht::DhtError),
     /// An interface named in the allow-list could not be enabled.
     #[error("mDNS interface {name}: {source}")]
     Interface {
@@ -59,8 +63,12 @@ pub enum DiscoveryError {
 /// How discovery runs.
 #[derive(Debug, Clone, Default)]
 pub struct DiscoveryConfig {
-    /// Interfaces to use, by name (empty: all).
+    /// Announce and browse on the LAN over mDNS.
+    pub mdns: bool,
+    /// Interfaces to use for mDNS, by name (empty: all).
     pub interfaces: Vec<String>,
+    /// Announce and look up over the mainline DHT (off unless asked for).
+    pub dht: Option<crate::reach::dht::DhtConfig>,
 }
 
 /// The tag announced for a feed: 16 hex digits derived from its discovery key.
@@ -87,6 +95,18 @@ pub enum DiscoveryNote {
         /// Why.
         error: String,
     },
+    /// What the DHT side did.
+    Dht(crate::reach::dht::DhtNote),
+}
+
+impl DiscoveryNote {
+    /// Which part of discovery it is about, for the line it is printed on.
+    pub fn source(&self) -> &'static str {
+        match self {
+            DiscoveryNote::Dht(_) => "DHT",
+            _ => "LAN discovery",
+        }
+    }
 }
 
 impl std::fmt::Display for DiscoveryNote {
@@ -102,6 +122,7 @@ impl std::fmt::Display for DiscoveryNote {
             DiscoveryNote::Stopped { error } => {
                 write!(f, "browsing stopped: {error}; nothing more is discovered")
             }
+            DiscoveryNote::Dht(n) => n.fmt(f),
         }
     }
 }
@@ -121,23 +142,84 @@ struct Shared {
     notes: Vec<DiscoveryNote>,
 }
 
-/// A running announcer and browser.
+/// A running announcer and browser: mDNS, the DHT, or both.
 pub struct Discovery {
+    mdns: Option<Mdns>,
+    dht: Option<crate::reach::dht::Running>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// The mDNS side.
+struct Mdns {
     daemon: ServiceDaemon,
     fullname: String,
-    shared: Arc<Mutex<Shared>>,
     /// Dropped to stop the browser thread.
     stop: Option<crossbeam_channel::Sender<()>>,
     browser: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Discovery {
-    /// Announces `port` for `node_id` serving the feeds with `discovery_keys`, and browses.
+    /// Announces `port` for `node_id` serving the feeds with `discovery_keys`, and browses, on
+    /// the LAN and/or over the DHT as `config` says. The DHT side runs on `rt`.
     pub fn start(
         node_id: &[u8; 32],
         port: u16,
         discovery_keys: &[[u8; 32]],
         config: &DiscoveryConfig,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Self, DiscoveryError> {
+        let shared = Arc::new(Mutex::new(Shared {
+            book: LanBook::new(Limits::default(), listen::local_nets()),
+            notes: Vec::new(),
+        }));
+        let mdns = match config.mdns {
+            true => Some(Mdns::start(node_id, port, discovery_keys, config, &shared)?),
+            false => None,
+        };
+        let dht = match &config.dht {
+            None => None,
+            Some(dc) => {
+                let feeds: Vec<(String, [u8; 32])> =
+                    discovery_keys.iter().map(|k| (tag(k), *k)).collect();
+                let (s1, s2) = (shared.clone(), shared.clone());
+                // Each address's own bucket in the book: one source (an IP) gets at most
+                // `per_node` entries, however many the DHT hands us.
+                let offer: crate::reach::dht::Offer = Arc::new(move |t: &str, addrs| {
+                    if let Ok(mut s) = s1.lock() {
+                        let tags = BTreeSet::from([t.to_string()]);
+                        for a in addrs {
+                            let from = format!("dht {}", a.ip());
+                            s.book.offer(&from, &tags, &[*a], Instant::now());
+                        }
+                    }
+                });
+                let notes: crate::reach::dht::Notes = Arc::new(move |n| {
+                    if let Ok(mut s) = s2.lock() {
+                        s.notes.push(DiscoveryNote::Dht(n));
+                    }
+                });
+                match crate::reach::dht::start(dc, port, &feeds, offer, notes, rt) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        if let Some(m) = mdns {
+                            m.shutdown();
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        Ok(Self { mdns, dht, shared })
+    }
+}
+
+impl Mdns {
+    fn start(
+        node_id: &[u8; 32],
+        port: u16,
+        discovery_keys: &[[u8; 32]],
+        config: &DiscoveryConfig,
+        shared: &Arc<Mutex<Shared>>,
     ) -> Result<Self, DiscoveryError> {
         let daemon = ServiceDaemon::new()?;
         if !config.interfaces.is_empty() {
@@ -171,10 +253,6 @@ impl Discovery {
         let fullname = info.get_fullname().to_string();
         daemon.register(info)?;
         let events = daemon.browse(SERVICE_TYPE)?;
-        let shared = Arc::new(Mutex::new(Shared {
-            book: LanBook::new(Limits::default(), listen::local_nets()),
-            notes: Vec::new(),
-        }));
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let me = listen::Me {
             fullname: fullname.clone(),
@@ -190,12 +268,29 @@ impl Discovery {
         Ok(Self {
             daemon,
             fullname,
-            shared,
             stop: Some(stop),
             browser: Some(browser),
         })
     }
 
+    /// Says goodbye (the service record is withdrawn) and stops the daemon.
+    fn shutdown(mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.browser.take() {
+            // It wakes at least every 100 ms to look at the stop channel.
+            let _ = t.join();
+        }
+        if let Ok(rx) = self.daemon.unregister(&self.fullname) {
+            // Bounded wait for the goodbye packets to leave.
+            let _ = rx.recv_timeout(Duration::from_millis(500));
+        }
+        if let Ok(rx) = self.daemon.shutdown() {
+            let _ = rx.recv_timeout(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Discovery {
     /// What to dial now, and what to tell the user; call it every few ticks.
     pub fn poll(&mut self, now: Instant) -> Polled {
         let Ok(mut s) = self.shared.lock() else {
@@ -240,19 +335,13 @@ impl Discovery {
         s.book.retry_in(addr, now)
     }
 
-    /// Says goodbye (the service record is withdrawn) and stops the daemon.
-    pub fn shutdown(mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.browser.take() {
-            // It wakes at least every 100 ms to look at the stop channel.
-            let _ = t.join();
+    /// Says goodbye on the LAN, stops the DHT side and removes its port mapping.
+    pub fn shutdown(self) {
+        if let Some(m) = self.mdns {
+            m.shutdown();
         }
-        if let Ok(rx) = self.daemon.unregister(&self.fullname) {
-            // Bounded wait for the goodbye packets to leave.
-            let _ = rx.recv_timeout(Duration::from_millis(500));
-        }
-        if let Ok(rx) = self.daemon.shutdown() {
-            let _ = rx.recv_timeout(Duration::from_millis(500));
+        if let Some(d) = self.dht {
+            d.shutdown();
         }
     }
 }

@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 mod handshake;
 
 pub use handshake::raise_descriptor_limit;
-use handshake::{Gate, Pass, handshake, handshake_codec};
+use handshake::{Gate, handshake, handshake_codec};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
@@ -269,10 +269,13 @@ pub enum Inbound {
         remote: [u8; 32],
         /// The Noise handshake hash, the same on both sides: capabilities are bound to it.
         handshake_hash: Vec<u8>,
-        /// We dialled.
+        /// We dialled (through a relay: the relay made us the initiator).
         initiator: bool,
-        /// The remote address.
+        /// The remote address (through a relay: the relay's).
         addr: SocketAddr,
+        /// The connection runs through a blind relay (`reach::relay`): the handshake and
+        /// everything after it are end to end, but a direct path is preferred when one appears.
+        relayed: bool,
         /// Where to put messages for this connection.
         outbound: mpsc::Sender<Message>,
         /// How much is queued on `outbound` and how much has been written, shared with the
@@ -303,6 +306,14 @@ pub enum Inbound {
         conn: ConnId,
         /// Why, if not a clean close.
         error: Option<String>,
+    },
+    /// A dial through a relay came to nothing (nobody waiting, the relay unreachable or full).
+    /// Relayed dials are retried on the synchronizer's own schedule, not the peer book's.
+    RelayFailed {
+        /// The relay.
+        relay: SocketAddr,
+        /// Why.
+        error: String,
     },
     /// A dial failed.
     DialFailed {
@@ -346,15 +357,18 @@ async fn deliver(tx: &InboundSender, mut item: Inbound, cancel: &CancellationTok
 }
 
 /// Runs one connection after TCP is up: handshake, then a reader and a writer until either side
-/// ends or `cancel` fires.
-async fn run_connection(
+/// ends or `cancel` fires. `pass` is a place in some ration of handshakes (the listener's gate,
+/// the relay client's semaphore), given back when the handshake is over.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_connection<P: Send>(
     stream: TcpStream,
     addr: SocketAddr,
     identity: Identity,
     initiator: bool,
+    relayed: bool,
     tx: InboundSender,
     cancel: CancellationToken,
-    pass: Option<Pass>,
+    pass: Option<P>,
 ) {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
@@ -390,6 +404,7 @@ async fn run_connection(
         handshake_hash,
         initiator,
         addr,
+        relayed,
         outbound: out_tx,
         stats: stats.clone(),
         cancel: conn_cancel.clone(),
@@ -674,6 +689,7 @@ pub async fn listen(
                     addr,
                     identity.clone(),
                     false,
+                    false,
                     tx.clone(),
                     CancellationToken::new(),
                     Some(pass),
@@ -696,7 +712,9 @@ pub async fn dial(
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr)) => r,
     };
     match connected {
-        Ok(Ok(stream)) => run_connection(stream, addr, identity, true, tx, cancel, None).await,
+        Ok(Ok(stream)) => {
+            run_connection::<()>(stream, addr, identity, true, false, tx, cancel, None).await
+        }
         Ok(Err(e)) => {
             let error = DialError::Connect(e);
             let _ = deliver(&tx, Inbound::DialFailed { addr, error }, &cancel).await;

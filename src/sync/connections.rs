@@ -63,6 +63,8 @@ pub struct Incoming {
     pub stats: Arc<net::ConnStats>,
     /// Closes the connection.
     pub cancel: CancellationToken,
+    /// It runs through a blind relay.
+    pub relayed: bool,
 }
 
 /// What [`Connections::admit`] decided.
@@ -127,6 +129,7 @@ struct Conn {
     peer: PeerId,
     addr: SocketAddr,
     initiator: bool,
+    relayed: bool,
     outbound: mpsc::Sender<Message>,
     cancel: CancellationToken,
     stats: Arc<net::ConnStats>,
@@ -236,9 +239,19 @@ impl Connections {
         let mut replaced = None;
         if let Some(&old) = self.by_peer.get(&peer) {
             let initiator_key = |init: bool| if init { self.local } else { new.remote };
-            let old_initiator = self.conns[&old].initiator;
-            let keep_new = new.initiator == old_initiator
-                || initiator_key(new.initiator) < initiator_key(old_initiator);
+            let (old_initiator, old_relayed) =
+                (self.conns[&old].initiator, self.conns[&old].relayed);
+            // A direct path beats a relayed one; both sides know which is which, so both
+            // keep the same connection. Otherwise a redial replaces, and of two crossing
+            // dials the one the smaller key dialled stays.
+            let keep_new = match (old_relayed, new.relayed) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => {
+                    new.initiator == old_initiator
+                        || initiator_key(new.initiator) < initiator_key(old_initiator)
+                }
+            };
             if !keep_new {
                 new.cancel.cancel();
                 return Admission::Duplicate { peer };
@@ -251,6 +264,7 @@ impl Connections {
                 peer,
                 addr: new.addr,
                 initiator: new.initiator,
+                relayed: new.relayed,
                 outbound: new.outbound,
                 cancel: new.cancel,
                 stats: new.stats,

@@ -23,6 +23,8 @@ pub enum NodeEvent {
         addr: SocketAddr,
         /// We dialled it.
         initiator: bool,
+        /// Through a blind relay (`addr` is the relay's): kept only until a direct path works.
+        relayed: bool,
     },
     /// A peer connection ended.
     PeerDisconnected {
@@ -32,6 +34,14 @@ pub enum NodeEvent {
         addr: SocketAddr,
         /// Why.
         reason: DisconnectReason,
+    },
+    /// A dial through a relay came to nothing (nobody waiting there, unreachable, full); the
+    /// node tries again on its own schedule while the feed has no peer.
+    RelayFailed {
+        /// The relay.
+        relay: SocketAddr,
+        /// Why.
+        error: String,
     },
     /// Dialling `addr` gave no connection; the next attempt is in `retry_in`.
     DialFailed {

@@ -70,7 +70,17 @@ pub struct NodeConfig {
     pub discovery: Option<crate::discovery::DiscoveryConfig>,
     /// Connections kept at most; a new peer beyond this is turned away.
     pub max_peers: usize,
+    /// Blind relays (`feedsync relay`) to meet peers through when no direct path works: a
+    /// listening node waits on each for peers of its feeds, and a feed with no peer for
+    /// [`RELAY_GRACE`] is dialled through them (direct dials go on, and win when they work).
+    pub relays: Vec<SocketAddr>,
 }
+
+/// How long a feed goes without a peer before it is dialled through a relay.
+pub const RELAY_GRACE: Duration = Duration::from_secs(5);
+/// Feeds a node meets peers for at relays (the first ones it serves: a folder's metadata
+/// feed comes first). Each costs one waiting connection per relay.
+pub const RELAY_FEEDS: usize = 16;
 
 impl NodeConfig {
     /// Defaults: no listener, no peers, a fresh identity, 10 ms ticks.
@@ -89,6 +99,7 @@ impl NodeConfig {
             stall_timeout: Duration::from_secs(30),
             discovery: None,
             max_peers: DEFAULT_MAX_PEERS,
+            relays: Vec::new(),
         }
     }
 }

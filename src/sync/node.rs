@@ -147,8 +147,22 @@ pub(super) struct Node {
     /// Addresses we dialled that reached a peer already connected through another connection:
     /// the book redials them when that connection ends.
     aliases: BTreeMap<crate::core::replicator::PeerId, BTreeSet<SocketAddr>>,
+    /// The feeds we meet peers for at relays, and when each is next dialled through them.
+    relayed: Vec<RelayedFeed>,
     config: NodeConfig,
 }
+
+/// One feed's schedule of dials through the relays: due [`super::RELAY_GRACE`] after it was
+/// last seen with a peer, then backing off (2 s doubling to a minute) while it has none.
+struct RelayedFeed {
+    feed: crate::core::replicator::FeedId,
+    token: [u8; 32],
+    next: Instant,
+    backoff: Duration,
+}
+
+const RELAY_BACKOFF_FIRST: Duration = Duration::from_secs(2);
+const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 impl Node {
     /// Adds the feeds, starts the app, starts accepting and announcing. On the node's thread:
@@ -188,6 +202,7 @@ impl Node {
             inbound,
             discovery: None,
             aliases: BTreeMap::new(),
+            relayed: Vec::new(),
             config,
         };
         if let Some((from, to)) = bound.raised {
@@ -201,9 +216,11 @@ impl Node {
             None => node.wake = crossbeam_channel::never(),
         }
         node.drive();
+        let listening = bound.listener.is_some();
         if let Some(listener) = bound.listener {
             node.accept(listener);
         }
+        node.start_relays(listening);
         for p in node.config.peers.clone() {
             node.book.add(p);
         }
@@ -220,7 +237,8 @@ impl Node {
             let keys: Vec<[u8; 32]> = (0..self.replicator.feed_count())
                 .map(|f| self.replicator.feed(f).discovery_key())
                 .collect();
-            match Discovery::start(&self.config.identity.public, local.port(), &keys, dc) {
+            let id = &self.config.identity.public;
+            match Discovery::start(id, local.port(), &keys, dc, self.rt.handle()) {
                 Ok(d) => self.discovery = Some(d),
                 // Discovery is a convenience: named peers still work without it.
                 Err(e) => self.emit(NodeEvent::DiscoveryFailed {
@@ -235,6 +253,68 @@ impl Node {
             self.inbound_tx.clone(),
             self.listen_cancel.clone(),
         ));
+    }
+
+    /// Relays: a listening node keeps one registration waiting on each relay for each of its
+    /// first [`super::RELAY_FEEDS`] feeds (peers behind a NAT reach it there); every node
+    /// schedules dials through them for feeds that find no peer (see [`RelayedFeed`]).
+    fn start_relays(&mut self, listening: bool) {
+        if self.config.relays.is_empty() {
+            return;
+        }
+        let first = Instant::now() + super::RELAY_GRACE;
+        let n = self.replicator.feed_count().min(super::RELAY_FEEDS);
+        let places = std::sync::Arc::new(tokio::sync::Semaphore::new(
+            crate::reach::relay::RELAYED_HANDSHAKES,
+        ));
+        for feed in 0..n {
+            let dk = self.replicator.feed(feed).discovery_key();
+            let token = crate::reach::relay_token(&dk);
+            self.relayed.push(RelayedFeed {
+                feed,
+                token,
+                next: first,
+                backoff: RELAY_BACKOFF_FIRST,
+            });
+            if !listening {
+                continue;
+            }
+            for &relay in &self.config.relays {
+                self.rt.spawn(crate::reach::relay::keep_waiting(
+                    relay,
+                    token,
+                    self.config.identity.clone(),
+                    self.inbound_tx.clone(),
+                    places.clone(),
+                    self.cancel.child_token(),
+                ));
+            }
+        }
+    }
+
+    /// Dials through every relay for each feed that has gone without a peer long enough.
+    fn relay_dials(&mut self, now: Instant) {
+        for r in &mut self.relayed {
+            if self.replicator.has_peer_on(r.feed) {
+                r.next = now + super::RELAY_GRACE;
+                r.backoff = RELAY_BACKOFF_FIRST;
+                continue;
+            }
+            if now < r.next {
+                continue;
+            }
+            r.next = now + r.backoff;
+            r.backoff = (r.backoff * 2).min(RELAY_BACKOFF_MAX);
+            for &relay in &self.config.relays {
+                self.rt.spawn(crate::reach::relay::dial(
+                    relay,
+                    r.token,
+                    self.config.identity.clone(),
+                    self.inbound_tx.clone(),
+                    self.cancel.child_token(),
+                ));
+            }
+        }
     }
 
     fn emit(&self, e: NodeEvent) {
@@ -337,6 +417,9 @@ impl Node {
                 self.emit(NodeEvent::Discovery(note));
             }
         }
+        if tick / DISCOVERY_EVERY != previous / DISCOVERY_EVERY {
+            self.relay_dials(now);
+        }
         for addr in self.book.due(tick) {
             self.book.dialing(&addr, tick);
             dial.push(addr);
@@ -359,6 +442,7 @@ impl Node {
                 handshake_hash,
                 initiator,
                 addr,
+                relayed,
                 outbound,
                 stats,
                 cancel,
@@ -376,6 +460,7 @@ impl Node {
                     outbound,
                     stats,
                     cancel,
+                    relayed,
                 };
                 let replicator = &self.replicator;
                 match self.conns.admit(incoming, |p| replicator.has_channel(p)) {
@@ -439,6 +524,7 @@ impl Node {
                             peer,
                             addr,
                             initiator,
+                            relayed,
                         });
                     }
                 }
@@ -474,6 +560,9 @@ impl Node {
                     error: error.to_string(),
                     retry_in,
                 });
+            }
+            Inbound::RelayFailed { relay, error } => {
+                self.emit(NodeEvent::RelayFailed { relay, error });
             }
             Inbound::Writable { .. } => {} // `drive` after every event refills the queues
         }

@@ -480,6 +480,14 @@ impl<S: Storage> Replicator<S> {
             .is_some_and(|p| !p.remote_channels.is_empty())
     }
 
+    /// Whether some connected peer opened a channel on `feed`: it is being replicated with
+    /// someone. (A node uses a relay for a feed only while this is false.)
+    pub fn has_peer_on(&self, feed: FeedId) -> bool {
+        self.peers
+            .values()
+            .any(|p| p.remote_channels.values().any(|&f| f == feed))
+    }
+
     /// Whether `peer` was banned this session.
     pub fn is_banned(&self, peer: PeerId) -> bool {
         self.banned.contains(&peer)

@@ -21,8 +21,41 @@ fn incoming(conn: ConnId, remote: u8, initiator: bool, queue: usize) -> (Incomin
         outbound,
         stats: stats.clone(),
         cancel: cancel.clone(),
+        relayed: false,
     };
     (inc, Remote { rx, stats, cancel })
+}
+
+#[test]
+fn a_direct_path_replaces_a_relayed_one_on_both_ends() {
+    // Whoever dialled what, both ends keep the direct connection: a relayed one never
+    // replaces it and it always replaces a relayed one.
+    for (our_key, direct_initiator) in [(5u8, true), (5, false), (200, true), (200, false)] {
+        let mut c = Connections::new([our_key; 32], 8, Duration::from_secs(1));
+        let (mut relayed, relayed_r) = incoming(1, 9, !direct_initiator, 16);
+        relayed.relayed = true;
+        assert!(matches!(
+            c.admit(relayed, |_| true),
+            Admission::Accepted { .. }
+        ));
+        let (direct, direct_r) = incoming(2, 9, direct_initiator, 16);
+        let Admission::Accepted {
+            replaced: Some(old),
+            ..
+        } = c.admit(direct, |_| true)
+        else {
+            panic!("the direct connection did not replace the relayed one");
+        };
+        assert_eq!(old.conn, 1);
+        assert_eq!(c.conn_of(1), Some(2));
+        // A later relayed one is turned away while the direct one lives.
+        let (mut again, again_r) = incoming(3, 9, direct_initiator, 16);
+        again.relayed = true;
+        assert_eq!(c.admit(again, |_| true), Admission::Duplicate { peer: 1 });
+        assert!(again_r.cancel.is_cancelled());
+        assert!(!direct_r.cancel.is_cancelled());
+        drop(relayed_r);
+    }
 }
 
 fn ping() -> Message {
