@@ -69,6 +69,11 @@ pub struct Config {
     pub discovery: bool,
     /// Discovery interface allow-list.
     pub interfaces: Vec<String>,
+    /// The mainline DHT (`dht = true`, `dht_bootstrap = [...]`, `port_mapping = false`);
+    /// `None`: off, the default.
+    pub dht: Option<crate::reach::dht::DhtConfig>,
+    /// Blind relays to meet peers through when no direct path works (`relays = [...]`).
+    pub relays: Vec<SocketAddr>,
     /// State: control socket, folders added at runtime.
     pub state_dir: PathBuf,
     /// Folders from the config file.
@@ -86,6 +91,12 @@ struct RawConfig {
     listen: Option<Spanned<String>>,
     discovery: Option<bool>,
     interfaces: Option<Vec<String>>,
+    dht: Option<bool>,
+    #[serde(default)]
+    dht_bootstrap: Vec<Spanned<String>>,
+    port_mapping: Option<bool>,
+    #[serde(default)]
+    relays: Vec<Spanned<String>>,
     state_dir: Option<PathBuf>,
     #[serde(default)]
     folder: Vec<RawFolder>,
@@ -131,6 +142,8 @@ impl Config {
             listen: None,
             discovery: true,
             interfaces: Vec::new(),
+            dht: None,
+            relays: Vec::new(),
             state_dir: default_state_dir(),
             folders: Vec::new(),
             max_peers: crate::sync::DEFAULT_MAX_PEERS,
@@ -269,10 +282,50 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             kind: f.kind.map(|k| k.into_inner()),
         });
     }
+    // Bootstrap nodes stay names (resolved by the DHT at start); each must at least be
+    // HOST:PORT. Relays are addresses, as peers are.
+    for b in &raw.dht_bootstrap {
+        if b.get_ref()
+            .rsplit_once(':')
+            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        {
+            return Err(at(
+                b.span().start,
+                &format!("not HOST:PORT: {}", b.get_ref()),
+            ));
+        }
+    }
+    if !raw.dht.unwrap_or(false)
+        && let Some(b) = raw.dht_bootstrap.first()
+    {
+        return Err(at(b.span().start, "dht_bootstrap needs dht = true"));
+    }
+    let mut relays = Vec::new();
+    for a in &raw.relays {
+        relays.push(
+            a.get_ref()
+                .parse()
+                .map_err(|_| at(a.span().start, &format!("not an address: {}", a.get_ref())))?,
+        );
+    }
+    let dht = raw
+        .dht
+        .unwrap_or(false)
+        .then(|| crate::reach::dht::DhtConfig {
+            bootstrap: raw
+                .dht_bootstrap
+                .iter()
+                .map(|b| b.get_ref().clone())
+                .collect(),
+            port: None,
+            port_mapping: raw.port_mapping.unwrap_or(true),
+        });
     Ok(Config {
         listen,
         discovery: raw.discovery.unwrap_or(true),
         interfaces: raw.interfaces.unwrap_or_default(),
+        dht,
+        relays,
         state_dir: raw.state_dir.unwrap_or_else(default_state_dir),
         folders,
         max_peers,
@@ -283,6 +336,32 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dht_and_relays_are_off_unless_configured_and_checked() {
+        let p = Path::new("/etc/feedsync.toml");
+        let c = parse(p, "").unwrap();
+        assert!(c.dht.is_none() && c.relays.is_empty());
+        let c = parse(
+            p,
+            "dht = true\ndht_bootstrap = [\"10.0.0.1:6881\", \"dht.example:6881\"]\n\
+             port_mapping = false\nrelays = [\"10.0.0.20:7071\"]\n",
+        )
+        .unwrap();
+        let dht = c.dht.unwrap();
+        assert_eq!(dht.bootstrap, ["10.0.0.1:6881", "dht.example:6881"]);
+        assert!(!dht.port_mapping);
+        assert_eq!(c.relays, ["10.0.0.20:7071".parse::<SocketAddr>().unwrap()]);
+        let e = parse(p, "dht = true\ndht_bootstrap = [\"nope\"]\n").unwrap_err();
+        assert_eq!(e.to_string(), "/etc/feedsync.toml:2: not HOST:PORT: nope");
+        let e = parse(p, "dht_bootstrap = [\"10.0.0.1:6881\"]\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/feedsync.toml:1: dht_bootstrap needs dht = true"
+        );
+        let e = parse(p, "relays = [\"x\"]\n").unwrap_err();
+        assert_eq!(e.to_string(), "/etc/feedsync.toml:1: not an address: x");
+    }
 
     #[test]
     fn config_errors_name_the_line() {

@@ -232,14 +232,14 @@ impl Daemon {
             listen: Some(self.config.listen.unwrap_or_else(crate::sync::any_address)),
             peers,
             max_peers: self.config.max_peers,
-            discovery: self
-                .config
-                .discovery
-                .then(|| crate::discovery::DiscoveryConfig {
-                    mdns: true,
+            discovery: (self.config.discovery || self.config.dht.is_some()).then(|| {
+                crate::discovery::DiscoveryConfig {
+                    mdns: self.config.discovery,
                     interfaces: self.config.interfaces.clone(),
-                    dht: None,
-                }),
+                    dht: self.config.dht.clone(),
+                }
+            }),
+            relays: self.config.relays.clone(),
             ..NodeConfig::new()
         };
         let node = crate::sync::spawn_with(node_config, feeds, Some(Box::new(Drives(apps))))?;

@@ -182,12 +182,18 @@ impl Discovery {
                 let feeds: Vec<(String, [u8; 32])> =
                     discovery_keys.iter().map(|k| (tag(k), *k)).collect();
                 let (s1, s2) = (shared.clone(), shared.clone());
+                // Our own announcement comes back from every lookup: not dialled.
+                let own: Vec<std::net::IpAddr> =
+                    listen::local_nets().iter().map(|n| n.addr).collect();
                 // Each address's own bucket in the book: one source (an IP) gets at most
                 // `per_node` entries, however many the DHT hands us.
                 let offer: crate::reach::dht::Offer = Arc::new(move |t: &str, addrs| {
                     if let Ok(mut s) = s1.lock() {
                         let tags = BTreeSet::from([t.to_string()]);
                         for a in addrs {
+                            if a.port() == port && own.contains(&a.ip()) {
+                                continue;
+                            }
                             let from = format!("dht {}", a.ip());
                             s.book.offer(&from, &tags, &[*a], Instant::now());
                         }

@@ -41,7 +41,7 @@ pub const LOOKUP_EVERY: Duration = Duration::from_secs(300);
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(15 * 60);
 
 /// How the DHT runs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DhtConfig {
     /// Bootstrap nodes, `HOST:PORT`. Empty: [`PUBLIC_BOOTSTRAP`].
     pub bootstrap: Vec<String>,
@@ -210,35 +210,25 @@ async fn run(
     cancel: CancellationToken,
 ) {
     let dht = dht.as_async();
-    let mut announce_port = port;
-    let mut mapped_at = None;
+    // The port to announce: ours, until the gateway forwards one (asked for alongside, so a
+    // network without a gateway does not delay the first announcement).
+    let (port_tx, mut port_rx) = tokio::sync::watch::channel(port);
     if port_mapping {
-        match tokio::task::spawn_blocking(move || super::portmap::map(port)).await {
-            Ok(Ok(m)) => {
-                announce_port = m.external.port();
-                notes(DhtNote::Mapped {
-                    external: m.external,
-                });
-                mapped_at = Some(Instant::now());
-                if let Ok(mut slot) = mapping.lock() {
-                    *slot = Some(m);
-                }
-            }
-            Ok(Err(e)) => notes(DhtNote::NotMapped {
-                error: e.to_string(),
-            }),
-            Err(e) => notes(DhtNote::NotMapped {
-                error: e.to_string(),
-            }),
-        }
-        if cancel.is_cancelled() {
-            return;
-        }
+        tokio::spawn(keep_mapped(
+            port,
+            port_tx,
+            notes.clone(),
+            mapping,
+            cancel.clone(),
+        ));
     }
-    let (mut announced_at, mut told_announced, mut told_found) = (None::<Instant>, false, false);
+    let (mut announced, mut told_announced, mut told_found) =
+        (None::<(Instant, u16)>, false, false);
     let mut retry = FIRST_RETRY;
     loop {
-        let announce_due = announced_at.is_none_or(|t| t.elapsed() >= ANNOUNCE_EVERY);
+        let announce_port = *port_rx.borrow_and_update();
+        let announce_due =
+            announced.is_none_or(|(t, p)| t.elapsed() >= ANNOUNCE_EVERY || p != announce_port);
         let (mut announced_all, mut found) = (true, 0usize);
         for (tag, hash) in &hashes {
             if announce_due {
@@ -259,8 +249,8 @@ async fn run(
             }
         }
         if announce_due && announced_all {
-            announced_at = Some(Instant::now());
-            if !told_announced {
+            announced = Some((Instant::now(), announce_port));
+            if !told_announced || announce_port != port {
                 told_announced = true;
                 notes(DhtNote::Announced {
                     feeds: hashes.len(),
@@ -271,16 +261,6 @@ async fn run(
         if found > 0 && !told_found {
             told_found = true;
             notes(DhtNote::Found { addrs: found });
-        }
-        if let Some(at) = mapped_at
-            && at.elapsed() >= super::portmap::LEASE / 2
-        {
-            mapped_at = Some(Instant::now());
-            let m = mapping.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                m.lock().ok().and_then(|g| g.as_ref().map(|m| m.renew()))
-            })
-            .await;
         }
         // Found and announced: the next round is a refresh. Otherwise retry soon, then less.
         let wait = if found > 0 && announced_all {
@@ -294,7 +274,65 @@ async fn run(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+            // A new mapping is announced at once.
+            Ok(()) = port_rx.changed() => {}
         }
+    }
+}
+
+/// Asks the gateway for a mapping of `port` (once; a node without a gateway goes on without
+/// one) and renews it at half its lease; the external port goes out on `port_tx`.
+async fn keep_mapped(
+    port: u16,
+    port_tx: tokio::sync::watch::Sender<u16>,
+    notes: Notes,
+    slot: Arc<Mutex<Option<super::portmap::Mapping>>>,
+    cancel: CancellationToken,
+) {
+    let mapped = tokio::select! {
+        _ = cancel.cancelled() => return,
+        m = tokio::task::spawn_blocking(move || super::portmap::map(port)) => m,
+    };
+    let m = match mapped {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            notes(DhtNote::NotMapped {
+                error: e.to_string(),
+            });
+            return;
+        }
+        Err(e) => {
+            notes(DhtNote::NotMapped {
+                error: e.to_string(),
+            });
+            return;
+        }
+    };
+    notes(DhtNote::Mapped {
+        external: m.external,
+    });
+    let external = m.external.port();
+    if let Ok(mut s) = slot.lock() {
+        *s = Some(m);
+    }
+    // Shut down meanwhile: `Running::shutdown` may have looked before the slot was filled.
+    if cancel.is_cancelled() {
+        if let Some(m) = slot.lock().ok().and_then(|mut s| s.take()) {
+            let _ = tokio::task::spawn_blocking(move || m.remove()).await;
+        }
+        return;
+    }
+    let _ = port_tx.send(external);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(super::portmap::LEASE / 2) => {}
+        }
+        let s = slot.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            s.lock().ok().and_then(|g| g.as_ref().map(|m| m.renew()))
+        })
+        .await;
     }
 }
 

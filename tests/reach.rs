@@ -1,0 +1,905 @@
+//! Beyond the LAN (#14): the blind relay on loopback (real processes, a recording proxy on the
+//! wire), and, in network namespaces the tests build, a private mainline DHT and two homes
+//! behind NATs.
+//!
+//! Nothing here reaches a public DHT node: every process gets its private bootstrap list, runs
+//! with `FEEDSYNC_DHT_PRIVATE_ONLY` set (starting with the public list is then an error, tested
+//! below), and the namespace tests check that every socket every process holds is in a
+//! namespace of the test's, with addresses of the test's own plan.
+
+mod common;
+
+use common::{BIN, Proc, assert_same_tree, bytes};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The guard every test process runs under (see `reach::dht::PRIVATE_ONLY_ENV`).
+const PRIVATE_ONLY: &str = "FEEDSYNC_DHT_PRIVATE_ONLY";
+
+/// A TCP proxy to `target` that records every byte it forwards, both ways, for every
+/// connection it accepts (until the test ends).
+fn recording_proxy(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(target) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// `feedsync relay` on loopback: the process and its address.
+fn relay(extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["relay", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let p = Proc::feedsync(&args);
+    let line = p.wait_line(Duration::from_secs(30), "the relay's address", |l| {
+        l.starts_with("relay listening on ")
+    });
+    let addr = line
+        .trim_start_matches("relay listening on ")
+        .parse()
+        .unwrap();
+    (p, addr)
+}
+
+fn write_tree(src: &Path) {
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::write(src.join("big.bin"), bytes(1, 3_000_000)).unwrap();
+    std::fs::write(src.join("d/small.txt"), b"through the relay\n").unwrap();
+}
+
+#[test]
+fn a_clone_with_no_direct_path_completes_through_a_relay_that_sees_neither_keys_nor_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    write_tree(&src);
+    let (mut relay, relay_addr) = relay(&[]);
+    // Everything the clone says or hears passes the recorder: its registration, its dials
+    // and the paired stream.
+    let (proxy, seen) = recording_proxy(relay_addr);
+    let relay_arg = relay_addr.to_string();
+    let share = Proc::feedsync(&[
+        "share",
+        src.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+        "--relay",
+        &relay_arg,
+    ]);
+    share.listen_addr();
+    let url = share.lines()[0].clone();
+    // No --peer, no discovery: the relay is the only way.
+    let mut clone = Proc::feedsync(&[
+        "clone",
+        &url,
+        dst.to_str().unwrap(),
+        "--once",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+        "--relay",
+        &proxy.to_string(),
+    ]);
+    let status = clone.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "clone failed: {:?}", clone.errors());
+    assert_same_tree(&src, &dst, &[".feedsync"]);
+    assert!(
+        clone
+            .errors()
+            .iter()
+            .any(|l| l == &format!("peer connected through relay {proxy}")),
+        "the clone says it went through the relay: {:?}",
+        clone.errors()
+    );
+    let bytes_seen = seen.lock().unwrap().clone();
+    assert!(
+        bytes_seen.len() > 3_000_000,
+        "the data went through the relay ({} bytes)",
+        bytes_seen.len()
+    );
+    let key = url.trim_start_matches("feedsync://");
+    let pk: [u8; 32] = common::unhex(key).unwrap().try_into().unwrap();
+    let dk = feedsync::core::crypto::discovery_key(&pk);
+    let content = bytes(1, 3_000_000);
+    for (what, needle) in [
+        ("public key", &pk[..]),
+        ("discovery key", &dk[..]),
+        ("file bytes", &content[1_000_000..1_000_064]),
+        ("file name", &b"small.txt"[..]),
+        ("file text", &b"through the relay"[..]),
+    ] {
+        assert!(
+            !bytes_seen.windows(needle.len()).any(|w| w == needle),
+            "{what} visible to the relay"
+        );
+    }
+    drop(share);
+    relay.signal(libc_sigterm());
+    relay.wait_exit(Duration::from_secs(10));
+    let summary = relay.line_with("relay stopped:").unwrap_or_default();
+    assert!(
+        summary.starts_with("relay stopped: ") && !summary.starts_with("relay stopped: 0 pairs"),
+        "{summary}"
+    );
+}
+
+fn libc_sigterm() -> i32 {
+    15
+}
+
+#[test]
+fn relay_arguments_are_checked() {
+    let out = Command::new(BIN)
+        .args(["relay", "--listen", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let out = Command::new(BIN)
+        .args(["share", "/nonexistent", "--dht-bootstrap", "10.0.0.1:6881"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "--dht-bootstrap needs --dht");
+}
+
+mod needs_root {
+    use super::PRIVATE_ONLY;
+    use crate::common::{BIN, Lan, Proc, assert_same_tree, ip, isolated, wait_until};
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::Duration;
+
+    /// The sockets process `pid` holds: (protocol, local, remote) from its namespace's
+    /// `/proc/PID/net/*` tables, kept to the inodes among its descriptors.
+    fn sockets_of(pid: u32) -> Vec<(String, IpAddr, IpAddr)> {
+        let mut inodes = BTreeSet::new();
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+        {
+            let Ok(fd) = fd else { continue };
+            if let Ok(link) = std::fs::read_link(fd.path()) {
+                let l = link.to_string_lossy().to_string();
+                if let Some(ino) = l.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                    inodes.insert(ino.to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for proto in ["tcp", "tcp6", "udp", "udp6"] {
+            let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/{proto}")) else {
+                continue;
+            };
+            for line in table.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() > 9 && inodes.contains(f[9]) {
+                    out.push((proto.to_string(), hex_ip(f[1]), hex_ip(f[2])));
+                }
+            }
+        }
+        out
+    }
+
+    /// An address of a `/proc/net` table (`HEX:PORT`, each 32-bit word in host order).
+    fn hex_ip(field: &str) -> IpAddr {
+        let hex = field.split(':').next().unwrap();
+        let words: Vec<u32> = (0..hex.len() / 8)
+            .map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).unwrap())
+            .collect();
+        let mut b = Vec::new();
+        for w in words {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        match b.len() {
+            4 => IpAddr::from(<[u8; 4]>::try_from(b).unwrap()),
+            _ => {
+                let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap());
+                v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+            }
+        }
+    }
+
+    /// Asserts that each process runs in the namespace the test made for it (not this
+    /// machine's), and that every address of every socket it holds is unspecified or within
+    /// `plan` (prefixes of the test's own address plan).
+    pub(super) fn assert_contained(procs: &[(&Proc, &str)], plan: &[(&str, u8)]) {
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let mut seen = 0;
+        for (p, ns) in procs {
+            let pid = p.pid();
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+            assert_ne!(
+                theirs, ours,
+                "process {pid} runs in this machine's namespace"
+            );
+            let made = std::fs::metadata(format!("/run/netns/{ns}")).unwrap();
+            let ino = theirs.to_string_lossy().to_string();
+            assert_eq!(
+                ino,
+                format!("net:[{}]", std::os::unix::fs::MetadataExt::ino(&made)),
+                "process {pid} is not in the test's namespace {ns}"
+            );
+            for (proto, local, remote) in sockets_of(pid) {
+                seen += 1;
+                for a in [local, remote] {
+                    assert!(
+                        a.is_unspecified() || plan.iter().any(|(p, len)| within(a, p, *len)),
+                        "process {pid} ({ns}) holds a {proto} socket with {a}, outside the plan"
+                    );
+                }
+            }
+        }
+        assert!(seen > 0, "no socket seen: the audit would pass vacuously");
+    }
+
+    fn within(a: IpAddr, prefix: &str, len: u8) -> bool {
+        match (a, prefix.parse::<IpAddr>().unwrap()) {
+            (IpAddr::V4(a), IpAddr::V4(p)) => {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                u32::from(a) & mask == u32::from(p) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(p)) => {
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - len)
+                };
+                u128::from(a) & mask == u128::from(p) & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// `feedsync dht-node` on `ns` at `addr`, joined through `bootstrap`.
+    pub(super) fn dht_node(cmd: Command, addr: &str) -> Proc {
+        let p = Proc::spawn(cmd);
+        p.wait_line(Duration::from_secs(30), "the DHT node up", |l| {
+            l == format!("dht node on {addr}")
+        });
+        p
+    }
+
+    /// The line a node prints when its DHT starts: proof of which bootstrap list it used.
+    pub(super) fn assert_bootstrap(p: &Proc, list: &[&str]) {
+        let want = format!("bootstrap {}", list.join(" "));
+        wait_until(Duration::from_secs(30), "the DHT start line", || {
+            p.errors()
+                .iter()
+                .any(|l| l.starts_with("DHT: on UDP port ") && l.ends_with(&want))
+        });
+    }
+
+    #[test]
+    fn a_clone_finds_its_share_over_a_private_dht_and_no_socket_leaves_the_test() {
+        // Hosts 0-2: DHT nodes; 3: the share; 4: the clone. One private LAN, no router.
+        let lan = Lan::new(5);
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let me = format!("{}:6881", lan.addr(i));
+            let mut args = vec!["dht-node".to_string(), "--listen".into(), me.clone()];
+            if i > 0 {
+                args.extend(["--dht-bootstrap".into(), format!("{}:6881", lan.addr(0))]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            nodes.push(dht_node(lan.command(i, BIN, &args), &me));
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        super::write_tree(&src);
+        let (b0, b1) = (
+            format!("{}:6881", lan.addr(0)),
+            format!("{}:6881", lan.addr(1)),
+        );
+        let mut cmd = lan.command(
+            3,
+            BIN,
+            &[
+                "share",
+                src.to_str().unwrap(),
+                "--no-discovery",
+                "--dht",
+                "--dht-bootstrap",
+                &b0,
+            ],
+        );
+        cmd.env(PRIVATE_ONLY, "1");
+        let share = Proc::spawn(cmd);
+        let port = share.listen_addr().rsplit(':').next().unwrap().to_string();
+        let url = share.lines()[0].clone();
+        assert_bootstrap(&share, &[&b0]);
+        // The clone is told nothing but the folder and a DHT node: no --peer, no mDNS.
+        let mut cmd = lan.command(
+            4,
+            BIN,
+            &[
+                "clone",
+                &url,
+                dst.to_str().unwrap(),
+                "--no-discovery",
+                "--dht",
+                "--dht-bootstrap",
+                &b1,
+            ],
+        );
+        cmd.env(PRIVATE_ONLY, "1");
+        let clone = Proc::spawn(cmd);
+        assert_bootstrap(&clone, &[&b1]);
+        wait_until(
+            Duration::from_secs(120),
+            "the clone to hold the share",
+            || crate::common::same_tree(&src, &dst, &[".feedsync"]),
+        );
+        assert_same_tree(&src, &dst, &[".feedsync"]);
+        // Connected directly, one way or the other: each announced itself and each may find
+        // the other first. Nothing else could have told either where the other is.
+        let _ = port;
+        let share_ip = lan.addr(3);
+        assert!(
+            clone.errors().iter().any(|l| l.starts_with("peer ")
+                && l.contains(&share_ip)
+                && l.ends_with(" connected")),
+            "the two met at an address the DHT gave: {:?}",
+            clone.errors()
+        );
+        let mut procs: Vec<(&Proc, &str)> = vec![(&share, &lan.hosts[3]), (&clone, &lan.hosts[4])];
+        for (i, n) in nodes.iter().enumerate() {
+            procs.push((n, &lan.hosts[i]));
+        }
+        assert_contained(&procs, &[("10.231.0.0", 24), ("127.0.0.0", 8)]);
+    }
+
+    /// The routers' firewall: masquerade out of the uplink, nothing new in (dropped, not
+    /// refused, as a home router does), and the chains miniupnpd fills when it runs. One
+    /// table: an accept in another table would not undo this one's drop.
+    const ROUTER_RULES: &str = r#"
+table inet filter {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        iif "lo" accept
+        ct state established,related accept
+        ct state invalid drop
+        iifname "lan0" accept
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        ct state invalid drop
+        iifname "lan0" oifname "wan0" accept
+        jump miniupnpd
+    }
+    chain miniupnpd { }
+    chain prerouting {
+        type nat hook prerouting priority dstnat; policy accept;
+        jump prerouting_miniupnpd
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        jump postrouting_miniupnpd
+        oifname "wan0" masquerade
+    }
+    chain prerouting_miniupnpd { }
+    chain postrouting_miniupnpd { }
+}
+"#;
+
+    /// miniupnpd 2.3.1 takes no private external address (10.1.0.2) unless STUN confirms it:
+    /// a minimal STUN binding responder, run in the "internet".
+    const STUN_PY: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("stun ready", flush=True)
+while True:
+    data, (rip, rport) = s.recvfrom(2048)
+    if len(data) < 20 or data[0:2] != b"\x00\x01":
+        continue
+    cookie, txid = data[4:8], data[8:20]
+    a = socket.inet_aton(rip)
+    xaddr = bytes(x ^ y for x, y in zip(a, b"\x21\x12\xa4\x42"))
+    attrs = struct.pack("!HHBBH", 0x0001, 8, 0, 1, rport) + a
+    attrs += struct.pack("!HHBBH", 0x0020, 8, 0, 1, rport ^ 0x2112) + xaddr
+    s.sendto(struct.pack("!HH", 0x0101, len(attrs)) + cookie + txid + attrs, (rip, rport))
+"#;
+
+    /// Two homes behind NATs and the internet between them, all in namespaces of the test's:
+    ///
+    /// ```text
+    ///   pub: routes 10.1.0.0/24 <-> 10.2.0.0/24; services on lo: DHT 10.0.0.11-13, relay
+    ///        10.0.0.20, STUN 10.0.0.30
+    ///   r1: wan0 10.1.0.2, lan0 192.168.1.1 (NAT)    r2: wan0 10.2.0.2, lan0 192.168.2.1 (NAT)
+    ///   h1: up0 192.168.1.2 via r1                   h2: up0 192.168.2.2 via r2
+    /// ```
+    /// Veth pairs are made inside the namespaces: this machine's own interfaces, routes and
+    /// firewall are never touched. Removed on drop (with every process in them).
+    pub(super) struct Homes {
+        prefix: String,
+        made: Vec<String>,
+        /// miniupnpd and the STUN responder, killed on drop.
+        services: Vec<Proc>,
+        dir: tempfile::TempDir,
+    }
+
+    /// The test's address plan, for the socket audit.
+    pub(super) const PLAN: &[(&str, u8)] = &[
+        ("10.0.0.0", 24),
+        ("10.1.0.0", 24),
+        ("10.2.0.0", 24),
+        ("192.168.1.0", 24),
+        ("192.168.2.0", 24),
+        ("127.0.0.0", 8),
+        // The UPnP search goes to the LAN's SSDP group.
+        ("239.255.255.250", 32),
+    ];
+
+    fn run(cmd: &mut Command) {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    impl Homes {
+        pub(super) fn new() -> Homes {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let prefix = format!("fsr{}n{k}", std::process::id());
+            let mut h = Homes {
+                prefix,
+                made: Vec::new(),
+                services: Vec::new(),
+                dir: tempfile::tempdir().unwrap(),
+            };
+            for n in ["pub", "r1", "r2", "h1", "h2"] {
+                let ns = h.ns(n);
+                ip(&["netns", "add", &ns]);
+                h.made.push(ns.clone());
+                ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            }
+            let (public, r1, r2, h1, h2) =
+                (h.ns("pub"), h.ns("r1"), h.ns("r2"), h.ns("h1"), h.ns("h2"));
+            for (a, ai, b, bi) in [
+                (&r1, "wan0", &public, "r1"),
+                (&r2, "wan0", &public, "r2"),
+                (&h1, "up0", &r1, "lan0"),
+                (&h2, "up0", &r2, "lan0"),
+            ] {
+                ip(&[
+                    "-n", a, "link", "add", ai, "type", "veth", "peer", "name", bi, "netns", b,
+                ]);
+            }
+            ip(&["-n", &public, "addr", "add", "10.1.0.1/24", "dev", "r1"]);
+            ip(&["-n", &public, "addr", "add", "10.2.0.1/24", "dev", "r2"]);
+            ip(&["-n", &public, "link", "set", "r1", "up"]);
+            ip(&["-n", &public, "link", "set", "r2", "up"]);
+            for a in [
+                "10.0.0.11",
+                "10.0.0.12",
+                "10.0.0.13",
+                "10.0.0.20",
+                "10.0.0.30",
+            ] {
+                ip(&[
+                    "-n",
+                    &public,
+                    "addr",
+                    "add",
+                    &format!("{a}/32"),
+                    "dev",
+                    "lo",
+                ]);
+            }
+            h.sysctl(&public);
+            let rules = h.dir.path().join("router.nft");
+            std::fs::write(&rules, ROUTER_RULES).unwrap();
+            for (i, (r, host)) in [(&r1, &h1), (&r2, &h2)].into_iter().enumerate() {
+                let i = i + 1;
+                ip(&[
+                    "-n",
+                    r,
+                    "addr",
+                    "add",
+                    &format!("10.{i}.0.2/24"),
+                    "dev",
+                    "wan0",
+                ]);
+                ip(&[
+                    "-n",
+                    r,
+                    "addr",
+                    "add",
+                    &format!("192.168.{i}.1/24"),
+                    "dev",
+                    "lan0",
+                ]);
+                ip(&["-n", r, "link", "set", "wan0", "up"]);
+                ip(&["-n", r, "link", "set", "lan0", "up"]);
+                ip(&[
+                    "-n",
+                    r,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("10.{i}.0.1"),
+                ]);
+                h.sysctl(r);
+                run(Command::new("ip")
+                    .args(["netns", "exec", r, "nft", "-f"])
+                    .arg(&rules));
+                ip(&[
+                    "-n",
+                    host,
+                    "addr",
+                    "add",
+                    &format!("192.168.{i}.2/24"),
+                    "dev",
+                    "up0",
+                ]);
+                ip(&["-n", host, "link", "set", "up0", "up"]);
+                ip(&[
+                    "-n",
+                    host,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("192.168.{i}.1"),
+                ]);
+            }
+            h
+        }
+
+        fn sysctl(&self, ns: &str) {
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+            ]));
+        }
+
+        /// The full name of namespace `short` (pub, r1, r2, h1, h2).
+        pub(super) fn ns(&self, short: &str) -> String {
+            format!("{}{short}", self.prefix)
+        }
+
+        /// `program ARGS` in namespace `short` (not started).
+        pub(super) fn command(&self, short: &str, program: &str, args: &[&str]) -> Command {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &self.ns(short), program])
+                .args(args);
+            c
+        }
+
+        /// Starts a UPnP-IGD / NAT-PMP / PCP gateway (miniupnpd) on router 1, with the STUN
+        /// responder it needs, and waits until it serves.
+        pub(super) fn upnp_on_r1(&mut self) {
+            let stun = Proc::spawn(self.command(
+                "pub",
+                "python3",
+                &["-u", "-c", STUN_PY, "10.0.0.30", "3478"],
+            ));
+            stun.wait_line(Duration::from_secs(30), "the STUN responder", |l| {
+                l == "stun ready"
+            });
+            self.services.push(stun);
+            let conf = self.dir.path().join("miniupnpd.conf");
+            let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
+            std::fs::write(
+                &conf,
+                format!(
+                    "ext_ifname=wan0\nlistening_ip=lan0\nipv6_disable=yes\nhttp_port=0\n\
+                     enable_upnp=yes\nenable_natpmp=yes\next_perform_stun=yes\n\
+                     ext_stun_host=10.0.0.30\next_stun_port=3478\nsecure_mode=yes\n\
+                     system_uptime=no\nnotify_interval=60\nuuid={}\n\
+                     minissdpdsocket={}\nupnp_table_name=filter\nupnp_nat_table_name=filter\n\
+                     upnp_forward_chain=miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n\
+                     upnp_nat_postrouting_chain=postrouting_miniupnpd\n\
+                     allow 1024-65535 192.168.1.0/24 1024-65535\n\
+                     deny 0-65535 0.0.0.0/0 0-65535\n",
+                    uuid.trim(),
+                    self.dir.path().join("minissdpd.sock-unused").display()
+                ),
+            )
+            .unwrap();
+            let pidfile = self.dir.path().join("miniupnpd.pid");
+            let gw = Proc::spawn(self.command(
+                "r1",
+                "miniupnpd",
+                &[
+                    "-d",
+                    "-f",
+                    conf.to_str().unwrap(),
+                    "-P",
+                    pidfile.to_str().unwrap(),
+                ],
+            ));
+            wait_until(Duration::from_secs(30), "miniupnpd to serve", || {
+                let all = [gw.lines(), gw.errors()].concat();
+                all.iter().any(|l| l.contains("HTTP listening"))
+                    && all.iter().any(|l| l.contains("Listening for NAT-PMP"))
+            });
+            self.services.push(gw);
+        }
+
+        /// The DNAT rules miniupnpd holds on router 1 (the mappings it made).
+        pub(super) fn r1_forwards(&self) -> String {
+            let out = self
+                .command(
+                    "r1",
+                    "nft",
+                    &["list", "chain", "inet", "filter", "prerouting_miniupnpd"],
+                )
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    }
+
+    impl Drop for Homes {
+        fn drop(&mut self) {
+            self.services.clear();
+            for ns in &self.made {
+                // Whatever a failed test left running in them goes first.
+                if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                }
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+
+    /// The private DHT (three nodes) and the relay, in the "internet".
+    fn internet_services(homes: &Homes) -> Vec<Proc> {
+        let mut procs = Vec::new();
+        for (i, a) in ["10.0.0.11:6881", "10.0.0.12:6881", "10.0.0.13:6881"]
+            .iter()
+            .enumerate()
+        {
+            let mut args = vec!["dht-node", "--listen", a];
+            if i > 0 {
+                args.extend(["--dht-bootstrap", "10.0.0.11:6881"]);
+            }
+            procs.push(dht_node(homes.command("pub", BIN, &args), a));
+        }
+        let relay =
+            Proc::spawn(homes.command("pub", BIN, &["relay", "--listen", "10.0.0.20:7071"]));
+        relay.wait_line(Duration::from_secs(30), "the relay up", |l| {
+            l == "relay listening on 10.0.0.20:7071"
+        });
+        procs.push(relay);
+        procs
+    }
+
+    /// A share in home 1 and a clone in home 2, both with the DHT and the relay and nothing
+    /// else (no --peer, no mDNS): (share, clone, source dir, clone dir, share's port).
+    fn share_and_clone(
+        homes: &Homes,
+        tmp: &Path,
+    ) -> (Proc, Proc, std::path::PathBuf, std::path::PathBuf, String) {
+        let (src, dst) = (tmp.join("src"), tmp.join("dst"));
+        super::write_tree(&src);
+        let mut cmd = homes.command(
+            "h1",
+            BIN,
+            &[
+                "share",
+                src.to_str().unwrap(),
+                "--no-discovery",
+                "--dht",
+                "--dht-bootstrap",
+                "10.0.0.11:6881",
+                "--relay",
+                "10.0.0.20:7071",
+            ],
+        );
+        cmd.env(PRIVATE_ONLY, "1");
+        let share = Proc::spawn(cmd);
+        let port = share.listen_addr().rsplit(':').next().unwrap().to_string();
+        let url = share.lines()[0].clone();
+        assert_bootstrap(&share, &["10.0.0.11:6881"]);
+        let mut cmd = homes.command(
+            "h2",
+            BIN,
+            &[
+                "clone",
+                &url,
+                dst.to_str().unwrap(),
+                "--no-discovery",
+                "--dht",
+                "--dht-bootstrap",
+                "10.0.0.12:6881",
+                "--relay",
+                "10.0.0.20:7071",
+            ],
+        );
+        cmd.env(PRIVATE_ONLY, "1");
+        let clone = Proc::spawn(cmd);
+        assert_bootstrap(&clone, &["10.0.0.12:6881"]);
+        (share, clone, src, dst, port)
+    }
+
+    #[test]
+    fn behind_two_nats_a_clone_finds_its_share_over_the_dht_and_completes_through_the_relay() {
+        let homes = Homes::new();
+        let services = internet_services(&homes);
+        let tmp = tempfile::tempdir().unwrap();
+        let (share, clone, src, dst, port) = share_and_clone(&homes, tmp.path());
+        wait_until(
+            Duration::from_secs(120),
+            "the clone to hold the share",
+            || crate::common::same_tree(&src, &dst, &[".feedsync"]),
+        );
+        assert_same_tree(&src, &dst, &[".feedsync"]);
+        let errors = clone.errors();
+        // It found the share's (router's) address over the DHT, could not reach it, and met
+        // the share at the relay instead.
+        assert!(
+            errors.iter().any(|l| l.starts_with("DHT: found ")),
+            "the DHT gave the clone an address: {errors:?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|l| l == "peer connected through relay 10.0.0.20:7071"),
+            "{errors:?}"
+        );
+        let direct = format!("peer 10.1.0.2:{port} connected");
+        assert!(
+            !errors.iter().any(|l| l == &direct),
+            "a NAT let a dial in: {errors:?}"
+        );
+        assert!(
+            share
+                .errors()
+                .iter()
+                .any(|l| l.starts_with("DHT: no port mapping")),
+            "no gateway here: {:?}",
+            share.errors()
+        );
+        let mut procs: Vec<(&Proc, String)> =
+            vec![(&share, homes.ns("h1")), (&clone, homes.ns("h2"))];
+        for s in &services {
+            procs.push((s, homes.ns("pub")));
+        }
+        let procs: Vec<(&Proc, &str)> = procs.iter().map(|(p, n)| (*p, n.as_str())).collect();
+        assert_contained(&procs, PLAN);
+    }
+
+    #[test]
+    fn with_upnp_on_the_share_s_router_the_clone_connects_directly_and_the_mapping_goes_at_exit() {
+        let mut homes = Homes::new();
+        homes.upnp_on_r1();
+        let services = internet_services(&homes);
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut share, clone, src, dst, port) = share_and_clone(&homes, tmp.path());
+        let mapped = format!("DHT: the gateway forwards 10.1.0.2:{port} to us");
+        wait_until(Duration::from_secs(60), "the port mapping", || {
+            share.errors().iter().any(|l| l == &mapped)
+        });
+        assert!(
+            homes.r1_forwards().contains(&format!("dport {port}")),
+            "{}",
+            homes.r1_forwards()
+        );
+        let direct = format!("peer 10.1.0.2:{port} connected");
+        wait_until(
+            Duration::from_secs(120),
+            "a direct connection through the mapping",
+            || clone.errors().iter().any(|l| l == &direct),
+        );
+        wait_until(
+            Duration::from_secs(120),
+            "the clone to hold the share",
+            || crate::common::same_tree(&src, &dst, &[".feedsync"]),
+        );
+        assert_same_tree(&src, &dst, &[".feedsync"]);
+        let mut procs: Vec<(&Proc, String)> =
+            vec![(&share, homes.ns("h1")), (&clone, homes.ns("h2"))];
+        for s in &services {
+            procs.push((s, homes.ns("pub")));
+        }
+        let procs: Vec<(&Proc, &str)> = procs.iter().map(|(p, n)| (*p, n.as_str())).collect();
+        assert_contained(&procs, PLAN);
+        // An orderly stop removes the mapping: no port is left open to a host that no longer
+        // listens.
+        let (status, _) = share.terminate(Duration::from_secs(30));
+        assert!(status.success(), "{:?}", share.errors());
+        assert!(
+            !homes.r1_forwards().contains(&format!("dport {port}")),
+            "the mapping outlived the share: {}",
+            homes.r1_forwards()
+        );
+    }
+
+    #[test]
+    fn the_socket_audit_catches_a_process_outside_the_test_or_an_address_off_the_plan() {
+        // A process in a namespace of the test's, holding a socket on 10.231.0.1.
+        let lan = Lan::new(1);
+        let inside = Proc::spawn(lan.command(0, BIN, &["relay", "--listen", "10.231.0.1:0"]));
+        inside.wait_line(Duration::from_secs(30), "the relay up", |l| {
+            l.starts_with("relay listening on ")
+        });
+        assert_contained(&[(&inside, &lan.hosts[0])], &[("10.231.0.0", 24)]);
+        let off_plan = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            assert_contained(&[(&inside, &lan.hosts[0])], &[("10.232.0.0", 24)])
+        }));
+        assert!(
+            off_plan.is_err(),
+            "an address off the plan passed the audit"
+        );
+        // A process in this machine's own namespace (on loopback only).
+        let (outside, _) = super::relay(&[]);
+        let escaped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            assert_contained(&[(&outside, &lan.hosts[0])], &[("127.0.0.0", 8)])
+        }));
+        assert!(
+            escaped.is_err(),
+            "a process outside the namespaces passed the audit"
+        );
+    }
+
+    #[test]
+    fn a_dht_without_a_bootstrap_list_refuses_the_public_nodes_under_the_guard() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("f"), b"x").unwrap();
+        let mut cmd = isolated(
+            BIN,
+            &[
+                "share",
+                tmp.path().to_str().unwrap(),
+                "--no-discovery",
+                "--listen",
+                "127.0.0.1:0",
+                "--dht",
+            ],
+        );
+        cmd.env(PRIVATE_ONLY, "1");
+        let mut p = Proc::spawn(cmd);
+        wait_until(Duration::from_secs(30), "the refusal", || {
+            p.errors()
+                .iter()
+                .any(|l| l.contains("no --dht-bootstrap given") && l.contains(PRIVATE_ONLY))
+        });
+        // Nothing was sent: the DHT never started (its start line never came).
+        assert!(!p.errors().iter().any(|l| l.starts_with("DHT: on UDP port")));
+        p.kill();
+        let _ = Path::new("");
+    }
+}
