@@ -28,7 +28,13 @@
 //! on A (the sender) every second during each feedsync clone and prints the samples: congestion
 //! control, cwnd, RTT, retransmissions, and whether the sender is application-limited.
 //!
-//! Runs as root: `cargo bench --bench wan [-- --only link|big|w2] [--mib N] [--seed N] [--ss]`.
+//! - `relay` (#14): the same big file through a blind relay (`feedsync relay` on B, so the
+//!   bytes cross the link once, as they do direct) against a direct connection, in the same
+//!   run: the clone's total time, the time from its connection to its exit (the transfer), and
+//!   the transfer's rate. Through the relay, share and clone meet only after the relay grace
+//!   (`sync::RELAY_GRACE`): that wait is in the total and not in the transfer.
+//!
+//! Runs as root: `cargo bench --bench wan [-- --only link|big|w2|relay] [--mib N] [--seed N] [--ss]`.
 //! Installs `rsync` with apt-get when it is missing.
 
 use std::fs;
@@ -521,6 +527,123 @@ fn workload(lab: &Lab, name: &str, src: &Path, tmp: &Path, port: u16, ss: bool) 
     }
 }
 
+/// One clone of `src` over the link, direct or through a relay on B: (total seconds, seconds
+/// from the clone's connection to its exit).
+fn relay_or_direct(lab: &Lab, src: &Path, dst: &Path, port: u16, relayed: bool) -> (f64, f64) {
+    let _ = fs::remove_dir_all(src.join(".feedsync"));
+    let listen = format!("{A_ADDR}:{port}");
+    let relay_addr = format!("{B_ADDR}:{}", port + 1);
+    let mut relay = Proc(None);
+    if relayed {
+        let mut c = lab
+            .cmd(&lab.b, BIN, &["relay", "--listen", &relay_addr])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start relay");
+        let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
+        relay = Proc(Some(c));
+        let said = lines.next().unwrap().unwrap();
+        assert!(
+            said.starts_with("relay listening on"),
+            "relay said {said:?}"
+        );
+        std::thread::spawn(move || for _ in lines {});
+    }
+    let mut share_args = vec![
+        "share",
+        src.to_str().unwrap(),
+        "--no-discovery",
+        "--listen",
+        &listen,
+    ];
+    if relayed {
+        share_args.extend(["--relay", &relay_addr]);
+    }
+    let mut child = lab
+        .cmd(&lab.a, BIN, &share_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start share");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut share = Proc(Some(child));
+    let url = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let b_listen = format!("{B_ADDR}:0");
+    let mut clone_args = vec![
+        "clone",
+        &url,
+        dst.to_str().unwrap(),
+        "--once",
+        "--no-discovery",
+        "--listen",
+        &b_listen,
+    ];
+    match relayed {
+        true => clone_args.extend(["--relay", &relay_addr]),
+        false => clone_args.extend(["--peer", &listen]),
+    }
+    let t = Instant::now();
+    let mut c = lab
+        .cmd(&lab.b, BIN, &clone_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start clone");
+    let err = BufReader::new(c.stderr.take().unwrap()).lines();
+    let mut clone = Proc(Some(c));
+    let connected = Arc::new(Mutex::new(None));
+    let at = connected.clone();
+    std::thread::spawn(move || {
+        for l in err.map_while(Result::ok) {
+            if l.starts_with("peer ") && l.contains("connected") {
+                at.lock().unwrap().get_or_insert(Instant::now());
+            }
+        }
+    });
+    let (status, _) = clone.finish(BOUND);
+    let total = t.elapsed();
+    assert!(status.success(), "the clone failed");
+    let from = connected.lock().unwrap().unwrap_or(t);
+    share.terminate();
+    let _ = share.finish(Duration::from_secs(30));
+    if relayed {
+        relay.terminate();
+        let _ = relay.finish(Duration::from_secs(30));
+    }
+    (
+        total.as_secs_f64(),
+        total.saturating_sub(from - t).as_secs_f64(),
+    )
+}
+
+fn relay_workload(lab: &Lab, src: &Path, tmp: &Path, port: u16) {
+    let want = digest(src);
+    let bytes: u64 = want.iter().map(|(_, len, _)| len).sum();
+    let dst = tmp.join("dst");
+    println!("relay: {bytes} bytes, direct vs through a blind relay on B");
+    println!(
+        "  {:<10} {:>8} {:>12} {:>12}",
+        "", "total s", "transfer s", "Mbit/s"
+    );
+    for (label, relayed) in [
+        ("direct", false),
+        ("relayed", true),
+        ("direct", false),
+        ("relayed", true),
+    ] {
+        let _ = Command::new("sync").status();
+        let (total, transfer) = relay_or_direct(lab, src, &dst, port, relayed);
+        assert!(digest(&dst) == want, "{label}: the clone differs");
+        fs::remove_dir_all(&dst).unwrap();
+        println!(
+            "  {label:<10} {total:>8.1} {transfer:>12.1} {:>12.1}",
+            bytes as f64 * 8.0 / transfer / 1e6
+        );
+    }
+}
+
 /// A plain TCP bulk transfer from A to B through the emulator (Python), per congestion control.
 fn link_check(lab: &Lab) {
     println!("link check: Python TCP sender on A, receiver on B");
@@ -642,6 +765,13 @@ fn main() {
             7200,
             ss,
         );
+    }
+    if want("relay") {
+        let src = tmp.path().join("relay");
+        fs::create_dir_all(&src).unwrap();
+        random_file(&src.join("one.bin"), 2, mib.min(64) << 20);
+        relay_workload(&lab, &src, tmp.path(), 7300);
+        fs::remove_dir_all(&src).unwrap();
     }
     println!("emulator counters: {}", lab.emulator_stats());
 }

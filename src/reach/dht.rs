@@ -239,14 +239,10 @@ async fn run(
                 };
                 announced_all &= ok;
             }
-            let addrs = tokio::select! {
+            found += tokio::select! {
                 _ = cancel.cancelled() => return,
-                a = lookup(&dht, *hash) => a,
+                n = lookup(&dht, *hash, |addrs| offer(tag, addrs)) => n,
             };
-            found += addrs.len();
-            if !addrs.is_empty() {
-                offer(tag, &addrs);
-            }
         }
         if announce_due && announced_all {
             announced = Some((Instant::now(), announce_port));
@@ -336,28 +332,37 @@ async fn keep_mapped(
     }
 }
 
-/// One lookup: the addresses peers announced under `hash`, at most [`PER_LOOKUP`], within
-/// [`QUERY_TIMEOUT`].
-async fn lookup(dht: &mainline::async_dht::AsyncDht, hash: Id) -> Vec<SocketAddr> {
+/// One lookup: hands the addresses peers announced under `hash` to `found` as each node's
+/// answer arrives (a peer is dialled while the query is still going), at most [`PER_LOOKUP`]
+/// in all, within [`QUERY_TIMEOUT`]. Returns how many it handed over.
+async fn lookup(
+    dht: &mainline::async_dht::AsyncDht,
+    hash: Id,
+    found: impl Fn(&[SocketAddr]),
+) -> usize {
     use futures_util::StreamExt;
     let mut stream = dht.get_peers(hash);
-    let mut out: Vec<SocketAddr> = Vec::new();
+    let mut seen: Vec<SocketAddr> = Vec::new();
     let deadline = tokio::time::sleep(QUERY_TIMEOUT);
     tokio::pin!(deadline);
-    while out.len() < PER_LOOKUP {
+    while seen.len() < PER_LOOKUP {
         let next = tokio::select! {
             _ = &mut deadline => break,
             n = stream.next() => n,
         };
         let Some(batch) = next else { break };
+        let before = seen.len();
         for a in batch.into_iter().take(PER_LOOKUP) {
             let a = SocketAddr::V4(a);
-            if out.len() < PER_LOOKUP && !out.contains(&a) {
-                out.push(a);
+            if seen.len() < PER_LOOKUP && !seen.contains(&a) {
+                seen.push(a);
             }
         }
+        if seen.len() > before {
+            found(&seen[before..]);
+        }
     }
-    out
+    seen.len()
 }
 
 /// Runs a DHT routing node (server mode) on `bind` until `stop` says so: `feedsync dht-node`,

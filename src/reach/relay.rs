@@ -98,8 +98,9 @@ pub struct RelayStats {
 struct Waiter {
     id: u64,
     session: [u8; 8],
-    /// Takes the dialler's stream; the waiter's task answers both and runs the pair.
-    give: oneshot::Sender<TcpStream>,
+    /// Takes the dialler's stream and its place in the counts; the waiter's task answers
+    /// both and runs the pair (so a pair holds two places until it ends).
+    give: oneshot::Sender<(TcpStream, Slot)>,
 }
 
 #[derive(Default)]
@@ -208,7 +209,7 @@ async fn client(
         WAIT => wait(stream, slot, (token, session), state, limits, stats, cancel).await,
         DIAL => {
             // Hand the stream to the oldest live waiter; a waiter whose task ended is skipped.
-            let mut stream = stream;
+            let mut dialler = (stream, slot);
             loop {
                 let waiter = {
                     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
@@ -223,16 +224,13 @@ async fn client(
                     w
                 };
                 let Some(w) = waiter else {
-                    let _ = stream.write_all(&[NOBODY_WAITING]).await;
+                    let _ = dialler.0.write_all(&[NOBODY_WAITING]).await;
                     return;
                 };
-                match w.give.send(stream) {
-                    // The waiter's task runs the pair; this slot is held until it ends.
-                    Ok(()) => {
-                        drop(slot);
-                        return;
-                    }
-                    Err(back) => stream = back,
+                match w.give.send(dialler) {
+                    // The waiter's task runs the pair.
+                    Ok(()) => return,
+                    Err(back) => dialler = back,
                 }
             }
         }
@@ -277,7 +275,7 @@ async fn wait(
         _ = stream.read(&mut probe) => None,
         d = take => d.ok(),
     };
-    let Some(mut dialler) = dialler else {
+    let Some((mut dialler, dialler_slot)) = dialler else {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(q) = s.waiting.get_mut(&token) {
             q.retain(|w| w.id != id);
@@ -294,7 +292,7 @@ async fn wait(
     }
     stats.paired.fetch_add(1, Ordering::Relaxed);
     pump(stream, dialler, &limits, &stats, &cancel).await;
-    drop(slot);
+    drop((slot, dialler_slot));
 }
 
 /// A token bucket over bytes, shared by both directions of a pair.
@@ -661,6 +659,23 @@ mod tests {
             );
         }
         assert!(stats.refused.load(Ordering::Relaxed) >= 2);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_pair_holds_a_place_for_each_end() {
+        let limits = RelayLimits {
+            max_per_ip: 2,
+            ..Default::default()
+        };
+        let (addr, _stats, cancel) = relay(limits).await;
+        let mut w = hello_as(addr, WAIT, [1u8; 32], 1).await;
+        let mut d = hello_as(addr, DIAL, [1u8; 32], 2).await;
+        assert_eq!(answer(&mut d).await, Some(PAIRED_INITIATOR));
+        assert_eq!(answer(&mut w).await, Some(PAIRED_RESPONDER));
+        // The pair is two connections from this address: a third is over the cap.
+        let mut third = hello_as(addr, WAIT, [3u8; 32], 3).await;
+        assert_eq!(answer(&mut third).await, Some(REFUSED));
         cancel.cancel();
     }
 

@@ -77,7 +77,7 @@ pub struct NodeConfig {
 }
 
 /// How long a feed goes without a peer before it is dialled through a relay.
-pub const RELAY_GRACE: Duration = Duration::from_secs(5);
+pub const RELAY_GRACE: Duration = Duration::from_secs(2);
 /// Feeds a node meets peers for at relays (the first ones it serves: a folder's metadata
 /// feed comes first). Each costs one waiting connection per relay.
 pub const RELAY_FEEDS: usize = 16;
