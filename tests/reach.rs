@@ -476,10 +476,23 @@ mod needs_root {
     fn with_upnp_on_the_share_s_router_the_clone_connects_directly_and_the_mapping_goes_at_exit() {
         let mut homes = Homes::new();
         homes.upnp_on_r1();
+        direct_through_a_mapping(homes, "UPnP");
+    }
+
+    #[test]
+    fn with_pcp_but_no_upnp_on_the_router_the_share_maps_its_port_with_pcp() {
+        let mut homes = Homes::new();
+        homes.pcp_only_on_r1();
+        direct_through_a_mapping(homes, "PCP");
+    }
+
+    /// The share maps its port on router 1 with `protocol`, announces it, the clone connects
+    /// directly, and the mapping is removed at the share's orderly stop.
+    fn direct_through_a_mapping(homes: Homes, protocol: &str) {
         let services = internet_services(&homes);
         let tmp = tempfile::tempdir().unwrap();
         let (mut share, clone, src, dst, port) = share_and_clone(&homes, tmp.path());
-        let mapped = format!("DHT: the gateway forwards 10.1.0.2:{port} to us");
+        let mapped = format!("DHT: the gateway forwards 10.1.0.2:{port} to us ({protocol})");
         wait_until(Duration::from_secs(60), "the port mapping", || {
             share.errors().iter().any(|l| l == &mapped)
         });

@@ -86,10 +86,14 @@ pub enum DhtNote {
         /// The bootstrap nodes, as given.
         bootstrap: Vec<String>,
     },
-    /// The gateway forwards this address to us.
+    /// The gateway forwards a port to us.
     Mapped {
-        /// The address others dial.
-        external: SocketAddr,
+        /// Its external address, when it said.
+        ip: Option<std::net::IpAddr>,
+        /// The port others dial.
+        port: u16,
+        /// UPnP, PCP or NAT-PMP.
+        protocol: &'static str,
     },
     /// No port mapping (the node goes on without one).
     NotMapped {
@@ -116,7 +120,16 @@ impl std::fmt::Display for DhtNote {
             DhtNote::Started { port, bootstrap } => {
                 write!(f, "on UDP port {port}, bootstrap {}", bootstrap.join(" "))
             }
-            DhtNote::Mapped { external } => write!(f, "the gateway forwards {external} to us"),
+            DhtNote::Mapped {
+                ip: Some(ip),
+                port,
+                protocol,
+            } => write!(f, "the gateway forwards {ip}:{port} to us ({protocol})"),
+            DhtNote::Mapped {
+                ip: None,
+                port,
+                protocol,
+            } => write!(f, "the gateway forwards its port {port} to us ({protocol})"),
             DhtNote::NotMapped { error } => write!(f, "no port mapping: {error}"),
             DhtNote::Announced { feeds, port } => {
                 write!(f, "announced {feeds} feed(s) on TCP port {port}")
@@ -135,6 +148,7 @@ pub type Notes = Arc<dyn Fn(DhtNote) + Send + Sync>;
 pub struct Running {
     cancel: CancellationToken,
     mapping: Arc<Mutex<Option<super::portmap::Mapping>>>,
+    rt: tokio::runtime::Handle,
 }
 
 /// Starts the DHT: binds its socket now (errors surface at start), then announces and looks up
@@ -180,7 +194,11 @@ pub fn start(
         mapping.clone(),
         cancel.clone(),
     ));
-    Ok(Running { cancel, mapping })
+    Ok(Running {
+        cancel,
+        mapping,
+        rt: rt.clone(),
+    })
 }
 
 impl Running {
@@ -190,8 +208,8 @@ impl Running {
         let taken = self.mapping.lock().ok().and_then(|mut m| m.take());
         if let Some(m) = taken {
             let (tx, rx) = crossbeam_channel::bounded(1);
-            std::thread::spawn(move || {
-                let _ = tx.send(m.remove());
+            self.rt.spawn(async move {
+                let _ = tx.send(m.remove().await);
             });
             let _ = rx.recv_timeout(Duration::from_secs(2));
         }
@@ -287,16 +305,10 @@ async fn keep_mapped(
 ) {
     let mapped = tokio::select! {
         _ = cancel.cancelled() => return,
-        m = tokio::task::spawn_blocking(move || super::portmap::map(port)) => m,
+        m = super::portmap::map(port) => m,
     };
     let m = match mapped {
-        Ok(Ok(m)) => m,
-        Ok(Err(e)) => {
-            notes(DhtNote::NotMapped {
-                error: e.to_string(),
-            });
-            return;
-        }
+        Ok(m) => m,
         Err(e) => {
             notes(DhtNote::NotMapped {
                 error: e.to_string(),
@@ -304,17 +316,27 @@ async fn keep_mapped(
             return;
         }
     };
+    let external = m.external_port;
+    // UPnP says its external address only when asked, with a blocking request.
+    let ip = match super::portmap::ExternalIp::of(&m) {
+        Some(probe) => tokio::task::spawn_blocking(move || probe.ask())
+            .await
+            .ok()
+            .flatten(),
+        None => m.external_ip(),
+    };
     notes(DhtNote::Mapped {
-        external: m.external,
+        ip,
+        port: external,
+        protocol: m.protocol(),
     });
-    let external = m.external.port();
     if let Ok(mut s) = slot.lock() {
         *s = Some(m);
     }
     // Shut down meanwhile: `Running::shutdown` may have looked before the slot was filled.
     if cancel.is_cancelled() {
         if let Some(m) = slot.lock().ok().and_then(|mut s| s.take()) {
-            let _ = tokio::task::spawn_blocking(move || m.remove()).await;
+            let _ = m.remove().await;
         }
         return;
     }
@@ -324,11 +346,19 @@ async fn keep_mapped(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(super::portmap::LEASE / 2) => {}
         }
-        let s = slot.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            s.lock().ok().and_then(|g| g.as_ref().map(|m| m.renew()))
-        })
-        .await;
+        // Out of the slot while it is renewed (the lock is not held across the request); a
+        // shutdown meanwhile finds the slot empty and this task removes it instead.
+        let Some(mut m) = slot.lock().ok().and_then(|mut s| s.take()) else {
+            return;
+        };
+        let _ = m.renew().await;
+        if cancel.is_cancelled() {
+            let _ = m.remove().await;
+            return;
+        }
+        if let Ok(mut s) = slot.lock() {
+            *s = Some(m);
+        }
     }
 }
 

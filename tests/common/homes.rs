@@ -245,6 +245,15 @@ impl Homes {
     /// Starts a UPnP-IGD / NAT-PMP / PCP gateway (miniupnpd) on router 1, with the STUN
     /// responder it needs, and waits until it serves.
     pub fn upnp_on_r1(&mut self) {
+        self.gateway_on_r1(true)
+    }
+
+    /// A gateway on router 1 that speaks PCP and NAT-PMP but not UPnP.
+    pub fn pcp_only_on_r1(&mut self) {
+        self.gateway_on_r1(false)
+    }
+
+    fn gateway_on_r1(&mut self, upnp: bool) {
         let stun = Proc::spawn(self.command(
             "pub",
             "python3",
@@ -260,7 +269,7 @@ impl Homes {
             &conf,
             format!(
                 "ext_ifname=wan0\nlistening_ip=lan0\nipv6_disable=yes\nhttp_port=0\n\
-                     enable_upnp=yes\nenable_natpmp=yes\next_perform_stun=yes\n\
+                     enable_upnp={}\nenable_natpmp=yes\next_perform_stun=yes\n\
                      ext_stun_host=10.0.0.30\next_stun_port=3478\nsecure_mode=yes\n\
                      system_uptime=no\nnotify_interval=60\nuuid={}\n\
                      minissdpdsocket={}\nupnp_table_name=filter\nupnp_nat_table_name=filter\n\
@@ -268,6 +277,7 @@ impl Homes {
                      upnp_nat_postrouting_chain=postrouting_miniupnpd\n\
                      allow 1024-65535 192.168.1.0/24 1024-65535\n\
                      deny 0-65535 0.0.0.0/0 0-65535\n",
+                if upnp { "yes" } else { "no" },
                 uuid.trim(),
                 self.dir.path().join("minissdpd.sock-unused").display()
             ),
@@ -287,7 +297,7 @@ impl Homes {
         ));
         wait_until(Duration::from_secs(30), "miniupnpd to serve", || {
             let all = [gw.lines(), gw.errors()].concat();
-            all.iter().any(|l| l.contains("HTTP listening"))
+            (!upnp || all.iter().any(|l| l.contains("HTTP listening")))
                 && all.iter().any(|l| l.contains("Listening for NAT-PMP"))
         });
         self.services.push(gw);
