@@ -103,8 +103,13 @@ fn case(name: &str, upnp: bool, relay: bool, runs: usize) {
             if first_at.is_none() && clone.lines().iter().any(|l| l.starts_with("fetched ")) {
                 first_at = Some(t.elapsed());
             }
-            if let Some(status) = clone.exited() {
+            if clone.exited().is_some() {
+                // Collects everything it printed.
+                let status = clone.wait_exit(Duration::from_secs(10));
                 assert!(status.success(), "clone failed: {:?}", clone.errors());
+                if first_at.is_none() && clone.lines().iter().any(|l| l.starts_with("fetched ")) {
+                    first_at = Some(t.elapsed());
+                }
                 break;
             }
             assert!(

@@ -455,13 +455,15 @@ mod needs_root {
             !errors.iter().any(|l| l == &direct),
             "a NAT let a dial in: {errors:?}"
         );
-        assert!(
-            share
-                .errors()
-                .iter()
-                .any(|l| l.starts_with("DHT: no port mapping")),
-            "no gateway here: {:?}",
-            share.errors()
+        wait_until(
+            Duration::from_secs(30),
+            "the share to find no gateway",
+            || {
+                share
+                    .errors()
+                    .iter()
+                    .any(|l| l.starts_with("DHT: no port mapping"))
+            },
         );
         let mut procs: Vec<(&Proc, String)> =
             vec![(&share, homes.ns("h1")), (&clone, homes.ns("h2"))];

@@ -398,8 +398,17 @@ impl Watch {
                 }
             }
             NodeEvent::RelayFailed { relay, error } => {
-                let _ = relay;
-                reporter.line(format!("no relayed connection: {error}"));
+                // As dial errors: said again only when it changes or after a while (a folder
+                // nobody else has would otherwise say it at every retry).
+                let now = Instant::now();
+                let repeat = match self.dial_errors.get(&relay) {
+                    Some((e, at)) => *e != error || now.duration_since(*at) >= DIAL_REPEAT,
+                    None => true,
+                };
+                if repeat {
+                    reporter.line(format!("no relayed connection: {error}"));
+                    self.dial_errors.insert(relay, (error, now));
+                }
             }
             NodeEvent::PeerDisconnected { peer, addr, reason } => {
                 self.connected.remove(&peer);

@@ -182,18 +182,15 @@ impl Discovery {
                 let feeds: Vec<(String, [u8; 32])> =
                     discovery_keys.iter().map(|k| (tag(k), *k)).collect();
                 let (s1, s2) = (shared.clone(), shared.clone());
-                // Our own announcement comes back from every lookup: not dialled.
                 let own: Vec<std::net::IpAddr> =
                     listen::local_nets().iter().map(|n| n.addr).collect();
-                // Each address's own bucket in the book: one source (an IP) gets at most
-                // `per_node` entries, however many the DHT hands us.
+                // Each announced address in a bucket of its IP's: one IP gets at most
+                // `per_node` entries however often it is announced (a lying DHT node is held
+                // by the lookup's per-answer cap and the per-feed cap, not by this).
                 let offer: crate::reach::dht::Offer = Arc::new(move |t: &str, addrs| {
                     if let Ok(mut s) = s1.lock() {
                         let tags = BTreeSet::from([t.to_string()]);
                         for a in addrs {
-                            if a.port() == port && own.contains(&a.ip()) {
-                                continue;
-                            }
                             let from = format!("dht {}", a.ip());
                             s.book.offer(&from, &tags, &[*a], Instant::now());
                         }
@@ -204,7 +201,7 @@ impl Discovery {
                         s.notes.push(DiscoveryNote::Dht(n));
                     }
                 });
-                match crate::reach::dht::start(dc, port, &feeds, offer, notes, rt) {
+                match crate::reach::dht::start(dc, port, &feeds, own, offer, notes, rt) {
                     Ok(d) => Some(d),
                     Err(e) => {
                         if let Some(m) = mdns {

@@ -60,14 +60,14 @@ struct GateState {
 }
 
 /// One admitted handshake; dropping it gives the place back.
-pub(super) struct Pass {
+pub(crate) struct Pass {
     gate: Arc<Gate>,
     source: std::net::IpAddr,
 }
 
 /// What counts as one source: an IPv4 address, or an IPv6 /64 (one host usually holds a whole
 /// /64, so counting single IPv6 addresses would ration nothing).
-fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+pub(crate) fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip.to_canonical() {
         std::net::IpAddr::V6(v6) => {
             let mut o = v6.octets();

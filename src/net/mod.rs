@@ -356,11 +356,31 @@ async fn deliver(tx: &InboundSender, mut item: Inbound, cancel: &CancellationTok
     }
 }
 
+/// A place in some ration of handshakes (the listener's gate, the relay client's), told how
+/// the handshake ended when it is over; dropping it unused means the handshake never ended
+/// (the node stopped).
+pub(crate) trait HandshakeSlot: Send {
+    /// The handshake succeeded (`ok`) or failed; the place is given back.
+    fn finished(self, ok: bool);
+}
+
+impl HandshakeSlot for () {
+    fn finished(self, _ok: bool) {}
+}
+
+impl HandshakeSlot for handshake::Pass {
+    fn finished(self, _ok: bool) {}
+}
+
+/// What counts as one source address for a ration (an IPv4 address, an IPv6 /64).
+pub(crate) fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    handshake::source_of(ip)
+}
+
 /// Runs one connection after TCP is up: handshake, then a reader and a writer until either side
-/// ends or `cancel` fires. `pass` is a place in some ration of handshakes (the listener's gate,
-/// the relay client's semaphore), given back when the handshake is over.
+/// ends or `cancel` fires. `pass` is told how the handshake ended, and so given back.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn run_connection<P: Send>(
+pub(crate) async fn run_connection<P: HandshakeSlot>(
     stream: TcpStream,
     addr: SocketAddr,
     identity: Identity,
@@ -379,9 +399,11 @@ pub(crate) async fn run_connection<P: Send>(
         _ = cancel.cancelled() => return,
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut wire, &identity, initiator)) => r,
     };
-    // The handshake is over either way: its place goes to the next one.
-    drop(pass);
     let result = shaken.unwrap_or(Err(HandshakeError::TimedOut));
+    // The handshake is over either way: its place goes to the next one.
+    if let Some(p) = pass {
+        p.finished(result.is_ok());
+    }
     let (transport, handshake_hash, remote) = match result {
         Ok(t) => t,
         Err(e) => {

@@ -19,7 +19,7 @@
 
 use mainline::{Dht, Id};
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +31,8 @@ pub const PRIVATE_ONLY_ENV: &str = "FEEDSYNC_DHT_PRIVATE_ONLY";
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Addresses kept from one lookup.
 pub const PER_LOOKUP: usize = 64;
+/// Addresses kept from one node's answer in a lookup.
+pub const PER_ANSWER: usize = 16;
 /// First wait between rounds while nothing is found; doubles up to [`RETRY_MAX`].
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between rounds while nothing is found.
@@ -147,16 +149,21 @@ pub type Notes = Arc<dyn Fn(DhtNote) + Send + Sync>;
 /// A running DHT side: stopped by [`Running::shutdown`].
 pub struct Running {
     cancel: CancellationToken,
-    mapping: Arc<Mutex<Option<super::portmap::Mapping>>>,
-    rt: tokio::runtime::Handle,
+    /// Disconnects when the port-mapping task has ended (its mapping removed).
+    mapper: Option<crossbeam_channel::Receiver<()>>,
 }
 
+/// How long a stop waits for the port mapping to be removed.
+pub const UNMAP_WAIT: Duration = Duration::from_secs(3);
+
 /// Starts the DHT: binds its socket now (errors surface at start), then announces and looks up
-/// every `(tag, discovery key)` on `rt` until shut down. `port` is our TCP listening port.
+/// every `(tag, discovery key)` on `rt` until shut down. `port` is our TCP listening port;
+/// `own` our addresses (our own announcement found again is not offered).
 pub fn start(
     config: &DhtConfig,
     port: u16,
     feeds: &[(String, [u8; 32])],
+    own: Vec<std::net::IpAddr>,
     offer: Offer,
     notes: Notes,
     rt: &tokio::runtime::Handle,
@@ -183,68 +190,83 @@ pub fn start(
         })
         .collect();
     let cancel = CancellationToken::new();
-    let mapping = Arc::new(Mutex::new(None));
-    rt.spawn(run(
-        dht,
-        hashes,
+    // What to announce: our port until a gateway forwards one (then that, and its address).
+    let (mapped_tx, mapped_rx) = tokio::sync::watch::channel((port, None));
+    let mut mapper = None;
+    if config.port_mapping {
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+        mapper = Some(done_rx);
+        rt.spawn(keep_mapped(
+            port,
+            mapped_tx,
+            notes.clone(),
+            cancel.clone(),
+            done_tx,
+        ));
+    }
+    let me = Me {
         port,
-        config.port_mapping,
+        own,
         offer,
         notes,
-        mapping.clone(),
-        cancel.clone(),
-    ));
-    Ok(Running {
-        cancel,
-        mapping,
-        rt: rt.clone(),
-    })
+    };
+    rt.spawn(run(dht, hashes, me, mapped_rx, cancel.clone()));
+    Ok(Running { cancel, mapper })
 }
 
 impl Running {
-    /// Stops announcing and looking up, and removes the port mapping (bounded: two seconds).
+    /// Stops announcing and looking up, and waits (at most [`UNMAP_WAIT`]) for the port
+    /// mapping to be removed.
     pub fn shutdown(self) {
         self.cancel.cancel();
-        let taken = self.mapping.lock().ok().and_then(|mut m| m.take());
-        if let Some(m) = taken {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            self.rt.spawn(async move {
-                let _ = tx.send(m.remove().await);
-            });
-            let _ = rx.recv_timeout(Duration::from_secs(2));
+        if let Some(done) = self.mapper {
+            let _ = done.recv_timeout(UNMAP_WAIT);
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Who we are, for the lookup loop.
+struct Me {
+    port: u16,
+    own: Vec<std::net::IpAddr>,
+    offer: Offer,
+    notes: Notes,
+}
+
+impl Me {
+    /// Offers what a lookup found under `tag`, less our own addresses (our announcement comes
+    /// back from every lookup); returns how many were offered.
+    fn offer(&self, tag: &str, addrs: &[SocketAddr], mapped: Option<SocketAddr>) -> usize {
+        let theirs: Vec<SocketAddr> = addrs
+            .iter()
+            .filter(|a| {
+                Some(**a) != mapped && !(a.port() == self.port && self.own.contains(&a.ip()))
+            })
+            .copied()
+            .collect();
+        if !theirs.is_empty() {
+            (self.offer)(tag, &theirs);
+        }
+        theirs.len()
+    }
+}
+
+type Mapped = (u16, Option<std::net::IpAddr>);
+
 async fn run(
     dht: Dht,
     hashes: Vec<(String, Id)>,
-    port: u16,
-    port_mapping: bool,
-    offer: Offer,
-    notes: Notes,
-    mapping: Arc<Mutex<Option<super::portmap::Mapping>>>,
+    me: Me,
+    mut mapped_rx: tokio::sync::watch::Receiver<Mapped>,
     cancel: CancellationToken,
 ) {
     let dht = dht.as_async();
-    // The port to announce: ours, until the gateway forwards one (asked for alongside, so a
-    // network without a gateway does not delay the first announcement).
-    let (port_tx, mut port_rx) = tokio::sync::watch::channel(port);
-    if port_mapping {
-        tokio::spawn(keep_mapped(
-            port,
-            port_tx,
-            notes.clone(),
-            mapping,
-            cancel.clone(),
-        ));
-    }
     let (mut announced, mut told_announced, mut told_found) =
         (None::<(Instant, u16)>, false, false);
     let mut retry = FIRST_RETRY;
     loop {
-        let announce_port = *port_rx.borrow_and_update();
+        let (announce_port, external_ip) = *mapped_rx.borrow_and_update();
+        let mapped = external_ip.map(|ip| SocketAddr::new(ip, announce_port));
         let announce_due =
             announced.is_none_or(|(t, p)| t.elapsed() >= ANNOUNCE_EVERY || p != announce_port);
         let (mut announced_all, mut found) = (true, 0usize);
@@ -259,14 +281,14 @@ async fn run(
             }
             found += tokio::select! {
                 _ = cancel.cancelled() => return,
-                n = lookup(&dht, *hash, |addrs| offer(tag, addrs)) => n,
+                n = lookup(&dht, *hash, |addrs| me.offer(tag, addrs, mapped)) => n,
             };
         }
         if announce_due && announced_all {
             announced = Some((Instant::now(), announce_port));
-            if !told_announced || announce_port != port {
+            if !told_announced || announce_port != me.port {
                 told_announced = true;
-                notes(DhtNote::Announced {
+                (me.notes)(DhtNote::Announced {
                     feeds: hashes.len(),
                     port: announce_port,
                 });
@@ -274,7 +296,7 @@ async fn run(
         }
         if found > 0 && !told_found {
             told_found = true;
-            notes(DhtNote::Found { addrs: found });
+            (me.notes)(DhtNote::Found { addrs: found });
         }
         // Found and announced: the next round is a refresh. Otherwise retry soon, then less.
         let wait = if found > 0 && announced_all {
@@ -289,25 +311,25 @@ async fn run(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
             // A new mapping is announced at once.
-            Ok(()) = port_rx.changed() => {}
+            Ok(()) = mapped_rx.changed() => {}
         }
     }
 }
 
 /// Asks the gateway for a mapping of `port` (once; a node without a gateway goes on without
-/// one) and renews it at half its lease; the external port goes out on `port_tx`.
+/// one), renews it at half its lease, and removes it when `cancel` fires, whenever that is: it
+/// owns the mapping, so none is left behind by a stop that came while a request was in flight
+/// (the stop waits [`UNMAP_WAIT`] for this). `done` disconnects when it ends.
 async fn keep_mapped(
     port: u16,
-    port_tx: tokio::sync::watch::Sender<u16>,
+    mapped_tx: tokio::sync::watch::Sender<Mapped>,
     notes: Notes,
-    slot: Arc<Mutex<Option<super::portmap::Mapping>>>,
     cancel: CancellationToken,
+    done: crossbeam_channel::Sender<()>,
 ) {
-    let mapped = tokio::select! {
-        _ = cancel.cancelled() => return,
-        m = super::portmap::map(port) => m,
-    };
-    let m = match mapped {
+    let _done = done;
+    // Not raced against the stop: each request is bounded, and a mapping made must be removed.
+    let m = match super::portmap::map(port).await {
         Ok(m) => m,
         Err(e) => {
             notes(DhtNote::NotMapped {
@@ -316,7 +338,10 @@ async fn keep_mapped(
             return;
         }
     };
-    let external = m.external_port;
+    if cancel.is_cancelled() {
+        let _ = m.remove().await;
+        return;
+    }
     // UPnP says its external address only when asked, with a blocking request.
     let ip = match super::portmap::ExternalIp::of(&m) {
         Some(probe) => tokio::task::spawn_blocking(move || probe.ask())
@@ -327,52 +352,33 @@ async fn keep_mapped(
     };
     notes(DhtNote::Mapped {
         ip,
-        port: external,
+        port: m.external_port,
         protocol: m.protocol(),
     });
-    if let Ok(mut s) = slot.lock() {
-        *s = Some(m);
-    }
-    // Shut down meanwhile: `Running::shutdown` may have looked before the slot was filled.
-    if cancel.is_cancelled() {
-        if let Some(m) = slot.lock().ok().and_then(|mut s| s.take()) {
-            let _ = m.remove().await;
-        }
-        return;
-    }
-    let _ = port_tx.send(external);
+    let _ = mapped_tx.send((m.external_port, ip));
+    let mut m = m;
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(super::portmap::LEASE / 2) => {}
         }
-        // Out of the slot while it is renewed (the lock is not held across the request); a
-        // shutdown meanwhile finds the slot empty and this task removes it instead.
-        let Some(mut m) = slot.lock().ok().and_then(|mut s| s.take()) else {
-            return;
-        };
         let _ = m.renew().await;
-        if cancel.is_cancelled() {
-            let _ = m.remove().await;
-            return;
-        }
-        if let Ok(mut s) = slot.lock() {
-            *s = Some(m);
-        }
     }
+    let _ = m.remove().await;
 }
 
 /// One lookup: hands the addresses peers announced under `hash` to `found` as each node's
 /// answer arrives (a peer is dialled while the query is still going), at most [`PER_LOOKUP`]
-/// in all, within [`QUERY_TIMEOUT`]. Returns how many it handed over.
+/// in all, within [`QUERY_TIMEOUT`]. Returns how many `found` took.
 async fn lookup(
     dht: &mainline::async_dht::AsyncDht,
     hash: Id,
-    found: impl Fn(&[SocketAddr]),
+    found: impl Fn(&[SocketAddr]) -> usize,
 ) -> usize {
     use futures_util::StreamExt;
     let mut stream = dht.get_peers(hash);
     let mut seen: Vec<SocketAddr> = Vec::new();
+    let mut taken = 0;
     let deadline = tokio::time::sleep(QUERY_TIMEOUT);
     tokio::pin!(deadline);
     while seen.len() < PER_LOOKUP {
@@ -382,17 +388,18 @@ async fn lookup(
         };
         let Some(batch) = next else { break };
         let before = seen.len();
-        for a in batch.into_iter().take(PER_LOOKUP) {
+        // One node's answer: a liar gets at most `PER_ANSWER` places per lookup.
+        for a in batch.into_iter().take(PER_ANSWER) {
             let a = SocketAddr::V4(a);
             if seen.len() < PER_LOOKUP && !seen.contains(&a) {
                 seen.push(a);
             }
         }
         if seen.len() > before {
-            found(&seen[before..]);
+            taken += found(&seen[before..]);
         }
     }
-    seen.len()
+    taken
 }
 
 /// Runs a DHT routing node (server mode) on `bind` until `stop` says so: `feedsync dht-node`,

@@ -10,8 +10,9 @@
 //! **The wire, before the pair is made.** A client sends [`MAGIC`], a mode byte ([`WAIT`]: "I
 //! accept connections under this token", or [`DIAL`]: "connect me to someone waiting"), the
 //! token, and an 8-byte random *session* tag of its process, so that the relay never pairs a
-//! node with its own registration (the relay learns nothing from it that the source address
-//! did not tell). The relay answers one byte:
+//! node with its own registration (the tag lets the relay tell one process's registrations
+//! apart from another's behind the same address, and follow them across an address change
+//! while the process lives). The relay answers one byte:
 //! - [`PAIRED_RESPONDER`] to the waiting side and [`PAIRED_INITIATOR`] to the dialling side once
 //!   it has paired them (each then runs the ordinary handshake in that role);
 //! - [`NOBODY_WAITING`] to a dialler when no one waits under its token;
@@ -19,10 +20,13 @@
 //!
 //! After the pairing byte, the stream is the peer's: every byte is forwarded as it is.
 //!
-//! **Caps** ([`RelayLimits`]): connections in all and per source address, waiters per token, a
-//! byte rate per pair (both directions together), an idle timeout per pair, a lifetime for an
-//! unpaired waiter and a deadline for the hello. A client that sends anything after its hello
-//! while it waits is cut. Nothing a client sends sizes an allocation: the hello is fixed-size.
+//! **Caps** ([`RelayLimits`]): connections in all and per source address (an IPv6 /64 counts
+//! as one), waiters per token (a full queue closes its oldest) and per token and source
+//! ([`WAITING_PER_SOURCE`]), a byte rate per pair (both directions together), an idle timeout
+//! per pair, a lifetime for an unpaired waiter and a deadline for the hello. A pair holds a
+//! place for each end. A client that sends anything after its hello while it waits is cut.
+//! Nothing a client sends sizes an allocation: the hello is fixed-size. TCP keepalive runs on
+//! every connection, so a registration that carries no byte keeps its NAT mapping.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -48,6 +52,9 @@ pub const PAIRED_INITIATOR: u8 = 1;
 pub const NOBODY_WAITING: u8 = 2;
 /// Answer: a cap is reached; try later.
 pub const REFUSED: u8 = 3;
+/// Waiters held per token from one source address: one process per host is the common case,
+/// two allow a restart's overlap.
+pub const WAITING_PER_SOURCE: usize = 2;
 /// Length of a hello: magic, mode, token, session.
 pub const HELLO_LEN: usize = 8 + 1 + 32 + 8;
 
@@ -78,7 +85,7 @@ impl Default for RelayLimits {
             max_waiting_per_token: 8,
             rate: 16 * 1024 * 1024,
             idle: Duration::from_secs(300),
-            wait: Duration::from_secs(600),
+            wait: Duration::from_secs(120),
             hello: Duration::from_secs(10),
         }
     }
@@ -98,6 +105,8 @@ pub struct RelayStats {
 struct Waiter {
     id: u64,
     session: [u8; 8],
+    /// Its source (as counted for the per-address cap).
+    ip: IpAddr,
     /// Takes the dialler's stream and its place in the counts; the waiter's task answers
     /// both and runs the pair (so a pair holds two places until it ends).
     give: oneshot::Sender<(TcpStream, Slot)>,
@@ -154,7 +163,8 @@ pub async fn serve(
         };
         let slot = {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-            let ip = from.ip();
+            // An IPv6 host holds a whole /64: counted as one source.
+            let ip = crate::net::source_of(from.ip());
             let here = s.per_ip.get(&ip).copied().unwrap_or(0);
             if s.connections >= limits.max_connections || here >= limits.max_per_ip {
                 None
@@ -174,6 +184,7 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        keepalive(&stream);
         tokio::spawn(client(
             stream,
             slot,
@@ -254,11 +265,22 @@ async fn wait(
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         let id = s.next_id;
         s.next_id += 1;
+        let ip = slot.ip;
         let queue = s.waiting.entry(token).or_default();
-        if queue.len() >= limits.max_waiting_per_token {
+        if queue.iter().filter(|w| w.ip == ip).count() >= WAITING_PER_SOURCE {
             None
         } else {
-            queue.push_back(Waiter { id, session, give });
+            // A full queue makes room by closing its oldest waiter (it registers again): a
+            // squatter holding every place under a token cannot keep its owner out.
+            if queue.len() >= limits.max_waiting_per_token.max(1) {
+                queue.pop_front();
+            }
+            queue.push_back(Waiter {
+                id,
+                session,
+                ip,
+                give,
+            });
             Some(id)
         }
     };
@@ -268,20 +290,29 @@ async fn wait(
         return;
     };
     let mut probe = [0u8; 1];
+    let mut take = take;
     let dialler = tokio::select! {
         _ = cancel.cancelled() => None,
         _ = tokio::time::sleep(limits.wait) => None,
         // A waiter has nothing to say before it is paired: any byte or EOF ends it.
         _ = stream.read(&mut probe) => None,
-        d = take => d.ok(),
+        // Err: evicted to make room.
+        d = &mut take => d.ok(),
     };
     let Some((mut dialler, dialler_slot)) = dialler else {
-        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(q) = s.waiting.get_mut(&token) {
-            q.retain(|w| w.id != id);
-            if q.is_empty() {
-                s.waiting.remove(&token);
+        {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(q) = s.waiting.get_mut(&token) {
+                q.retain(|w| w.id != id);
+                if q.is_empty() {
+                    s.waiting.remove(&token);
+                }
             }
+        }
+        // A dialler handed over just as this waiter ended is told, not dropped unanswered.
+        take.close();
+        if let Ok((mut d, _slot)) = take.try_recv() {
+            let _ = d.write_all(&[NOBODY_WAITING]).await;
         }
         return;
     };
@@ -472,6 +503,7 @@ pub async fn meet(
         Err(_) => return Err(RelayError::TimedOut(relay)),
     };
     let _ = stream.set_nodelay(true);
+    keepalive(&stream);
     stream
         .write_all(&hello(mode, token))
         .await
@@ -488,73 +520,124 @@ pub async fn meet(
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Relayed handshakes under way at once on one node: a relay (or whoever knows a token) can
-/// pair us as fast as we register, so registering again waits for a place.
+/// pair us as fast as we register, so a pairing waits for a place before its handshake.
 pub const RELAYED_HANDSHAKES: usize = 8;
 
-/// Keeps one registration waiting on `relay` under `token` until `cancel` fires: each pairing
-/// becomes a connection (we are the responder), and a new registration takes its place once a
-/// handshake place is free. A failed or refused registration is retried after a backoff
-/// (1 s doubling to 60 s; back to 1 s after a registration that lived a minute).
+/// How long a waiting client waits for its relay's answer before it registers again: longer
+/// than a relay's [`RelayLimits::wait`] (the relay closes first), short enough that a
+/// registration lost without a close (a NAT forgetting the connection) is not lost for long.
+pub const REGISTRATION_LIFETIME: Duration = Duration::from_secs(180);
+
+/// TCP keepalive on relay connections: idle 30 s, then probes every 10 s, so a registration
+/// (which carries no byte while it waits) keeps its NAT mapping and a dead one is noticed.
+fn keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    // Best effort: without it, the registration lifetime still bounds a dead registration.
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
+/// A relayed handshake's place: a permit of the node's ration, and who to tell how it ended.
+struct Place {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    tell: Option<oneshot::Sender<bool>>,
+}
+
+impl crate::net::HandshakeSlot for Place {
+    fn finished(mut self, ok: bool) {
+        if let Some(t) = self.tell.take() {
+            let _ = t.send(ok);
+        }
+    }
+}
+
+/// Keeps one registration waiting on `relay` under `token` until `stop` fires: each pairing
+/// becomes a connection (we are the responder; it lives until `conns` fires), and a new
+/// registration takes its place once that handshake has succeeded. A registration that fails,
+/// is refused, or whose pairing fails its handshake (a relay, or anyone with the token, pairing
+/// us in a loop) is retried after a backoff: 1 s doubling to 60 s, back to 1 s after a
+/// registration that lived a minute or a handshake that succeeded.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn keep_waiting(
     relay: SocketAddr,
     token: [u8; 32],
     identity: crate::net::Identity,
     tx: crate::net::InboundSender,
     places: Arc<tokio::sync::Semaphore>,
-    cancel: CancellationToken,
+    stop: CancellationToken,
+    conns: CancellationToken,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        let place = tokio::select! {
-            _ = cancel.cancelled() => return,
-            p = places.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let since = Instant::now();
-        // The relay holds a waiter for its own `wait` (10 min by default); past a little more,
-        // the registration is dead without our having noticed.
         let met = tokio::select! {
-            _ = cancel.cancelled() => return,
-            m = meet(relay, WAIT, &token, RelayLimits::default().wait + Duration::from_secs(60)) => m,
+            _ = stop.cancelled() => return,
+            m = meet(relay, WAIT, &token, REGISTRATION_LIFETIME) => m,
         };
-        match met {
-            Ok((stream, PAIRED_RESPONDER)) => {
+        if let Ok((stream, PAIRED_RESPONDER)) = met {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => return,
+                p = places.clone().acquire_owned() => p.ok(),
+            };
+            let (tell, told) = oneshot::channel();
+            tokio::spawn(crate::net::run_connection(
+                stream,
+                relay,
+                identity.clone(),
+                false,
+                true,
+                tx.clone(),
+                conns.child_token(),
+                Some(Place {
+                    _permit: permit,
+                    tell: Some(tell),
+                }),
+            ));
+            // The handshake is bounded by its own timeout.
+            let ok = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = told => r.unwrap_or(false),
+            };
+            if ok {
                 backoff = Duration::from_secs(1);
-                tokio::spawn(crate::net::run_connection(
-                    stream,
-                    relay,
-                    identity.clone(),
-                    false,
-                    true,
-                    tx.clone(),
-                    cancel.child_token(),
-                    Some(place),
-                ));
                 continue;
             }
-            _ => drop(place),
         }
         if since.elapsed() > Duration::from_secs(60) {
             backoff = Duration::from_secs(1);
         }
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(60));
     }
 }
 
+/// Clears a flag when dropped: "a relayed dial is under way" (one at a time per node, so that
+/// two relayed connections to one peer never race each other).
+pub(crate) struct InFlight(pub(crate) Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl crate::net::HandshakeSlot for InFlight {
+    fn finished(self, _ok: bool) {}
+}
+
 /// One dial through `relay` under `token`: a connection as the initiator, or
-/// [`crate::net::Inbound::RelayFailed`].
+/// [`crate::net::Inbound::RelayFailed`]. `in_flight` is cleared once the handshake is over.
 pub(crate) async fn dial(
     relay: SocketAddr,
     token: [u8; 32],
     identity: crate::net::Identity,
     tx: crate::net::InboundSender,
     cancel: CancellationToken,
+    in_flight: InFlight,
 ) {
     let met = tokio::select! {
         _ = cancel.cancelled() => return,
@@ -562,14 +645,24 @@ pub(crate) async fn dial(
     };
     let error = match met {
         Ok((stream, PAIRED_INITIATOR)) => {
-            crate::net::run_connection::<()>(stream, relay, identity, true, true, tx, cancel, None)
-                .await;
+            crate::net::run_connection(
+                stream,
+                relay,
+                identity,
+                true,
+                true,
+                tx,
+                cancel,
+                Some(in_flight),
+            )
+            .await;
             return;
         }
         Ok((_, NOBODY_WAITING)) => RelayError::NobodyWaiting(relay),
         Ok(_) => RelayError::Refused(relay),
         Err(e) => e,
     };
+    drop(in_flight);
     let _ = tx.try_send(crate::net::Inbound::RelayFailed {
         relay,
         error: error.to_string(),
@@ -634,31 +727,40 @@ mod tests {
 
     #[tokio::test]
     async fn caps_turn_connections_away() {
+        // Per address: two held, the third refused.
         let limits = RelayLimits {
             max_per_ip: 2,
-            max_waiting_per_token: 1,
             ..Default::default()
         };
         let (addr, stats, cancel) = relay(limits).await;
         let _w1 = hello_as(addr, WAIT, [1u8; 32], 1).await;
-        // A second waiter under the same token is over `max_waiting_per_token`.
-        let mut w2 = hello_as(addr, WAIT, [1u8; 32], 2).await;
-        assert_eq!(answer(&mut w2).await, Some(REFUSED));
-        drop(w2);
-        // Two held from this address (the refused one's slot comes back when it closes).
-        let _w3 = hello_as(addr, WAIT, [3u8; 32], 3).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut w4 = hello_as(addr, WAIT, [4u8; 32], 4).await;
-            if answer(&mut w4).await == Some(REFUSED) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "a third connection from one address held"
-            );
-        }
-        assert!(stats.refused.load(Ordering::Relaxed) >= 2);
+        let _w2 = hello_as(addr, WAIT, [2u8; 32], 2).await;
+        let mut w3 = hello_as(addr, WAIT, [3u8; 32], 3).await;
+        assert_eq!(answer(&mut w3).await, Some(REFUSED));
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+        cancel.cancel();
+        // Per token and address: two waiters, the third refused.
+        let (addr, _stats, cancel) = relay(RelayLimits::default()).await;
+        let _w1 = hello_as(addr, WAIT, [1u8; 32], 1).await;
+        let _w2 = hello_as(addr, WAIT, [1u8; 32], 2).await;
+        let mut w3 = hello_as(addr, WAIT, [1u8; 32], 3).await;
+        assert_eq!(answer(&mut w3).await, Some(REFUSED));
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_its_oldest_waiter_so_squatters_cannot_keep_the_owner_out() {
+        let limits = RelayLimits {
+            max_waiting_per_token: 1,
+            ..Default::default()
+        };
+        let (addr, _stats, cancel) = relay(limits).await;
+        let mut squatter = hello_as(addr, WAIT, [1u8; 32], 1).await;
+        let mut owner = hello_as(addr, WAIT, [1u8; 32], 2).await;
+        assert_eq!(answer(&mut squatter).await, None, "the oldest is closed");
+        let mut d = hello_as(addr, DIAL, [1u8; 32], 3).await;
+        assert_eq!(answer(&mut d).await, Some(PAIRED_INITIATOR));
+        assert_eq!(answer(&mut owner).await, Some(PAIRED_RESPONDER));
         cancel.cancel();
     }
 
@@ -709,6 +811,41 @@ mod tests {
         assert_eq!(answer(&mut d).await, None);
         assert_eq!(answer(&mut w).await, None);
         cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_pairs_us_with_nobody_real_meets_a_backoff_not_a_loop() {
+        // A hostile relay: answers every registration "paired" and closes at once.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicU64::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::Relaxed);
+                let mut h = [0u8; HELLO_LEN];
+                if s.read_exact(&mut h).await.is_ok() {
+                    let _ = s.write_all(&[PAIRED_RESPONDER]).await;
+                }
+            }
+        });
+        let (tx, _rx) = crossbeam_channel::bounded(64);
+        let stop = CancellationToken::new();
+        let places = Arc::new(tokio::sync::Semaphore::new(RELAYED_HANDSHAKES));
+        tokio::spawn(keep_waiting(
+            addr,
+            [1u8; 32],
+            crate::net::Identity::generate(),
+            tx,
+            places,
+            stop.clone(),
+            CancellationToken::new(),
+        ));
+        // Backoff 1 s, 2 s: three registrations in 2.5 s at most (a loop would make hundreds).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        stop.cancel();
+        let n = count.load(Ordering::Relaxed);
+        assert!((1..=3).contains(&n), "{n} registrations in 2.5 s");
     }
 
     #[test]

@@ -149,6 +149,8 @@ pub(super) struct Node {
     aliases: BTreeMap<crate::core::replicator::PeerId, BTreeSet<SocketAddr>>,
     /// The feeds we meet peers for at relays, and when each is next dialled through them.
     relayed: Vec<RelayedFeed>,
+    /// A relayed dial is under way (cleared when its handshake is over).
+    relay_dialling: std::sync::Arc<std::sync::atomic::AtomicBool>,
     config: NodeConfig,
 }
 
@@ -159,6 +161,8 @@ struct RelayedFeed {
     token: [u8; 32],
     next: Instant,
     backoff: Duration,
+    /// Which relay this feed's next dial goes to (round robin).
+    turn: usize,
 }
 
 const RELAY_BACKOFF_FIRST: Duration = Duration::from_secs(2);
@@ -203,6 +207,7 @@ impl Node {
             discovery: None,
             aliases: BTreeMap::new(),
             relayed: Vec::new(),
+            relay_dialling: Default::default(),
             config,
         };
         if let Some((from, to)) = bound.raised {
@@ -275,45 +280,61 @@ impl Node {
                 token,
                 next: first,
                 backoff: RELAY_BACKOFF_FIRST,
+                turn: 0,
             });
             if !listening {
                 continue;
             }
             for &relay in &self.config.relays {
+                // Registrations stop with the listener (no new peer during the ordered stop);
+                // their connections live until the node's own end.
                 self.rt.spawn(crate::reach::relay::keep_waiting(
                     relay,
                     token,
                     self.config.identity.clone(),
                     self.inbound_tx.clone(),
                     places.clone(),
+                    self.listen_cancel.child_token(),
                     self.cancel.child_token(),
                 ));
             }
         }
     }
 
-    /// Dials through every relay for each feed that has gone without a peer long enough.
+    /// Dials through a relay for the first feed that has gone without a peer long enough (the
+    /// feed's next relay in turn). One relayed dial at a time per node: two relayed connections
+    /// to one peer made at once could be kept in a different order by each end.
     fn relay_dials(&mut self, now: Instant) {
+        let busy = self
+            .relay_dialling
+            .load(std::sync::atomic::Ordering::Acquire);
+        let mut chosen = None;
         for r in &mut self.relayed {
             if self.replicator.has_peer_on(r.feed) {
                 r.next = now + super::RELAY_GRACE;
                 r.backoff = RELAY_BACKOFF_FIRST;
                 continue;
             }
-            if now < r.next {
+            if busy || chosen.is_some() || now < r.next {
                 continue;
             }
             r.next = now + r.backoff;
             r.backoff = (r.backoff * 2).min(RELAY_BACKOFF_MAX);
-            for &relay in &self.config.relays {
-                self.rt.spawn(crate::reach::relay::dial(
-                    relay,
-                    r.token,
-                    self.config.identity.clone(),
-                    self.inbound_tx.clone(),
-                    self.cancel.child_token(),
-                ));
-            }
+            let relay = self.config.relays[r.turn % self.config.relays.len()];
+            r.turn = r.turn.wrapping_add(1);
+            chosen = Some((relay, r.token));
+        }
+        if let Some((relay, token)) = chosen {
+            self.relay_dialling
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.rt.spawn(crate::reach::relay::dial(
+                relay,
+                token,
+                self.config.identity.clone(),
+                self.inbound_tx.clone(),
+                self.cancel.child_token(),
+                crate::reach::relay::InFlight(self.relay_dialling.clone()),
+            ));
         }
     }
 
