@@ -6,12 +6,11 @@ use feedsync::core::{BanReason, Event, Feed, VerifyError};
 use feedsync::storage::DiskStorage;
 use feedsync::sync::{self, NodeConfig, NodeEvent, NodeHandle};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::block;
+use common::{block, recording_proxy};
 
 /// Waits for an event matching `want` from `node`, failing after `secs` seconds.
 fn wait_for(
@@ -143,42 +142,6 @@ fn two_readers_replicate_over_noise_and_follow_live_appends() {
     w.node.shutdown().unwrap();
     check_store(dir.path(), "r1", 320, 20_000);
     check_store(dir.path(), "r2", 320, 20_000);
-}
-
-/// A TCP relay that records every byte it forwards in both directions.
-fn recording_proxy(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        // One connection is all this test makes; the relay ends when either side closes.
-        let Ok((client, _)) = listener.accept() else {
-            return;
-        };
-        let server = TcpStream::connect(target).unwrap();
-        let pipe = |mut from: TcpStream, mut to: TcpStream, log: Arc<Mutex<Vec<u8>>>| {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 || to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    log.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-                let _ = to.shutdown(std::net::Shutdown::Both);
-            })
-        };
-        let a = pipe(
-            client.try_clone().unwrap(),
-            server.try_clone().unwrap(),
-            log.clone(),
-        );
-        let b = pipe(server, client, log);
-        let _ = a.join();
-        let _ = b.join();
-    });
-    (addr, seen)
 }
 
 #[test]

@@ -9,50 +9,14 @@
 
 mod common;
 
-use common::{BIN, Proc, assert_same_tree, bytes};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use common::{BIN, Proc, assert_same_tree, bytes, recording_proxy};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The guard every test process runs under (see `reach::dht::PRIVATE_ONLY_ENV`).
 const PRIVATE_ONLY: &str = "FEEDSYNC_DHT_PRIVATE_ONLY";
-
-/// A TCP proxy to `target` that records every byte it forwards, both ways, for every
-/// connection it accepts (until the test ends).
-fn recording_proxy(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(target) else {
-                continue;
-            };
-            for (mut from, mut to) in [
-                (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                (server, client),
-            ] {
-                let log = log.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 65536];
-                    while let Ok(n) = from.read(&mut buf) {
-                        if n == 0 || to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        log.lock().unwrap().extend_from_slice(&buf[..n]);
-                    }
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        }
-    });
-    (addr, seen)
-}
 
 /// `feedsync relay` on loopback: the process and its address.
 fn relay(extra: &[&str]) -> (Proc, SocketAddr) {

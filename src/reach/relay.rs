@@ -690,6 +690,15 @@ mod tests {
         s
     }
 
+    /// A waiter and a dialler under `token`, paired (each told its role).
+    async fn paired(relay: SocketAddr, token: [u8; 32]) -> (TcpStream, TcpStream) {
+        let mut w = hello_as(relay, WAIT, token, 1).await;
+        let mut d = hello_as(relay, DIAL, token, 2).await;
+        assert_eq!(answer(&mut d).await, Some(PAIRED_INITIATOR));
+        assert_eq!(answer(&mut w).await, Some(PAIRED_RESPONDER));
+        (w, d)
+    }
+
     async fn answer(s: &mut TcpStream) -> Option<u8> {
         let mut b = [0u8; 1];
         match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
@@ -771,10 +780,7 @@ mod tests {
             ..Default::default()
         };
         let (addr, _stats, cancel) = relay(limits).await;
-        let mut w = hello_as(addr, WAIT, [1u8; 32], 1).await;
-        let mut d = hello_as(addr, DIAL, [1u8; 32], 2).await;
-        assert_eq!(answer(&mut d).await, Some(PAIRED_INITIATOR));
-        assert_eq!(answer(&mut w).await, Some(PAIRED_RESPONDER));
+        let _pair = paired(addr, [1u8; 32]).await;
         // The pair is two connections from this address: a third is over the cap.
         let mut third = hello_as(addr, WAIT, [3u8; 32], 3).await;
         assert_eq!(answer(&mut third).await, Some(REFUSED));
@@ -803,10 +809,7 @@ mod tests {
             ..Default::default()
         };
         let (addr, _stats, cancel) = relay(limits).await;
-        let mut w = hello_as(addr, WAIT, [1u8; 32], 1).await;
-        let mut d = hello_as(addr, DIAL, [1u8; 32], 2).await;
-        assert_eq!(answer(&mut d).await, Some(PAIRED_INITIATOR));
-        assert_eq!(answer(&mut w).await, Some(PAIRED_RESPONDER));
+        let (mut w, mut d) = paired(addr, [1u8; 32]).await;
         // Nothing moves: both ends see the close (the read ends well before its 10 s bound).
         assert_eq!(answer(&mut d).await, None);
         assert_eq!(answer(&mut w).await, None);
