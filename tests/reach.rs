@@ -140,6 +140,7 @@ mod needs_root {
     use std::collections::BTreeSet;
     use std::net::IpAddr;
     use std::path::Path;
+    use std::process::Command;
     use std::time::Duration;
 
     /// The sockets process `pid` holds: (protocol, local, remote) from its namespace's
@@ -243,6 +244,20 @@ mod needs_root {
         }
     }
 
+    /// `cmd` (a feedsync run) started under the public-bootstrap guard.
+    fn guarded(mut cmd: Command) -> Proc {
+        cmd.env(PRIVATE_ONLY, "1");
+        Proc::spawn(cmd)
+    }
+
+    /// A share started by `cmd`, guarded: the process, its URL and its port.
+    fn started_share(cmd: Command) -> (Proc, String, String) {
+        let share = guarded(cmd);
+        let port = share.listen_addr().rsplit(':').next().unwrap().to_string();
+        let url = share.lines()[0].clone();
+        (share, url, port)
+    }
+
     /// The line a node prints when its DHT starts: proof of which bootstrap list it used.
     pub(super) fn assert_bootstrap(p: &Proc, list: &[&str]) {
         let want = format!("bootstrap {}", list.join(" "));
@@ -274,7 +289,7 @@ mod needs_root {
             format!("{}:6881", lan.addr(0)),
             format!("{}:6881", lan.addr(1)),
         );
-        let mut cmd = lan.command(
+        let cmd = lan.command(
             3,
             BIN,
             &[
@@ -286,13 +301,10 @@ mod needs_root {
                 &b0,
             ],
         );
-        cmd.env(PRIVATE_ONLY, "1");
-        let share = Proc::spawn(cmd);
-        let port = share.listen_addr().rsplit(':').next().unwrap().to_string();
-        let url = share.lines()[0].clone();
+        let (share, url, port) = started_share(cmd);
         assert_bootstrap(&share, &[&b0]);
         // The clone is told nothing but the folder and a DHT node: no --peer, no mDNS.
-        let mut cmd = lan.command(
+        let cmd = lan.command(
             4,
             BIN,
             &[
@@ -305,8 +317,7 @@ mod needs_root {
                 &b1,
             ],
         );
-        cmd.env(PRIVATE_ONLY, "1");
-        let clone = Proc::spawn(cmd);
+        let clone = guarded(cmd);
         assert_bootstrap(&clone, &[&b1]);
         wait_until(
             Duration::from_secs(120),
@@ -340,7 +351,7 @@ mod needs_root {
     ) -> (Proc, Proc, std::path::PathBuf, std::path::PathBuf, String) {
         let (src, dst) = (tmp.join("src"), tmp.join("dst"));
         super::write_tree(&src);
-        let mut cmd = homes.command(
+        let cmd = homes.command(
             "h1",
             BIN,
             &[
@@ -354,12 +365,9 @@ mod needs_root {
                 "10.0.0.20:7071",
             ],
         );
-        cmd.env(PRIVATE_ONLY, "1");
-        let share = Proc::spawn(cmd);
-        let port = share.listen_addr().rsplit(':').next().unwrap().to_string();
-        let url = share.lines()[0].clone();
+        let (share, url, port) = started_share(cmd);
         assert_bootstrap(&share, &["10.0.0.11:6881"]);
-        let mut cmd = homes.command(
+        let cmd = homes.command(
             "h2",
             BIN,
             &[
@@ -374,8 +382,7 @@ mod needs_root {
                 "10.0.0.20:7071",
             ],
         );
-        cmd.env(PRIVATE_ONLY, "1");
-        let clone = Proc::spawn(cmd);
+        let clone = guarded(cmd);
         assert_bootstrap(&clone, &["10.0.0.12:6881"]);
         (share, clone, src, dst, port)
     }
