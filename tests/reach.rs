@@ -244,6 +244,14 @@ mod needs_root {
         }
     }
 
+    /// The socket audit of a two-homes run: `h1` and `h2`'s processes and the internet's.
+    fn audit_homes(homes: &Homes, h1: &Proc, h2: &Proc, services: &[Proc]) {
+        let (n1, n2, public) = (homes.ns("h1"), homes.ns("h2"), homes.ns("pub"));
+        let mut procs: Vec<(&Proc, &str)> = vec![(h1, &n1), (h2, &n2)];
+        procs.extend(services.iter().map(|s| (s, public.as_str())));
+        assert_contained(&procs, PLAN);
+    }
+
     /// `cmd` (a feedsync run) started under the public-bootstrap guard.
     fn guarded(mut cmd: Command) -> Proc {
         cmd.env(PRIVATE_ONLY, "1");
@@ -436,13 +444,7 @@ mod needs_root {
                     .any(|l| l.starts_with("DHT: no port mapping"))
             },
         );
-        let mut procs: Vec<(&Proc, String)> =
-            vec![(&share, homes.ns("h1")), (&clone, homes.ns("h2"))];
-        for s in &services {
-            procs.push((s, homes.ns("pub")));
-        }
-        let procs: Vec<(&Proc, &str)> = procs.iter().map(|(p, n)| (*p, n.as_str())).collect();
-        assert_contained(&procs, PLAN);
+        audit_homes(&homes, &share, &clone, &services);
     }
 
     #[test]
@@ -486,13 +488,7 @@ mod needs_root {
             || crate::common::same_tree(&src, &dst, &[".feedsync"]),
         );
         assert_same_tree(&src, &dst, &[".feedsync"]);
-        let mut procs: Vec<(&Proc, String)> =
-            vec![(&share, homes.ns("h1")), (&clone, homes.ns("h2"))];
-        for s in &services {
-            procs.push((s, homes.ns("pub")));
-        }
-        let procs: Vec<(&Proc, &str)> = procs.iter().map(|(p, n)| (*p, n.as_str())).collect();
-        assert_contained(&procs, PLAN);
+        audit_homes(&homes, &share, &clone, &services);
         // An orderly stop removes the mapping: no port is left open to a host that no longer
         // listens.
         let (status, _) = share.terminate(Duration::from_secs(30));
@@ -502,6 +498,82 @@ mod needs_root {
             "the mapping outlived the share: {}",
             homes.r1_forwards()
         );
+    }
+
+    /// `feedsync status --json --state-dir STATE` of a running daemon.
+    fn daemon_status(state: &Path) -> Option<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--state-dir", state.to_str().unwrap()])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    #[test]
+    fn daemons_in_two_homes_meet_over_the_dht_and_a_relay_from_their_config_alone() {
+        let homes = Homes::new();
+        let services = internet_services(&homes);
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        super::write_tree(&src);
+        let state = |n: &str| tmp.path().join(format!("state-{n}"));
+        let config = |n: &str, bootstrap: &str, folder: String| {
+            let p = tmp.path().join(format!("{n}.toml"));
+            std::fs::write(
+                &p,
+                format!(
+                    "state_dir = {:?}\ndiscovery = false\ndht = true\n\
+                     dht_bootstrap = [\"{bootstrap}\"]\nport_mapping = false\n\
+                     relays = [\"10.0.0.20:7071\"]\n\n[[folder]]\n{folder}",
+                    state(n)
+                ),
+            )
+            .unwrap();
+            p
+        };
+        let a_conf = config("a", "10.0.0.11:6881", format!("path = {src:?}\n"));
+        let a =
+            guarded(homes.command("h1", BIN, &["daemon", "--config", a_conf.to_str().unwrap()]));
+        let mut url = String::new();
+        wait_until(Duration::from_secs(30), "the sharing daemon", || {
+            daemon_status(&state("a")).is_some_and(|v| {
+                url = v["folders"][0]["url"].as_str().unwrap_or("").to_string();
+                !url.is_empty()
+            })
+        });
+        let b_conf = config(
+            "b",
+            "10.0.0.12:6881",
+            format!("path = {dst:?}\nurl = {url:?}\n"),
+        );
+        let b =
+            guarded(homes.command("h2", BIN, &["daemon", "--config", b_conf.to_str().unwrap()]));
+        wait_until(
+            Duration::from_secs(120),
+            "the cloning daemon to hold the share",
+            || crate::common::same_tree(&src, &dst, &[".feedsync"]),
+        );
+        for (d, list) in [(&a, "10.0.0.11:6881"), (&b, "10.0.0.12:6881")] {
+            let want = format!("bootstrap {list}");
+            assert!(
+                d.errors()
+                    .iter()
+                    .any(|l| l.contains("DHT: on UDP port") && l.ends_with(&want)),
+                "the daemon used its private bootstrap list: {:?}",
+                d.errors()
+            );
+        }
+        assert!(
+            b.errors()
+                .iter()
+                .any(|l| l.contains("peer connected") && l.contains("relayed=true")),
+            "the daemons met at the relay: {:?}",
+            b.errors()
+        );
+        audit_homes(&homes, &a, &b, &services);
     }
 
     #[test]
