@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     let cli = cli::args::Cli::parse();
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_quiet() => e.exit_code(),
         Err(e) => {
             eprintln!("feedsync: {e}");
             e.exit_code()

@@ -336,3 +336,35 @@ fn peers_may_be_host_names_and_a_share_keeps_its_port() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(fs::read(dst.join("x")).unwrap(), b"x");
 }
+
+#[test]
+fn printing_into_a_closed_pipe_is_a_quiet_success_not_a_panic() {
+    // `feedsync status DIR | head -0`: the reader is gone before the first line is written.
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("f");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("a.txt"), b"x").unwrap();
+    drop(feedsync::drive::Drive::share(&dir).unwrap());
+    for args in [
+        vec!["status", dir.to_str().unwrap()],
+        vec!["status", dir.to_str().unwrap(), "--json"],
+        vec!["log", dir.to_str().unwrap()],
+        vec!["devices", dir.to_str().unwrap()],
+    ] {
+        let mut child = std::process::Command::new(common::BIN)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end at once.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = text(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "{args:?}: {:?}, stderr {err:?}",
+            out.status
+        );
+    }
+}

@@ -3,6 +3,7 @@
 
 use crate::cli::error::{CliError, runtime};
 use crate::cli::folder::absolute;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 fn state_dir(given: Option<PathBuf>) -> PathBuf {
@@ -30,7 +31,11 @@ pub fn status(json: bool, state: Option<PathBuf>) -> Result<(), CliError> {
     let reply = feedsync::daemon::request(&state_dir(state), &feedsync::daemon::Request::Status)
         .map_err(|e| runtime(e.to_string()))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&reply)?
+        )?;
         return Ok(());
     }
     let v = serde_json::to_value(&reply)?;
@@ -41,7 +46,8 @@ pub fn status(json: bool, state: Option<PathBuf>) -> Result<(), CliError> {
             (0, 0, 0) => String::new(),
             (c, k, u) => format!("  on disk: {c} conflict copies, {k} kept, {u} missing"),
         };
-        println!(
+        writeln!(
+            std::io::stdout(),
             "{}  {}  version {}/{}  files {}/{}  bytes {}/{}  peers {}  received {}  uploaded {}{differs}",
             f["path"].as_str().unwrap_or(""),
             f["role"].as_str().unwrap_or("starting"),
@@ -54,7 +60,7 @@ pub fn status(json: bool, state: Option<PathBuf>) -> Result<(), CliError> {
             f["peers"],
             f["received"].as_u64().unwrap_or(0),
             f["uploaded"].as_u64().unwrap_or(0)
-        );
+        )?;
     }
     Ok(())
 }
@@ -72,8 +78,8 @@ pub fn add(dir: &Path, url: Option<String>, state: Option<PathBuf>) -> Result<()
     .map_err(|e| runtime(e.to_string()))?;
     let v = serde_json::to_value(&reply)?;
     match v.get("url").and_then(|u| u.as_str()) {
-        Some(url) => println!("{url}"),
-        None => println!("added {}", dir.display()),
+        Some(url) => writeln!(std::io::stdout(), "{url}")?,
+        None => writeln!(std::io::stdout(), "added {}", dir.display())?,
     }
     Ok(())
 }
@@ -86,6 +92,6 @@ pub fn remove(dir: &Path, state: Option<PathBuf>) -> Result<(), CliError> {
         &feedsync::daemon::Request::Remove { dir: dir.clone() },
     )
     .map_err(|e| runtime(e.to_string()))?;
-    println!("removed {}", dir.display());
+    writeln!(std::io::stdout(), "removed {}", dir.display())?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 use crate::cli::error::{CliError, runtime, usage};
 use feedsync::drive::DriveError;
 use feedsync::drive::devices::{self, Change, Outcome};
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,11 +35,19 @@ pub fn change(dir: &Path, device: &str, allow: bool) -> Result<(), CliError> {
     let verb = if allow { "allowed" } else { "denied" };
     match devices::change(dir, change, WAIT).map_err(|e| folder_error(dir, e))? {
         Outcome::Recorded { version } => {
-            println!("{verb} {} (version {version})", feedsync::util::hex(&id));
+            writeln!(
+                std::io::stdout(),
+                "{verb} {} (version {version})",
+                feedsync::util::hex(&id)
+            )?;
             Ok(())
         }
         Outcome::Unchanged => {
-            println!("{} is {verb} already", feedsync::util::hex(&id));
+            writeln!(
+                std::io::stdout(),
+                "{} is {verb} already",
+                feedsync::util::hex(&id)
+            )?;
             Ok(())
         }
         Outcome::Refused { why } => Err(runtime(format!("{}: {why}", dir.display()))),
@@ -49,7 +58,11 @@ pub fn change(dir: &Path, device: &str, allow: bool) -> Result<(), CliError> {
 pub fn list(dir: &Path, json: bool) -> Result<(), CliError> {
     let list = devices::list(dir).map_err(|e| folder_error(dir, e))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&list)?
+        )?;
         return Ok(());
     }
     for d in list {
@@ -67,9 +80,9 @@ pub fn list(dir: &Path, json: bool) -> Result<(), CliError> {
             notes.push(format!("denied after its first {n} versions"));
         }
         if notes.is_empty() {
-            println!("{}", d.device);
+            writeln!(std::io::stdout(), "{}", d.device)?;
         } else {
-            println!("{}  ({})", d.device, notes.join(", "));
+            writeln!(std::io::stdout(), "{}  ({})", d.device, notes.join(", "))?;
         }
     }
     Ok(())

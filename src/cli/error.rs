@@ -15,6 +15,26 @@ pub enum CliError {
     /// Something failed while running (exit 1).
     #[error("{0}")]
     Runtime(String),
+    /// Whoever read our output stopped reading (`feedsync status | head`): nothing left to
+    /// say, and nothing went wrong (exit 0, no message).
+    #[error("output closed")]
+    OutputClosed,
+}
+
+impl CliError {
+    /// Whether this is no error at all for the user (see [`CliError::OutputClosed`]).
+    pub fn is_quiet(&self) -> bool {
+        matches!(self, CliError::OutputClosed)
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::BrokenPipe => CliError::OutputClosed,
+            _ => CliError::Runtime(e.to_string()),
+        }
+    }
 }
 
 impl CliError {
@@ -23,6 +43,7 @@ impl CliError {
         match self {
             CliError::Usage(_) | CliError::Config(_) => ExitCode::from(2),
             CliError::Runtime(_) => ExitCode::from(1),
+            CliError::OutputClosed => ExitCode::SUCCESS,
         }
     }
 }
@@ -39,7 +60,6 @@ macro_rules! runtime_from {
 }
 
 runtime_from!(
-    std::io::Error,
     feedsync::core::FeedError,
     feedsync::drive::DriveError,
     serde_json::Error,

@@ -3,6 +3,7 @@
 use crate::cli::error::{CliError, runtime, usage};
 use crate::cli::render::bytes;
 use feedsync::drive::{Drive, DriveError};
+use std::io::Write;
 use std::path::Path;
 
 fn not_a_folder(dir: &Path) -> CliError {
@@ -47,24 +48,27 @@ pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
         }
         Err(e) => return Err(e.into()),
     };
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
         return Ok(());
     }
     let g = |k: &str| stats.get(k).cloned().unwrap_or_default();
     let n = |k: &str| g(k).as_u64().unwrap_or(0);
-    println!("url:      {}", g("url").as_str().unwrap_or(""));
-    println!("role:     {}", g("role").as_str().unwrap_or(""));
-    println!("version:  {} of {}", n("version"), n("latest_version"));
-    println!("files:    {} of {}", n("files_done"), n("files_total"));
-    println!(
+    writeln!(out, "url:      {}", g("url").as_str().unwrap_or(""))?;
+    writeln!(out, "role:     {}", g("role").as_str().unwrap_or(""))?;
+    writeln!(out, "version:  {} of {}", n("version"), n("latest_version"))?;
+    writeln!(out, "files:    {} of {}", n("files_done"), n("files_total"))?;
+    writeln!(
+        out,
         "bytes:    {} of {}",
         bytes(n("bytes_done")),
         bytes(n("bytes_total"))
-    );
-    println!("peers:    {}", n("peers"));
+    )?;
+    writeln!(out, "peers:    {}", n("peers"))?;
     // This session's traffic: what this node gave the swarm, and who served whom.
-    println!(
+    writeln!(
+        out,
         "traffic:  {} received, {} uploaded{}",
         bytes(n("received")),
         bytes(n("uploaded")),
@@ -73,21 +77,22 @@ pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
         } else {
             ""
         }
-    );
+    )?;
     for t in g("transfer").as_array().into_iter().flatten() {
         let m = |k: &str| t.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-        println!(
+        writeln!(
+            out,
             "peer:     {}  {} received from, {} sent to",
             t.get("addr")
                 .and_then(|a| a.as_str())
                 .unwrap_or("(address unknown)"),
             bytes(m("received")),
             bytes(m("sent"))
-        );
+        )?;
     }
     if let Some(errs) = g("errors").as_array() {
         for e in errs {
-            println!("error:    {}", e.as_str().unwrap_or(""));
+            writeln!(out, "error:    {}", e.as_str().unwrap_or(""))?;
         }
     }
     // What differs on disk from the share (a reader's), one line per path.
@@ -95,20 +100,22 @@ pub fn folder(dir: &Path, json: bool) -> Result<(), CliError> {
         v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string()
     };
     for c in g("conflicts").as_array().into_iter().flatten() {
-        println!(
+        writeln!(
+            out,
             "conflict: {} (the other version is kept as {})",
             s(c, "path"),
             s(c, "copy")
-        );
+        )?;
     }
     for k in g("kept").as_array().into_iter().flatten() {
-        println!(
+        writeln!(
+            out,
             "kept:     {} (removed from the share, changed here; no longer synced)",
             k.as_str().unwrap_or("")
-        );
+        )?;
     }
     for u in g("unpublished").as_array().into_iter().flatten() {
-        println!("missing:  {} ({})", s(u, "path"), s(u, "why"));
+        writeln!(out, "missing:  {} ({})", s(u, "path"), s(u, "why"))?;
     }
     Ok(())
 }
@@ -120,7 +127,6 @@ pub fn log(dir: &Path) -> Result<(), CliError> {
     }
     let entries = Drive::log(dir)?;
     let mut out = std::io::stdout().lock();
-    use std::io::Write;
     for e in entries {
         let when = e
             .time
