@@ -36,7 +36,7 @@ pub fn create(store: &Path) -> Result<(), CliError> {
     })?;
     // The key printed names a feed that exists on disk, power cut or not.
     feed.sync()?;
-    println!("{}", hex(&feed.public_key()));
+    writeln!(std::io::stdout(), "{}", hex(&feed.public_key()))?;
     Ok(())
 }
 
@@ -73,22 +73,35 @@ pub fn append(store: &Path, file: Option<PathBuf>, block_size: usize) -> Result<
         }
     }
     feed.sync()?;
-    println!("{}", feed.len());
+    writeln!(std::io::stdout(), "{}", feed.len())?;
     Ok(())
 }
 
 /// `feed info STORE`.
 pub fn info(store: &Path) -> Result<(), CliError> {
     let feed = open(store)?;
-    println!("public key:    {}", hex(&feed.public_key()));
-    println!("discovery key: {}", hex(&feed.discovery_key()));
-    println!("writable:      {}", feed.is_writable());
-    println!(
+    writeln!(
+        std::io::stdout(),
+        "public key:    {}",
+        hex(&feed.public_key())
+    )?;
+    writeln!(
+        std::io::stdout(),
+        "discovery key: {}",
+        hex(&feed.discovery_key())
+    )?;
+    writeln!(std::io::stdout(), "writable:      {}", feed.is_writable())?;
+    writeln!(
+        std::io::stdout(),
         "length:        {} blocks, {} bytes",
         feed.len(),
         feed.byte_len()
-    );
-    println!("held:          {} blocks", feed.bitfield().count());
+    )?;
+    writeln!(
+        std::io::stdout(),
+        "held:          {} blocks",
+        feed.bitfield().count()
+    )?;
     Ok(())
 }
 
@@ -97,7 +110,11 @@ pub fn verify(store: &Path) -> Result<(), CliError> {
     let mut feed = open(store)?;
     feed.verify_all()
         .map_err(|e| runtime(format!("{}: verification failed: {e}", store.display())))?;
-    println!("ok: {} blocks verified", feed.bitfield().count());
+    writeln!(
+        std::io::stdout(),
+        "ok: {} blocks verified",
+        feed.bitfield().count()
+    )?;
     Ok(())
 }
 
