@@ -3,6 +3,7 @@
 
 use crate::cli::error::{CliError, runtime};
 use feedsync::reach::relay::{RelayLimits, RelayStats};
+use std::io::Write;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,7 +21,8 @@ pub fn relay(listen: SocketAddr, limits: RelayLimits) -> Result<(), CliError> {
         .block_on(tokio::net::TcpListener::bind(listen))
         .map_err(|e| runtime(format!("relay: cannot listen on {listen}: {e}")))?;
     let local = listener.local_addr()?;
-    println!("relay listening on {local}");
+    // Informational: a service does not stop because nobody reads its output.
+    let _ = writeln!(std::io::stdout(), "relay listening on {local}");
     let stats = Arc::new(RelayStats::default());
     let cancel = tokio_util::sync::CancellationToken::new();
     rt.spawn(feedsync::reach::relay::serve(
@@ -32,7 +34,8 @@ pub fn relay(listen: SocketAddr, limits: RelayLimits) -> Result<(), CliError> {
     let _ = stop.recv();
     cancel.cancel();
     rt.shutdown_timeout(Duration::from_secs(1));
-    println!(
+    let _ = writeln!(
+        std::io::stdout(),
         "relay stopped: {} pairs, {} bytes forwarded, {} refused",
         stats.paired.load(Ordering::Relaxed),
         stats.forwarded.load(Ordering::Relaxed),
@@ -45,7 +48,7 @@ pub fn relay(listen: SocketAddr, limits: RelayLimits) -> Result<(), CliError> {
 pub fn dht_node(listen: SocketAddrV4, bootstrap: &[String]) -> Result<(), CliError> {
     let stop = crate::cli::signals::stop_channel()?;
     feedsync::reach::dht::serve_node(listen, bootstrap, &stop, |local| {
-        println!("dht node on {local}");
+        let _ = writeln!(std::io::stdout(), "dht node on {local}");
     })
     .map_err(|e| runtime(format!("dht node on {listen}: {e}")))
 }
