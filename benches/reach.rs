@@ -22,11 +22,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::Proc;
 use common::homes::{Homes, internet_services};
-use common::{BIN, Proc, bytes};
 use std::time::{Duration, Instant};
-
-const PRIVATE_ONLY: &str = "FEEDSYNC_DHT_PRIVATE_ONLY";
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -41,23 +39,9 @@ fn case(name: &str, upnp: bool, relay: bool, runs: usize) {
     let _services = internet_services(&homes);
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    std::fs::create_dir_all(src.join("d")).unwrap();
-    std::fs::write(src.join("big.bin"), bytes(1, 3_000_000)).unwrap();
-    std::fs::write(src.join("d/small.txt"), b"beyond the LAN\n").unwrap();
-    let mut share_args = vec![
-        "share",
-        src.to_str().unwrap(),
-        "--no-discovery",
-        "--dht",
-        "--dht-bootstrap",
-        "10.0.0.11:6881",
-    ];
-    if relay {
-        share_args.extend(["--relay", "10.0.0.20:7071"]);
-    }
-    let mut cmd = homes.command("h1", BIN, &share_args);
-    cmd.env(PRIVATE_ONLY, "1");
-    let share = Proc::spawn(cmd);
+    common::reach_tree(&src);
+    let share_args = ["share", src.to_str().unwrap()];
+    let share = Proc::spawn(homes.reaching("h1", &share_args, "10.0.0.11:6881", relay));
     share.listen_addr();
     let url = share.lines()[0].clone();
     // The share's first announcement is out before the clones start.
@@ -80,22 +64,14 @@ fn case(name: &str, upnp: bool, relay: bool, runs: usize) {
     let (mut first, mut done, mut how) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         let dst = tmp.path().join(format!("dst{run}"));
-        let mut clone_args = vec![
+        let clone_args = [
             "clone",
             &url,
             dst.to_str().unwrap(),
             "--once",
             "--report-fetches",
-            "--no-discovery",
-            "--dht",
-            "--dht-bootstrap",
-            "10.0.0.12:6881",
         ];
-        if relay {
-            clone_args.extend(["--relay", "10.0.0.20:7071"]);
-        }
-        let mut cmd = homes.command("h2", BIN, &clone_args);
-        cmd.env(PRIVATE_ONLY, "1");
+        let cmd = homes.reaching("h2", &clone_args, "10.0.0.12:6881", relay);
         let t = Instant::now();
         let mut clone = Proc::spawn(cmd);
         let mut first_at = None;

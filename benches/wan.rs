@@ -316,6 +316,21 @@ fn ss_sampler(
     })
 }
 
+/// Starts `cmd` (stderr discarded) and returns it with its first `n` stdout lines; the rest of
+/// its stdout is drained so that it never blocks on a full pipe.
+fn started(cmd: &mut Command, n: usize) -> (Proc, Vec<String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let proc = Proc(Some(child));
+    let first = (0..n).map(|_| lines.next().unwrap().unwrap()).collect();
+    std::thread::spawn(move || for _ in lines {});
+    (proc, first)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn feedsync_run(
     lab: &Lab,
@@ -328,20 +343,16 @@ fn feedsync_run(
 ) -> Row {
     let _ = fs::remove_dir_all(src.join(".feedsync"));
     let listen = format!("{A_ADDR}:{port}");
-    let mut share = Command::new("ip");
-    share
-        .args(["netns", "exec", &lab.a, bin, "share"])
-        .arg(src)
-        .args(["--no-discovery", "--listen", &listen])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = share.spawn().expect("start share");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut share = Proc(Some(child));
-    let url = lines.next().unwrap().unwrap();
-    let said = lines.next().unwrap().unwrap();
-    assert!(said.starts_with("listening on"), "share said {said:?}");
-    std::thread::spawn(move || for _ in lines {});
+    let share_args = [
+        "share",
+        src.to_str().unwrap(),
+        "--no-discovery",
+        "--listen",
+        &listen,
+    ];
+    let (mut share, said) = started(&mut lab.cmd(&lab.a, bin, &share_args), 2);
+    let url = said[0].clone();
+    assert!(said[1].starts_with("listening on"), "share said {said:?}");
 
     let share_cpu0 = cpu_of(share.pid());
     let emu_cpu0 = cpu_of(lab.emulator.pid());
@@ -535,20 +546,15 @@ fn relay_or_direct(lab: &Lab, src: &Path, dst: &Path, port: u16, relayed: bool) 
     let relay_addr = format!("{B_ADDR}:{}", port + 1);
     let mut relay = Proc(None);
     if relayed {
-        let mut c = lab
-            .cmd(&lab.b, BIN, &["relay", "--listen", &relay_addr])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start relay");
-        let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
-        relay = Proc(Some(c));
-        let said = lines.next().unwrap().unwrap();
+        let said;
+        (relay, said) = started(
+            &mut lab.cmd(&lab.b, BIN, &["relay", "--listen", &relay_addr]),
+            1,
+        );
         assert!(
-            said.starts_with("relay listening on"),
+            said[0].starts_with("relay listening on"),
             "relay said {said:?}"
         );
-        std::thread::spawn(move || for _ in lines {});
     }
     let mut share_args = vec![
         "share",
@@ -560,16 +566,8 @@ fn relay_or_direct(lab: &Lab, src: &Path, dst: &Path, port: u16, relayed: bool) 
     if relayed {
         share_args.extend(["--relay", &relay_addr]);
     }
-    let mut child = lab
-        .cmd(&lab.a, BIN, &share_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start share");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut share = Proc(Some(child));
-    let url = lines.next().unwrap().unwrap();
-    std::thread::spawn(move || for _ in lines {});
+    let (mut share, said) = started(&mut lab.cmd(&lab.a, BIN, &share_args), 1);
+    let url = said[0].clone();
     let b_listen = format!("{B_ADDR}:0");
     let mut clone_args = vec![
         "clone",

@@ -11,12 +11,10 @@ mod common;
 
 use common::{BIN, Proc, assert_same_tree, bytes, recording_proxy};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-/// The guard every test process runs under (see `reach::dht::PRIVATE_ONLY_ENV`).
-const PRIVATE_ONLY: &str = "FEEDSYNC_DHT_PRIVATE_ONLY";
+use common::homes::PRIVATE_ONLY;
 
 /// `feedsync relay` on loopback: the process and its address.
 fn relay(extra: &[&str]) -> (Proc, SocketAddr) {
@@ -33,17 +31,11 @@ fn relay(extra: &[&str]) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
-fn write_tree(src: &Path) {
-    std::fs::create_dir_all(src.join("d")).unwrap();
-    std::fs::write(src.join("big.bin"), bytes(1, 3_000_000)).unwrap();
-    std::fs::write(src.join("d/small.txt"), b"through the relay\n").unwrap();
-}
-
 #[test]
 fn a_clone_with_no_direct_path_completes_through_a_relay_that_sees_neither_keys_nor_data() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
-    write_tree(&src);
+    common::reach_tree(&src);
     let (mut relay, relay_addr) = relay(&[]);
     // Everything the clone says or hears passes the recorder: its registration, its dials
     // and the paired stream.
@@ -135,7 +127,7 @@ fn relay_arguments_are_checked() {
 
 mod needs_root {
     use super::PRIVATE_ONLY;
-    use crate::common::homes::{Homes, PLAN, dht_node, internet_services};
+    use crate::common::homes::{Homes, PLAN, RELAY, dht_node, internet_services};
     use crate::common::{BIN, Lan, Proc, assert_same_tree, isolated, wait_until};
     use std::collections::BTreeSet;
     use std::net::IpAddr;
@@ -292,7 +284,7 @@ mod needs_root {
         }
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
-        super::write_tree(&src);
+        crate::common::reach_tree(&src);
         let (b0, b1) = (
             format!("{}:6881", lan.addr(0)),
             format!("{}:6881", lan.addr(1)),
@@ -358,39 +350,13 @@ mod needs_root {
         tmp: &Path,
     ) -> (Proc, Proc, std::path::PathBuf, std::path::PathBuf, String) {
         let (src, dst) = (tmp.join("src"), tmp.join("dst"));
-        super::write_tree(&src);
-        let cmd = homes.command(
-            "h1",
-            BIN,
-            &[
-                "share",
-                src.to_str().unwrap(),
-                "--no-discovery",
-                "--dht",
-                "--dht-bootstrap",
-                "10.0.0.11:6881",
-                "--relay",
-                "10.0.0.20:7071",
-            ],
-        );
+        crate::common::reach_tree(&src);
+        let share_args = ["share", src.to_str().unwrap()];
+        let cmd = homes.reaching("h1", &share_args, "10.0.0.11:6881", true);
         let (share, url, port) = started_share(cmd);
         assert_bootstrap(&share, &["10.0.0.11:6881"]);
-        let cmd = homes.command(
-            "h2",
-            BIN,
-            &[
-                "clone",
-                &url,
-                dst.to_str().unwrap(),
-                "--no-discovery",
-                "--dht",
-                "--dht-bootstrap",
-                "10.0.0.12:6881",
-                "--relay",
-                "10.0.0.20:7071",
-            ],
-        );
-        let clone = guarded(cmd);
+        let clone_args = ["clone", &url, dst.to_str().unwrap()];
+        let clone = guarded(homes.reaching("h2", &clone_args, "10.0.0.12:6881", true));
         assert_bootstrap(&clone, &["10.0.0.12:6881"]);
         (share, clone, src, dst, port)
     }
@@ -426,7 +392,7 @@ mod needs_root {
         assert!(
             errors
                 .iter()
-                .any(|l| l == "peer connected through relay 10.0.0.20:7071"),
+                .any(|l| *l == format!("peer connected through relay {RELAY}")),
             "{errors:?}"
         );
         let direct = format!("peer 10.1.0.2:{port} connected");
@@ -518,7 +484,7 @@ mod needs_root {
         let services = internet_services(&homes);
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
-        super::write_tree(&src);
+        crate::common::reach_tree(&src);
         let state = |n: &str| tmp.path().join(format!("state-{n}"));
         let config = |n: &str, bootstrap: &str, folder: String| {
             let p = tmp.path().join(format!("{n}.toml"));
@@ -527,7 +493,7 @@ mod needs_root {
                 format!(
                     "state_dir = {:?}\ndiscovery = false\ndht = true\n\
                      dht_bootstrap = [\"{bootstrap}\"]\nport_mapping = false\n\
-                     relays = [\"10.0.0.20:7071\"]\n\n[[folder]]\n{folder}",
+                     relays = [\"{RELAY}\"]\n\n[[folder]]\n{folder}",
                     state(n)
                 ),
             )

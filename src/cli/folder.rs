@@ -252,7 +252,6 @@ fn run(
     };
     let dht = net.dht.then(|| feedsync::reach::dht::DhtConfig {
         bootstrap: net.dht_bootstrap.clone(),
-        port: None,
         port_mapping: !net.no_port_mapping,
     });
     let reporter = Reporter::new(std::io::stderr().is_terminal());
@@ -398,17 +397,9 @@ impl Watch {
                 }
             }
             NodeEvent::RelayFailed { relay, error } => {
-                // As dial errors: said again only when it changes or after a while (a folder
-                // nobody else has would otherwise say it at every retry).
-                let now = Instant::now();
-                let repeat = match self.dial_errors.get(&relay) {
-                    Some((e, at)) => *e != error || now.duration_since(*at) >= DIAL_REPEAT,
-                    None => true,
-                };
-                if repeat {
-                    reporter.line(format!("no relayed connection: {error}"));
-                    self.dial_errors.insert(relay, (error, now));
-                }
+                // A folder nobody else has would otherwise say it at every retry.
+                let line = format!("no relayed connection: {error}");
+                self.say_dial_error(reporter, relay, error, line);
             }
             NodeEvent::PeerDisconnected { peer, addr, reason } => {
                 self.connected.remove(&peer);
@@ -419,18 +410,11 @@ impl Watch {
                 error,
                 retry_in,
             } => {
-                let now = Instant::now();
-                let repeat = match self.dial_errors.get(&addr) {
-                    Some((e, at)) => *e != error || now.duration_since(*at) >= DIAL_REPEAT,
-                    None => true,
-                };
-                if repeat {
-                    reporter.line(format!(
-                        "dialling {addr}: {error} (retrying in {}s)",
-                        retry_in.as_secs().max(1)
-                    ));
-                    self.dial_errors.insert(addr, (error, now));
-                }
+                let line = format!(
+                    "dialling {addr}: {error} (retrying in {}s)",
+                    retry_in.as_secs().max(1)
+                );
+                self.say_dial_error(reporter, addr, error, line);
             }
             NodeEvent::PeerRefused { addr, reason } => {
                 reporter.line(format!("turned peer {addr} away: {reason}"));
@@ -471,6 +455,27 @@ impl Watch {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Says `line` about `addr`'s failure `error`, unless the same was said within
+    /// [`DIAL_REPEAT`]: a peer or relay that keeps failing the same way is named once in a
+    /// while, not at every retry.
+    fn say_dial_error(
+        &mut self,
+        reporter: &Reporter,
+        addr: SocketAddr,
+        error: String,
+        line: String,
+    ) {
+        let now = Instant::now();
+        let repeat = match self.dial_errors.get(&addr) {
+            Some((e, at)) => *e != error || now.duration_since(*at) >= DIAL_REPEAT,
+            None => true,
+        };
+        if repeat {
+            reporter.line(line);
+            self.dial_errors.insert(addr, (error, now));
+        }
     }
 
     fn activity(&mut self) {

@@ -167,6 +167,16 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         line: text[..offset.min(text.len())].matches('\n').count() + 1,
         problem: msg.to_string(),
     };
+    // Socket addresses (a folder's peers, the relays), each error at its own line.
+    let addresses = |list: &[Spanned<String>]| -> Result<Vec<SocketAddr>, ConfigError> {
+        list.iter()
+            .map(|a| {
+                a.get_ref()
+                    .parse()
+                    .map_err(|_| at(a.span().start, &format!("not an address: {}", a.get_ref())))
+            })
+            .collect()
+    };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let msg = e.message().trim().to_string();
         match e.span() {
@@ -241,14 +251,7 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         if let Some(u) = &f.url {
             crate::drive::parse_url(u.get_ref()).map_err(|e| at(u.span().start, &e.to_string()))?;
         }
-        let mut peers = Vec::new();
-        for a in &f.peers {
-            peers.push(
-                a.get_ref()
-                    .parse()
-                    .map_err(|_| at(a.span().start, &format!("not an address: {}", a.get_ref())))?,
-            );
-        }
+        let peers = addresses(&f.peers)?;
         let mut allow = Vec::new();
         for d in &f.allow {
             let id = crate::drive::devices::parse_device(d.get_ref()).map_err(|_| {
@@ -300,14 +303,7 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     {
         return Err(at(b.span().start, "dht_bootstrap needs dht = true"));
     }
-    let mut relays = Vec::new();
-    for a in &raw.relays {
-        relays.push(
-            a.get_ref()
-                .parse()
-                .map_err(|_| at(a.span().start, &format!("not an address: {}", a.get_ref())))?,
-        );
-    }
+    let relays = addresses(&raw.relays)?;
     let dht = raw
         .dht
         .unwrap_or(false)
@@ -317,7 +313,6 @@ fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 .iter()
                 .map(|b| b.get_ref().clone())
                 .collect(),
-            port: None,
             port_mapping: raw.port_mapping.unwrap_or(true),
         });
     Ok(Config {

@@ -168,8 +168,11 @@ impl Discovery {
         config: &DiscoveryConfig,
         rt: &tokio::runtime::Handle,
     ) -> Result<Self, DiscoveryError> {
+        let nets = listen::local_nets();
+        // Our own addresses: the DHT does not offer our own announcement back.
+        let own: Vec<std::net::IpAddr> = nets.iter().map(|n| n.addr).collect();
         let shared = Arc::new(Mutex::new(Shared {
-            book: LanBook::new(Limits::default(), listen::local_nets()),
+            book: LanBook::new(Limits::default(), nets),
             notes: Vec::new(),
         }));
         let mdns = match config.mdns {
@@ -182,8 +185,6 @@ impl Discovery {
                 let feeds: Vec<(String, [u8; 32])> =
                     discovery_keys.iter().map(|k| (tag(k), *k)).collect();
                 let (s1, s2) = (shared.clone(), shared.clone());
-                let own: Vec<std::net::IpAddr> =
-                    listen::local_nets().iter().map(|n| n.addr).collect();
                 // Each announced address in a bucket of its IP's: one IP gets at most
                 // `per_node` entries however often it is announced (a lying DHT node is held
                 // by the lookup's per-answer cap and the per-feed cap, not by this).

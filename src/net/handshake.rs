@@ -47,9 +47,13 @@ pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
     }
 }
 
-/// The unfinished handshakes of one listener, in all and per source.
-#[derive(Debug, Default)]
-pub(super) struct Gate {
+/// A ration of places (the unfinished handshakes of one listener; the connections of a relay),
+/// in all and per source: [`Gate::enter`] hands out a [`Pass`] while both counts are under
+/// their caps, and dropping the pass gives its place back.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    total: usize,
+    per_source: usize,
     state: std::sync::Mutex<GateState>,
 }
 
@@ -59,7 +63,7 @@ struct GateState {
     per_source: std::collections::HashMap<std::net::IpAddr, usize>,
 }
 
-/// One admitted handshake; dropping it gives the place back.
+/// One admitted place; dropping it gives the place back.
 pub(crate) struct Pass {
     gate: Arc<Gate>,
     source: std::net::IpAddr,
@@ -67,7 +71,7 @@ pub(crate) struct Pass {
 
 /// What counts as one source: an IPv4 address, or an IPv6 /64 (one host usually holds a whole
 /// /64, so counting single IPv6 addresses would ration nothing).
-pub(crate) fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip.to_canonical() {
         std::net::IpAddr::V6(v6) => {
             let mut o = v6.octets();
@@ -79,12 +83,27 @@ pub(crate) fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
 }
 
 impl Gate {
-    pub(super) fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Pass> {
+    /// At most `total` places in all and `per_source` from one source ([`source_of`]).
+    pub(crate) fn new(total: usize, per_source: usize) -> Self {
+        Self {
+            total,
+            per_source,
+            state: Default::default(),
+        }
+    }
+
+    /// A listener's handshakes: [`MAX_HANDSHAKES`], [`MAX_HANDSHAKES_PER_SOURCE`].
+    pub(super) fn handshakes() -> Self {
+        Self::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE)
+    }
+
+    /// A place for `ip`, if both caps allow one.
+    pub(crate) fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Pass> {
         let source = source_of(ip);
         // A poisoned lock means a panic mid-update of two counters; refusing is the safe side.
         let mut st = self.state.lock().ok()?;
         let from_source = st.per_source.get(&source).copied().unwrap_or(0);
-        if st.total >= MAX_HANDSHAKES || from_source >= MAX_HANDSHAKES_PER_SOURCE {
+        if st.total >= self.total || from_source >= self.per_source {
             return None;
         }
         st.total += 1;
@@ -93,6 +112,13 @@ impl Gate {
             gate: self.clone(),
             source,
         })
+    }
+}
+
+impl Pass {
+    /// The source it counts against.
+    pub(crate) fn source(&self) -> std::net::IpAddr {
+        self.source
     }
 }
 

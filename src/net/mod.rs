@@ -58,7 +58,8 @@ use tokio_util::sync::CancellationToken;
 mod handshake;
 
 pub use handshake::raise_descriptor_limit;
-use handshake::{Gate, handshake, handshake_codec};
+pub(crate) use handshake::{Gate, Pass};
+use handshake::{handshake, handshake_codec};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
@@ -370,11 +371,6 @@ impl HandshakeSlot for () {
 
 impl HandshakeSlot for handshake::Pass {
     fn finished(self, _ok: bool) {}
-}
-
-/// What counts as one source address for a ration (an IPv4 address, an IPv6 /64).
-pub(crate) fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
-    handshake::source_of(ip)
 }
 
 /// Runs one connection after TCP is up: handshake, then a reader and a writer until either side
@@ -693,7 +689,7 @@ pub async fn listen(
     tx: InboundSender,
     cancel: CancellationToken,
 ) {
-    let gate = Arc::new(Gate::default());
+    let gate = Arc::new(Gate::handshakes());
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,

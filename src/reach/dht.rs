@@ -47,8 +47,6 @@ pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(15 * 60);
 pub struct DhtConfig {
     /// Bootstrap nodes, `HOST:PORT`. Empty: [`PUBLIC_BOOTSTRAP`].
     pub bootstrap: Vec<String>,
-    /// The DHT's UDP port (`None`: 6881 if free, else any).
-    pub port: Option<u16>,
     /// Ask the gateway to forward our TCP port (UPnP) and announce the forwarded one.
     pub port_mapping: bool,
 }
@@ -170,10 +168,8 @@ pub fn start(
 ) -> Result<Running, DhtError> {
     let bootstrap = config.bootstrap_list()?;
     let mut builder = Dht::builder();
+    // The UDP port: 6881 if free, else any (`mainline`'s choice).
     builder.bootstrap(&bootstrap);
-    if let Some(p) = config.port {
-        builder.port(p);
-    }
     let dht = builder.build()?;
     // The synchronous call: this runs on the node's thread, outside the runtime.
     #[allow(deprecated)]
@@ -342,14 +338,7 @@ async fn keep_mapped(
         let _ = m.remove().await;
         return;
     }
-    // UPnP says its external address only when asked, with a blocking request.
-    let ip = match super::portmap::ExternalIp::of(&m) {
-        Some(probe) => tokio::task::spawn_blocking(move || probe.ask())
-            .await
-            .ok()
-            .flatten(),
-        None => m.external_ip(),
-    };
+    let ip = m.external_ip().await;
     notes(DhtNote::Mapped {
         ip,
         port: m.external_port,

@@ -61,9 +61,8 @@ pub enum MapError {
 
 /// Asks the gateway to forward TCP `port` (its own number if free, else any) to this host.
 pub async fn map(port: u16) -> Result<Mapping, MapError> {
-    let upnp = match tokio::task::spawn_blocking(move || map_upnp(port)).await {
-        Ok(Ok(m)) => return Ok(m),
-        Ok(Err(e)) => e,
+    let upnp = match blocking(move || map_upnp(port)).await {
+        Ok(m) => return Ok(m),
         Err(e) => e.to_string(),
     };
     match map_pcp(port).await {
@@ -81,14 +80,17 @@ fn map_upnp(port: u16) -> Result<Mapping, String> {
         local_ip_towards(gateway.addr).map_err(|e| e.to_string())?,
         port,
     );
-    let lease = LEASE.as_secs() as u32;
-    let external_port =
-        match gateway.add_port(PortMappingProtocol::TCP, port, local, lease, DESCRIPTION) {
-            Ok(()) => port,
-            Err(_) => gateway
-                .add_any_port(PortMappingProtocol::TCP, local, lease, DESCRIPTION)
-                .map_err(|e| format!("refused: {e}"))?,
-        };
+    let external_port = match add_port(&gateway, port, local) {
+        Ok(()) => port,
+        Err(_) => gateway
+            .add_any_port(
+                PortMappingProtocol::TCP,
+                local,
+                LEASE.as_secs() as u32,
+                DESCRIPTION,
+            )
+            .map_err(|e| format!("refused: {e}"))?,
+    };
     Ok(Mapping {
         how: How::Upnp(gateway),
         external_port,
@@ -134,11 +136,16 @@ impl Mapping {
         }
     }
 
-    /// The external address PCP reported with the mapping (UPnP: ask [`ExternalIp`]; NAT-PMP
-    /// needs a request of its own and is not asked).
-    pub fn external_ip(&self) -> Option<IpAddr> {
+    /// The gateway's external address: UPnP's answer to asking, PCP's with the mapping
+    /// (NAT-PMP needs a request of its own and is not asked).
+    pub async fn external_ip(&self) -> Option<IpAddr> {
         match &self.how {
-            How::Upnp(_) => None,
+            How::Upnp(g) => {
+                let g = g.clone();
+                blocking(move || g.get_external_ip().map_err(|e| e.to_string()))
+                    .await
+                    .ok()
+            }
             How::Pcp(m) => match m.mapping_type() {
                 crab_nat::PortMappingType::Pcp { external_ip, .. } => Some(external_ip),
                 crab_nat::PortMappingType::NatPmp => None,
@@ -151,18 +158,7 @@ impl Mapping {
         match &mut self.how {
             How::Upnp(g) => {
                 let (g, port, local) = (g.clone(), self.external_port, self.local);
-                tokio::task::spawn_blocking(move || {
-                    g.add_port(
-                        PortMappingProtocol::TCP,
-                        port,
-                        local,
-                        LEASE.as_secs() as u32,
-                        DESCRIPTION,
-                    )
-                    .map_err(|e| MapError::Request(e.to_string()))
-                })
-                .await
-                .map_err(|e| MapError::Request(e.to_string()))?
+                blocking(move || add_port(&g, port, local).map_err(|e| e.to_string())).await
             }
             How::Pcp(m) => m
                 .renew()
@@ -176,12 +172,11 @@ impl Mapping {
         match self.how {
             How::Upnp(g) => {
                 let port = self.external_port;
-                tokio::task::spawn_blocking(move || {
+                blocking(move || {
                     g.remove_port(PortMappingProtocol::TCP, port)
-                        .map_err(|e| MapError::Request(e.to_string()))
+                        .map_err(|e| e.to_string())
                 })
                 .await
-                .map_err(|e| MapError::Request(e.to_string()))?
             }
             How::Pcp(m) => m
                 .try_drop()
@@ -191,22 +186,28 @@ impl Mapping {
     }
 }
 
-/// A UPnP gateway's question "what is your external address?", asked off the runtime (the
-/// request blocks).
-pub struct ExternalIp(igd_next::Gateway);
+/// UPnP's AddPortMapping of TCP `external` to `local`, for [`LEASE`].
+fn add_port(
+    g: &igd_next::Gateway,
+    external: u16,
+    local: SocketAddr,
+) -> Result<(), igd_next::AddPortError> {
+    g.add_port(
+        PortMappingProtocol::TCP,
+        external,
+        local,
+        LEASE.as_secs() as u32,
+        DESCRIPTION,
+    )
+}
 
-impl ExternalIp {
-    /// For a UPnP mapping; `None` for the others.
-    pub fn of(m: &Mapping) -> Option<Self> {
-        match &m.how {
-            How::Upnp(g) => Some(Self(g.clone())),
-            How::Pcp(_) => None,
-        }
-    }
-
-    /// Asks (blocking, one request).
-    pub fn ask(self) -> Option<IpAddr> {
-        self.0.get_external_ip().ok()
+/// Runs a UPnP request (`igd-next`'s calls block) off the runtime's threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, MapError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(MapError::Request),
+        Err(e) => Err(MapError::Request(e.to_string())),
     }
 }
 

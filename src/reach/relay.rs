@@ -112,31 +112,48 @@ struct Waiter {
     give: oneshot::Sender<(TcpStream, Slot)>,
 }
 
+/// One connection's place in the relay's counts (in all and per source, see
+/// [`crate::net::Gate`]); given back on drop.
+type Slot = crate::net::Pass;
+
+/// The waiters, per token.
 #[derive(Default)]
 struct State {
-    connections: usize,
-    per_ip: HashMap<IpAddr, usize>,
     waiting: HashMap<[u8; 32], VecDeque<Waiter>>,
     next_id: u64,
 }
 
-/// One connection's place in the counts; given back on drop.
-struct Slot {
-    state: Arc<Mutex<State>>,
-    ip: IpAddr,
-}
+impl State {
+    /// Takes the oldest waiter under `token` that is not of process `session`.
+    fn take_waiter(&mut self, token: &[u8; 32], session: [u8; 8]) -> Option<Waiter> {
+        let q = self.waiting.get_mut(token)?;
+        let w = q
+            .iter()
+            .position(|w| w.session != session)
+            .and_then(|at| q.remove(at));
+        self.tidy(token);
+        w
+    }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.connections = s.connections.saturating_sub(1);
-        if let Some(n) = s.per_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                s.per_ip.remove(&self.ip);
-            }
+    /// Forgets waiter `id` under `token` (if it is still there).
+    fn forget_waiter(&mut self, token: &[u8; 32], id: u64) {
+        if let Some(q) = self.waiting.get_mut(token) {
+            q.retain(|w| w.id != id);
+        }
+        self.tidy(token);
+    }
+
+    /// A token nobody waits under takes no room.
+    fn tidy(&mut self, token: &[u8; 32]) {
+        if self.waiting.get(token).is_some_and(VecDeque::is_empty) {
+            self.waiting.remove(token);
         }
     }
+}
+
+/// The state, even after a panic elsewhere (each update leaves it consistent).
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Serves the relay on `listener` until `cancel` fires.
@@ -147,6 +164,11 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let state = Arc::new(Mutex::new(State::default()));
+    // An IPv6 host holds a whole /64: the gate counts it as one source.
+    let gate = Arc::new(crate::net::Gate::new(
+        limits.max_connections,
+        limits.max_per_ip,
+    ));
     let limits = Arc::new(limits);
     loop {
         let accepted = tokio::select! {
@@ -161,23 +183,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let slot = {
-            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-            // An IPv6 host holds a whole /64: counted as one source.
-            let ip = crate::net::source_of(from.ip());
-            let here = s.per_ip.get(&ip).copied().unwrap_or(0);
-            if s.connections >= limits.max_connections || here >= limits.max_per_ip {
-                None
-            } else {
-                s.connections += 1;
-                *s.per_ip.entry(ip).or_insert(0) += 1;
-                Some(Slot {
-                    state: state.clone(),
-                    ip,
-                })
-            }
-        };
-        let Some(slot) = slot else {
+        let Some(slot) = gate.enter(from.ip()) else {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             // Best effort, never waited on: the answer fits any socket buffer.
             let _ = stream.try_write(&[REFUSED]);
@@ -222,18 +228,8 @@ async fn client(
             // Hand the stream to the oldest live waiter; a waiter whose task ended is skipped.
             let mut dialler = (stream, slot);
             loop {
-                let waiter = {
-                    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-                    // The oldest waiter that is not the dialler's own process.
-                    let w = s.waiting.get_mut(&token).and_then(|q| {
-                        let at = q.iter().position(|w| w.session != session)?;
-                        q.remove(at)
-                    });
-                    if s.waiting.get(&token).is_some_and(VecDeque::is_empty) {
-                        s.waiting.remove(&token);
-                    }
-                    w
-                };
+                // The oldest waiter that is not the dialler's own process.
+                let waiter = lock(&state).take_waiter(&token, session);
                 let Some(w) = waiter else {
                     let _ = dialler.0.write_all(&[NOBODY_WAITING]).await;
                     return;
@@ -262,10 +258,10 @@ async fn wait(
 ) {
     let (give, take) = oneshot::channel();
     let id = {
-        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&state);
         let id = s.next_id;
         s.next_id += 1;
-        let ip = slot.ip;
+        let ip = slot.source();
         let queue = s.waiting.entry(token).or_default();
         if queue.iter().filter(|w| w.ip == ip).count() >= WAITING_PER_SOURCE {
             None
@@ -300,15 +296,7 @@ async fn wait(
         d = &mut take => d.ok(),
     };
     let Some((mut dialler, dialler_slot)) = dialler else {
-        {
-            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(q) = s.waiting.get_mut(&token) {
-                q.retain(|w| w.id != id);
-                if q.is_empty() {
-                    s.waiting.remove(&token);
-                }
-            }
-        }
+        lock(&state).forget_waiter(&token, id);
         // A dialler handed over just as this waiter ended is told, not dropped unanswered.
         take.close();
         if let Ok((mut d, _slot)) = take.try_recv() {

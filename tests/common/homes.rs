@@ -332,6 +332,28 @@ impl Drop for Homes {
     }
 }
 
+/// The guard every DHT process in a test or bench runs under (`reach::dht::PRIVATE_ONLY_ENV`):
+/// starting with the public bootstrap nodes is an error.
+pub const PRIVATE_ONLY: &str = "FEEDSYNC_DHT_PRIVATE_ONLY";
+/// The relay [`internet_services`] runs.
+pub const RELAY: &str = "10.0.0.20:7071";
+
+impl Homes {
+    /// `feedsync ARGS` in home `host` ("h1", "h2") that reaches out only through the DHT node
+    /// `bootstrap` (and [`RELAY`], with `relay`): no mDNS, no `--peer`, under [`PRIVATE_ONLY`].
+    /// Not started.
+    pub fn reaching(&self, host: &str, args: &[&str], bootstrap: &str, relay: bool) -> Command {
+        let mut all = args.to_vec();
+        all.extend(["--no-discovery", "--dht", "--dht-bootstrap", bootstrap]);
+        if relay {
+            all.extend(["--relay", RELAY]);
+        }
+        let mut c = self.command(host, BIN, &all);
+        c.env(PRIVATE_ONLY, "1");
+        c
+    }
+}
+
 /// The private DHT (three nodes) and the relay, in the "internet".
 pub fn internet_services(homes: &Homes) -> Vec<Proc> {
     let mut procs = Vec::new();
@@ -345,9 +367,9 @@ pub fn internet_services(homes: &Homes) -> Vec<Proc> {
         }
         procs.push(dht_node(homes.command("pub", BIN, &args), a));
     }
-    let relay = Proc::spawn(homes.command("pub", BIN, &["relay", "--listen", "10.0.0.20:7071"]));
+    let relay = Proc::spawn(homes.command("pub", BIN, &["relay", "--listen", RELAY]));
     relay.wait_line(Duration::from_secs(30), "the relay up", |l| {
-        l == "relay listening on 10.0.0.20:7071"
+        l == format!("relay listening on {RELAY}")
     });
     procs.push(relay);
     procs

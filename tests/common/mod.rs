@@ -53,6 +53,14 @@ pub fn share(dir: &Path) -> (Proc, String, String) {
     (p, url, addr)
 }
 
+/// The folder the beyond-the-LAN tests and bench share: a 3 MB file of `bytes(1, ..)` and
+/// `d/small.txt` holding "through the relay\n".
+pub fn reach_tree(src: &Path) {
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::write(src.join("big.bin"), bytes(1, 3_000_000)).unwrap();
+    std::fs::write(src.join("d/small.txt"), b"through the relay\n").unwrap();
+}
+
 /// Deterministic pseudo-random content of block `i`, `size` bytes long.
 pub fn block(i: u64, size: usize) -> Vec<u8> {
     bytes(i, size)
