@@ -257,8 +257,8 @@ async fn run(
     cancel: CancellationToken,
 ) {
     let dht = dht.as_async();
-    let (mut announced, mut told_announced, mut told_found) =
-        (None::<(Instant, u16)>, false, false);
+    // The last announcement (when, which port), and the port the user was last told of.
+    let (mut announced, mut told_port, mut told_found) = (None::<(Instant, u16)>, None, false);
     let mut retry = FIRST_RETRY;
     loop {
         let (announce_port, external_ip) = *mapped_rx.borrow_and_update();
@@ -282,8 +282,8 @@ async fn run(
         }
         if announce_due && announced_all {
             announced = Some((Instant::now(), announce_port));
-            if !told_announced || announce_port != me.port {
-                told_announced = true;
+            if told_port != Some(announce_port) {
+                told_port = Some(announce_port);
                 (me.notes)(DhtNote::Announced {
                     feeds: hashes.len(),
                     port: announce_port,
